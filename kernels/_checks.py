@@ -1,0 +1,132 @@
+"""Argument checks for the kernels' public entry points, run on the host before any launch.
+
+A jitted kernel given a wrong shape reads out of bounds or returns garbage; these
+checks turn every such mistake into a one-line ``ValueError`` or ``TypeError`` that
+names the function, the argument, what it got and what it expected.
+"""
+
+import numbers
+
+import numpy as np
+
+from ._index import out_size
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def output_size(fn, size, f, s, p, dim):
+    """Checked ``(size + 2*p - f) // s + 1``; ``dim`` names the axis ("height", "width")."""
+    check_int(fn, f"{dim} of the window", f, minimum=1)
+    check_int(fn, f"stride along the {dim}", s, minimum=1)
+    check_int(fn, f"padding along the {dim}", p, minimum=0)
+    if f > size + 2 * p:
+        raise ValueError(
+            f"{fn}: window {dim} {f} is larger than the padded input {dim} "
+            f"{size} + 2*{p} = {size + 2 * p}"
+        )
+    return out_size(size, f, s, p)
+
+
+def check_int(fn, name, value, minimum=None):
+    """``value`` must be an integer (not a bool), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(fn, name, value, minimum=None, maximum=None, open_min=False, open_max=False):
+    """``value`` must be a finite real number in the given range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    if minimum is not None and (value < minimum or (open_min and value == minimum)):
+        bound = f"greater than {minimum}" if open_min else f"at least {minimum}"
+        raise ValueError(f"{fn}: {name} must be {bound}, got {value}")
+    if maximum is not None and (value > maximum or (open_max and value == maximum)):
+        bound = f"less than {maximum}" if open_max else f"at most {maximum}"
+        raise ValueError(f"{fn}: {name} must be {bound}, got {value}")
+    return value
+
+
+def is_c_contiguous(a):
+    """True when ``a`` (a NumPy array or any ``__cuda_array_interface__`` object) is C-contiguous."""
+    if isinstance(a, np.ndarray):
+        return a.flags.c_contiguous
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is None:
+        return False
+    strides = iface.get("strides")
+    if strides is None:
+        return True
+    shape = iface["shape"]
+    expected = np.dtype(iface["typestr"]).itemsize
+    # Walk from the last axis; an axis of extent 1 may carry any stride.
+    for extent, stride in zip(reversed(shape), reversed(strides)):
+        if extent != 1 and stride != expected:
+            return False
+        expected *= extent
+    return True
+
+
+def check_arrays(fn, on_device, floats, ints=None):
+    """Check the arrays given to one kernel call; return their common float dtype.
+
+    ``floats`` and ``ints`` map argument names to arrays. ``on_device(a)`` says whether
+    ``a`` lives where this kernel runs (NumPy for CPU kernels, GPU arrays for CUDA
+    kernels); its ``__doc__`` names that place in the message. Float arrays must share
+    one dtype, float32 or float64; integer arrays (labels, argmax) must be int32 or int64.
+    Every array must be C-contiguous.
+    """
+    ints = ints or {}
+    dtype = None
+    for name, a in list(floats.items()) + list(ints.items()):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"{fn}: {name} must be an array, got {type(a).__name__}")
+        if not on_device(a):
+            raise TypeError(f"{fn}: {name} is a {type(a).__module__}.{type(a).__name__}; {on_device.__doc__}")
+        if not is_c_contiguous(a):
+            raise ValueError(
+                f"{fn}: {name} must be C-contiguous (np.ascontiguousarray makes a contiguous copy)"
+            )
+    for name, a in floats.items():
+        if np.dtype(a.dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float32 or float64, got {np.dtype(a.dtype)}")
+        if dtype is None:
+            dtype = np.dtype(a.dtype)
+        elif np.dtype(a.dtype) != dtype:
+            first = next(iter(floats))
+            raise TypeError(
+                f"{fn}: {name} is {np.dtype(a.dtype)} but {first} is {dtype}; all float arrays "
+                f"of one call must share a dtype"
+            )
+    for name, a in ints.items():
+        if np.dtype(a.dtype) not in (np.dtype(np.int32), np.dtype(np.int64)):
+            raise TypeError(f"{fn}: {name} must be int32 or int64, got {np.dtype(a.dtype)}")
+    return dtype
+
+
+def check_ndim(fn, name, a, letters):
+    """``a`` must have one axis per letter, e.g. ``("N", "C", "H", "W")``."""
+    if len(a.shape) != len(letters):
+        raise ValueError(
+            f"{fn}: {name} must have {len(letters)} dimensions ({', '.join(letters)}), "
+            f"got shape {tuple(a.shape)}"
+        )
+
+
+def check_shape(fn, name, a, expected, letters=None):
+    """``a`` must have exactly the shape ``expected``, whose axes ``letters`` may name."""
+    if tuple(a.shape) != tuple(expected):
+        named = ""
+        if letters:
+            named = " (" + ", ".join(f"{l}={e}" for l, e in zip(letters, expected)) + ")"
+        raise ValueError(f"{fn}: {name} has shape {tuple(a.shape)}, expected {tuple(expected)}{named}")
+
+
+def on_host(a):
+    """CPU kernels take NumPy arrays (nbcnn.to_numpy copies a GPU array to the host)."""
+    return isinstance(a, np.ndarray)

@@ -1,0 +1,83 @@
+"""Index arithmetic shared by every kernel, CPU and CUDA, and by host code.
+
+Each helper is written once, as plain Python, and compiled twice below: ``*_cpu``
+for ``@njit`` kernels and ``*_cuda`` for ``@cuda.jit`` kernels (a CUDA kernel can
+only call device functions). Host code calls the plain Python version.
+
+Letters: ``size`` is an input extent (H or W), ``osize`` the output extent (OH or
+OW), ``f`` the filter or window extent (FH or FW), ``s`` the stride, ``p`` the
+padding, ``o`` an output coordinate and ``i`` an input coordinate.
+"""
+
+from numba import cuda, njit
+
+
+def out_size(size, f, s, p):
+    """Output extent of a sliding window: ``OH = (H + 2*P - FH) // S + 1``."""
+    return (size + 2 * p - f) // s + 1
+
+
+def in_coord(o, f, s, p):
+    """Input coordinate read by tap ``f`` of the window at output ``o``: ``o*S - P + f``.
+
+    It can fall outside ``[0, size)``: that is the zero (or -inf) padding.
+    """
+    return o * s - p + f
+
+
+def valid_out_range(size, osize, f, s, p):
+    """Outputs ``[lo, hi)`` whose tap ``f`` reads inside the unpadded input.
+
+    Solves ``0 <= o*S - P + f < size`` for ``o``, clipped to ``[0, osize)``. Loops that
+    run over this range need no bounds test inside, so their body vectorizes.
+    """
+    lo = -((f - p) // s)  # ceil((p - f) / s), with floor division on negative numbers
+    if lo < 0:
+        lo = 0
+    hi = (size - 1 + p - f) // s + 1
+    if hi > osize:
+        hi = osize
+    if hi < lo:
+        hi = lo
+    return lo, hi
+
+
+def window(o, f, s, p, size):
+    """Input coordinates ``[lo, hi)`` covered by the window at output ``o``, clipped to the input."""
+    lo = o * s - p
+    hi = lo + f
+    if lo < 0:
+        lo = 0
+    if hi > size:
+        hi = size
+    return lo, hi
+
+
+def covering_outputs(i, f, s, p, osize):
+    """Outputs ``[lo, hi)`` whose window covers input coordinate ``i``.
+
+    Output ``o`` covers ``i`` when ``o*S - P <= i < o*S - P + F``, that is
+    ``(i + P - F) / S < o <= (i + P) / S``.
+    """
+    lo = (i + p - f) // s + 1
+    if lo < 0:
+        lo = 0
+    hi = (i + p) // s + 1
+    if hi > osize:
+        hi = osize
+    if hi < lo:
+        hi = lo
+    return lo, hi
+
+
+out_size_cpu = njit(inline="always", cache=True)(out_size)
+in_coord_cpu = njit(inline="always", cache=True)(in_coord)
+valid_out_range_cpu = njit(inline="always", cache=True)(valid_out_range)
+window_cpu = njit(inline="always", cache=True)(window)
+covering_outputs_cpu = njit(inline="always", cache=True)(covering_outputs)
+
+out_size_cuda = cuda.jit(device=True, inline="always")(out_size)
+in_coord_cuda = cuda.jit(device=True, inline="always")(in_coord)
+valid_out_range_cuda = cuda.jit(device=True, inline="always")(valid_out_range)
+window_cuda = cuda.jit(device=True, inline="always")(window)
+covering_outputs_cuda = cuda.jit(device=True, inline="always")(covering_outputs)

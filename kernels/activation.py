@@ -1,0 +1,57 @@
+"""ReLU, the lecture's detector stage, forward and backward, on arrays of any shape.
+
+    y = max(x, 0),   dx = dy where y > 0, else 0
+
+The gradient at exactly 0 is taken as 0, as in PyTorch. Backward reads the forward
+output ``y`` rather than ``x`` (``y > 0`` exactly when ``x > 0``), so a layer need not
+keep its input. Backward overwrites dx. Arrays are processed as flat vectors.
+"""
+
+from numba import njit, prange
+
+from ._checks import check_arrays, check_shape, on_host
+
+# ------------------------------------------------------------------------ argument checks
+
+
+def check_same_shape(fn, on_device, arrays):
+    """All arrays of one dtype and contiguous (``check_arrays``), and of the first one's shape."""
+    check_arrays(fn, on_device, arrays)
+    first = next(iter(arrays))
+    for name, a in arrays.items():
+        check_shape(fn, name, a, arrays[first].shape)
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+
+@njit(parallel=True, cache=True)
+def _relu_forward_cpu(y, x):
+    """y = max(x, 0), element by element over flat vectors."""
+    for i in prange(x.size):
+        v = x[i]
+        y[i] = v if v > 0 else 0
+
+
+@njit(parallel=True, cache=True)
+def _relu_backward_cpu(dx, dy, y):
+    """dx = dy where y > 0, else 0, over flat vectors."""
+    for i in prange(y.size):
+        dx[i] = dy[i] if y[i] > 0 else 0
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def relu_forward_cpu(y, x):
+    """``y = max(x, 0)``; ``x`` and ``y`` of one shape (any) and dtype; ``y`` may be ``x``. Returns ``y``."""
+    check_same_shape("relu_forward_cpu", on_host, {"y": y, "x": x})
+    _relu_forward_cpu(y.reshape(-1), x.reshape(-1))
+    return y
+
+
+def relu_backward_cpu(dx, dy, y):
+    """``dx = dy * (y > 0)`` with ``y`` the forward output; all of one shape. Returns ``dx``."""
+    check_same_shape("relu_backward_cpu", on_host, {"dx": dx, "dy": dy, "y": y})
+    _relu_backward_cpu(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
+    return dx

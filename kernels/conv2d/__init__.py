@@ -1,0 +1,21 @@
+"""2-D convolution (cross-correlation, as CNN layers compute it), forward and backward.
+
+CPU kernels in ``cpu.py``, CUDA kernels and their launchers in ``cuda.py``, the shape
+checks both use in ``checks.py``. Import the public entry points from here::
+
+    from nbcnn.kernels.conv2d import conv2d_forward_cpu
+"""
+
+from .cpu import (
+    conv2d_backward_bias_cpu,
+    conv2d_backward_input_cpu,
+    conv2d_backward_weight_cpu,
+    conv2d_forward_cpu,
+)
+
+__all__ = [
+    "conv2d_forward_cpu",
+    "conv2d_backward_input_cpu",
+    "conv2d_backward_weight_cpu",
+    "conv2d_backward_bias_cpu",
+]

@@ -1,0 +1,99 @@
+"""Optimizer updates, one fused pass over each parameter: SGD (momentum, weight decay) and Adam.
+
+Each kernel updates ``param`` and its state in place from ``grad``; all arrays of one
+shape (any), processed as flat vectors. The formulas are PyTorch's:
+
+SGD, with momentum mu and weight decay wd (the velocity starts at zero)::
+
+    g = grad + wd * param
+    velocity = mu * velocity + g
+    param -= lr * velocity            (with mu = 0 this is param -= lr * g)
+
+Adam, at step t = 1, 2, ... (m and v start at zero)::
+
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad**2
+    param -= (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+The bias corrections ``1 - beta**t`` are computed once per step on the host.
+"""
+
+import math
+
+from numba import njit, prange
+
+from ._checks import check_arrays, check_int, check_real, check_shape, on_host
+
+# ------------------------------------------------------------------------ argument checks
+
+
+def check_update(fn, on_device, arrays):
+    """All arrays float, of one dtype and of the shape of the first (the parameter)."""
+    check_arrays(fn, on_device, arrays)
+    first = next(iter(arrays))
+    for name, a in arrays.items():
+        check_shape(fn, name, a, arrays[first].shape)
+
+
+def check_sgd_hyper(fn, lr, momentum, weight_decay):
+    return (check_real(fn, "lr", lr, minimum=0.0),
+            check_real(fn, "momentum", momentum, minimum=0.0),
+            check_real(fn, "weight_decay", weight_decay, minimum=0.0))
+
+
+def adam_constants(fn, lr, beta1, beta2, eps, step):
+    """Checked hyperparameters, and the step's bias corrections: ``(lr, b1, b2, eps, 1-b1**t, 1-b2**t)``."""
+    lr = check_real(fn, "lr", lr, minimum=0.0)
+    beta1 = check_real(fn, "beta1", beta1, minimum=0.0, maximum=1.0, open_max=True)
+    beta2 = check_real(fn, "beta2", beta2, minimum=0.0, maximum=1.0, open_max=True)
+    eps = check_real(fn, "eps", eps, minimum=0.0, open_min=True)
+    step = check_int(fn, "step", step, minimum=1)
+    return lr, beta1, beta2, eps, 1.0 - beta1**step, 1.0 - beta2**step
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+
+@njit(parallel=True, cache=True)
+def _sgd_update_cpu(param, velocity, grad, lr, momentum, weight_decay):
+    """One SGD step over flat vectors, element by element."""
+    for i in prange(param.size):
+        g = grad[i] + weight_decay * param[i]
+        vel = momentum * velocity[i] + g
+        velocity[i] = vel
+        param[i] -= lr * vel
+
+
+@njit(parallel=True, cache=True)
+def _adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
+    """One Adam step over flat vectors, element by element; bias1, bias2 = 1 - beta**t."""
+    step_size = lr / bias1
+    root_bias2 = math.sqrt(bias2)
+    for i in prange(param.size):
+        g = grad[i]
+        mi = beta1 * m[i] + (1.0 - beta1) * g
+        vi = beta2 * v[i] + (1.0 - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        param[i] -= step_size * mi / (math.sqrt(vi) / root_bias2 + eps)
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def sgd_update_cpu(param, velocity, grad, lr, momentum=0.0, weight_decay=0.0):
+    """One SGD step in place on ``param`` and ``velocity`` (same shape as ``grad``). Returns ``param``."""
+    fn = "sgd_update_cpu"
+    check_update(fn, on_host, {"param": param, "velocity": velocity, "grad": grad})
+    hyper = check_sgd_hyper(fn, lr, momentum, weight_decay)
+    _sgd_update_cpu(param.reshape(-1), velocity.reshape(-1), grad.reshape(-1), *hyper)
+    return param
+
+
+def adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step):
+    """One Adam step (``step`` = t, counted from 1) in place on ``param``, ``m`` and ``v``. Returns ``param``."""
+    fn = "adam_update_cpu"
+    check_update(fn, on_host, {"param": param, "m": m, "v": v, "grad": grad})
+    consts = adam_constants(fn, lr, beta1, beta2, eps, step)
+    _adam_update_cpu(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts)
+    return param

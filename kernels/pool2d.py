@@ -1,0 +1,186 @@
+"""2-D max and average pooling, forward and backward.
+
+Letters: N batch, C channels, H, W input size, FH, FW window size, OH, OW output size,
+S stride, P padding (per axis). Gradients dx (N, C, H, W), dy (N, C, OH, OW).
+
+    OH = (H + 2*P - FH) // S + 1,   OW = (W + 2*P - FW) // S + 1
+
+Padding, as in PyTorch's defaults:
+
+- max pooling treats padding as -inf, so it never wins;
+- average pooling counts padding as zeros in the window (``count_include_pad=True``):
+  every output is the window's sum divided by FH*FW.
+
+Padding may be at most half the window (``P <= F // 2``, PyTorch's rule), so every
+window holds at least one real input.
+
+Max pooling records, for each output, where its maximum came from (``argmax``, the
+flat index ``ih * W + iw`` inside the plane), and backward sends all of ``dy`` to
+that one input. Ties go to the first maximum in row-major order, which is PyTorch's
+rule; a NaN in a window wins, so NaN propagates.
+
+Backward kernels overwrite dx. Each task owns a whole plane dx[n, c]: no races.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ._checks import check_arrays, check_int, check_ndim, check_shape, on_host, output_size
+from ._index import covering_outputs_cpu, window_cpu
+
+# ------------------------------------------------------------------------ argument checks
+
+
+def check_pool2d(fn, on_device, x, y, window, stride, padding, argmax=None):
+    """Check one pooling call; return ``(N, C, H, W, OH, OW)``.
+
+    ``x`` and ``y`` are ``(name, array)`` pairs in the roles of input (N, C, H, W) and
+    output (N, C, OH, OW); ``argmax`` (N, C, OH, OW) integers for max pooling.
+    """
+    fh, fw = (check_int(fn, n, v, minimum=1) for n, v in zip(("kernel_h", "kernel_w"), window))
+    sh, sw = (check_int(fn, n, v, minimum=1) for n, v in zip(("stride_h", "stride_w"), stride))
+    ph, pw = (check_int(fn, n, v, minimum=0) for n, v in zip(("pad_h", "pad_w"), padding))
+    if ph > fh // 2 or pw > fw // 2:
+        raise ValueError(
+            f"{fn}: padding ({ph}, {pw}) must be at most half the window ({fh}, {fw}), "
+            f"so that every window holds a real input"
+        )
+    check_arrays(fn, on_device, dict([x, y]), dict([argmax]) if argmax else None)
+    (xn, xa), (yn, ya) = x, y
+    check_ndim(fn, xn, xa, ("N", "C", "H", "W"))
+    N, C, H, W = xa.shape
+    OH = output_size(fn, H, fh, sh, ph, "height")
+    OW = output_size(fn, W, fw, sw, pw, "width")
+    check_shape(fn, yn, ya, (N, C, OH, OW), ("N", "C", "OH", "OW"))
+    if argmax:
+        check_shape(fn, argmax[0], argmax[1], (N, C, OH, OW), ("N", "C", "OH", "OW"))
+    return N, C, H, W, OH, OW
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+
+@njit(parallel=True, cache=True)
+def _maxpool2d_forward_cpu(y, argmax, x, fh, fw, sh, sw, ph, pw):
+    """y[n, c, oh, ow] = max of x over the window; argmax = where it was. One task per plane (n, c)."""
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        for oh in range(OH):
+            ih_lo, ih_hi = window_cpu(oh, fh, sh, ph, H)
+            for ow in range(OW):
+                iw_lo, iw_hi = window_cpu(ow, fw, sw, pw, W)
+                best = x[n, c, ih_lo, iw_lo]
+                where = ih_lo * W + iw_lo
+                for ih in range(ih_lo, ih_hi):
+                    for iw in range(iw_lo, iw_hi):
+                        v = x[n, c, ih, iw]
+                        if v > best or (v != v and best == best):
+                            best = v
+                            where = ih * W + iw
+                y[n, c, oh, ow] = best
+                argmax[n, c, oh, ow] = where
+
+
+@njit(parallel=True, cache=True)
+def _maxpool2d_backward_cpu(dx, dy, argmax):
+    """dx[n, c] = dy[n, c] scattered to the argmax positions (summed where windows overlap)."""
+    N, C, H, W = dx.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        dx[n, c, :, :] = 0
+        for oh in range(OH):
+            for ow in range(OW):
+                where = argmax[n, c, oh, ow]
+                # An index outside the plane cannot come from forward: skip it rather than write out of bounds.
+                if 0 <= where < H * W:
+                    dx[n, c, where // W, where % W] += dy[n, c, oh, ow]
+
+
+@njit(parallel=True, cache=True)
+def _avgpool2d_forward_cpu(y, x, fh, fw, sh, sw, ph, pw):
+    """y[n, c, oh, ow] = sum of x over the window / (FH*FW). One task per plane (n, c)."""
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    scale = 1.0 / (fh * fw)
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        for oh in range(OH):
+            ih_lo, ih_hi = window_cpu(oh, fh, sh, ph, H)
+            for ow in range(OW):
+                iw_lo, iw_hi = window_cpu(ow, fw, sw, pw, W)
+                acc = y.dtype.type(0)
+                for ih in range(ih_lo, ih_hi):
+                    for iw in range(iw_lo, iw_hi):
+                        acc += x[n, c, ih, iw]
+                y[n, c, oh, ow] = acc * scale
+
+
+@njit(parallel=True, cache=True)
+def _avgpool2d_backward_cpu(dx, dy, fh, fw, sh, sw, ph, pw):
+    """dx[n, c, ih, iw] = sum of dy over the outputs whose window covers (ih, iw), / (FH*FW)."""
+    N, C, H, W = dx.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    scale = 1.0 / (fh * fw)
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        for ih in range(H):
+            oh_lo, oh_hi = covering_outputs_cpu(ih, fh, sh, ph, OH)
+            for iw in range(W):
+                ow_lo, ow_hi = covering_outputs_cpu(iw, fw, sw, pw, OW)
+                acc = dx.dtype.type(0)
+                for oh in range(oh_lo, oh_hi):
+                    for ow in range(ow_lo, ow_hi):
+                        acc += dy[n, c, oh, ow]
+                dx[n, c, ih, iw] = acc * scale
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Max pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW); ``argmax`` (N, C, OH, OW), int32 or int64,
+    receives the flat index ``ih * W + iw`` of each maximum. A stride of None means the window size.
+    Returns ``y``.
+    """
+    stride = (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
+    check_pool2d("maxpool2d_forward_cpu", on_host, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
+                 (pad_h, pad_w), ("argmax", argmax))
+    _maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    return y
+
+
+def maxpool2d_backward_cpu(dx, dy, argmax):
+    """Gradient of max pooling: ``dx`` (N, C, H, W) from ``dy`` and ``argmax`` (N, C, OH, OW). Returns ``dx``."""
+    fn = "maxpool2d_backward_cpu"
+    check_arrays(fn, on_host, {"dx": dx, "dy": dy}, {"argmax": argmax})
+    check_ndim(fn, "dx", dx, ("N", "C", "H", "W"))
+    check_ndim(fn, "dy", dy, ("N", "C", "OH", "OW"))
+    check_shape(fn, "dy", dy, dx.shape[:2] + dy.shape[2:], ("N", "C", "OH", "OW"))
+    check_shape(fn, "argmax", argmax, dy.shape, ("N", "C", "OH", "OW"))
+    _maxpool2d_backward_cpu(dx, dy, argmax)
+    return dx
+
+
+def avgpool2d_forward_cpu(y, x, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Average pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW), padding counted as zeros. Returns ``y``."""
+    stride = (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
+    check_pool2d("avgpool2d_forward_cpu", on_host, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
+                 (pad_h, pad_w))
+    _avgpool2d_forward_cpu(y, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    return y
+
+
+def avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Gradient of average pooling: ``dx`` (N, C, H, W) from ``dy`` (N, C, OH, OW). Returns ``dx``."""
+    stride = (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
+    check_pool2d("avgpool2d_backward_cpu", on_host, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
+                 (pad_h, pad_w))
+    _avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    return dx

@@ -1,0 +1,3 @@
+"""nbcnn: Numba kernels for convolutional neural networks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,205 @@
+"""conv2d CPU kernels against the NumPy reference, scipy, and finite differences."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.signal import correlate
+
+from nbcnn.kernels.conv2d import (
+    conv2d_backward_bias_cpu,
+    conv2d_backward_input_cpu,
+    conv2d_backward_weight_cpu,
+    conv2d_forward_cpu,
+)
+from tests import reference as ref
+from tests.gradcheck import assert_grad_close, numerical_grad
+
+# (N, C, H, W, K, FH, FW, stride, pad): odd sizes, stride 2 with padding, rectangular
+# filters and strides, batch 1, a 1x1 filter, a filter as large as the padded input.
+CASES = [
+    (2, 3, 7, 6, 4, 3, 3, (1, 1), (0, 0)),
+    (2, 3, 7, 6, 4, 3, 3, (1, 1), (1, 1)),
+    (3, 2, 9, 8, 5, 3, 3, (2, 2), (1, 1)),
+    (2, 3, 8, 11, 2, 2, 4, (1, 2), (1, 0)),
+    (1, 1, 28, 28, 8, 5, 5, (1, 1), (2, 2)),
+    (1, 4, 5, 7, 3, 1, 1, (1, 1), (0, 0)),
+    (2, 2, 3, 4, 3, 5, 6, (1, 1), (1, 1)),
+    (2, 3, 10, 9, 2, 3, 2, (3, 2), (2, 1)),
+]
+IDS = [f"N{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}F{c[5]}x{c[6]}S{c[7]}P{c[8]}" for c in CASES]
+
+
+def make(rng, case, dtype):
+    N, C, H, W, K, FH, FW, stride, pad = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    OH, OW = ref.out_size(H, FH, stride[0], pad[0]), ref.out_size(W, FW, stride[1], pad[1])
+    return x, w, b, (N, K, OH, OW)
+
+
+def forward(x, w, b, stride, pad, shape):
+    y = np.full(shape, np.nan, dtype=x.dtype)  # NaN shows any element the kernel forgets
+    return conv2d_forward_cpu(y, x, w, b, *stride, *pad)
+
+
+def backward(dy, x, w, stride, pad):
+    dx = np.full(x.shape, np.nan, dtype=x.dtype)
+    dw = np.full(w.shape, np.nan, dtype=x.dtype)
+    db = np.full(w.shape[0], np.nan, dtype=x.dtype)
+    conv2d_backward_input_cpu(dx, dy, w, *stride, *pad)
+    conv2d_backward_weight_cpu(dw, dy, x, *stride, *pad)
+    conv2d_backward_bias_cpu(db, dy)
+    return dx, dw, db
+
+
+TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_matches_reference(rng, case, dtype):
+    x, w, b, shape = make(rng, case, dtype)
+    stride, pad = case[7], case[8]
+    y = forward(x, w, b, stride, pad, shape)
+    np.testing.assert_allclose(y, ref.conv2d(x.astype(float), w.astype(float), b.astype(float), stride, pad),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_matches_scipy_correlate(rng, case):
+    x, w, b, shape = make(rng, case, np.float64)
+    (sh, sw), (ph, pw) = case[7], case[8]
+    y = forward(x, w, None, (sh, sw), (ph, pw), shape)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    for n in range(x.shape[0]):
+        for k in range(w.shape[0]):
+            # Correlating over (C, H, W) with a filter as deep as the input leaves one channel.
+            full = correlate(xp[n], w[k], mode="valid")[0]
+            np.testing.assert_allclose(y[n, k], full[::sh, ::sw], rtol=1e-12, atol=1e-12)
+
+
+def test_forward_without_bias_equals_zero_bias(rng):
+    x, w, b, shape = make(rng, CASES[2], np.float64)
+    y0 = forward(x, w, None, (2, 2), (1, 1), shape)
+    y1 = forward(x, w, np.zeros_like(b), (2, 2), (1, 1), shape)
+    np.testing.assert_array_equal(y0, y1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_matches_reference(rng, case, dtype):
+    x, w, b, shape = make(rng, case, dtype)
+    stride, pad = case[7], case[8]
+    dy = rng.standard_normal(shape).astype(dtype)
+    got = backward(dy, x, w, stride, pad)
+    want = ref.conv2d_grads(dy.astype(float), x.astype(float), w.astype(float), stride, pad)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_matches_finite_differences(rng, case):
+    x, w, b, shape = make(rng, case, np.float64)
+    stride, pad = case[7], case[8]
+    r = rng.standard_normal(shape)  # L = sum(y * r), so dL/dy = r
+
+    def loss():
+        return float((forward(x, w, b, stride, pad, shape) * r).sum())
+
+    dx, dw, db = backward(r, x, w, stride, pad)
+    assert_grad_close(dx, numerical_grad(loss, x))
+    assert_grad_close(dw, numerical_grad(loss, w))
+    assert_grad_close(db, numerical_grad(loss, b))
+
+
+@st.composite
+def conv_cases(draw):
+    FH, FW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    H = draw(st.integers(max(1, FH - 2 * ph), 9))
+    W = draw(st.integers(max(1, FW - 2 * pw), 9))
+    return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), H, W, draw(st.integers(1, 4)), FH, FW,
+            (sh, sw), (ph, pw))
+
+
+@given(case=conv_cases(), seed=st.integers(0, 2**32 - 1))
+def test_random_shapes_forward_and_backward(case, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b, shape = make(rng, case, np.float64)
+    stride, pad = case[7], case[8]
+    np.testing.assert_allclose(forward(x, w, b, stride, pad, shape), ref.conv2d(x, w, b, stride, pad),
+                               rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(shape)
+    for g, e in zip(backward(dy, x, w, stride, pad), ref.conv2d_grads(dy, x, w, stride, pad)):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_lecture_example_shape():
+    # 32x32x3 input, 10 filters of 5x5, P=0, S=1 -> 28x28x10, each filter 5*5*3 + 1 = 76 parameters.
+    x = np.ones((1, 3, 32, 32), np.float32)
+    w = np.ones((10, 3, 5, 5), np.float32)
+    b = np.ones(10, np.float32)
+    y = forward(x, w, b, (1, 1), (0, 0), (1, 10, 28, 28))
+    assert y.shape == (1, 10, 28, 28)
+    assert w[0].size + 1 == 76 and w.size + b.size == 760
+    np.testing.assert_array_equal(y, 76.0)  # all-ones input and weights: 75 products plus the bias
+
+
+# ------------------------------------------------------------------------ bad arguments
+
+
+def args32(shape_x=(2, 3, 7, 6), shape_w=(4, 3, 3, 3), shape_y=(2, 4, 5, 4)):
+    return (np.zeros(shape_y, np.float32), np.zeros(shape_x, np.float32), np.zeros(shape_w, np.float32),
+            np.zeros(shape_w[0], np.float32))
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: (np.zeros((2, 4, 5, 5), np.float32),) + a[1:], ValueError, r"y has shape \(2, 4, 5, 5\), expected \(2, 4, 5, 4\)"),
+        (lambda a: (a[0], np.zeros((2, 2, 7, 6), np.float32)) + a[2:], ValueError, "w has 3 input channels"),
+        (lambda a: (a[0], a[1][0]) + a[2:], ValueError, "x must have 4 dimensions"),
+        (lambda a: a[:3] + (np.zeros(5, np.float32),), ValueError, r"b has shape \(5,\), expected \(4,\)"),
+        (lambda a: (a[0], a[1].astype(np.float64)) + a[2:], TypeError, "w is float32 but x is float64"),
+        (lambda a: (a[0], a[1].astype(np.int32)) + a[2:], TypeError, "x must be float32 or float64"),
+        (lambda a: (a[0], a[1].tolist()) + a[2:], TypeError, "x must be an array"),
+        (lambda a: (a[0], np.zeros((2, 3, 6, 7), np.float32).transpose(0, 1, 3, 2)) + a[2:], ValueError, "x must be C-contiguous"),
+    ],
+)
+def test_bad_arrays_raise_clear_errors(mutate, error, match):
+    with pytest.raises(error, match=match):
+        conv2d_forward_cpu(*mutate(args32()))
+
+
+@pytest.mark.parametrize(
+    "stride_pad, error, match",
+    [
+        ((0, 1, 0, 0), ValueError, "stride_h must be at least 1, got 0"),
+        ((1, 1, -1, 0), ValueError, "pad_h must be at least 0, got -1"),
+        ((1.5, 1, 0, 0), TypeError, "stride_h must be an integer"),
+        ((1, True, 0, 0), TypeError, "stride_w must be an integer"),
+    ],
+)
+def test_bad_stride_or_padding(stride_pad, error, match):
+    with pytest.raises(error, match=match):
+        conv2d_forward_cpu(*args32(), *stride_pad)
+
+
+def test_filter_larger_than_padded_input():
+    y, x, w, b = args32((1, 1, 3, 3), (1, 1, 5, 5), (1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"window height 5 is larger than the padded input height 3 \+ 2\*0 = 3"):
+        conv2d_forward_cpu(y, x, w, b)
+
+
+def test_backward_shapes_checked():
+    dy = np.zeros((2, 4, 5, 4), np.float32)
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="dy has shape"):
+        conv2d_backward_input_cpu(np.zeros((2, 3, 8, 6), np.float32), dy, w)
+    with pytest.raises(ValueError, match=r"dw has shape \(4, 3, 3\)"):
+        conv2d_backward_weight_cpu(np.zeros((4, 3, 3), np.float32), dy, np.zeros((2, 3, 7, 6), np.float32))
+    with pytest.raises(ValueError, match=r"db has shape \(3,\), expected \(4,\)"):
+        conv2d_backward_bias_cpu(np.zeros(3, np.float32), dy)
