@@ -199,7 +199,7 @@ def test_backward_shapes_checked():
     w = np.zeros((4, 3, 3, 3), np.float32)
     with pytest.raises(ValueError, match="dy has shape"):
         conv2d_backward_input_cpu(np.zeros((2, 3, 8, 6), np.float32), dy, w)
-    with pytest.raises(ValueError, match=r"dw has shape \(4, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"dw must have 4 dimensions \(K, C, FH, FW\), got shape \(4, 3, 3\)"):
         conv2d_backward_weight_cpu(np.zeros((4, 3, 3), np.float32), dy, np.zeros((2, 3, 7, 6), np.float32))
     with pytest.raises(ValueError, match=r"db has shape \(3,\), expected \(4,\)"):
         conv2d_backward_bias_cpu(np.zeros(3, np.float32), dy)
