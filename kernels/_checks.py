@@ -56,6 +56,8 @@ def is_c_contiguous(a):
     """True when ``a`` (a NumPy array or any ``__cuda_array_interface__`` object) is C-contiguous."""
     if isinstance(a, np.ndarray):
         return a.flags.c_contiguous
+    if hasattr(a, "is_c_contiguous"):  # Numba device arrays, real or simulated
+        return a.is_c_contiguous()
     iface = getattr(a, "__cuda_array_interface__", None)
     if iface is None:
         return False

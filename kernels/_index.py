@@ -25,6 +25,19 @@ def in_coord(o, f, s, p):
     return o * s - p + f
 
 
+def out_coord(i, f, s, p, osize):
+    """Output whose tap ``f`` reads input coordinate ``i``, or -1 when there is none.
+
+    Inverts ``i = o*S - P + f``: ``o = (i + P - f) / S``, which must divide exactly and
+    land in ``[0, osize)``.
+    """
+    num = i + p - f
+    if num < 0 or num % s != 0:
+        return -1
+    o = num // s
+    return o if o < osize else -1
+
+
 def valid_out_range(size, osize, f, s, p):
     """Outputs ``[lo, hi)`` whose tap ``f`` reads inside the unpadded input.
 
@@ -72,12 +85,14 @@ def covering_outputs(i, f, s, p, osize):
 
 out_size_cpu = njit(inline="always", cache=True)(out_size)
 in_coord_cpu = njit(inline="always", cache=True)(in_coord)
+out_coord_cpu = njit(inline="always", cache=True)(out_coord)
 valid_out_range_cpu = njit(inline="always", cache=True)(valid_out_range)
 window_cpu = njit(inline="always", cache=True)(window)
 covering_outputs_cpu = njit(inline="always", cache=True)(covering_outputs)
 
 out_size_cuda = cuda.jit(device=True, inline="always")(out_size)
 in_coord_cuda = cuda.jit(device=True, inline="always")(in_coord)
+out_coord_cuda = cuda.jit(device=True, inline="always")(out_coord)
 valid_out_range_cuda = cuda.jit(device=True, inline="always")(valid_out_range)
 window_cuda = cuda.jit(device=True, inline="always")(window)
 covering_outputs_cuda = cuda.jit(device=True, inline="always")(covering_outputs)

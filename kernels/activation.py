@@ -7,9 +7,10 @@ output ``y`` rather than ``x`` (``y > 0`` exactly when ``x > 0``), so a layer ne
 keep its input. Backward overwrites dx. Arrays are processed as flat vectors.
 """
 
-from numba import njit, prange
+from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_shape, on_host
+from ._cuda import blocks, flat, gpu_arrays, on_gpu
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -54,4 +55,47 @@ def relu_backward_cpu(dx, dy, y):
     """``dx = dy * (y > 0)`` with ``y`` the forward output; all of one shape. Returns ``dx``."""
     check_same_shape("relu_backward_cpu", on_host, {"dx": dx, "dy": dy, "y": y})
     _relu_backward_cpu(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
+    return dx
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+THREADS = 256
+
+
+@cuda.jit
+def _relu_forward_kernel(y, x):
+    """One thread per element of the flat vectors."""
+    i = cuda.grid(1)
+    if i < x.size:
+        v = x[i]
+        y[i] = v if v > 0 else 0
+
+
+@cuda.jit
+def _relu_backward_kernel(dx, dy, y):
+    """One thread per element of the flat vectors."""
+    i = cuda.grid(1)
+    if i < y.size:
+        dx[i] = dy[i] if y[i] > 0 else 0
+
+
+# --------------------------------------------------------------------------- CUDA launchers
+
+
+def relu_forward_cuda(y, x):
+    """``y = max(x, 0)`` on the GPU; the arguments of ``relu_forward_cpu``."""
+    fn = "relu_forward_cuda"
+    y, x = gpu_arrays(fn, y=y, x=x)
+    check_same_shape(fn, on_gpu, {"y": y, "x": x})
+    _relu_forward_kernel[blocks(x.size, THREADS), THREADS](flat(y), flat(x))
+    return y
+
+
+def relu_backward_cuda(dx, dy, y):
+    """``dx = dy * (y > 0)`` on the GPU; the arguments of ``relu_backward_cpu``."""
+    fn = "relu_backward_cuda"
+    dx, dy, y = gpu_arrays(fn, dx=dx, dy=dy, y=y)
+    check_same_shape(fn, on_gpu, {"dx": dx, "dy": dy, "y": y})
+    _relu_backward_kernel[blocks(y.size, THREADS), THREADS](flat(dx), flat(dy), flat(y))
     return dx

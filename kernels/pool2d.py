@@ -19,14 +19,16 @@ flat index ``ih * W + iw`` inside the plane), and backward sends all of ``dy`` t
 that one input. Ties go to the first maximum in row-major order, which is PyTorch's
 rule; a NaN in a window wins, so NaN propagates.
 
-Backward kernels overwrite dx. Each task owns a whole plane dx[n, c]: no races.
+Backward kernels overwrite dx. On the CPU each task owns a whole plane dx[n, c]; on
+the GPU each thread owns one element of dx and gathers from the outputs whose window
+covers it (``covering_outputs``). Either way no two workers write the same element.
 """
 
-import numpy as np
-from numba import njit, prange
+from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_ndim, check_shape, on_host, output_size
-from ._index import covering_outputs_cpu, window_cpu
+from ._cuda import blocks, gpu_arrays, on_gpu
+from ._index import covering_outputs_cpu, covering_outputs_cuda, window_cpu, window_cuda
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -55,6 +57,20 @@ def check_pool2d(fn, on_device, x, y, window, stride, padding, argmax=None):
     if argmax:
         check_shape(fn, argmax[0], argmax[1], (N, C, OH, OW), ("N", "C", "OH", "OW"))
     return N, C, H, W, OH, OW
+
+
+def check_maxpool2d_backward(fn, on_device, dx, dy, argmax):
+    """dx (N, C, H, W); dy and argmax (N, C, OH, OW)."""
+    check_arrays(fn, on_device, {"dx": dx, "dy": dy}, {"argmax": argmax})
+    check_ndim(fn, "dx", dx, ("N", "C", "H", "W"))
+    check_ndim(fn, "dy", dy, ("N", "C", "OH", "OW"))
+    check_shape(fn, "dy", dy, tuple(dx.shape[:2]) + tuple(dy.shape[2:]), ("N", "C", "OH", "OW"))
+    check_shape(fn, "argmax", argmax, dy.shape, ("N", "C", "OH", "OW"))
+
+
+def default_stride(kernel_h, kernel_w, stride_h, stride_w):
+    """A stride of None means the window size (non-overlapping windows)."""
+    return (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
 
 
 # ----------------------------------------------------------------------------- CPU kernels
@@ -149,28 +165,30 @@ def maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, stride_h=None, strid
     receives the flat index ``ih * W + iw`` of each maximum. A stride of None means the window size.
     Returns ``y``.
     """
-    stride = (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     check_pool2d("maxpool2d_forward_cpu", on_host, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
                  (pad_h, pad_w), ("argmax", argmax))
     _maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
     return y
 
 
-def maxpool2d_backward_cpu(dx, dy, argmax):
-    """Gradient of max pooling: ``dx`` (N, C, H, W) from ``dy`` and ``argmax`` (N, C, OH, OW). Returns ``dx``."""
+def maxpool2d_backward_cpu(dx, dy, argmax, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Gradient of max pooling: ``dx`` (N, C, H, W) from ``dy`` and ``argmax`` (N, C, OH, OW). Returns ``dx``.
+
+    The window settings are those of the forward call; they check the shapes (the CPU
+    kernel scatters through ``argmax`` alone, the CUDA kernel needs them to gather).
+    """
     fn = "maxpool2d_backward_cpu"
-    check_arrays(fn, on_host, {"dx": dx, "dy": dy}, {"argmax": argmax})
-    check_ndim(fn, "dx", dx, ("N", "C", "H", "W"))
-    check_ndim(fn, "dy", dy, ("N", "C", "OH", "OW"))
-    check_shape(fn, "dy", dy, dx.shape[:2] + dy.shape[2:], ("N", "C", "OH", "OW"))
-    check_shape(fn, "argmax", argmax, dy.shape, ("N", "C", "OH", "OW"))
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
+    check_maxpool2d_backward(fn, on_host, dx, dy, argmax)
+    check_pool2d(fn, on_host, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride, (pad_h, pad_w))
     _maxpool2d_backward_cpu(dx, dy, argmax)
     return dx
 
 
 def avgpool2d_forward_cpu(y, x, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
     """Average pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW), padding counted as zeros. Returns ``y``."""
-    stride = (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     check_pool2d("avgpool2d_forward_cpu", on_host, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
                  (pad_h, pad_w))
     _avgpool2d_forward_cpu(y, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
@@ -179,8 +197,153 @@ def avgpool2d_forward_cpu(y, x, kernel_h, kernel_w, stride_h=None, stride_w=None
 
 def avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
     """Gradient of average pooling: ``dx`` (N, C, H, W) from ``dy`` (N, C, OH, OW). Returns ``dx``."""
-    stride = (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     check_pool2d("avgpool2d_backward_cpu", on_host, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
                  (pad_h, pad_w))
     _avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    return dx
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+POOL_W, POOL_H = 32, 8  # block: a warp along W, 8 rows
+
+
+@cuda.jit
+def _maxpool2d_forward_kernel(y, argmax, x, fh, fw, sh, sw, ph, pw):
+    """One thread per output (n, c, oh, ow), threadIdx.x along OW; grid (ceil(OW/32), ceil(OH/8), N*C)."""
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    ow = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
+    oh = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
+    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    if oh >= OH or ow >= OW:
+        return
+    ih_lo, ih_hi = window_cuda(oh, fh, sh, ph, H)
+    iw_lo, iw_hi = window_cuda(ow, fw, sw, pw, W)
+    best = x[n, c, ih_lo, iw_lo]
+    where = ih_lo * W + iw_lo
+    for ih in range(ih_lo, ih_hi):
+        for iw in range(iw_lo, iw_hi):
+            v = x[n, c, ih, iw]
+            if v > best or (v != v and best == best):
+                best = v
+                where = ih * W + iw
+    y[n, c, oh, ow] = best
+    argmax[n, c, oh, ow] = where
+
+
+@cuda.jit
+def _maxpool2d_backward_kernel(dx, dy, argmax, fh, fw, sh, sw, ph, pw):
+    """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs whose
+    argmax is this input. Grid (ceil(W/32), ceil(H/8), N*C)."""
+    N, C, H, W = dx.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    iw = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
+    ih = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
+    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    if ih >= H or iw >= W:
+        return
+    here = ih * W + iw
+    oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
+    ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
+    acc = dx.dtype.type(0)
+    for oh in range(oh_lo, oh_hi):
+        for ow in range(ow_lo, ow_hi):
+            if argmax[n, c, oh, ow] == here:
+                acc += dy[n, c, oh, ow]
+    dx[n, c, ih, iw] = acc
+
+
+@cuda.jit
+def _avgpool2d_forward_kernel(y, x, fh, fw, sh, sw, ph, pw):
+    """One thread per output (n, c, oh, ow): the window's sum / (FH*FW). Grid as max pooling's."""
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    ow = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
+    oh = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
+    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    if oh >= OH or ow >= OW:
+        return
+    ih_lo, ih_hi = window_cuda(oh, fh, sh, ph, H)
+    iw_lo, iw_hi = window_cuda(ow, fw, sw, pw, W)
+    acc = y.dtype.type(0)
+    for ih in range(ih_lo, ih_hi):
+        for iw in range(iw_lo, iw_hi):
+            acc += x[n, c, ih, iw]
+    y[n, c, oh, ow] = acc * (1.0 / (fh * fw))
+
+
+@cuda.jit
+def _avgpool2d_backward_kernel(dx, dy, fh, fw, sh, sw, ph, pw):
+    """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs / (FH*FW)."""
+    N, C, H, W = dx.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    iw = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
+    ih = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
+    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    if ih >= H or iw >= W:
+        return
+    oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
+    ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
+    acc = dx.dtype.type(0)
+    for oh in range(oh_lo, oh_hi):
+        for ow in range(ow_lo, ow_hi):
+            acc += dy[n, c, oh, ow]
+    dx[n, c, ih, iw] = acc * (1.0 / (fh * fw))
+
+
+# --------------------------------------------------------------------------- CUDA launchers
+
+
+def _grid(N, C, rows, cols):
+    return (blocks(cols, POOL_W), blocks(rows, POOL_H), N * C)
+
+
+def maxpool2d_forward_cuda(y, argmax, x, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Max pooling on the GPU; the arguments and shapes of ``maxpool2d_forward_cpu``."""
+    fn = "maxpool2d_forward_cuda"
+    y, argmax, x = gpu_arrays(fn, y=y, argmax=argmax, x=x)
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
+    N, C, H, W, OH, OW = check_pool2d(fn, on_gpu, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
+                                      (pad_h, pad_w), ("argmax", argmax))
+    _maxpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](
+        y, argmax, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    return y
+
+
+def maxpool2d_backward_cuda(dx, dy, argmax, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Gradient of max pooling on the GPU; the arguments of ``maxpool2d_backward_cpu``. Each
+    thread gathers from the outputs whose window covers its input, so no two threads write
+    the same element and no atomics are needed."""
+    fn = "maxpool2d_backward_cuda"
+    dx, dy, argmax = gpu_arrays(fn, dx=dx, dy=dy, argmax=argmax)
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
+    check_maxpool2d_backward(fn, on_gpu, dx, dy, argmax)
+    N, C, H, W, _, _ = check_pool2d(fn, on_gpu, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
+                                    (pad_h, pad_w))
+    _maxpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](
+        dx, dy, argmax, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    return dx
+
+
+def avgpool2d_forward_cuda(y, x, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Average pooling on the GPU; the arguments and shapes of ``avgpool2d_forward_cpu``."""
+    fn = "avgpool2d_forward_cuda"
+    y, x = gpu_arrays(fn, y=y, x=x)
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
+    N, C, H, W, OH, OW = check_pool2d(fn, on_gpu, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
+                                      (pad_h, pad_w))
+    _avgpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](y, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    return y
+
+
+def avgpool2d_backward_cuda(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
+    """Gradient of average pooling on the GPU; the arguments of ``avgpool2d_backward_cpu``."""
+    fn = "avgpool2d_backward_cuda"
+    dx, dy = gpu_arrays(fn, dx=dx, dy=dy)
+    stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
+    N, C, H, W, _, _ = check_pool2d(fn, on_gpu, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
+                                    (pad_h, pad_w))
+    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, kernel_h, kernel_w, *stride, pad_h, pad_w)
     return dx

@@ -12,10 +12,20 @@ from .cpu import (
     conv2d_backward_weight_cpu,
     conv2d_forward_cpu,
 )
+from .cuda import (
+    conv2d_backward_bias_cuda,
+    conv2d_backward_input_cuda,
+    conv2d_backward_weight_cuda,
+    conv2d_forward_cuda,
+)
 
 __all__ = [
     "conv2d_forward_cpu",
     "conv2d_backward_input_cpu",
     "conv2d_backward_weight_cpu",
     "conv2d_backward_bias_cpu",
+    "conv2d_forward_cuda",
+    "conv2d_backward_input_cuda",
+    "conv2d_backward_weight_cuda",
+    "conv2d_backward_bias_cuda",
 ]

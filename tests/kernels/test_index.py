@@ -17,6 +17,9 @@ def test_helpers_match_brute_force(size, f, s, p):
     assert osize == sum(1 for o in range(size + 2 * p) if o * s - p + f <= size + p)
     for tap in range(f):
         inside = [o for o in range(osize) if 0 <= _index.in_coord(o, tap, s, p) < size]
+        for i in range(size):
+            hits = [o for o in inside if _index.in_coord(o, tap, s, p) == i]
+            assert _index.out_coord(i, tap, s, p, osize) == (hits[0] if hits else -1)
         lo, hi = _index.valid_out_range(size, osize, tap, s, p)
         assert list(range(lo, hi)) == inside
     for o in range(osize):

@@ -39,9 +39,9 @@ def run_max(x, f, s, p, shape):
     return y, argmax
 
 
-def run_max_backward(dy, argmax, x_shape):
+def run_max_backward(dy, argmax, x_shape, f, s, p):
     dx = np.full(x_shape, np.nan, dy.dtype)
-    return maxpool2d_backward_cpu(dx, dy, argmax)
+    return maxpool2d_backward_cpu(dx, dy, argmax, *f, *s, *p)
 
 
 def run_avg(x, f, s, p, shape):
@@ -64,7 +64,7 @@ def test_forward_and_backward_match_reference(rng, case, dtype):
 
     y, argmax = run_max(x, f, s, p, shape)
     np.testing.assert_array_equal(y, ref.maxpool2d(x64, f, s, p).astype(dtype))
-    np.testing.assert_allclose(run_max_backward(dy, argmax, x.shape), ref.maxpool2d_grad(dy64, x64, f, s, p), **tol)
+    np.testing.assert_allclose(run_max_backward(dy, argmax, x.shape, f, s, p), ref.maxpool2d_grad(dy64, x64, f, s, p), **tol)
 
     np.testing.assert_allclose(run_avg(x, f, s, p, shape), ref.avgpool2d(x64, f, s, p), **tol)
     np.testing.assert_allclose(run_avg_backward(dy, f, s, p, x.shape), ref.avgpool2d_grad(dy64, x64, f, s, p), **tol)
@@ -81,7 +81,7 @@ def test_gradients_match_finite_differences(rng, case):
     r = rng.standard_normal(shape)
 
     _, argmax = run_max(x, f, s, p, shape)
-    dx = run_max_backward(r, argmax, x.shape)
+    dx = run_max_backward(r, argmax, x.shape, f, s, p)
     assert_grad_close(dx, numerical_grad(lambda: float((run_max(x, f, s, p, shape)[0] * r).sum()), x))
 
     x = rng.standard_normal((N, C, H, W))
@@ -95,7 +95,7 @@ def test_ties_send_the_whole_gradient_to_the_first_maximum():
     x = np.ones((1, 1, 4, 4))
     y, argmax = run_max(x, (2, 2), (2, 2), (0, 0), (1, 1, 2, 2))
     np.testing.assert_array_equal(argmax[0, 0], [[0, 2], [8, 10]])
-    dx = run_max_backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]), argmax, x.shape)
+    dx = run_max_backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]), argmax, x.shape, (2, 2), (2, 2), (0, 0))
     want = np.zeros((4, 4))
     want[0, 0], want[0, 2], want[2, 0], want[2, 2] = 1, 2, 3, 4
     np.testing.assert_array_equal(dx[0, 0], want)
@@ -110,7 +110,7 @@ def test_tie_inside_window_picks_row_major_first():
 def test_overlapping_windows_accumulate_gradient():
     x = np.array([[[[0.0, 9.0, 0.0, 0.0]]]])  # 1x4 row, window 1x3, stride 1: both windows pick 9
     y, argmax = run_max(x, (1, 3), (1, 1), (0, 0), (1, 1, 1, 2))
-    dx = run_max_backward(np.array([[[[1.5, 2.5]]]]), argmax, x.shape)
+    dx = run_max_backward(np.array([[[[1.5, 2.5]]]]), argmax, x.shape, (1, 3), (1, 1), (0, 0))
     np.testing.assert_array_equal(dx[0, 0, 0], [0, 4.0, 0, 0])
 
 
@@ -129,7 +129,7 @@ def test_nan_propagates_through_max():
 
 
 def test_backward_ignores_an_argmax_outside_the_plane():
-    dx = run_max_backward(np.ones((1, 1, 1, 1)), np.array([[[[99]]]], np.int32), (1, 1, 2, 2))
+    dx = run_max_backward(np.ones((1, 1, 1, 1)), np.array([[[[99]]]], np.int32), (1, 1, 2, 2), (2, 2), (2, 2), (0, 0))
     np.testing.assert_array_equal(dx, 0.0)
 
 
@@ -151,7 +151,7 @@ def test_random_shapes(case, seed):
     dy = rng.standard_normal(shape)
     y, argmax = run_max(x, f, s, p, shape)
     np.testing.assert_array_equal(y, ref.maxpool2d(x, f, s, p))
-    np.testing.assert_allclose(run_max_backward(dy, argmax, x.shape), ref.maxpool2d_grad(dy, x, f, s, p), atol=1e-13)
+    np.testing.assert_allclose(run_max_backward(dy, argmax, x.shape, f, s, p), ref.maxpool2d_grad(dy, x, f, s, p), atol=1e-13)
     np.testing.assert_allclose(run_avg(x, f, s, p, shape), ref.avgpool2d(x, f, s, p), atol=1e-13)
     np.testing.assert_allclose(run_avg_backward(dy, f, s, p, x.shape), ref.avgpool2d_grad(dy, x, f, s, p), atol=1e-13)
 
@@ -174,8 +174,10 @@ def test_stride_defaults_to_window():
          r"y has shape \(1, 1, 3, 3\), expected \(1, 1, 2, 2\)"),
         (lambda: maxpool2d_forward_cpu(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 4, 4)), 2, 2),
          TypeError, "argmax must be int32 or int64"),
-        (lambda: maxpool2d_backward_cpu(np.zeros((1, 2, 4, 4)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int32)),
-         ValueError, r"dy has shape \(1, 1, 2, 2\), expected \(1, 2, 2, 2\)"),
+        (lambda: maxpool2d_backward_cpu(np.zeros((1, 2, 4, 4)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int32),
+                                        2, 2), ValueError, r"dy has shape \(1, 1, 2, 2\), expected \(1, 2, 2, 2\)"),
+        (lambda: maxpool2d_backward_cpu(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2), np.int32),
+                                        2, 2, 1, 1), ValueError, r"dy has shape \(1, 1, 2, 2\), expected \(1, 1, 3, 3\)"),
         (lambda: run_avg(np.zeros((1, 1, 4, 4), np.float32), (5, 5), (1, 1), (0, 0), (1, 1, 1, 1)), ValueError,
          "window height 5 is larger than the padded input height 4"),
     ],

@@ -1,0 +1,142 @@
+"""What every CUDA launcher needs: is there a GPU, GPU views of the caller's arrays, launch sizes.
+
+Launchers accept Numba device arrays and any object with ``__cuda_array_interface__``
+(CuPy arrays, PyTorch CUDA tensors), viewed in place with ``cuda.as_cuda_array``: no
+copy is made, ever. Host (NumPy) arrays are refused with a message saying how to move
+them, rather than copied silently to the GPU and back.
+
+With ``NUMBA_ENABLE_CUDASIM=1`` set before Numba is imported, the same kernels run in
+Numba's CUDA simulator (Python, on the CPU, slow): that is how they are tested
+without a GPU.
+"""
+
+import numba
+import numpy as np
+from numba import cuda
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+if SIMULATOR:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _DeviceArray
+else:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceArray
+
+
+class CudaUnavailableError(RuntimeError):
+    """A CUDA kernel was asked for on a machine where CUDA cannot run."""
+
+
+def cuda_unavailable_reason():
+    """None when CUDA kernels can run here (a GPU, or the simulator), else one line saying why not."""
+    if SIMULATOR:
+        return None
+    try:
+        if cuda.is_available():
+            return None
+    except Exception as exc:  # the driver bindings raise many kinds of errors
+        return f"the CUDA driver failed to start ({type(exc).__name__}: {exc})".replace("\n", " ")
+    from numba.cuda.cudadrv.driver import driver
+
+    detail = " ".join(str(getattr(driver, "initialization_error", "") or "").split())
+    return detail or "no CUDA-capable GPU was found"
+
+
+def require_cuda(fn):
+    """Raise ``CudaUnavailableError`` naming ``fn`` when CUDA cannot run here."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise CudaUnavailableError(
+            f"{fn}: CUDA is not usable here: {reason}. Use the matching *_cpu kernel, or set "
+            f"NUMBA_ENABLE_CUDASIM=1 before importing numba to run it in the simulator."
+        )
+
+
+def gpu_arrays(fn, **arrays):
+    """GPU views of the named arrays, in order; None stays None. Raises for host arrays."""
+    require_cuda(fn)
+    views = []
+    for name, a in arrays.items():
+        if a is None or isinstance(a, _DeviceArray):
+            views.append(a)
+        elif not SIMULATOR and hasattr(a, "__cuda_array_interface__"):
+            views.append(cuda.as_cuda_array(a))
+        elif isinstance(a, np.ndarray):
+            raise TypeError(
+                f"{fn}: {name} is a NumPy array in host memory; CUDA kernels take GPU arrays "
+                f"(copy it with nbcnn.to_device(a, 'cuda') or numba.cuda.to_device(a))"
+            )
+        else:
+            raise TypeError(f"{fn}: {name} must be a GPU array, got {type(a).__name__}")
+    return views
+
+
+def on_gpu(a):
+    """CUDA kernels take GPU arrays (Numba device arrays, or objects with __cuda_array_interface__)."""
+    return isinstance(a, _DeviceArray)
+
+
+def flat(a):
+    """A 1-D view of a C-contiguous device array."""
+    return a.reshape(a.size)
+
+
+def blocks(n, threads):
+    """Number of blocks of ``threads`` that cover ``n`` items: ceil(n / threads), at least 1."""
+    return max(1, (n + threads - 1) // threads)
+
+
+_workspaces = {}
+
+
+def workspace(dtype, shape):
+    """A device scratch array of ``shape``, reused across calls (grown when too small).
+
+    Kernels that need scratch memory (the partial sums of a two-pass reduction) take it
+    from here rather than allocate on every call. Its contents are garbage on entry.
+    Not thread-safe: one host thread launches at a time.
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape))
+    buf = _workspaces.get(dtype)
+    if buf is None or buf.size < size:
+        buf = cuda.device_array(max(size, 1), dtype=dtype)
+        _workspaces[dtype] = buf
+    return buf[:size].reshape(shape) if len(shape) > 1 else buf[:size]
+
+
+_zeros = {}
+
+
+def zeros(dtype, n):
+    """A cached device vector of ``n`` zeros (for a missing bias); never written by kernels."""
+    key = (np.dtype(dtype), n)
+    if key not in _zeros:
+        _zeros[key] = cuda.to_device(np.zeros(n, dtype=dtype))
+    return _zeros[key]
+
+
+# Threads per block in block reductions, a power of two. The simulator runs every thread
+# as a Python thread, so under it the blocks are smaller: the same code, tested faster.
+REDUCE_THREADS = 32 if SIMULATOR else 256
+
+
+@cuda.jit(device=True)
+def block_sum(scratch, value):
+    """Sum ``value`` over the threads of a 1-D block of ``REDUCE_THREADS``, in a fixed order.
+
+    ``scratch`` is a shared array of REDUCE_THREADS elements. Every thread of the block
+    must call this (it contains barriers) and every thread gets the sum. The tree
+    always pairs the same threads, so the result does not change from run to run.
+    """
+    t = cuda.threadIdx.x
+    scratch[t] = value
+    cuda.syncthreads()  # wait until every thread has stored its value
+    step = REDUCE_THREADS // 2
+    while step > 0:
+        if t < step:
+            scratch[t] += scratch[t + step]
+        cuda.syncthreads()  # wait until this level of the tree is summed before the next level reads it
+        step //= 2
+    total = scratch[0]
+    cuda.syncthreads()  # wait until every thread has read the sum before scratch can be reused
+    return total

@@ -1,0 +1,256 @@
+"""2-D convolution on NVIDIA GPUs: the CUDA twins of ``cpu.py``, same arguments, same results.
+
+Letters as in ``cpu.py``: N batch, C input channels, K filters, H, W input size, FH, FW
+filter size, OH, OW output size, S stride, P padding (sh, sw, ph, pw).
+
+- forward: tiles of outputs; for each input channel the block stages the input region
+  its tile reads, and the filters of its group, in shared memory (coalesced loads,
+  threadIdx.x along W), and each thread accumulates several filters in registers.
+- backward to the input: one thread per input pixel, gathering dy through the taps
+  that read it. Each element is written by one thread: no atomics.
+- backward to the weights: deterministic two-pass reduction. Pass 1 gives each filter
+  tap and chunk of the batch one block, whose threads sum their share and add the
+  shares in shared memory; pass 2 adds the chunks' partial sums in a fixed order.
+  No float atomics, so the result is bitwise the same on every run.
+- backward to the bias: one block per filter, a shared-memory reduction.
+
+Every kernel overwrites its output.
+"""
+
+from numba import cuda
+
+from .._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu, workspace, zeros
+from .._index import in_coord_cuda, out_coord_cuda
+from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
+
+TILE_W = 16  # output columns per block, threadIdx.x: 16 neighbouring threads read neighbouring inputs
+TILE_H = 8  # output rows per block, threadIdx.y
+K_PER_BLOCK = 4  # filters per block: each staged input value is used 4 times from a register
+MAX_SHARED_BYTES = 48 * 1024  # dynamic shared memory a kernel may take without opting in
+GATHER_W, GATHER_H = 32, 8  # block of the backward-input kernel: a warp along W
+MIN_REDUCE_BLOCKS = 1024  # split the weight-gradient reduction until about this many blocks run
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+
+@cuda.jit
+def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw):
+    """y = conv(x, w) + b. Threads (TILE_W, TILE_H): one per output pixel (oh, ow) of a tile,
+    each computing K_PER_BLOCK filters. Grid: (ceil(OW / TILE_W), ceil(OH / TILE_H),
+    N * ceil(K / K_PER_BLOCK)); blockIdx.z picks the sample n and the filter group.
+
+    Dynamic shared memory, sized by the launcher: the input region the tile reads,
+    tile_h x tile_w values, then the group's filters for one channel, K_PER_BLOCK x FH x FW.
+    """
+    N, C, H, W = x.shape
+    K, _, FH, FW = w.shape
+    OH, OW = y.shape[2], y.shape[3]
+    groups = (K + K_PER_BLOCK - 1) // K_PER_BLOCK
+    n = cuda.blockIdx.z // groups
+    k0 = (cuda.blockIdx.z % groups) * K_PER_BLOCK
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    tid = ty * TILE_W + tx
+    oh0, ow0 = cuda.blockIdx.y * TILE_H, cuda.blockIdx.x * TILE_W
+    # The tile's outputs read input rows in_coord(oh0, 0) .. in_coord(oh0 + TILE_H - 1, FH - 1).
+    tile_h = (TILE_H - 1) * sh + FH
+    tile_w = (TILE_W - 1) * sw + FW
+    ih0, iw0 = in_coord_cuda(oh0, 0, sh, ph), in_coord_cuda(ow0, 0, sw, pw)
+    taps = FH * FW
+    w_base = tile_h * tile_w  # where the filters start in shared memory
+    smem = cuda.shared.array(0, dtype=x.dtype)
+    acc = cuda.local.array(K_PER_BLOCK, dtype=y.dtype)
+    for kk in range(K_PER_BLOCK):
+        acc[kk] = 0
+    for c in range(C):
+        # Stage the input region row by row: consecutive threads take consecutive columns.
+        for idx in range(tid, tile_h * tile_w, TILE_H * TILE_W):
+            ih = ih0 + idx // tile_w
+            iw = iw0 + idx % tile_w
+            if 0 <= ih < H and 0 <= iw < W:
+                smem[idx] = x[n, c, ih, iw]
+            else:
+                smem[idx] = 0  # zero padding
+        for idx in range(tid, K_PER_BLOCK * taps, TILE_H * TILE_W):
+            k = k0 + idx // taps
+            t = idx % taps
+            if k < K:
+                smem[w_base + idx] = w[k, c, t // FW, t % FW]
+            else:
+                smem[w_base + idx] = 0
+        cuda.syncthreads()  # wait until channel c's input region and filters are staged
+        base = ty * sh * tile_w + tx * sw
+        for fh in range(FH):
+            for fw in range(FW):
+                v = smem[base + fh * tile_w + fw]
+                for kk in range(K_PER_BLOCK):
+                    acc[kk] += smem[w_base + kk * taps + fh * FW + fw] * v
+        cuda.syncthreads()  # wait until every thread is done with channel c before it is overwritten
+    oh, ow = oh0 + ty, ow0 + tx
+    if oh < OH and ow < OW:
+        for kk in range(K_PER_BLOCK):
+            k = k0 + kk
+            if k < K:
+                y[n, k, oh, ow] = acc[kk] + b[k]
+
+
+@cuda.jit
+def _conv2d_backward_input_kernel(dx, dy, w, sh, sw, ph, pw):
+    """dx[n, c, ih, iw] = sum over k, fh, fw of w[k, c, fh, fw] * dy[n, k, oh, ow], over the taps
+    whose output (oh, ow) = out_coord(...) exists. One thread per input pixel, threadIdx.x
+    along W; grid (ceil(W / GATHER_W), ceil(H / GATHER_H), N * C)."""
+    N, C, H, W = dx.shape
+    K, _, FH, FW = w.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    iw = cuda.blockIdx.x * GATHER_W + cuda.threadIdx.x
+    ih = cuda.blockIdx.y * GATHER_H + cuda.threadIdx.y
+    n = cuda.blockIdx.z // C
+    c = cuda.blockIdx.z % C
+    if ih >= H or iw >= W:
+        return
+    acc = dx.dtype.type(0)
+    for fh in range(FH):
+        oh = out_coord_cuda(ih, fh, sh, ph, OH)
+        if oh < 0:
+            continue
+        for fw in range(FW):
+            ow = out_coord_cuda(iw, fw, sw, pw, OW)
+            if ow < 0:
+                continue
+            for k in range(K):
+                acc += w[k, c, fh, fw] * dy[n, k, oh, ow]
+    dx[n, c, ih, iw] = acc
+
+
+@cuda.jit
+def _conv2d_backward_weight_partial_kernel(partial, dy, x, sh, sw, ph, pw):
+    """Pass 1: partial[g, k, c, fh, fw] = the chunk g's share of dw[k, c, fh, fw].
+
+    One block of REDUCE_THREADS threads per filter tap (blockIdx.x) and batch chunk
+    (blockIdx.y). The threads stride over the chunk's (n, oh, ow) with ow fastest, so a
+    warp reads neighbouring elements of dy and x, then add their sums with block_sum.
+    """
+    G, K, C, FH, FW = partial.shape
+    N, _, H, W = x.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    tap = cuda.blockIdx.x
+    g = cuda.blockIdx.y
+    fw = tap % FW
+    fh = (tap // FW) % FH
+    c = (tap // (FW * FH)) % C
+    k = tap // (FW * FH * C)
+    n_lo = g * N // G  # chunks split the batch as evenly as integers allow
+    n_hi = (g + 1) * N // G
+    acc = partial.dtype.type(0)
+    for idx in range(cuda.threadIdx.x, (n_hi - n_lo) * OH * OW, REDUCE_THREADS):
+        ow = idx % OW
+        oh = (idx // OW) % OH
+        n = n_lo + idx // (OW * OH)
+        ih = in_coord_cuda(oh, fh, sh, ph)
+        iw = in_coord_cuda(ow, fw, sw, pw)
+        if 0 <= ih < H and 0 <= iw < W:
+            acc += dy[n, k, oh, ow] * x[n, c, ih, iw]
+    scratch = cuda.shared.array(REDUCE_THREADS, dtype=partial.dtype)
+    total = block_sum(scratch, acc)
+    if cuda.threadIdx.x == 0:
+        partial[g, k, c, fh, fw] = total
+
+
+@cuda.jit
+def _conv2d_backward_weight_reduce_kernel(dw, partial):
+    """Pass 2: dw = sum over g of partial[g], chunks added in order. One thread per dw element."""
+    G = partial.shape[0]
+    K, C, FH, FW = dw.shape
+    i = cuda.grid(1)
+    if i >= K * C * FH * FW:
+        return
+    fw = i % FW
+    fh = (i // FW) % FH
+    c = (i // (FW * FH)) % C
+    k = i // (FW * FH * C)
+    acc = dw.dtype.type(0)
+    for g in range(G):
+        acc += partial[g, k, c, fh, fw]
+    dw[k, c, fh, fw] = acc
+
+
+@cuda.jit
+def _conv2d_backward_bias_kernel(db, dy):
+    """db[k] = sum of dy[:, k]. One block of REDUCE_THREADS threads per filter k (blockIdx.x)."""
+    N, K, OH, OW = dy.shape
+    k = cuda.blockIdx.x
+    acc = db.dtype.type(0)
+    for idx in range(cuda.threadIdx.x, N * OH * OW, REDUCE_THREADS):
+        acc += dy[idx // (OH * OW), k, (idx // OW) % OH, idx % OW]
+    scratch = cuda.shared.array(REDUCE_THREADS, dtype=db.dtype)
+    total = block_sum(scratch, acc)
+    if cuda.threadIdx.x == 0:
+        db[k] = total
+
+
+# --------------------------------------------------------------------------- CUDA launchers
+
+
+def forward_shared_bytes(FH, FW, sh, sw, itemsize):
+    """Dynamic shared memory of the forward kernel: the staged input region and filters."""
+    tile = ((TILE_H - 1) * sh + FH) * ((TILE_W - 1) * sw + FW)
+    return (tile + K_PER_BLOCK * FH * FW) * itemsize
+
+
+def conv2d_forward_cuda(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pad_w=0):
+    """Forward convolution on the GPU; the arguments and shapes of ``conv2d_forward_cpu``."""
+    fn = "conv2d_forward_cuda"
+    y, x, w, b = gpu_arrays(fn, y=y, x=x, w=w, b=b)
+    stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
+    b_pair = ("b", b) if b is not None else None
+    N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_gpu, ("x", x), ("w", w), ("y", y), b_pair, stride, padding)
+    shared = forward_shared_bytes(FH, FW, *stride, x.dtype.itemsize)
+    if shared > MAX_SHARED_BYTES:
+        raise ValueError(
+            f"{fn}: a {FH}x{FW} filter at stride {stride} needs {shared} bytes of shared memory per "
+            f"block, more than {MAX_SHARED_BYTES}"
+        )
+    if b is None:
+        b = zeros(x.dtype, K)
+    grid = (blocks(OW, TILE_W), blocks(OH, TILE_H), N * blocks(K, K_PER_BLOCK))
+    _conv2d_forward_kernel[grid, (TILE_W, TILE_H), 0, shared](y, x, w, b, *stride, *padding)
+    return y
+
+
+def conv2d_backward_input_cuda(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, pad_w=0):
+    """Gradient to the input on the GPU; the arguments and shapes of ``conv2d_backward_input_cpu``."""
+    fn = "conv2d_backward_input_cuda"
+    dx, dy, w = gpu_arrays(fn, dx=dx, dy=dy, w=w)
+    stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
+    N, C, H, W, *_ = check_conv2d(fn, on_gpu, ("dx", dx), ("w", w), ("dy", dy), None, stride, padding)
+    grid = (blocks(W, GATHER_W), blocks(H, GATHER_H), N * C)
+    _conv2d_backward_input_kernel[grid, (GATHER_W, GATHER_H)](dx, dy, w, *stride, *padding)
+    return dx
+
+
+def weight_chunks(N, taps):
+    """How many chunks to split the batch into so that about MIN_REDUCE_BLOCKS blocks run."""
+    return max(1, min(N, blocks(MIN_REDUCE_BLOCKS, taps)))
+
+
+def conv2d_backward_weight_cuda(dw, dy, x, stride_h=1, stride_w=1, pad_h=0, pad_w=0):
+    """Gradient to the filters on the GPU, deterministic; the arguments of ``conv2d_backward_weight_cpu``."""
+    fn = "conv2d_backward_weight_cuda"
+    dw, dy, x = gpu_arrays(fn, dw=dw, dy=dy, x=x)
+    stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
+    N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_gpu, ("x", x), ("dw", dw), ("dy", dy), None, stride,
+                                                 padding)
+    taps = K * C * FH * FW
+    G = weight_chunks(N, taps)
+    partial = workspace(x.dtype, (G, K, C, FH, FW))
+    _conv2d_backward_weight_partial_kernel[(taps, G), REDUCE_THREADS](partial, dy, x, *stride, *padding)
+    _conv2d_backward_weight_reduce_kernel[blocks(taps, 256), 256](dw, partial)
+    return dw
+
+
+def conv2d_backward_bias_cuda(db, dy):
+    """Gradient to the bias on the GPU; the arguments of ``conv2d_backward_bias_cpu``."""
+    fn = "conv2d_backward_bias_cuda"
+    db, dy = gpu_arrays(fn, db=db, dy=dy)
+    check_conv2d_bias(fn, on_gpu, db, dy)
+    _conv2d_backward_bias_kernel[dy.shape[1], REDUCE_THREADS](db, dy)
+    return db
