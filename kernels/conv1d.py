@@ -16,9 +16,10 @@ The gradient of a convolution is a correlation: for a loss L with dL/dd = dd,
 which slides dd against the other factor without the flip. Backward overwrites da, db.
 """
 
-from numba import njit, prange
+from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
+from ._cuda import blocks, gpu_arrays, on_gpu
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -33,6 +34,25 @@ def check_conv1d(fn, on_device, d, a, b):
     la, lb = a[1].shape[0], b[1].shape[0]
     check_shape(fn, d[0], d[1], (la + lb - 1,), (f"len({a[0]}) + len({b[0]}) - 1",))
     return la, lb
+
+
+def check_conv1d_backward(fn, on_device, da, db, dd, a, b):
+    """da (la,), db (lb,), dd (la + lb - 1,)."""
+    check_conv1d(fn, on_device, ("dd", dd), ("a", a), ("b", b))
+    check_arrays(fn, on_device, {"dd": dd, "da": da, "db": db})
+    check_shape(fn, "da", da, a.shape, ("len(a)",))
+    check_shape(fn, "db", db, b.shape, ("len(b)",))
+
+
+def check_toeplitz(fn, on_device, t, a):
+    """t (la + n - 1, n), a (la,)."""
+    check_arrays(fn, on_device, {"t": t, "a": a})
+    check_ndim(fn, "a", a, ("la",))
+    check_ndim(fn, "t", t, ("la + n - 1", "n"))
+    la, n = a.shape[0], t.shape[1]
+    if la < 1 or n < 1:
+        raise ValueError(f"{fn}: a and the product's other factor need at least one coefficient each")
+    check_shape(fn, "t", t, (la + n - 1, n), ("la + n - 1", "n"))
 
 
 # ----------------------------------------------------------------------------- CPU kernels
@@ -92,11 +112,7 @@ def conv1d_forward_cpu(d, a, b):
 
 def conv1d_backward_cpu(da, db, dd, a, b):
     """Gradients ``da`` (la,) and ``db`` (lb,) of a loss whose gradient to ``d = a * b`` is ``dd``. Returns ``(da, db)``."""
-    fn = "conv1d_backward_cpu"
-    check_conv1d(fn, on_host, ("dd", dd), ("a", a), ("b", b))
-    check_arrays(fn, on_host, {"dd": dd, "da": da, "db": db})
-    check_shape(fn, "da", da, a.shape, ("len(a)",))
-    check_shape(fn, "db", db, b.shape, ("len(b)",))
+    check_conv1d_backward("conv1d_backward_cpu", on_host, da, db, dd, a, b)
     _conv1d_backward_cpu(da, db, dd, a, b)
     return da, db
 
@@ -106,13 +122,84 @@ def toeplitz_matrix_cpu(t, a):
 
     Returns ``t``.
     """
-    fn = "toeplitz_matrix_cpu"
-    check_arrays(fn, on_host, {"t": t, "a": a})
-    check_ndim(fn, "a", a, ("la",))
-    check_ndim(fn, "t", t, ("la + n - 1", "n"))
-    la, n = a.shape[0], t.shape[1]
-    if la < 1 or n < 1:
-        raise ValueError(f"{fn}: a and the product's other factor need at least one coefficient each")
-    check_shape(fn, "t", t, (la + n - 1, n), ("la + n - 1", "n"))
+    check_toeplitz("toeplitz_matrix_cpu", on_host, t, a)
     _toeplitz_matrix_cpu(t, a)
+    return t
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+THREADS = 128
+
+
+@cuda.jit
+def _conv1d_forward_kernel(d, a, b):
+    """d[j] = sum_i a[i] * b[j - i]; one thread per coefficient j."""
+    la, lb = a.shape[0], b.shape[0]
+    j = cuda.grid(1)
+    if j >= la + lb - 1:
+        return
+    acc = d.dtype.type(0)
+    for i in range(max(0, j - lb + 1), min(la, j + 1)):
+        acc += a[i] * b[j - i]
+    d[j] = acc
+
+
+@cuda.jit
+def _conv1d_backward_kernel(da, db, dd, a, b):
+    """Threads 0 .. la-1 compute da[i], threads la .. la+lb-1 compute db[i - la]."""
+    la, lb = a.shape[0], b.shape[0]
+    i = cuda.grid(1)
+    if i < la:
+        acc = da.dtype.type(0)
+        for k in range(lb):
+            acc += dd[i + k] * b[k]
+        da[i] = acc
+    elif i < la + lb:
+        r = i - la
+        acc = db.dtype.type(0)
+        for k in range(la):
+            acc += dd[r + k] * a[k]
+        db[r] = acc
+
+
+@cuda.jit
+def _toeplitz_matrix_kernel(t, a):
+    """t[j, i] = a[j - i] inside the band, else 0; one thread per element, threads along a row."""
+    la = a.shape[0]
+    rows, cols = t.shape
+    idx = cuda.grid(1)
+    if idx >= rows * cols:
+        return
+    j, i = idx // cols, idx % cols
+    t[j, i] = a[j - i] if 0 <= j - i < la else 0
+
+
+# --------------------------------------------------------------------------- CUDA launchers
+
+
+def conv1d_forward_cuda(d, a, b):
+    """Full convolution on the GPU; the arguments of ``conv1d_forward_cpu``."""
+    fn = "conv1d_forward_cuda"
+    d, a, b = gpu_arrays(fn, d=d, a=a, b=b)
+    check_conv1d(fn, on_gpu, ("d", d), ("a", a), ("b", b))
+    _conv1d_forward_kernel[blocks(d.shape[0], THREADS), THREADS](d, a, b)
+    return d
+
+
+def conv1d_backward_cuda(da, db, dd, a, b):
+    """Gradients of the full convolution on the GPU; the arguments of ``conv1d_backward_cpu``."""
+    fn = "conv1d_backward_cuda"
+    da, db, dd, a, b = gpu_arrays(fn, da=da, db=db, dd=dd, a=a, b=b)
+    check_conv1d_backward(fn, on_gpu, da, db, dd, a, b)
+    _conv1d_backward_kernel[blocks(a.shape[0] + b.shape[0], THREADS), THREADS](da, db, dd, a, b)
+    return da, db
+
+
+def toeplitz_matrix_cuda(t, a):
+    """Toeplitz matrix on the GPU; the arguments of ``toeplitz_matrix_cpu``."""
+    fn = "toeplitz_matrix_cuda"
+    t, a = gpu_arrays(fn, t=t, a=a)
+    check_toeplitz(fn, on_gpu, t, a)
+    _toeplitz_matrix_kernel[blocks(t.size, THREADS), THREADS](t, a)
     return t

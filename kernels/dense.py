@@ -8,14 +8,17 @@ PyTorch stores it, b (OUT,), y (N, OUT); gradients dx, dw, db, dy of the same sh
     dw = dy^T x            dw[o, i] = sum_n dy[n, o] * x[n, i]
     db = sum_n dy[n, :]
 
-Backward kernels overwrite their outputs. Each task owns whole rows of its output
-(a row of dx per sample, a row of dw per output feature): no races.
+Backward kernels overwrite their outputs. On the CPU each task owns whole rows of its
+output (a row of dx per sample, a row of dw per output feature): no races. On the GPU
+all three products are one tiled shared-memory matrix product, ``C = op(A) op(B) + bias``
+with op a transpose or not, and each thread owns one element of C.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
+from ._cuda import blocks, gpu_arrays, on_gpu, zeros
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -35,6 +38,13 @@ def check_dense(fn, on_device, x, w, y, b=None):
     if b is not None:
         check_shape(fn, b[0], b[1], (OUT,), ("OUT",))
     return N, IN, OUT
+
+
+def check_dense_bias(fn, on_device, db, dy):
+    """db (OUT,), dy (N, OUT)."""
+    check_arrays(fn, on_device, {"db": db, "dy": dy})
+    check_ndim(fn, "dy", dy, ("N", "OUT"))
+    check_shape(fn, "db", db, (dy.shape[1],), ("OUT",))
 
 
 # ----------------------------------------------------------------------------- CPU kernels
@@ -120,9 +130,111 @@ def dense_backward_weight_cpu(dw, dy, x):
 
 def dense_backward_bias_cpu(db, dy):
     """``db = sum_n dy[n, :]``: db (OUT,), dy (N, OUT). Returns ``db``."""
-    fn = "dense_backward_bias_cpu"
-    check_arrays(fn, on_host, {"db": db, "dy": dy})
-    check_ndim(fn, "dy", dy, ("N", "OUT"))
-    check_shape(fn, "db", db, (dy.shape[1],), ("OUT",))
+    check_dense_bias("dense_backward_bias_cpu", on_host, db, dy)
     _dense_backward_bias_cpu(db, dy)
+    return db
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+TILE = 16  # a TILE x TILE block of threads computes a TILE x TILE tile of C
+
+
+@cuda.jit
+def _matmul_kernel(c, a, b, bias, trans_a, trans_b, has_bias):
+    """c (M, P) = op(a) (M, Q) @ op(b) (Q, P) + bias (P,), op a transpose when trans_a / trans_b.
+
+    One thread per element of c: threadIdx.x along P, threadIdx.y along M; grid
+    (ceil(P / TILE), ceil(M / TILE)). The block walks along Q one TILE at a time,
+    staging a tile of op(a) and of op(b) in shared memory. Loads are coalesced either
+    way: threadIdx.x always runs along the array's contiguous axis, and a transposed
+    tile is written transposed into shared memory (its rows padded by one element so
+    the transposed writes hit different banks).
+    """
+    M, P = c.shape
+    Q = a.shape[0] if trans_a else a.shape[1]
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    m0, p0 = cuda.blockIdx.y * TILE, cuda.blockIdx.x * TILE
+    sa = cuda.shared.array((TILE, TILE + 1), dtype=c.dtype)  # sa[i, t] = op(a)[m0 + i, q0 + t]
+    sb = cuda.shared.array((TILE, TILE + 1), dtype=c.dtype)  # sb[t, j] = op(b)[q0 + t, p0 + j]
+    acc = c.dtype.type(0)
+    for q0 in range(0, Q, TILE):
+        if trans_a:  # op(a)[m, q] = a[q, m]: threads along m read a row of a
+            q, m = q0 + ty, m0 + tx
+            sa[tx, ty] = a[q, m] if q < Q and m < M else 0
+        else:
+            m, q = m0 + ty, q0 + tx
+            sa[ty, tx] = a[m, q] if m < M and q < Q else 0
+        if trans_b:  # op(b)[q, p] = b[p, q]: threads along q read a row of b
+            p, q = p0 + ty, q0 + tx
+            sb[tx, ty] = b[p, q] if p < P and q < Q else 0
+        else:
+            q, p = q0 + ty, p0 + tx
+            sb[ty, tx] = b[q, p] if q < Q and p < P else 0
+        cuda.syncthreads()  # wait until both tiles are staged
+        for t in range(TILE):
+            acc += sa[ty, t] * sb[t, tx]
+        cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+    m, p = m0 + ty, p0 + tx
+    if m < M and p < P:
+        c[m, p] = acc + bias[p] if has_bias else acc
+
+
+@cuda.jit
+def _dense_backward_bias_kernel(db, dy):
+    """db[o] = sum_n dy[n, o]; one thread per output feature, threads along o (coalesced rows of dy)."""
+    o = cuda.grid(1)
+    if o >= db.size:
+        return
+    acc = db.dtype.type(0)
+    for n in range(dy.shape[0]):
+        acc += dy[n, o]
+    db[o] = acc
+
+
+# --------------------------------------------------------------------------- CUDA launchers
+
+
+def _matmul(c, a, b, bias, trans_a, trans_b):
+    M, P = c.shape
+    has_bias = bias is not None
+    if not has_bias:
+        bias = zeros(c.dtype, 1)
+    grid = (blocks(P, TILE), blocks(M, TILE))
+    _matmul_kernel[grid, (TILE, TILE)](c, a, b, bias, trans_a, trans_b, has_bias)
+
+
+def dense_forward_cuda(y, x, w, b=None):
+    """``y = x w^T + b`` on the GPU; the arguments and shapes of ``dense_forward_cpu``."""
+    fn = "dense_forward_cuda"
+    y, x, w, b = gpu_arrays(fn, y=y, x=x, w=w, b=b)
+    check_dense(fn, on_gpu, ("x", x), ("w", w), ("y", y), ("b", b) if b is not None else None)
+    _matmul(y, x, w, b, False, True)
+    return y
+
+
+def dense_backward_input_cuda(dx, dy, w):
+    """``dx = dy w`` on the GPU; the arguments of ``dense_backward_input_cpu``."""
+    fn = "dense_backward_input_cuda"
+    dx, dy, w = gpu_arrays(fn, dx=dx, dy=dy, w=w)
+    check_dense(fn, on_gpu, ("dx", dx), ("w", w), ("dy", dy))
+    _matmul(dx, dy, w, None, False, False)
+    return dx
+
+
+def dense_backward_weight_cuda(dw, dy, x):
+    """``dw = dy^T x`` on the GPU; the arguments of ``dense_backward_weight_cpu``."""
+    fn = "dense_backward_weight_cuda"
+    dw, dy, x = gpu_arrays(fn, dw=dw, dy=dy, x=x)
+    check_dense(fn, on_gpu, ("x", x), ("dw", dw), ("dy", dy))
+    _matmul(dw, dy, x, None, True, False)
+    return dw
+
+
+def dense_backward_bias_cuda(db, dy):
+    """``db = sum_n dy[n, :]`` on the GPU; the arguments of ``dense_backward_bias_cpu``."""
+    fn = "dense_backward_bias_cuda"
+    db, dy = gpu_arrays(fn, db=db, dy=dy)
+    check_dense_bias(fn, on_gpu, db, dy)
+    _dense_backward_bias_kernel[blocks(db.size, 128), 128](db, dy)
     return db

@@ -20,9 +20,10 @@ The bias corrections ``1 - beta**t`` are computed once per step on the host.
 
 import math
 
-from numba import njit, prange
+from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
+from ._cuda import blocks, flat, gpu_arrays, on_gpu
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -96,4 +97,56 @@ def adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step):
     check_update(fn, on_host, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
     _adam_update_cpu(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts)
+    return param
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+THREADS = 256
+
+
+@cuda.jit
+def _sgd_update_kernel(param, velocity, grad, lr, momentum, weight_decay):
+    """One SGD step; one thread per element of the flat vectors."""
+    i = cuda.grid(1)
+    if i < param.size:
+        g = grad[i] + weight_decay * param[i]
+        vel = momentum * velocity[i] + g
+        velocity[i] = vel
+        param[i] -= lr * vel
+
+
+@cuda.jit
+def _adam_update_kernel(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
+    """One Adam step; one thread per element of the flat vectors."""
+    i = cuda.grid(1)
+    if i < param.size:
+        g = grad[i]
+        mi = beta1 * m[i] + (1.0 - beta1) * g
+        vi = beta2 * v[i] + (1.0 - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        param[i] -= (lr / bias1) * mi / (math.sqrt(vi) / math.sqrt(bias2) + eps)
+
+
+# --------------------------------------------------------------------------- CUDA launchers
+
+
+def sgd_update_cuda(param, velocity, grad, lr, momentum=0.0, weight_decay=0.0):
+    """One SGD step on the GPU; the arguments of ``sgd_update_cpu``."""
+    fn = "sgd_update_cuda"
+    param, velocity, grad = gpu_arrays(fn, param=param, velocity=velocity, grad=grad)
+    check_update(fn, on_gpu, {"param": param, "velocity": velocity, "grad": grad})
+    hyper = check_sgd_hyper(fn, lr, momentum, weight_decay)
+    _sgd_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(velocity), flat(grad), *hyper)
+    return param
+
+
+def adam_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step):
+    """One Adam step on the GPU; the arguments of ``adam_update_cpu``."""
+    fn = "adam_update_cuda"
+    param, m, v, grad = gpu_arrays(fn, param=param, m=m, v=v, grad=grad)
+    check_update(fn, on_gpu, {"param": param, "m": m, "v": v, "grad": grad})
+    consts = adam_constants(fn, lr, beta1, beta2, eps, step)
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad), *consts)
     return param

@@ -10,15 +10,19 @@ probs (N, M) the softmax, kept by forward for backward.
 Subtracting the row maximum m_n keeps every exp in (0, 1], so large logits cannot
 overflow, and the log of the sum is at least 0, so the loss never takes log(0).
 The mean is summed in float64 in a fixed order: the loss is the same on every run.
-A label outside [0, M) makes the loss NaN rather than read out of bounds (the public
-entry point rejects it before that). Backward overwrites dlogits.
+A label outside [0, M) makes the loss NaN rather than read out of bounds: the CPU entry
+points reject such labels before launching; the CUDA launchers do not look at labels
+(that would copy them to the host), so there a NaN loss is the signal. Backward
+overwrites dlogits.
 """
 
 import math
 
-from numba import njit, prange
+from numba import cuda, njit, prange
+from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
+from ._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -105,4 +109,73 @@ def softmax_xent_backward_cpu(dlogits, probs, labels):
     _, M = check_softmax_xent(fn, on_host, {"probs": probs, "dlogits": dlogits}, labels)
     check_labels_in_range(fn, labels, M)
     _softmax_xent_backward_cpu(dlogits, probs, labels)
+    return dlogits
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+
+@cuda.jit
+def _softmax_xent_forward_kernel(loss, probs, logits, labels):
+    """A single block of REDUCE_THREADS threads; thread t takes rows t, t + REDUCE_THREADS, ...
+
+    Each thread writes its rows' softmax and sums their losses in float64; block_sum
+    adds the threads' sums in a fixed order, so the loss is the same on every run.
+    """
+    N, M = logits.shape
+    total = 0.0
+    for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
+        m = logits[n, 0]
+        for j in range(1, M):
+            m = max(m, logits[n, j])
+        s = 0.0
+        for j in range(M):
+            e = math.exp(logits[n, j] - m)
+            probs[n, j] = e
+            s += e
+        for j in range(M):
+            probs[n, j] /= s
+        label = labels[n]
+        if 0 <= label < M:
+            total += math.log(s) - (logits[n, label] - m)
+        else:
+            total += math.nan
+    scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
+    total = block_sum(scratch, total)
+    if cuda.threadIdx.x == 0:
+        loss[0] = total / N
+
+
+@cuda.jit
+def _softmax_xent_backward_kernel(dlogits, probs, labels):
+    """dlogits[n, j] = (probs[n, j] - [j == labels[n]]) / N; one thread per element."""
+    N, M = probs.shape
+    i = cuda.grid(1)
+    if i >= N * M:
+        return
+    n, j = i // M, i % M
+    onehot = 1.0 if labels[n] == j else 0.0
+    dlogits[n, j] = (probs[n, j] - onehot) / N
+
+
+# --------------------------------------------------------------------------- CUDA launchers
+
+
+def softmax_xent_forward_cuda(loss, probs, logits, labels):
+    """Mean softmax cross-entropy on the GPU into ``loss`` (1,), a device array; the
+    arguments of ``softmax_xent_forward_cpu``. Returns ``loss``, left on the device:
+    reading it (``loss.copy_to_host()[0]``) waits for the GPU, so the caller decides when."""
+    fn = "softmax_xent_forward_cuda"
+    loss, probs, logits, labels = gpu_arrays(fn, loss=loss, probs=probs, logits=logits, labels=labels)
+    check_softmax_xent(fn, on_gpu, {"logits": logits, "probs": probs}, labels, loss)
+    _softmax_xent_forward_kernel[1, REDUCE_THREADS](loss, probs, logits, labels)
+    return loss
+
+
+def softmax_xent_backward_cuda(dlogits, probs, labels):
+    """``dlogits = (probs - onehot(labels)) / N`` on the GPU; the arguments of ``softmax_xent_backward_cpu``."""
+    fn = "softmax_xent_backward_cuda"
+    dlogits, probs, labels = gpu_arrays(fn, dlogits=dlogits, probs=probs, labels=labels)
+    check_softmax_xent(fn, on_gpu, {"probs": probs, "dlogits": dlogits}, labels)
+    _softmax_xent_backward_kernel[blocks(probs.size, 256), 256](dlogits, probs, labels)
     return dlogits
