@@ -120,7 +120,7 @@ def zeros(dtype, n):
 REDUCE_THREADS = 32 if SIMULATOR else 256
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline="always")
 def block_sum(scratch, value):
     """Sum ``value`` over the threads of a 1-D block of ``REDUCE_THREADS``, in a fixed order.
 

@@ -138,6 +138,7 @@ def dense_backward_bias_cpu(db, dy):
 # ---------------------------------------------------------------------------- CUDA kernels
 
 TILE = 16  # a TILE x TILE block of threads computes a TILE x TILE tile of C
+TILE_PAD = 17  # shared-memory row length: TILE + 1, so a column's elements fall in different banks
 
 
 @cuda.jit
@@ -155,8 +156,8 @@ def _matmul_kernel(c, a, b, bias, trans_a, trans_b, has_bias):
     Q = a.shape[0] if trans_a else a.shape[1]
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     m0, p0 = cuda.blockIdx.y * TILE, cuda.blockIdx.x * TILE
-    sa = cuda.shared.array((TILE, TILE + 1), dtype=c.dtype)  # sa[i, t] = op(a)[m0 + i, q0 + t]
-    sb = cuda.shared.array((TILE, TILE + 1), dtype=c.dtype)  # sb[t, j] = op(b)[q0 + t, p0 + j]
+    sa = cuda.shared.array((TILE, TILE_PAD), dtype=c.dtype)  # sa[i, t] = op(a)[m0 + i, q0 + t]
+    sb = cuda.shared.array((TILE, TILE_PAD), dtype=c.dtype)  # sb[t, j] = op(b)[q0 + t, p0 + j]
     acc = c.dtype.type(0)
     for q0 in range(0, Q, TILE):
         if trans_a:  # op(a)[m, q] = a[q, m]: threads along m read a row of a

@@ -1,0 +1,39 @@
+"""Without a GPU (and without the simulator) every CUDA launcher fails with one clear line."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from nbcnn.kernels import activation, conv1d, conv2d, dense, optim, pool2d, softmax_xent
+from nbcnn.kernels._cuda import CudaUnavailableError, cuda_unavailable_reason
+
+LAUNCHERS = [
+    obj
+    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d)
+    for name, obj in vars(m).items()
+    if name.endswith("_cuda") and inspect.isfunction(obj) and obj.__module__.startswith(m.__name__)
+]
+
+
+def test_every_op_has_a_cuda_launcher():
+    names = {f.__name__ for f in LAUNCHERS}
+    assert len(names) == 21
+    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d):
+        cpu = {
+            name[: -len("_cpu")]
+            for name, obj in vars(m).items()
+            if name.endswith("_cpu") and inspect.isfunction(obj) and obj.__module__.startswith(m.__name__)
+        }
+        assert {c + "_cuda" for c in cpu} <= names, f"{m.__name__} has a CPU kernel without a CUDA twin"
+
+
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is usable here (a GPU or the simulator)")
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda f: f.__name__)
+def test_launch_without_gpu_raises_clear_error(launcher):
+    required = [p for p in inspect.signature(launcher).parameters.values() if p.default is inspect.Parameter.empty]
+    with pytest.raises(CudaUnavailableError) as info:
+        launcher(*[np.zeros(1, np.float32)] * len(required))
+    message = str(info.value)
+    assert message.startswith(f"{launcher.__name__}: CUDA is not usable here: ")
+    assert "_cpu kernel" in message and "\n" not in message

@@ -1,0 +1,75 @@
+"""Every CUDA kernel compiles to PTX for a real GPU (sm_90), with the types its launcher passes.
+
+The simulator runs kernels as Python, so it accepts code that the CUDA compiler would
+reject (an unsupported call, a type that does not unify). Compiling here, with NVRTC
+and no GPU, catches that in the ordinary test run.
+"""
+
+import numpy as np
+import pytest
+from numba import cuda, types
+from numba.np.numpy_support import from_dtype
+
+from nbcnn.kernels import activation, conv1d, dense, optim, pool2d, softmax_xent
+from nbcnn.kernels._cuda import SIMULATOR
+from nbcnn.kernels.conv2d import cuda as conv2d
+
+pytestmark = pytest.mark.skipif(SIMULATOR, reason="compiling PTX needs the real CUDA target, not the simulator")
+
+MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d]
+I, F, B = types.int64, types.float64, types.boolean  # what Python ints, floats and bools are typed as
+
+
+def launch_types(dtype):
+    """(kernel, argument types) for every kernel, as its launcher calls it with ``dtype`` arrays."""
+    def A(ndim, dt=dtype):  # a C-contiguous array, as every launcher requires
+        return types.Array(from_dtype(np.dtype(dt)), ndim, "C")
+
+    pairs = [
+        (conv2d._conv2d_forward_kernel, (A(4), A(4), A(4), A(1), I, I, I, I)),
+        (conv2d._conv2d_backward_input_kernel, (A(4), A(4), A(4), I, I, I, I)),
+        (conv2d._conv2d_backward_weight_partial_kernel, (A(5), A(4), A(4), I, I, I, I)),
+        (conv2d._conv2d_backward_weight_reduce_kernel, (A(4), A(5))),
+        (conv2d._conv2d_backward_bias_kernel, (A(1), A(4))),
+        (pool2d._avgpool2d_forward_kernel, (A(4), A(4)) + (I,) * 6),
+        (pool2d._avgpool2d_backward_kernel, (A(4), A(4)) + (I,) * 6),
+        (activation._relu_forward_kernel, (A(1), A(1))),
+        (activation._relu_backward_kernel, (A(1), A(1), A(1))),
+        (dense._matmul_kernel, (A(2), A(2), A(2), A(1), B, B, B)),
+        (dense._dense_backward_bias_kernel, (A(1), A(2))),
+        (optim._sgd_update_kernel, (A(1), A(1), A(1), F, F, F)),
+        (optim._adam_update_kernel, (A(1),) * 4 + (F,) * 6),
+        (conv1d._conv1d_forward_kernel, (A(1), A(1), A(1))),
+        (conv1d._conv1d_backward_kernel, (A(1),) * 5),
+        (conv1d._toeplitz_matrix_kernel, (A(2), A(1))),
+    ]
+    for it in (np.int32, np.int64):  # argmax and labels come as either
+        pairs += [
+            (pool2d._maxpool2d_forward_kernel, (A(4), A(4, it), A(4)) + (I,) * 6),
+            (pool2d._maxpool2d_backward_kernel, (A(4), A(4), A(4, it)) + (I,) * 6),
+            (softmax_xent._softmax_xent_forward_kernel, (A(1), A(2), A(2), A(1, it))),
+            (softmax_xent._softmax_xent_backward_kernel, (A(2), A(2), A(1, it))),
+        ]
+    return pairs
+
+
+CASES = [(k, sig, dt) for dt in (np.float32, np.float64) for k, sig in launch_types(dt)]
+
+
+def test_every_kernel_is_listed():
+    found = {
+        (m.__name__, name)
+        for m in MODULES
+        for name, obj in vars(m).items()
+        if name.endswith("_kernel") and hasattr(obj, "py_func")
+    }
+    listed = {(k.py_func.__module__, k.py_func.__name__) for k, _, _ in CASES}
+    assert found == listed
+
+
+@pytest.mark.parametrize("kernel, sig, dtype", CASES,
+                         ids=[f"{k.py_func.__name__}-{np.dtype(d).name}-{i}" for i, (k, _, d) in enumerate(CASES)])
+def test_compiles_to_ptx_for_sm90(kernel, sig, dtype):
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    assert ".target sm_90" in ptx
+    assert ".entry" in ptx  # a kernel, not just device functions
