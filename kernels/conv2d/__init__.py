@@ -1,7 +1,9 @@
 """2-D convolution (cross-correlation, as CNN layers compute it), forward and backward.
 
-CPU kernels in ``cpu.py``, CUDA kernels and their launchers in ``cuda.py``, the shape
-checks both use in ``checks.py``. Import the public entry points from here::
+Direct CPU kernels in ``cpu.py`` (the loops of the definition, the tested reference),
+the same convolution as im2col plus one BLAS matrix product in ``gemm.py`` (fast on the
+CPU), CUDA kernels and their launchers in ``cuda.py``, the shape checks all of them use
+in ``checks.py``. Import the public entry points from here::
 
     from nbcnn.kernels.conv2d import conv2d_forward_cpu
 """
@@ -12,6 +14,7 @@ from .cpu import (
     conv2d_backward_weight_cpu,
     conv2d_forward_cpu,
 )
+from .gemm import conv2d_backward_input_gemm_cpu, conv2d_backward_weight_gemm_cpu, conv2d_forward_gemm_cpu
 from .cuda import (
     conv2d_backward_bias_cuda,
     conv2d_backward_input_cuda,
@@ -24,6 +27,9 @@ __all__ = [
     "conv2d_backward_input_cpu",
     "conv2d_backward_weight_cpu",
     "conv2d_backward_bias_cpu",
+    "conv2d_forward_gemm_cpu",
+    "conv2d_backward_input_gemm_cpu",
+    "conv2d_backward_weight_gemm_cpu",
     "conv2d_forward_cuda",
     "conv2d_backward_input_cuda",
     "conv2d_backward_weight_cuda",

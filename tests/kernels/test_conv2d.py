@@ -9,8 +9,11 @@ from scipy.signal import correlate
 from nbcnn.kernels.conv2d import (
     conv2d_backward_bias_cpu,
     conv2d_backward_input_cpu,
+    conv2d_backward_input_gemm_cpu,
     conv2d_backward_weight_cpu,
+    conv2d_backward_weight_gemm_cpu,
     conv2d_forward_cpu,
+    conv2d_forward_gemm_cpu,
 )
 from tests import reference as ref
 from tests.gradcheck import assert_grad_close, numerical_grad
@@ -39,17 +42,29 @@ def make(rng, case, dtype):
     return x, w, b, (N, K, OH, OW)
 
 
-def forward(x, w, b, stride, pad, shape):
+# The direct kernels and the im2col + matrix-product kernels: the same tests run on both.
+IMPLS = {
+    "direct": (conv2d_forward_cpu, conv2d_backward_input_cpu, conv2d_backward_weight_cpu),
+    "gemm": (conv2d_forward_gemm_cpu, conv2d_backward_input_gemm_cpu, conv2d_backward_weight_gemm_cpu),
+}
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def impl(request):
+    return request.param
+
+
+def forward(x, w, b, stride, pad, shape, impl="direct"):
     y = np.full(shape, np.nan, dtype=x.dtype)  # NaN shows any element the kernel forgets
-    return conv2d_forward_cpu(y, x, w, b, *stride, *pad)
+    return IMPLS[impl][0](y, x, w, b, *stride, *pad)
 
 
-def backward(dy, x, w, stride, pad):
+def backward(dy, x, w, stride, pad, impl="direct"):
     dx = np.full(x.shape, np.nan, dtype=x.dtype)
     dw = np.full(w.shape, np.nan, dtype=x.dtype)
     db = np.full(w.shape[0], np.nan, dtype=x.dtype)
-    conv2d_backward_input_cpu(dx, dy, w, *stride, *pad)
-    conv2d_backward_weight_cpu(dw, dy, x, *stride, *pad)
+    IMPLS[impl][1](dx, dy, w, *stride, *pad)
+    IMPLS[impl][2](dw, dy, x, *stride, *pad)
     conv2d_backward_bias_cpu(db, dy)
     return dx, dw, db
 
@@ -59,19 +74,19 @@ TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-12, atol
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_matches_reference(rng, case, dtype):
+def test_forward_matches_reference(rng, case, dtype, impl):
     x, w, b, shape = make(rng, case, dtype)
     stride, pad = case[7], case[8]
-    y = forward(x, w, b, stride, pad, shape)
+    y = forward(x, w, b, stride, pad, shape, impl)
     np.testing.assert_allclose(y, ref.conv2d(x.astype(float), w.astype(float), b.astype(float), stride, pad),
                                **TOL[dtype])
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_matches_scipy_correlate(rng, case):
+def test_forward_matches_scipy_correlate(rng, case, impl):
     x, w, b, shape = make(rng, case, np.float64)
     (sh, sw), (ph, pw) = case[7], case[8]
-    y = forward(x, w, None, (sh, sw), (ph, pw), shape)
+    y = forward(x, w, None, (sh, sw), (ph, pw), shape, impl)
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     for n in range(x.shape[0]):
         for k in range(w.shape[0]):
@@ -89,26 +104,26 @@ def test_forward_without_bias_equals_zero_bias(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_backward_matches_reference(rng, case, dtype):
+def test_backward_matches_reference(rng, case, dtype, impl):
     x, w, b, shape = make(rng, case, dtype)
     stride, pad = case[7], case[8]
     dy = rng.standard_normal(shape).astype(dtype)
-    got = backward(dy, x, w, stride, pad)
+    got = backward(dy, x, w, stride, pad, impl)
     want = ref.conv2d_grads(dy.astype(float), x.astype(float), w.astype(float), stride, pad)
     for g, e in zip(got, want):
         np.testing.assert_allclose(g, e, **TOL[dtype])
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_backward_matches_finite_differences(rng, case):
+def test_backward_matches_finite_differences(rng, case, impl):
     x, w, b, shape = make(rng, case, np.float64)
     stride, pad = case[7], case[8]
     r = rng.standard_normal(shape)  # L = sum(y * r), so dL/dy = r
 
     def loss():
-        return float((forward(x, w, b, stride, pad, shape) * r).sum())
+        return float((forward(x, w, b, stride, pad, shape, impl) * r).sum())
 
-    dx, dw, db = backward(r, x, w, stride, pad)
+    dx, dw, db = backward(r, x, w, stride, pad, impl)
     assert_grad_close(dx, numerical_grad(loss, x))
     assert_grad_close(dw, numerical_grad(loss, w))
     assert_grad_close(db, numerical_grad(loss, b))
@@ -130,11 +145,13 @@ def test_random_shapes_forward_and_backward(case, seed):
     rng = np.random.default_rng(seed)
     x, w, b, shape = make(rng, case, np.float64)
     stride, pad = case[7], case[8]
-    np.testing.assert_allclose(forward(x, w, b, stride, pad, shape), ref.conv2d(x, w, b, stride, pad),
-                               rtol=1e-12, atol=1e-12)
     dy = rng.standard_normal(shape)
-    for g, e in zip(backward(dy, x, w, stride, pad), ref.conv2d_grads(dy, x, w, stride, pad)):
-        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+    want_y = ref.conv2d(x, w, b, stride, pad)
+    want_grads = ref.conv2d_grads(dy, x, w, stride, pad)
+    for impl in IMPLS:
+        np.testing.assert_allclose(forward(x, w, b, stride, pad, shape, impl), want_y, rtol=1e-12, atol=1e-12)
+        for g, e in zip(backward(dy, x, w, stride, pad, impl), want_grads):
+            np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_lecture_example_shape():
