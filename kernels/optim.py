@@ -16,6 +16,9 @@ Adam, at step t = 1, 2, ... (m and v start at zero)::
     param -= (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
 
 The bias corrections ``1 - beta**t`` are computed once per step on the host.
+
+``fill`` sets every element of an array to one value (an optimizer's ``zero_grad``,
+state initialised on the device without a copy from the host).
 """
 
 import math
@@ -79,7 +82,23 @@ def _adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
         param[i] -= step_size * mi / (math.sqrt(vi) / root_bias2 + eps)
 
 
+@njit(parallel=True, cache=True)
+def _fill_cpu(a, value):
+    """a[:] = value over a flat vector."""
+    for i in prange(a.size):
+        a[i] = value
+
+
 # ---------------------------------------------------------------- public entry points
+
+
+def fill_cpu(a, value):
+    """Set every element of ``a`` (any shape, float) to ``value``. Returns ``a``."""
+    fn = "fill_cpu"
+    check_arrays(fn, on_host, {"a": a})
+    _fill_cpu(a.reshape(-1), check_real(fn, "value", value))
+    return a
+
 
 
 def sgd_update_cpu(param, velocity, grad, lr, momentum=0.0, weight_decay=0.0):
@@ -129,7 +148,25 @@ def _adam_update_kernel(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
         param[i] -= (lr / bias1) * mi / (math.sqrt(vi) / math.sqrt(bias2) + eps)
 
 
+@cuda.jit
+def _fill_kernel(a, value):
+    """a[:] = value; one thread per element of the flat vector."""
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] = value
+
+
 # --------------------------------------------------------------------------- CUDA launchers
+
+
+def fill_cuda(a, value):
+    """Set every element of the GPU array ``a`` to ``value``; the arguments of ``fill_cpu``."""
+    fn = "fill_cuda"
+    (a,) = gpu_arrays(fn, a=a)
+    check_arrays(fn, on_gpu, {"a": a})
+    _fill_kernel[blocks(a.size, THREADS), THREADS](flat(a), check_real(fn, "value", value))
+    return a
+
 
 
 def sgd_update_cuda(param, velocity, grad, lr, momentum=0.0, weight_decay=0.0):

@@ -22,7 +22,7 @@ from nbcnn.kernels.dense import (
     dense_forward_cpu,
     dense_forward_cuda,
 )
-from nbcnn.kernels.optim import adam_update_cpu, adam_update_cuda, sgd_update_cpu, sgd_update_cuda
+from nbcnn.kernels.optim import adam_update_cpu, adam_update_cuda, fill_cuda, sgd_update_cpu, sgd_update_cuda
 from nbcnn.kernels.softmax_xent import (
     softmax_xent_backward_cpu,
     softmax_xent_backward_cuda,
@@ -140,3 +140,9 @@ def test_conv1d(la, lb, dtype):
     t_d = empty_like(t)
     toeplitz_matrix_cuda(t_d, dev(a))
     np.testing.assert_array_equal(host(t_d), t)
+
+
+def test_fill():
+    a = dev(np.ones((3, 5, 7), np.float32))
+    fill_cuda(a, 2.5)
+    np.testing.assert_array_equal(host(a), 2.5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nbcnn.kernels.optim import adam_update_cpu, sgd_update_cpu
+from nbcnn.kernels.optim import adam_update_cpu, fill_cpu, sgd_update_cpu
 from tests import reference as ref
 
 
@@ -61,3 +61,11 @@ def test_adam_first_step_moves_each_weight_by_lr():
 def test_bad_hyperparameters(call, error, match):
     with pytest.raises(error, match=match):
         call(np.zeros(3))
+
+
+def test_fill():
+    a = np.ones((3, 4), np.float32)
+    assert fill_cpu(a, 0.0) is a
+    np.testing.assert_array_equal(a, 0.0)
+    with pytest.raises(TypeError, match="value must be a real number"):
+        fill_cpu(a, None)
