@@ -10,6 +10,9 @@ probs (N, M) the softmax, kept by forward for backward.
 Subtracting the row maximum m_n keeps every exp in (0, 1], so large logits cannot
 overflow, and the log of the sum is at least 0, so the loss never takes log(0).
 The mean is summed in float64 in a fixed order: the loss is the same on every run.
+``count_correct`` counts the rows whose largest logit (the first, on ties) is at the
+label: the accuracy's numerator, computed where the logits are.
+
 A label outside [0, M) makes the loss NaN rather than read out of bounds: the CPU entry
 points reject such labels before launching; the CUDA launchers do not look at labels
 (that would copy them to the host), so there a NaN loss is the signal. Backward
@@ -51,6 +54,12 @@ def check_labels_in_range(fn, labels, M):
         raise ValueError(f"{fn}: labels must lie in [0, {M}) for {M} classes, got values in [{lo}, {hi}]")
 
 
+def check_count_correct(fn, on_device, count, logits, labels):
+    check_softmax_xent(fn, on_device, {"logits": logits}, labels)
+    check_arrays(fn, on_device, {}, {"count": count})
+    check_shape(fn, "count", count, (1,))
+
+
 # ----------------------------------------------------------------------------- CPU kernels
 
 
@@ -90,7 +99,32 @@ def _softmax_xent_backward_cpu(dlogits, probs, labels):
             dlogits[n, label] -= 1.0 / N
 
 
+@njit(cache=True)
+def _count_correct_cpu(count, logits, labels):
+    """count[0] = number of rows n whose first largest logit is at labels[n]."""
+    N, M = logits.shape
+    total = 0
+    for n in range(N):
+        best = 0
+        for j in range(1, M):
+            if logits[n, j] > logits[n, best]:
+                best = j
+        if best == labels[n]:
+            total += 1
+    count[0] = total
+
+
 # ---------------------------------------------------------------- public entry points
+
+
+def count_correct_cpu(count, logits, labels):
+    """Number of rows of ``logits`` (N, M) whose argmax equals ``labels`` (N,), into ``count`` (1,) int64.
+    Returns the count as a Python int."""
+    fn = "count_correct_cpu"
+    check_count_correct(fn, on_host, count, logits, labels)
+    _count_correct_cpu(count, logits, labels)
+    return int(count[0])
+
 
 
 def softmax_xent_forward_cpu(loss, probs, logits, labels):
@@ -158,7 +192,36 @@ def _softmax_xent_backward_kernel(dlogits, probs, labels):
     dlogits[n, j] = (probs[n, j] - onehot) / N
 
 
+@cuda.jit
+def _count_correct_kernel(count, logits, labels):
+    """A single block of REDUCE_THREADS threads, thread t taking rows t, t + REDUCE_THREADS, ...;
+    block_sum adds the threads' counts (exact in float64 for any realistic N)."""
+    N, M = logits.shape
+    total = 0.0
+    for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
+        best = 0
+        for j in range(1, M):
+            if logits[n, j] > logits[n, best]:
+                best = j
+        if best == labels[n]:
+            total += 1.0
+    scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
+    total = block_sum(scratch, total)
+    if cuda.threadIdx.x == 0:
+        count[0] = int(total)
+
+
 # --------------------------------------------------------------------------- CUDA launchers
+
+
+def count_correct_cuda(count, logits, labels):
+    """The number of correct rows on the GPU into ``count`` (1,) int64, left on the device."""
+    fn = "count_correct_cuda"
+    count, logits, labels = gpu_arrays(fn, count=count, logits=logits, labels=labels)
+    check_count_correct(fn, on_gpu, count, logits, labels)
+    _count_correct_kernel[1, REDUCE_THREADS](count, logits, labels)
+    return count
+
 
 
 def softmax_xent_forward_cuda(loss, probs, logits, labels):

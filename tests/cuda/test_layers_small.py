@@ -146,3 +146,20 @@ def test_fill():
     a = dev(np.ones((3, 5, 7), np.float32))
     fill_cuda(a, 2.5)
     np.testing.assert_array_equal(host(a), 2.5)
+
+
+def test_gather_rows_and_count_correct():
+    from nbcnn.kernels.gather import gather_rows_cuda
+    from nbcnn.kernels.softmax_xent import count_correct_cpu, count_correct_cuda
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 1, 2, 3)).astype(np.float32)
+    idx = rng.permutation(40)[:9].astype(np.int32)
+    out = empty_like(np.empty((9, 1, 2, 3), np.float32))
+    gather_rows_cuda(out, dev(x), dev(idx))
+    np.testing.assert_array_equal(host(out), x[idx])
+    logits = rng.standard_normal((300, 10)).astype(np.float32)  # rows past one block's threads
+    labels = rng.integers(0, 10, 300).astype(np.int64)
+    count = dev(np.zeros(1, np.int64))
+    count_correct_cuda(count, dev(logits), dev(labels))
+    assert host(count)[0] == count_correct_cpu(np.zeros(1, np.int64), logits, labels)

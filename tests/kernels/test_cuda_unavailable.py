@@ -5,12 +5,12 @@ import inspect
 import numpy as np
 import pytest
 
-from nbcnn.kernels import activation, conv1d, conv2d, dense, optim, pool2d, softmax_xent
+from nbcnn.kernels import activation, conv1d, conv2d, dense, gather, optim, pool2d, softmax_xent
 from nbcnn.kernels._cuda import CudaUnavailableError, cuda_unavailable_reason
 
 LAUNCHERS = [
     obj
-    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d)
+    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather)
     for name, obj in vars(m).items()
     if name.endswith("_cuda") and inspect.isfunction(obj) and obj.__module__.startswith(m.__name__)
 ]
@@ -18,8 +18,8 @@ LAUNCHERS = [
 
 def test_every_op_has_a_cuda_launcher():
     names = {f.__name__ for f in LAUNCHERS}
-    assert len(names) == 22
-    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d):
+    assert len(names) == 24
+    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather):
         cpu = {
             name[: -len("_cpu")]
             for name, obj in vars(m).items()

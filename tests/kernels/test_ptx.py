@@ -10,13 +10,13 @@ import pytest
 from numba import cuda, types
 from numba.np.numpy_support import from_dtype
 
-from nbcnn.kernels import activation, conv1d, dense, optim, pool2d, softmax_xent
+from nbcnn.kernels import activation, conv1d, dense, gather, optim, pool2d, softmax_xent
 from nbcnn.kernels._cuda import SIMULATOR
 from nbcnn.kernels.conv2d import cuda as conv2d
 
 pytestmark = pytest.mark.skipif(SIMULATOR, reason="compiling PTX needs the real CUDA target, not the simulator")
 
-MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d]
+MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather]
 I, F, B = types.int64, types.float64, types.boolean  # what Python ints, floats and bools are typed as
 
 
@@ -50,6 +50,9 @@ def launch_types(dtype):
             (pool2d._maxpool2d_backward_kernel, (A(4), A(4), A(4, it)) + (I,) * 6),
             (softmax_xent._softmax_xent_forward_kernel, (A(1), A(2), A(2), A(1, it))),
             (softmax_xent._softmax_xent_backward_kernel, (A(2), A(2), A(1, it))),
+            (softmax_xent._count_correct_kernel, (A(1, np.int64), A(2), A(1, it))),
+            (gather._gather_rows_kernel, (A(2), A(2), A(1, it))),
+            (gather._gather_rows_kernel, (A(2, np.int32), A(2, np.int32), A(1, it))),  # labels
         ]
     return pairs
 

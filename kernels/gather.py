@@ -1,0 +1,83 @@
+"""Row gather, the minibatch op: out[i] = x[idx[i]] along the first axis.
+
+Training draws each minibatch from a shuffled order without moving the data set: the
+permutation's slice for the batch says which rows to copy into the batch buffer. On a
+GPU this keeps the whole data set on the device; only the indices travel, once per epoch.
+
+x (R, ...) and out (B, ...) have the same trailing shape and dtype (float or integer);
+idx (B,) int32 or int64 with values in [0, R). The kernels see them as 2-D (rows, D).
+An index outside [0, R) writes nothing (the CPU entry point rejects it first).
+"""
+
+import numpy as np
+from numba import cuda, njit, prange
+
+from ._checks import check_arrays, check_shape, is_c_contiguous, on_host
+from ._cuda import blocks, gpu_arrays, on_gpu
+
+INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def check_gather(fn, on_device, out, x, idx):
+    """Return ``(B, R, D)``: out (B, ...), x (R, ...), idx (B,)."""
+    for name, a in (("out", out), ("x", x)):
+        if not hasattr(a, "shape") or not on_device(a) or not is_c_contiguous(a):
+            raise TypeError(f"{fn}: {name} must be a C-contiguous array; {on_device.__doc__}")
+    if np.dtype(out.dtype) != np.dtype(x.dtype):
+        raise TypeError(f"{fn}: out is {np.dtype(out.dtype)} but x is {np.dtype(x.dtype)}")
+    check_arrays(fn, on_device, {}, {"idx": idx})
+    if len(x.shape) < 1 or tuple(out.shape[1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"{fn}: out {tuple(out.shape)} and x {tuple(x.shape)} must share their trailing shape")
+    check_shape(fn, "idx", idx, (out.shape[0],), ("B",))
+    D = int(np.prod(x.shape[1:], dtype=np.int64))
+    return out.shape[0], x.shape[0], D
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+
+@njit(parallel=True, cache=True)
+def _gather_rows_cpu(out, x, idx):
+    """out[i, :] = x[idx[i], :]; one task per row."""
+    R = x.shape[0]
+    for i in prange(out.shape[0]):
+        r = idx[i]
+        if 0 <= r < R:
+            out[i, :] = x[r, :]
+
+
+def gather_rows_cpu(out, x, idx):
+    """``out[i] = x[idx[i]]`` for every i. Returns ``out``."""
+    fn = "gather_rows_cpu"
+    B, R, D = check_gather(fn, on_host, out, x, idx)
+    if B and (idx.min() < 0 or idx.max() >= R):
+        raise ValueError(f"{fn}: idx must lie in [0, {R}), got values in [{idx.min()}, {idx.max()}]")
+    _gather_rows_cpu(out.reshape(B, D), x.reshape(R, D), idx)
+    return out
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+THREADS = 256
+
+
+@cuda.jit
+def _gather_rows_kernel(out, x, idx):
+    """One thread per element of out (B, D), threads along D: each row is read and written coalesced."""
+    B, D = out.shape
+    t = cuda.grid(1)
+    if t >= B * D:
+        return
+    i, j = t // D, t % D
+    r = idx[i]
+    if 0 <= r < x.shape[0]:
+        out[i, j] = x[r, j]
+
+
+def gather_rows_cuda(out, x, idx):
+    """``out[i] = x[idx[i]]`` on the GPU; the arguments of ``gather_rows_cpu`` (indices not range-checked)."""
+    fn = "gather_rows_cuda"
+    out, x, idx = gpu_arrays(fn, out=out, x=x, idx=idx)
+    B, R, D = check_gather(fn, on_gpu, out, x, idx)
+    _gather_rows_kernel[blocks(B * D, THREADS), THREADS](out.reshape(B, D), x.reshape(R, D), idx)
+    return out

@@ -1,0 +1,247 @@
+"""The dispatcher: one table from (op, device) to kernel, output allocation, device checks.
+
+Each function here takes arrays that all live on one device, allocates the outputs
+there, and calls the kernel the table names for that device. The kernels' own entry
+points check shapes, dtypes and contiguity (with messages naming the shapes); this
+module adds the one check they cannot make, that no call mixes host and GPU arrays.
+There are no hidden copies between host and device. This is the only module of nbcnn
+that imports ``nbcnn.kernels``.
+"""
+
+import numpy as np
+
+from nbcnn.device import device_of
+from nbcnn.kernels import activation, conv2d, dense, optim, pool2d, softmax_xent
+
+# On the CPU, convolution goes through im2col and one BLAS product (conv2d/gemm.py), several
+# times faster than the direct loops (conv2d/cpu.py), which stay as the tested reference.
+KERNELS = {
+    ("conv2d_forward", "cpu"): conv2d.conv2d_forward_gemm_cpu,
+    ("conv2d_forward", "cuda"): conv2d.conv2d_forward_cuda,
+    ("conv2d_backward_input", "cpu"): conv2d.conv2d_backward_input_gemm_cpu,
+    ("conv2d_backward_input", "cuda"): conv2d.conv2d_backward_input_cuda,
+    ("conv2d_backward_weight", "cpu"): conv2d.conv2d_backward_weight_gemm_cpu,
+    ("conv2d_backward_weight", "cuda"): conv2d.conv2d_backward_weight_cuda,
+    ("conv2d_backward_bias", "cpu"): conv2d.conv2d_backward_bias_cpu,
+    ("conv2d_backward_bias", "cuda"): conv2d.conv2d_backward_bias_cuda,
+    ("maxpool2d_forward", "cpu"): pool2d.maxpool2d_forward_cpu,
+    ("maxpool2d_forward", "cuda"): pool2d.maxpool2d_forward_cuda,
+    ("maxpool2d_backward", "cpu"): pool2d.maxpool2d_backward_cpu,
+    ("maxpool2d_backward", "cuda"): pool2d.maxpool2d_backward_cuda,
+    ("avgpool2d_forward", "cpu"): pool2d.avgpool2d_forward_cpu,
+    ("avgpool2d_forward", "cuda"): pool2d.avgpool2d_forward_cuda,
+    ("avgpool2d_backward", "cpu"): pool2d.avgpool2d_backward_cpu,
+    ("avgpool2d_backward", "cuda"): pool2d.avgpool2d_backward_cuda,
+    ("relu_forward", "cpu"): activation.relu_forward_cpu,
+    ("relu_forward", "cuda"): activation.relu_forward_cuda,
+    ("relu_backward", "cpu"): activation.relu_backward_cpu,
+    ("relu_backward", "cuda"): activation.relu_backward_cuda,
+    ("dense_forward", "cpu"): dense.dense_forward_cpu,
+    ("dense_forward", "cuda"): dense.dense_forward_cuda,
+    ("dense_backward_input", "cpu"): dense.dense_backward_input_cpu,
+    ("dense_backward_input", "cuda"): dense.dense_backward_input_cuda,
+    ("dense_backward_weight", "cpu"): dense.dense_backward_weight_cpu,
+    ("dense_backward_weight", "cuda"): dense.dense_backward_weight_cuda,
+    ("dense_backward_bias", "cpu"): dense.dense_backward_bias_cpu,
+    ("dense_backward_bias", "cuda"): dense.dense_backward_bias_cuda,
+    ("softmax_xent_forward", "cpu"): softmax_xent.softmax_xent_forward_cpu,
+    ("softmax_xent_forward", "cuda"): softmax_xent.softmax_xent_forward_cuda,
+    ("softmax_xent_backward", "cpu"): softmax_xent.softmax_xent_backward_cpu,
+    ("softmax_xent_backward", "cuda"): softmax_xent.softmax_xent_backward_cuda,
+    ("sgd_update", "cpu"): optim.sgd_update_cpu,
+    ("sgd_update", "cuda"): optim.sgd_update_cuda,
+    ("adam_update", "cpu"): optim.adam_update_cpu,
+    ("adam_update", "cuda"): optim.adam_update_cuda,
+    ("fill", "cpu"): optim.fill_cpu,
+    ("fill", "cuda"): optim.fill_cuda,
+}
+
+
+def common_device(op, **arrays):
+    """The one device all the named arrays live on; raises if they are split or not arrays."""
+    where = {}
+    for name, a in arrays.items():
+        try:
+            where[name] = device_of(a)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be a NumPy or GPU array, got {type(a).__name__}") from None
+    devices = set(where.values())
+    if len(devices) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in where.items())
+        raise ValueError(f"{op}: inputs live on different devices ({listed}); move them with nbcnn.to_device")
+    return devices.pop()
+
+
+def kernel(op, device):
+    """The kernel the table names for ``op`` on ``device``."""
+    return KERNELS[(op, device)]
+
+
+def empty(shape, dtype, device):
+    """An uninitialised array on ``device``."""
+    if device == "cpu":
+        return np.empty(shape, dtype)
+    from numba import cuda
+
+    return cuda.device_array(shape, dtype)
+
+
+def zeros(shape, dtype, device):
+    """An array of zeros on ``device``, filled there (no copy from the host)."""
+    return fill(empty(shape, dtype, device), 0.0)
+
+
+def fill(a, value):
+    kernel("fill", common_device("fill", a=a))(a, value)
+    return a
+
+
+def out_size(size, f, s, p):
+    return (size + 2 * p - f) // s + 1
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def conv2d_forward(x, w, b, stride, padding):
+    """y (N, K, OH, OW) = conv(x (N, C, H, W), w (K, C, FH, FW)) + b (K,) or no bias."""
+    args = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
+    device = common_device("conv2d", **args)
+    if len(x.shape) != 4 or len(w.shape) != 4:
+        raise ValueError(f"conv2d: x must be (N, C, H, W) and w (K, C, FH, FW), got {tuple(x.shape)} and "
+                         f"{tuple(w.shape)}")
+    N, _, H, W = x.shape
+    K, _, FH, FW = w.shape
+    shape = (N, K, max(out_size(H, FH, stride[0], padding[0]), 0), max(out_size(W, FW, stride[1], padding[1]), 0))
+    y = empty(shape, x.dtype, device)
+    kernel("conv2d_forward", device)(y, x, w, b, *stride, *padding)
+    return y
+
+
+def conv2d_backward(dy, x, w, stride, padding, need_dx=True):
+    """(dx or None, dw, db) of a convolution, from dy (N, K, OH, OW)."""
+    device = common_device("conv2d backward", dy=dy, x=x, w=w)
+    dx = None
+    if need_dx:
+        dx = empty(x.shape, x.dtype, device)
+        kernel("conv2d_backward_input", device)(dx, dy, w, *stride, *padding)
+    dw = empty(w.shape, w.dtype, device)
+    kernel("conv2d_backward_weight", device)(dw, dy, x, *stride, *padding)
+    db = empty((w.shape[0],), w.dtype, device)
+    kernel("conv2d_backward_bias", device)(db, dy)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------- pooling
+
+
+def _pool_shape(op, x, window, stride, padding):
+    if len(x.shape) != 4:
+        raise ValueError(f"{op}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    N, C, H, W = x.shape
+    return (N, C, max(out_size(H, window[0], stride[0], padding[0]), 0),
+            max(out_size(W, window[1], stride[1], padding[1]), 0))
+
+
+def maxpool2d_forward(x, window, stride, padding):
+    """(y, argmax), both (N, C, OH, OW); argmax int32, the flat index of each maximum in its plane."""
+    device = common_device("max pooling", x=x)
+    shape = _pool_shape("max pooling", x, window, stride, padding)
+    y = empty(shape, x.dtype, device)
+    argmax = empty(shape, np.int32, device)
+    kernel("maxpool2d_forward", device)(y, argmax, x, *window, *stride, *padding)
+    return y, argmax
+
+
+def maxpool2d_backward(dy, argmax, x_shape, window, stride, padding):
+    device = common_device("max pooling backward", dy=dy, argmax=argmax)
+    dx = empty(x_shape, dy.dtype, device)
+    kernel("maxpool2d_backward", device)(dx, dy, argmax, *window, *stride, *padding)
+    return dx
+
+
+def avgpool2d_forward(x, window, stride, padding):
+    device = common_device("average pooling", x=x)
+    y = empty(_pool_shape("average pooling", x, window, stride, padding), x.dtype, device)
+    kernel("avgpool2d_forward", device)(y, x, *window, *stride, *padding)
+    return y
+
+
+def avgpool2d_backward(dy, x_shape, window, stride, padding):
+    device = common_device("average pooling backward", dy=dy)
+    dx = empty(x_shape, dy.dtype, device)
+    kernel("avgpool2d_backward", device)(dx, dy, *window, *stride, *padding)
+    return dx
+
+
+# ------------------------------------------------------------------------ activation, dense
+
+
+def relu_forward(x):
+    device = common_device("relu", x=x)
+    y = empty(x.shape, x.dtype, device)
+    kernel("relu_forward", device)(y, x)
+    return y
+
+
+def relu_backward(dy, y):
+    device = common_device("relu backward", dy=dy, y=y)
+    dx = empty(y.shape, y.dtype, device)
+    kernel("relu_backward", device)(dx, dy, y)
+    return dx
+
+
+def dense_forward(x, w, b):
+    """y (N, OUT) = x (N, IN) w^T + b."""
+    args = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
+    device = common_device("dense", **args)
+    if len(x.shape) != 2:
+        raise ValueError(f"dense: x must be (N, IN), got shape {tuple(x.shape)} (use Flatten before Dense)")
+    y = empty((x.shape[0], w.shape[0]), x.dtype, device)
+    kernel("dense_forward", device)(y, x, w, b)
+    return y
+
+
+def dense_backward(dy, x, w, need_dx=True):
+    """(dx or None, dw, db) of a dense layer."""
+    device = common_device("dense backward", dy=dy, x=x, w=w)
+    dx = None
+    if need_dx:
+        dx = empty(x.shape, x.dtype, device)
+        kernel("dense_backward_input", device)(dx, dy, w)
+    dw = empty(w.shape, w.dtype, device)
+    kernel("dense_backward_weight", device)(dw, dy, x)
+    db = empty((w.shape[0],), w.dtype, device)
+    kernel("dense_backward_bias", device)(db, dy)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------- loss, updates
+
+
+def softmax_xent_forward(logits, labels):
+    """(loss, probs): loss a (1,) array on the logits' device holding the mean loss."""
+    device = common_device("softmax cross-entropy", logits=logits, labels=labels)
+    if len(logits.shape) != 2:
+        raise ValueError(f"softmax cross-entropy: logits must be (N, classes), got shape {tuple(logits.shape)}")
+    loss = empty((1,), logits.dtype, device)
+    probs = empty(logits.shape, logits.dtype, device)
+    kernel("softmax_xent_forward", device)(loss, probs, logits, labels)
+    return loss, probs
+
+
+def softmax_xent_backward(probs, labels):
+    device = common_device("softmax cross-entropy backward", probs=probs, labels=labels)
+    d = empty(probs.shape, probs.dtype, device)
+    kernel("softmax_xent_backward", device)(d, probs, labels)
+    return d
+
+
+def sgd_update(param, velocity, grad, lr, momentum, weight_decay):
+    device = common_device("SGD", param=param, velocity=velocity, grad=grad)
+    kernel("sgd_update", device)(param, velocity, grad, lr, momentum, weight_decay)
+
+
+def adam_update(param, m, v, grad, lr, beta1, beta2, eps, step):
+    device = common_device("Adam", param=param, m=m, v=v, grad=grad)
+    kernel("adam_update", device)(param, m, v, grad, lr, beta1, beta2, eps, step)
