@@ -8,6 +8,10 @@ PyTorch stores it, b (OUT,), y (N, OUT); gradients dx, dw, db, dy of the same sh
     dw = dy^T x            dw[o, i] = sum_n dy[n, o] * x[n, i]
     db = sum_n dy[n, :]
 
+The ``*_blas_cpu`` variants compute the same three products with NumPy's ``matmul``
+(BLAS): the direct loops below are the reference, and their dot products do not
+vectorize (a float sum may not be reordered), so BLAS is about ten times faster.
+
 Backward kernels overwrite their outputs. On the CPU each task owns whole rows of its
 output (a row of dx per sample, a row of dw per output feature): no races. On the GPU
 all three products are one tiled shared-memory matrix product, ``C = op(A) op(B) + bias``
@@ -133,6 +137,37 @@ def dense_backward_bias_cpu(db, dy):
     check_dense_bias("dense_backward_bias_cpu", on_host, db, dy)
     _dense_backward_bias_cpu(db, dy)
     return db
+
+
+@njit(parallel=True, cache=True)
+def _add_bias_rows_cpu(y, b):
+    """y[n, :] += b; one task per row."""
+    for n in prange(y.shape[0]):
+        for o in range(y.shape[1]):
+            y[n, o] += b[o]
+
+
+def dense_forward_blas_cpu(y, x, w, b=None):
+    """``y = x w^T + b`` with one BLAS product; the arguments of ``dense_forward_cpu``."""
+    check_dense("dense_forward_blas_cpu", on_host, ("x", x), ("w", w), ("y", y), ("b", b) if b is not None else None)
+    np.matmul(x, w.T, out=y)
+    if b is not None:
+        _add_bias_rows_cpu(y, b)
+    return y
+
+
+def dense_backward_input_blas_cpu(dx, dy, w):
+    """``dx = dy w`` with one BLAS product; the arguments of ``dense_backward_input_cpu``."""
+    check_dense("dense_backward_input_blas_cpu", on_host, ("dx", dx), ("w", w), ("dy", dy))
+    np.matmul(dy, w, out=dx)
+    return dx
+
+
+def dense_backward_weight_blas_cpu(dw, dy, x):
+    """``dw = dy^T x`` with one BLAS product; the arguments of ``dense_backward_weight_cpu``."""
+    check_dense("dense_backward_weight_blas_cpu", on_host, ("x", x), ("dw", dw), ("dy", dy))
+    np.matmul(dy.T, x, out=dw)
+    return dw
 
 
 # ---------------------------------------------------------------------------- CUDA kernels

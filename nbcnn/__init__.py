@@ -1,3 +1,12 @@
-"""nbcnn: Numba kernels for convolutional neural networks."""
+"""nbcnn: Numba kernels for convolutional neural networks, on the CPU and on NVIDIA GPUs.
+
+The raw kernels are in ``nbcnn.kernels``; ``nbcnn.layers``, ``nbcnn.Sequential``,
+``nbcnn.losses`` and ``nbcnn.optim`` build and train networks on either device.
+"""
 
 __version__ = "0.1.0"
+
+from nbcnn.device import resolve_device, to_device, to_numpy  # noqa: E402
+from nbcnn.model import Sequential  # noqa: E402
+
+__all__ = ["Sequential", "resolve_device", "to_device", "to_numpy", "__version__"]

@@ -1,5 +1,9 @@
 """Layers: explicit forward and backward, the backpropagation of the lecture, no autograd.
 
+``backward(dy, need_dx=False)`` skips the gradient to the input where nothing needs it
+(the first layer of a network being trained): for a convolution that is a third of
+its backward pass.
+
 Each layer keeps from ``forward`` what its ``backward`` needs (a convolution its input,
 ReLU its output, max pooling where each maximum came from) and turns the gradient of
 the loss with respect to its output, ``dy``, into the gradient with respect to its
@@ -147,9 +151,9 @@ class Conv2D(Layer):
         b = self.bias.data if self.bias is not None else None
         return ops.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
 
-    def backward(self, dy):
+    def backward(self, dy, need_dx=True):
         x = self._saved("_x")
-        dx, dw, db = ops.conv2d_backward(dy, x, self.weight.data, self.stride, self.padding)
+        dx, dw, db = ops.conv2d_backward(dy, x, self.weight.data, self.stride, self.padding, need_dx)
         self.weight.grad = dw
         if self.bias is not None:
             self.bias.grad = db
@@ -190,7 +194,7 @@ class MaxPool2D(_Pool2D):
         y, self._argmax = ops.maxpool2d_forward(x, self.kernel_size, self.stride, self.padding)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, need_dx=True):
         x_shape = self._saved("_x_shape")
         return ops.maxpool2d_backward(dy, self._argmax, x_shape, self.kernel_size, self.stride, self.padding)
 
@@ -203,7 +207,7 @@ class AvgPool2D(_Pool2D):
         self._x_shape = tuple(x.shape)
         return ops.avgpool2d_forward(x, self.kernel_size, self.stride, self.padding)
 
-    def backward(self, dy):
+    def backward(self, dy, need_dx=True):
         x_shape = self._saved("_x_shape")
         return ops.avgpool2d_backward(dy, x_shape, self.kernel_size, self.stride, self.padding)
 
@@ -218,7 +222,7 @@ class ReLU(Layer):
         self._y = ops.relu_forward(x)
         return self._y
 
-    def backward(self, dy):
+    def backward(self, dy, need_dx=True):
         return ops.relu_backward(dy, self._saved("_y"))
 
 
@@ -237,7 +241,7 @@ class Flatten(Layer):
         self._x_shape = tuple(x.shape)
         return x.reshape(self.output_shape(self._x_shape))
 
-    def backward(self, dy):
+    def backward(self, dy, need_dx=True):
         return dy.reshape(self._saved("_x_shape"))
 
 
@@ -274,8 +278,8 @@ class Dense(Layer):
         b = self.bias.data if self.bias is not None else None
         return ops.dense_forward(x, self.weight.data, b)
 
-    def backward(self, dy):
-        dx, dw, db = ops.dense_backward(dy, self._saved("_x"), self.weight.data)
+    def backward(self, dy, need_dx=True):
+        dx, dw, db = ops.dense_backward(dy, self._saved("_x"), self.weight.data, need_dx)
         self.weight.grad = dw
         if self.bias is not None:
             self.bias.grad = db

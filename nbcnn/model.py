@@ -43,6 +43,7 @@ class Sequential(Layer):
                 raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not an nbcnn layer")
         self.layers = layers
         self.device = "cpu"
+        self.metadata = {}  # what save() stored beside the weights (normalization, ...)
         self._last_input_shape = None
 
     def forward(self, x):
@@ -60,9 +61,11 @@ class Sequential(Layer):
 
     __call__ = forward
 
-    def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+    def backward(self, dy, need_dx=True):
+        """Backpropagate ``dy`` through the layers in reverse; returns the gradient to the
+        input, or None with ``need_dx=False`` (training needs only the parameters' gradients)."""
+        for i in reversed(range(len(self.layers))):
+            dy = self.layers[i].backward(dy, need_dx=need_dx or i > 0)
         return dy
 
     def parameters(self):
@@ -123,10 +126,11 @@ class Sequential(Layer):
                 raise ValueError(f"checkpoint array {name} has shape {a.shape}, the model's parameter {p.shape}")
             p.data = to_device(np.ascontiguousarray(a, dtype=np.float32), self.device)
 
-    def save(self, path):
-        """Write the architecture and the weights to ``path`` (.npz), atomically."""
+    def save(self, path, **metadata):
+        """Write the architecture, the weights and ``metadata`` (JSON values) to ``path`` (.npz), atomically."""
         arrays = self.state_arrays()
-        meta = json.dumps({"format": CHECKPOINT_FORMAT, **self.config()})
+        self.metadata = {**self.metadata, **metadata}
+        meta = json.dumps({"format": CHECKPOINT_FORMAT, **self.config(), "metadata": self.metadata})
         atomic_write(path, lambda f: np.savez(f, __model__=np.array(meta), **arrays))
 
     @classmethod
@@ -153,4 +157,5 @@ class Sequential(Layer):
             raise ValueError(f"{path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         model = cls.from_config(meta)
         model.load_state_arrays(arrays)
+        model.metadata = meta.get("metadata", {})
         return model.to(device)

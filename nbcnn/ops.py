@@ -11,10 +11,11 @@ that imports ``nbcnn.kernels``.
 import numpy as np
 
 from nbcnn.device import device_of
-from nbcnn.kernels import activation, conv2d, dense, optim, pool2d, softmax_xent
+from nbcnn.kernels import activation, conv2d, dense, gather, optim, pool2d, softmax_xent
 
-# On the CPU, convolution goes through im2col and one BLAS product (conv2d/gemm.py), several
-# times faster than the direct loops (conv2d/cpu.py), which stay as the tested reference.
+# On the CPU, convolution goes through im2col and one BLAS product (conv2d/gemm.py) and the
+# dense layer through BLAS products: several times faster than the direct loops
+# (conv2d/cpu.py, dense.py), which stay as the tested reference.
 KERNELS = {
     ("conv2d_forward", "cpu"): conv2d.conv2d_forward_gemm_cpu,
     ("conv2d_forward", "cuda"): conv2d.conv2d_forward_cuda,
@@ -36,11 +37,11 @@ KERNELS = {
     ("relu_forward", "cuda"): activation.relu_forward_cuda,
     ("relu_backward", "cpu"): activation.relu_backward_cpu,
     ("relu_backward", "cuda"): activation.relu_backward_cuda,
-    ("dense_forward", "cpu"): dense.dense_forward_cpu,
+    ("dense_forward", "cpu"): dense.dense_forward_blas_cpu,
     ("dense_forward", "cuda"): dense.dense_forward_cuda,
-    ("dense_backward_input", "cpu"): dense.dense_backward_input_cpu,
+    ("dense_backward_input", "cpu"): dense.dense_backward_input_blas_cpu,
     ("dense_backward_input", "cuda"): dense.dense_backward_input_cuda,
-    ("dense_backward_weight", "cpu"): dense.dense_backward_weight_cpu,
+    ("dense_backward_weight", "cpu"): dense.dense_backward_weight_blas_cpu,
     ("dense_backward_weight", "cuda"): dense.dense_backward_weight_cuda,
     ("dense_backward_bias", "cpu"): dense.dense_backward_bias_cpu,
     ("dense_backward_bias", "cuda"): dense.dense_backward_bias_cuda,
@@ -54,6 +55,10 @@ KERNELS = {
     ("adam_update", "cuda"): optim.adam_update_cuda,
     ("fill", "cpu"): optim.fill_cpu,
     ("fill", "cuda"): optim.fill_cuda,
+    ("gather_rows", "cpu"): gather.gather_rows_cpu,
+    ("gather_rows", "cuda"): gather.gather_rows_cuda,
+    ("count_correct", "cpu"): softmax_xent.count_correct_cpu,
+    ("count_correct", "cuda"): softmax_xent.count_correct_cuda,
 }
 
 
@@ -245,3 +250,23 @@ def sgd_update(param, velocity, grad, lr, momentum, weight_decay):
 def adam_update(param, m, v, grad, lr, beta1, beta2, eps, step):
     device = common_device("Adam", param=param, m=m, v=v, grad=grad)
     kernel("adam_update", device)(param, m, v, grad, lr, beta1, beta2, eps, step)
+
+
+# ---------------------------------------------------------------------------- data, metrics
+
+
+def gather_rows(x, idx, out=None):
+    """out[i] = x[idx[i]] (a minibatch from a data set), on the data's device."""
+    device = common_device("gather", x=x, idx=idx)
+    if out is None:
+        out = empty((idx.shape[0],) + tuple(x.shape[1:]), x.dtype, device)
+    kernel("gather_rows", device)(out, x, idx)
+    return out
+
+
+def count_correct(logits, labels):
+    """(1,) int64 array on the logits' device: how many rows' argmax equals the label."""
+    device = common_device("accuracy", logits=logits, labels=labels)
+    count = empty((1,), np.int64, device)
+    kernel("count_correct", device)(count, logits, labels)
+    return count

@@ -1,0 +1,5 @@
+import sys
+
+from nbcnn.cli import main
+
+sys.exit(main())

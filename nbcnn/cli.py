@@ -1,0 +1,159 @@
+"""The ``nbcnn`` command: train, evaluate, info.
+
+Exit status 0 on success, 2 on a usage error or an unavailable device, with one line
+saying what was wrong and what to do; never a traceback for a user's mistake.
+"""
+
+import argparse
+import os
+import platform
+import sys
+
+EXIT_USAGE = 2
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def build_parser():
+    from nbcnn.train import MODELS
+
+    parser = argparse.ArgumentParser(prog="nbcnn", description="Numba kernels for CNNs: train, evaluate, inspect.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a CNN on MNIST (or any MNIST-format data set)")
+    t.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu or cuda")
+    t.add_argument("--epochs", type=_positive_int, default=3)
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--seed", type=_non_negative_int, default=0)
+    t.add_argument("--data-dir", default=None, help="folder with the four MNIST-format IDX files "
+                                                   "(default: the MNIST shipped with nbcnn)")
+    t.add_argument("--out", default="runs/mnist", help="where metrics.json, model.npz and curves.png go")
+    t.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --out")
+    t.add_argument("--model", default="lenet", choices=sorted(MODELS))
+    t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("evaluate", help="test accuracy of a saved model")
+    e.add_argument("--checkpoint", required=True, help="a model.npz written by nbcnn train")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--data-dir", default=None)
+
+    sub.add_parser("info", help="versions, devices, threads")
+    return parser
+
+
+def cmd_train(args):
+    from nbcnn.train import Config, train
+
+    cfg = Config(device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                 data_dir=args.data_dir, out=args.out, resume=args.resume, model=args.model,
+                 optimizer=args.optimizer, progress=not args.no_progress)
+    metrics = train(cfg)
+    if metrics:
+        last = metrics[-1]
+        print(f"done: test accuracy {100 * last['test_accuracy']:.2f}% after {last['epoch']} epochs; "
+              f"model in {os.path.join(args.out, 'model.npz')}")
+    return 0
+
+
+def cmd_evaluate(args):
+    from nbcnn.train import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, device=args.device, data_dir=args.data_dir)
+    return 0
+
+
+def cmd_info(args):
+    import numba
+    import numpy as np
+
+    import nbcnn
+    from nbcnn.device import cuda_unavailable_reason
+
+    lines = [
+        f"nbcnn {nbcnn.__version__}",
+        f"python {platform.python_version()} on {platform.machine()} ({platform.system()}), {os.cpu_count()} CPUs",
+        f"numpy {np.__version__}, numba {numba.__version__}",
+    ]
+    try:
+        from importlib.metadata import version
+
+        lines.append(f"numba-cuda {version('numba-cuda')}")
+    except Exception:
+        lines.append("numba-cuda: not installed")
+    lines.append(f"numba threads: {numba.get_num_threads()} (NUMBA_NUM_THREADS to change)")
+    try:
+        from nbcnn.kernels.activation import relu_forward_cpu
+
+        relu_forward_cpu(np.zeros(4, np.float32), np.zeros(4, np.float32))  # starts the thread pool
+        lines.append(f"numba threading layer: {numba.threading_layer()}")
+    except Exception as exc:
+        lines.append(f"numba threading layer: unknown ({exc})")
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        from nbcnn.device import SIMULATOR
+
+        if SIMULATOR:
+            lines.append("CUDA: the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1): kernels run as Python, slowly")
+        else:
+            from numba import cuda
+
+            dev = cuda.get_current_device()
+            lines.append(f"CUDA: usable, {dev.name.decode() if isinstance(dev.name, bytes) else dev.name}, "
+                         f"compute capability {dev.compute_capability}")
+    else:
+        lines.append(f"CUDA: not usable: {reason}")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from nbcnn.data import DataError
+    from nbcnn.device import CudaUnavailableError
+
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info}[args.command](args)
+    except CudaUnavailableError as exc:
+        print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, FileNotFoundError, ValueError, TypeError, FloatingPointError) as exc:
+        print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"nbcnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

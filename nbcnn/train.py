@@ -1,0 +1,256 @@
+"""Training and evaluation on MNIST-format data, on the CPU or a GPU.
+
+On CUDA the whole data set, the parameters and the optimizer state live on the GPU; each
+minibatch is gathered there from a shuffled index, and only scalars (the loss, the count
+of correct predictions) come back to the host.
+
+Reproducible: the weights are initialised from the seed, and epoch e is shuffled by a
+generator seeded with (seed, e), so a run resumed after epoch e continues exactly as an
+uninterrupted run would.
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from nbcnn import layers as L
+from nbcnn import ops
+from nbcnn.data import load_dataset, normalization, prepare
+from nbcnn.device import resolve_device, to_device, to_numpy
+from nbcnn.losses import SoftmaxCrossEntropy
+from nbcnn.model import Sequential, atomic_write
+from nbcnn.optim import SGD, Adam
+
+
+def lenet(channels=1, classes=10, size=28):
+    """The default: two convolution stages (5x5, 16 then 32 filters, ReLU, 2x2 max pooling),
+    then a dense network 32*5*5 -> 128 -> classes, for 28x28 inputs."""
+    side = ((size + 4 - 5 + 1) // 2 - 5 + 1) // 2
+    return Sequential([
+        L.Conv2D(channels, 16, 5, padding=2), L.ReLU(), L.MaxPool2D(2),
+        L.Conv2D(16, 32, 5), L.ReLU(), L.MaxPool2D(2),
+        L.Flatten(), L.Dense(32 * side * side, 128), L.ReLU(), L.Dense(128, classes),
+    ])
+
+
+def mnist_example(channels=1, classes=10, size=28):
+    """PyTorch's examples/mnist network without dropout: conv 32, conv 64, max pool, dense 9216 -> 128 -> 10."""
+    side = (size - 4) // 2
+    return Sequential([
+        L.Conv2D(channels, 32, 3), L.ReLU(), L.Conv2D(32, 64, 3), L.ReLU(), L.MaxPool2D(2),
+        L.Flatten(), L.Dense(64 * side * side, 128), L.ReLU(), L.Dense(128, classes),
+    ])
+
+
+def tiny(channels=1, classes=10, size=28):
+    """A small, fast network for tests and quick checks: one convolution stage and one dense layer."""
+    side = (size - 3 + 1) // 2
+    return Sequential([L.Conv2D(channels, 4, 3), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
+                       L.Dense(4 * side * side, classes)])
+
+
+MODELS = {"lenet": lenet, "mnist-example": mnist_example, "tiny": tiny}
+
+
+class Config:
+    """Training settings, checked at once."""
+
+    def __init__(self, device="auto", epochs=3, batch_size=64, lr=1e-3, seed=0, data_dir=None, out="runs/mnist",
+                 resume=False, model="lenet", optimizer="adam", progress=True):
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer {optimizer!r}: choose 'adam' or 'sgd'")
+        for name, value in (("epochs", epochs), ("batch size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"learning rate must be a positive number, got {lr!r}")
+        self.device, self.epochs, self.batch_size, self.lr, self.seed = device, epochs, batch_size, float(lr), seed
+        self.data_dir, self.out, self.resume, self.model, self.optimizer = data_dir, out, resume, model, optimizer
+        self.progress = progress
+
+
+def _labels_int32(labels):
+    return np.ascontiguousarray(labels, dtype=np.int32)
+
+
+def evaluate(model, x, y, batch_size=1000):
+    """(mean loss, accuracy) of ``model`` on x (N, C, H, W) and labels y (N,), both on the model's device."""
+    loss_fn = SoftmaxCrossEntropy()
+    n = x.shape[0]
+    total_loss, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        logits = model.forward(x[start:stop])
+        total_loss += loss_fn.forward(logits, y[start:stop]) * (stop - start)
+        correct += int(to_numpy(ops.count_correct(logits, y[start:stop]))[0])
+    return total_loss / n, correct / n
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=True, dynamic_ncols=True)
+
+
+def plot_curves(metrics, path):
+    """Loss and accuracy per epoch, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
+    ax1.plot(epochs, [m["test_loss"] for m in metrics], "s-", label="test")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax1.legend()
+    ax2.plot(epochs, [100 * m["test_accuracy"] for m in metrics], "o-", color="tab:green")
+    ax2.set(xlabel="epoch", ylabel="%", title="test accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(epochs)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _make_optimizer(cfg, params):
+    if cfg.optimizer == "adam":
+        return Adam(params, lr=cfg.lr)
+    return SGD(params, lr=cfg.lr, momentum=0.9)
+
+
+def _save_resume_state(path, model, optimizer, epoch):
+    """Everything a resumed run needs, in one file written atomically: the epoch just finished,
+    the weights, the optimizer's state and step count. One file, so they always agree."""
+    arrays = {f"opt_{k}": to_numpy(v) for k, v in optimizer.state_arrays().items()}
+    arrays.update({f"model_{k}": v for k, v in model.state_arrays().items()})
+    arrays["model_config"] = np.array(json.dumps(model.config()))
+    step = getattr(optimizer, "t", 0)
+    atomic_write(path, lambda f: np.savez(f, epoch=np.array(epoch), step=np.array(step), **arrays))
+
+
+def _load_resume_state(path, model, optimizer_factory, device):
+    """Restore the weights into ``model``; return (optimizer, finished epoch)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if json.loads(str(data["model_config"])) != json.loads(json.dumps(model.config())):
+                raise ValueError(f"--resume: {path} holds a different model than the one asked for")
+            model.load_state_arrays({k[len("model_"):]: data[k] for k in data.files if k.startswith("model_p")})
+            opt_arrays = {k[len("opt_"):]: to_device(data[k], device) for k in data.files if k.startswith("opt_")}
+            epoch, step = int(data["epoch"]), int(data["step"])
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--resume: {path} is not a usable resume state ({type(exc).__name__}: {exc})") from None
+    optimizer = optimizer_factory(model.parameters())
+    optimizer.load_state_arrays(opt_arrays)
+    if hasattr(optimizer, "t"):
+        optimizer.t = step
+    return optimizer, epoch
+
+
+def train(cfg, log=print):
+    """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json)."""
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data_dir)
+    mean, std = normalization(data["train_images"])
+    classes = int(max(data["train_labels"].max(), data["test_labels"].max())) + 1
+    size = data["train_images"].shape[1]
+    train_x = to_device(prepare(data["train_images"], mean, std), device)
+    train_y = to_device(_labels_int32(data["train_labels"]), device)
+    test_x = to_device(prepare(data["test_images"], mean, std), device)
+    test_y = to_device(_labels_int32(data["test_labels"]), device)
+    n = train_x.shape[0]
+
+    L.set_seed(cfg.seed)
+    model = MODELS[cfg.model](1, classes, size)
+    model.to(device)
+    model.output_shape((1, 1, size, size))  # a model that does not fit the images fails here, clearly
+    optimizer = _make_optimizer(cfg, model.parameters())
+    loss_fn = SoftmaxCrossEntropy()
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoint = os.path.join(cfg.out, "model.npz")
+    resume_path = os.path.join(cfg.out, "resume.npz")
+    metrics_path = os.path.join(cfg.out, "metrics.json")
+    metadata = dict(mean=mean, std=std, classes=classes, model=cfg.model)
+
+    metrics, start_epoch = [], 0
+    if cfg.resume:
+        if not os.path.exists(resume_path):
+            raise FileNotFoundError(f"--resume: nothing to resume from in {cfg.out} (no resume.npz)")
+        optimizer, start_epoch = _load_resume_state(resume_path, model, lambda p: _make_optimizer(cfg, p), device)
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
+        log(f"resuming after epoch {start_epoch} from {cfg.out}")
+
+    log(f"training {cfg.model} on {device}: {n} images, {classes} classes, batch {cfg.batch_size}, "
+        f"{cfg.optimizer} lr {cfg.lr}, epochs {start_epoch + 1}..{cfg.epochs}")
+    batch_x = ops.empty((cfg.batch_size,) + tuple(train_x.shape[1:]), np.float32, device)
+    batch_y = ops.empty((cfg.batch_size,), np.int32, device)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
+        order = to_device(order, device)  # the only transfer of the epoch: n indices
+        bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+        started = time.perf_counter()
+        loss_sum, steps = 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            stop = min(start + cfg.batch_size, n)
+            xb = ops.gather_rows(train_x, order[start:stop], out=batch_x[: stop - start])
+            yb = ops.gather_rows(train_y, order[start:stop], out=batch_y[: stop - start])
+            logits = model.forward(xb)
+            loss = loss_fn.forward(logits, yb)
+            model.backward(loss_fn.backward(), need_dx=False)
+            optimizer.step()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, step {steps + 1}: "
+                                         f"lower the learning rate (--lr)")
+            loss_sum += loss
+            steps += 1
+            if bar is not None:
+                bar.update(stop - start)
+                if steps % 20 == 0:
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{stop / elapsed:,.0f}")
+        train_seconds = time.perf_counter() - started
+        if bar is not None:
+            bar.close()
+        test_loss, test_accuracy = evaluate(model, test_x, test_y)
+        record = dict(epoch=epoch, train_loss=loss_sum / steps, test_loss=test_loss, test_accuracy=test_accuracy,
+                      seconds=train_seconds, samples_per_second=n / train_seconds, device=device,
+                      model=cfg.model, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+        metrics.append(record)
+        model.save(checkpoint, **metadata)
+        _save_resume_state(resume_path, model, optimizer, epoch)
+        atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
+        log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test_loss:.4f}, "
+            f"test accuracy {100 * test_accuracy:.2f}%, {train_seconds:.1f} s ({record['samples_per_second']:,.0f} img/s)")
+    return metrics
+
+
+def evaluate_checkpoint(path, device="auto", data_dir=None, log=print):
+    """Accuracy and loss of a saved model on the test split."""
+    device = resolve_device(device)
+    model = Sequential.load(path, device=device)
+    meta = model.metadata
+    data = load_dataset(data_dir)
+    if "mean" in meta:
+        mean, std = meta["mean"], meta["std"]
+    else:
+        mean, std = normalization(data["train_images"])
+    x = to_device(prepare(data["test_images"], mean, std), device)
+    y = to_device(_labels_int32(data["test_labels"]), device)
+    model.output_shape(tuple(x.shape))
+    loss, accuracy = evaluate(model, x, y)
+    log(f"{path}: test accuracy {100 * accuracy:.2f}%, test loss {loss:.4f} on {x.shape[0]} images ({device})")
+    return dict(test_loss=loss, test_accuracy=accuracy, device=device)
