@@ -50,9 +50,11 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a CNN on MNIST (or any MNIST-format data set)")
     t.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu or cuda")
-    t.add_argument("--epochs", type=_positive_int, default=3)
+    t.add_argument("--epochs", type=_positive_int, default=4)
     t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate of the first epoch (default 1e-3)")
+    t.add_argument("--lr-decay", type=_positive_float, default=0.5,
+                   help="factor applied to the learning rate after each epoch (default 0.5; 1 keeps it constant)")
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--data-dir", default=None, help="folder with the four MNIST-format IDX files "
                                                    "(default: the MNIST shipped with nbcnn)")
@@ -74,7 +76,8 @@ def build_parser():
 def cmd_train(args):
     from nbcnn.train import Config, train
 
-    cfg = Config(device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    cfg = Config(device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                 lr_decay=args.lr_decay, seed=args.seed,
                  data_dir=args.data_dir, out=args.out, resume=args.resume, model=args.model,
                  optimizer=args.optimizer, progress=not args.no_progress)
     metrics = train(cfg)

@@ -58,8 +58,8 @@ MODELS = {"lenet": lenet, "mnist-example": mnist_example, "tiny": tiny}
 class Config:
     """Training settings, checked at once."""
 
-    def __init__(self, device="auto", epochs=3, batch_size=64, lr=1e-3, seed=0, data_dir=None, out="runs/mnist",
-                 resume=False, model="lenet", optimizer="adam", progress=True):
+    def __init__(self, device="auto", epochs=4, batch_size=64, lr=1e-3, lr_decay=0.5, seed=0, data_dir=None,
+                 out="runs/mnist", resume=False, model="lenet", optimizer="adam", progress=True):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
         if optimizer not in ("adam", "sgd"):
@@ -71,6 +71,9 @@ class Config:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"learning rate must be a positive number, got {lr!r}")
+        if not isinstance(lr_decay, (int, float)) or not 0 < lr_decay <= 1:
+            raise ValueError(f"lr decay must be a number in (0, 1], got {lr_decay!r}")
+        self.lr_decay = float(lr_decay)
         self.device, self.epochs, self.batch_size, self.lr, self.seed = device, epochs, batch_size, float(lr), seed
         self.data_dir, self.out, self.resume, self.model, self.optimizer = data_dir, out, resume, model, optimizer
         self.progress = progress
@@ -80,7 +83,7 @@ def _labels_int32(labels):
     return np.ascontiguousarray(labels, dtype=np.int32)
 
 
-def evaluate(model, x, y, batch_size=1000):
+def evaluate(model, x, y, batch_size=250):
     """(mean loss, accuracy) of ``model`` on x (N, C, H, W) and labels y (N,), both on the model's device."""
     loss_fn = SoftmaxCrossEntropy()
     n = x.shape[0]
@@ -194,10 +197,13 @@ def train(cfg, log=print):
         log(f"resuming after epoch {start_epoch} from {cfg.out}")
 
     log(f"training {cfg.model} on {device}: {n} images, {classes} classes, batch {cfg.batch_size}, "
-        f"{cfg.optimizer} lr {cfg.lr}, epochs {start_epoch + 1}..{cfg.epochs}")
+        f"{cfg.optimizer} lr {cfg.lr} (x{cfg.lr_decay} per epoch), epochs {start_epoch + 1}..{cfg.epochs}")
     batch_x = ops.empty((cfg.batch_size,) + tuple(train_x.shape[1:]), np.float32, device)
     batch_y = ops.empty((cfg.batch_size,), np.int32, device)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        # Step decay: each epoch runs at lr * decay**(epoch - 1), a function of the epoch alone, so a
+        # resumed run follows the same schedule.
+        optimizer.lr = cfg.lr * cfg.lr_decay ** (epoch - 1)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
         order = to_device(order, device)  # the only transfer of the epoch: n indices
         bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
@@ -227,7 +233,7 @@ def train(cfg, log=print):
         test_loss, test_accuracy = evaluate(model, test_x, test_y)
         record = dict(epoch=epoch, train_loss=loss_sum / steps, test_loss=test_loss, test_accuracy=test_accuracy,
                       seconds=train_seconds, samples_per_second=n / train_seconds, device=device,
-                      model=cfg.model, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+                      model=cfg.model, batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed)
         metrics.append(record)
         model.save(checkpoint, **metadata)
         _save_resume_state(resume_path, model, optimizer, epoch)

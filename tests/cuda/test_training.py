@@ -1,0 +1,47 @@
+"""A few training steps of a small network on the CUDA path and on the CPU, from one seed,
+give the same losses and weights (to float32 rounding)."""
+
+import numpy as np
+import pytest
+
+import nbcnn
+from nbcnn import layers as L
+from nbcnn import ops
+from nbcnn.losses import SoftmaxCrossEntropy
+from nbcnn.optim import SGD, Adam
+
+
+def run(device, make_optimizer, steps=3, batch=3):
+    rng = np.random.default_rng(11)
+    images = rng.standard_normal((steps * batch, 1, 6, 6)).astype(np.float32)
+    labels = rng.integers(0, 4, steps * batch).astype(np.int32)
+    L.set_seed(0)
+    model = nbcnn.Sequential([L.Conv2D(1, 2, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
+                              L.Dense(2 * 3 * 3, 4)]).to(device)
+    optimizer = make_optimizer(model.parameters())
+    loss_fn = SoftmaxCrossEntropy()
+    x, y = nbcnn.to_device(images, device), nbcnn.to_device(labels, device)
+    losses = []
+    for step in range(steps):
+        idx = nbcnn.to_device(np.arange(step * batch, (step + 1) * batch, dtype=np.int32), device)
+        logits = model.forward(ops.gather_rows(x, idx))
+        losses.append(loss_fn.forward(logits, ops.gather_rows(y, idx)))
+        model.backward(loss_fn.backward(), need_dx=False)
+        optimizer.step()
+    return losses, [nbcnn.to_numpy(p.data) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: Adam(p, lr=0.01), lambda p: SGD(p, lr=0.1, momentum=0.9)],
+                         ids=["adam", "sgd"])
+def test_cuda_training_steps_match_cpu(make_optimizer):
+    cpu_losses, cpu_params = run("cpu", make_optimizer)
+    gpu_losses, gpu_params = run("cuda", make_optimizer)
+    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-5)
+    for g, c in zip(gpu_params, cpu_params):
+        np.testing.assert_allclose(g, c, rtol=1e-4, atol=1e-5)
+
+
+def test_model_and_input_on_different_devices():
+    model = nbcnn.Sequential([L.ReLU()]).to("cuda")
+    with pytest.raises(ValueError, match="the input is on cpu but the model is on cuda"):
+        model.forward(np.zeros((1, 2), np.float32))

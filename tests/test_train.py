@@ -1,0 +1,129 @@
+"""Training end to end on a small data set the tests write, the CLI, resume, user mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nbcnn import cli
+from nbcnn.optim import Adam
+from nbcnn.train import Config, train
+from tests.helpers import write_dataset
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("quadrants"))
+
+
+def run_cli(*args):
+    return cli.main([str(a) for a in args])
+
+
+def test_train_on_another_data_set_then_evaluate(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 3,
+                   "--batch-size", 16, "--lr", 0.01, "--out", out, "--no-progress") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert {"epoch", "train_loss", "test_accuracy", "seconds"} <= set(m)
+        assert 0.0 <= m["test_accuracy"] <= 1.0 and m["seconds"] > 0
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert metrics[-1]["test_accuracy"] > 0.9  # four bright quadrants are easy
+    assert (out / "model.npz").exists() and (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert run_cli("evaluate", "--checkpoint", out / "model.npz", "--data-dir", data_dir, "--device", "cpu") == 0
+    assert f"test accuracy {100 * metrics[-1]['test_accuracy']:.2f}%" in capsys.readouterr().out
+
+
+def config(data_dir, out, **kw):
+    base = dict(device="cpu", data_dir=data_dir, model="tiny", epochs=3, batch_size=16, lr=0.01, seed=5, out=str(out),
+                progress=False)
+    return Config(**{**base, **kw})
+
+
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    whole = train(config(data_dir, tmp_path / "whole"), log=lambda *_: None)
+
+    # Interrupt the second run in the middle of epoch 2, as a crash or Ctrl-C would.
+    real_step, calls = Adam.step, {"n": 0}
+    steps_per_epoch = 192 // 16
+
+    def crashing_step(self):
+        calls["n"] += 1
+        if calls["n"] == steps_per_epoch + 5:
+            raise KeyboardInterrupt
+        real_step(self)
+
+    monkeypatch.setattr(Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data_dir, tmp_path / "cut"), log=lambda *_: None)
+    monkeypatch.setattr(Adam, "step", real_step)
+    assert [m["epoch"] for m in json.loads((tmp_path / "cut" / "metrics.json").read_text())] == [1]
+
+    resumed = train(config(data_dir, tmp_path / "cut", resume=True), log=lambda *_: None)
+    assert [m["epoch"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(whole, resumed):
+        assert a["test_accuracy"] == b["test_accuracy"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
+
+
+def test_resume_with_nothing_to_resume(data_dir, tmp_path, capsys):
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--out", tmp_path, "--resume") == 2
+    assert "nothing to resume from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train", "--batch-size", "0"], "expected a positive integer, got 0"),
+        (["train", "--lr", "-1"], "expected a positive finite number, got -1"),
+        (["train", "--epochs", "two"], "expected a positive integer, got 'two'"),
+        (["train", "--data-dir", "/nonexistent"], "data folder /nonexistent does not exist"),
+        (["evaluate", "--checkpoint", "/nonexistent/model.npz", "--device", "cpu"], "no checkpoint at"),
+        (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(args, message, capsys):
+    try:
+        code = run_cli(*args)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cuda_without_gpu_exits_2_suggesting_cpu(tmp_path):
+    from nbcnn.device import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU (or the simulator) is usable here")
+    done = subprocess.run([sys.executable, "-m", "nbcnn", "train", "--device", "cuda", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDA is not usable here" in lines[0] and "--device cpu" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_info_runs(capsys):
+    assert run_cli("info") == 0
+    out = capsys.readouterr().out
+    assert "numba" in out and "CUDA:" in out and "threading layer" in out
+
+
+def test_config_checks_values():
+    with pytest.raises(ValueError, match="batch size must be a positive integer"):
+        Config(batch_size=0)
+    with pytest.raises(ValueError, match="unknown model"):
+        Config(model="vgg")
+    with pytest.raises(ValueError, match="learning rate must be a positive number"):
+        Config(lr=float("nan"))
+    assert np.isfinite(Config().lr)
