@@ -62,7 +62,7 @@ def test_backward_without_input_gradient_gives_the_same_parameter_gradients():
 def test_parameters_in_order_weight_then_bias():
     model = small_net()
     shapes = [p.shape for p in model.parameters()]
-    assert shapes == [(3, 2, 3, 2), (3,), (2, 3, 2, 2), (12, 5)[::-1], (5,), (4, 5), (4,)]
+    assert shapes == [(3, 2, 3, 2), (3,), (2, 3, 2, 2), (5, 12), (5,), (4, 5), (4,)]
     assert model.layers[0].weight.shape == (3, 2, 3, 2) and model.layers[0].bias.shape == (3,)
     assert model.layers[3].bias is None and L.ReLU().parameters() == []
 
