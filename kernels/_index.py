@@ -83,16 +83,14 @@ def covering_outputs(i, f, s, p, osize):
     return lo, hi
 
 
-out_size_cpu = njit(inline="always", cache=True)(out_size)
-in_coord_cpu = njit(inline="always", cache=True)(in_coord)
-out_coord_cpu = njit(inline="always", cache=True)(out_coord)
-valid_out_range_cpu = njit(inline="always", cache=True)(valid_out_range)
-window_cpu = njit(inline="always", cache=True)(window)
-covering_outputs_cpu = njit(inline="always", cache=True)(covering_outputs)
+def compile_twice(fn):
+    """``(cpu, cuda)``: a plain Python helper compiled for ``@njit`` kernels and as a CUDA device function."""
+    return njit(inline="always", cache=True)(fn), cuda.jit(device=True, inline="always")(fn)
 
-out_size_cuda = cuda.jit(device=True, inline="always")(out_size)
-in_coord_cuda = cuda.jit(device=True, inline="always")(in_coord)
-out_coord_cuda = cuda.jit(device=True, inline="always")(out_coord)
-valid_out_range_cuda = cuda.jit(device=True, inline="always")(valid_out_range)
-window_cuda = cuda.jit(device=True, inline="always")(window)
-covering_outputs_cuda = cuda.jit(device=True, inline="always")(covering_outputs)
+
+out_size_cpu, out_size_cuda = compile_twice(out_size)
+in_coord_cpu, in_coord_cuda = compile_twice(in_coord)
+out_coord_cpu, out_coord_cuda = compile_twice(out_coord)
+valid_out_range_cpu, valid_out_range_cuda = compile_twice(valid_out_range)
+window_cpu, window_cuda = compile_twice(window)
+covering_outputs_cpu, covering_outputs_cuda = compile_twice(covering_outputs)

@@ -28,7 +28,7 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_ndim, check_shape, on_host, output_size
 from ._cuda import blocks, gpu_arrays, on_gpu
-from ._index import covering_outputs_cpu, covering_outputs_cuda, window_cpu, window_cuda
+from ._index import compile_twice, covering_outputs_cpu, covering_outputs_cuda, window_cpu, window_cuda
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -73,6 +73,50 @@ def default_stride(kernel_h, kernel_w, stride_h, stride_w):
     return (kernel_h if stride_h is None else stride_h, kernel_w if stride_w is None else stride_w)
 
 
+# ------------------------------------------------ per-output work, shared by CPU and CUDA
+# The CPU kernels loop over planes and outputs, the CUDA kernels give each output (or
+# input) a thread; both call these for the work of one element, compiled for each target.
+
+
+def window_max(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi):
+    """(largest value, its flat index ih * W + iw) of x[n, c] over rows [ih_lo, ih_hi) and
+    columns [iw_lo, iw_hi). Ties keep the first in row-major order; a NaN wins."""
+    W = x.shape[3]
+    best = x[n, c, ih_lo, iw_lo]
+    where = ih_lo * W + iw_lo
+    for ih in range(ih_lo, ih_hi):
+        for iw in range(iw_lo, iw_hi):
+            v = x[n, c, ih, iw]
+            if v > best or (v != v and best == best):
+                best = v
+                where = ih * W + iw
+    return best, where
+
+
+def window_sum(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi):
+    """Sum of x[n, c] over rows [ih_lo, ih_hi) and columns [iw_lo, iw_hi)."""
+    acc = x.dtype.type(0)
+    for ih in range(ih_lo, ih_hi):
+        for iw in range(iw_lo, iw_hi):
+            acc += x[n, c, ih, iw]
+    return acc
+
+
+def argmax_sum(dy, argmax, n, c, here, oh_lo, oh_hi, ow_lo, ow_hi):
+    """Sum of dy[n, c] over the outputs in the given ranges whose argmax is ``here``."""
+    acc = dy.dtype.type(0)
+    for oh in range(oh_lo, oh_hi):
+        for ow in range(ow_lo, ow_hi):
+            if argmax[n, c, oh, ow] == here:
+                acc += dy[n, c, oh, ow]
+    return acc
+
+
+window_max_cpu, window_max_cuda = compile_twice(window_max)
+window_sum_cpu, window_sum_cuda = compile_twice(window_sum)
+argmax_sum_cuda = cuda.jit(device=True, inline="always")(argmax_sum)  # the CPU scatters through argmax instead
+
+
 # ----------------------------------------------------------------------------- CPU kernels
 
 
@@ -88,16 +132,7 @@ def _maxpool2d_forward_cpu(y, argmax, x, fh, fw, sh, sw, ph, pw):
             ih_lo, ih_hi = window_cpu(oh, fh, sh, ph, H)
             for ow in range(OW):
                 iw_lo, iw_hi = window_cpu(ow, fw, sw, pw, W)
-                best = x[n, c, ih_lo, iw_lo]
-                where = ih_lo * W + iw_lo
-                for ih in range(ih_lo, ih_hi):
-                    for iw in range(iw_lo, iw_hi):
-                        v = x[n, c, ih, iw]
-                        if v > best or (v != v and best == best):
-                            best = v
-                            where = ih * W + iw
-                y[n, c, oh, ow] = best
-                argmax[n, c, oh, ow] = where
+                y[n, c, oh, ow], argmax[n, c, oh, ow] = window_max_cpu(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi)
 
 
 @njit(parallel=True, cache=True)
@@ -130,11 +165,7 @@ def _avgpool2d_forward_cpu(y, x, fh, fw, sh, sw, ph, pw):
             ih_lo, ih_hi = window_cpu(oh, fh, sh, ph, H)
             for ow in range(OW):
                 iw_lo, iw_hi = window_cpu(ow, fw, sw, pw, W)
-                acc = y.dtype.type(0)
-                for ih in range(ih_lo, ih_hi):
-                    for iw in range(iw_lo, iw_hi):
-                        acc += x[n, c, ih, iw]
-                y[n, c, oh, ow] = acc * scale
+                y[n, c, oh, ow] = window_sum_cpu(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi) * scale
 
 
 @njit(parallel=True, cache=True)
@@ -150,11 +181,7 @@ def _avgpool2d_backward_cpu(dx, dy, fh, fw, sh, sw, ph, pw):
             oh_lo, oh_hi = covering_outputs_cpu(ih, fh, sh, ph, OH)
             for iw in range(W):
                 ow_lo, ow_hi = covering_outputs_cpu(iw, fw, sw, pw, OW)
-                acc = dx.dtype.type(0)
-                for oh in range(oh_lo, oh_hi):
-                    for ow in range(ow_lo, ow_hi):
-                        acc += dy[n, c, oh, ow]
-                dx[n, c, ih, iw] = acc * scale
+                dx[n, c, ih, iw] = window_sum_cpu(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * scale
 
 
 # ---------------------------------------------------------------- public entry points
@@ -209,28 +236,26 @@ def avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=N
 POOL_W, POOL_H = 32, 8  # block: a warp along W, 8 rows
 
 
+@cuda.jit(device=True, inline="always")
+def _plane_thread(C):
+    """(n, c, row, col) of this thread: blockIdx.z is the plane n*C + c, threadIdx.x runs along
+    the columns (a warp reads a row segment), threadIdx.y along the rows."""
+    z = cuda.blockIdx.z
+    return (z // C, z % C, cuda.blockIdx.y * POOL_H + cuda.threadIdx.y,
+            cuda.blockIdx.x * POOL_W + cuda.threadIdx.x)
+
+
 @cuda.jit
 def _maxpool2d_forward_kernel(y, argmax, x, fh, fw, sh, sw, ph, pw):
     """One thread per output (n, c, oh, ow), threadIdx.x along OW; grid (ceil(OW/32), ceil(OH/8), N*C)."""
     N, C, H, W = x.shape
     OH, OW = y.shape[2], y.shape[3]
-    ow = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
-    oh = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
-    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    n, c, oh, ow = _plane_thread(C)
     if oh >= OH or ow >= OW:
         return
     ih_lo, ih_hi = window_cuda(oh, fh, sh, ph, H)
     iw_lo, iw_hi = window_cuda(ow, fw, sw, pw, W)
-    best = x[n, c, ih_lo, iw_lo]
-    where = ih_lo * W + iw_lo
-    for ih in range(ih_lo, ih_hi):
-        for iw in range(iw_lo, iw_hi):
-            v = x[n, c, ih, iw]
-            if v > best or (v != v and best == best):
-                best = v
-                where = ih * W + iw
-    y[n, c, oh, ow] = best
-    argmax[n, c, oh, ow] = where
+    y[n, c, oh, ow], argmax[n, c, oh, ow] = window_max_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi)
 
 
 @cuda.jit
@@ -239,20 +264,12 @@ def _maxpool2d_backward_kernel(dx, dy, argmax, fh, fw, sh, sw, ph, pw):
     argmax is this input. Grid (ceil(W/32), ceil(H/8), N*C)."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    iw = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
-    ih = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
-    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    n, c, ih, iw = _plane_thread(C)
     if ih >= H or iw >= W:
         return
-    here = ih * W + iw
     oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
     ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
-    acc = dx.dtype.type(0)
-    for oh in range(oh_lo, oh_hi):
-        for ow in range(ow_lo, ow_hi):
-            if argmax[n, c, oh, ow] == here:
-                acc += dy[n, c, oh, ow]
-    dx[n, c, ih, iw] = acc
+    dx[n, c, ih, iw] = argmax_sum_cuda(dy, argmax, n, c, ih * W + iw, oh_lo, oh_hi, ow_lo, ow_hi)
 
 
 @cuda.jit
@@ -260,18 +277,12 @@ def _avgpool2d_forward_kernel(y, x, fh, fw, sh, sw, ph, pw):
     """One thread per output (n, c, oh, ow): the window's sum / (FH*FW). Grid as max pooling's."""
     N, C, H, W = x.shape
     OH, OW = y.shape[2], y.shape[3]
-    ow = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
-    oh = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
-    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    n, c, oh, ow = _plane_thread(C)
     if oh >= OH or ow >= OW:
         return
     ih_lo, ih_hi = window_cuda(oh, fh, sh, ph, H)
     iw_lo, iw_hi = window_cuda(ow, fw, sw, pw, W)
-    acc = y.dtype.type(0)
-    for ih in range(ih_lo, ih_hi):
-        for iw in range(iw_lo, iw_hi):
-            acc += x[n, c, ih, iw]
-    y[n, c, oh, ow] = acc * (1.0 / (fh * fw))
+    y[n, c, oh, ow] = window_sum_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi) * (1.0 / (fh * fw))
 
 
 @cuda.jit
@@ -279,18 +290,12 @@ def _avgpool2d_backward_kernel(dx, dy, fh, fw, sh, sw, ph, pw):
     """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs / (FH*FW)."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    iw = cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
-    ih = cuda.blockIdx.y * POOL_H + cuda.threadIdx.y
-    n, c = cuda.blockIdx.z // C, cuda.blockIdx.z % C
+    n, c, ih, iw = _plane_thread(C)
     if ih >= H or iw >= W:
         return
     oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
     ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
-    acc = dx.dtype.type(0)
-    for oh in range(oh_lo, oh_hi):
-        for ow in range(ow_lo, ow_hi):
-            acc += dy[n, c, oh, ow]
-    dx[n, c, ih, iw] = acc * (1.0 / (fh * fw))
+    dx[n, c, ih, iw] = window_sum_cuda(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * (1.0 / (fh * fw))
 
 
 # --------------------------------------------------------------------------- CUDA launchers

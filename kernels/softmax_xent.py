@@ -26,6 +26,7 @@ from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
 from ._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu
+from ._index import compile_twice
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -60,30 +61,51 @@ def check_count_correct(fn, on_device, count, logits, labels):
     check_shape(fn, "count", count, (1,))
 
 
+# ---------------------------------------------------- per-row work, shared by CPU and CUDA
+
+
+def softmax_row(probs, logits, labels, n):
+    """Write the softmax of row n into probs[n]; return the row's loss (NaN for a bad label)."""
+    M = logits.shape[1]
+    m = logits[n, 0]
+    for j in range(1, M):
+        m = max(m, logits[n, j])
+    s = 0.0
+    for j in range(M):
+        e = math.exp(logits[n, j] - m)
+        probs[n, j] = e
+        s += e
+    for j in range(M):
+        probs[n, j] /= s
+    label = labels[n]
+    if 0 <= label < M:
+        return math.log(s) - (logits[n, label] - m)
+    return math.nan
+
+
+def row_correct(logits, labels, n):
+    """1 when row n's first largest logit is at its label, else 0."""
+    best = 0
+    for j in range(1, logits.shape[1]):
+        if logits[n, j] > logits[n, best]:
+            best = j
+    return 1 if best == labels[n] else 0
+
+
+softmax_row_cpu, softmax_row_cuda = compile_twice(softmax_row)
+row_correct_cpu, row_correct_cuda = compile_twice(row_correct)
+
+
 # ----------------------------------------------------------------------------- CPU kernels
 
 
 @njit(cache=True)
 def _softmax_xent_forward_cpu(loss, probs, logits, labels):
     """Row by row: stable softmax into probs, and the mean loss into loss[0]."""
-    N, M = logits.shape
+    N = logits.shape[0]
     total = 0.0
     for n in range(N):
-        m = logits[n, 0]
-        for j in range(1, M):
-            m = max(m, logits[n, j])
-        s = 0.0
-        for j in range(M):
-            e = math.exp(logits[n, j] - m)
-            probs[n, j] = e
-            s += e
-        for j in range(M):
-            probs[n, j] /= s
-        label = labels[n]
-        if 0 <= label < M:
-            total += math.log(s) - (logits[n, label] - m)
-        else:
-            total += math.nan
+        total += softmax_row_cpu(probs, logits, labels, n)
     loss[0] = total / N
 
 
@@ -102,15 +124,9 @@ def _softmax_xent_backward_cpu(dlogits, probs, labels):
 @njit(cache=True)
 def _count_correct_cpu(count, logits, labels):
     """count[0] = number of rows n whose first largest logit is at labels[n]."""
-    N, M = logits.shape
     total = 0
-    for n in range(N):
-        best = 0
-        for j in range(1, M):
-            if logits[n, j] > logits[n, best]:
-                best = j
-        if best == labels[n]:
-            total += 1
+    for n in range(logits.shape[0]):
+        total += row_correct_cpu(logits, labels, n)
     count[0] = total
 
 
@@ -156,24 +172,10 @@ def _softmax_xent_forward_kernel(loss, probs, logits, labels):
     Each thread writes its rows' softmax and sums their losses in float64; block_sum
     adds the threads' sums in a fixed order, so the loss is the same on every run.
     """
-    N, M = logits.shape
+    N = logits.shape[0]
     total = 0.0
     for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
-        m = logits[n, 0]
-        for j in range(1, M):
-            m = max(m, logits[n, j])
-        s = 0.0
-        for j in range(M):
-            e = math.exp(logits[n, j] - m)
-            probs[n, j] = e
-            s += e
-        for j in range(M):
-            probs[n, j] /= s
-        label = labels[n]
-        if 0 <= label < M:
-            total += math.log(s) - (logits[n, label] - m)
-        else:
-            total += math.nan
+        total += softmax_row_cuda(probs, logits, labels, n)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
     total = block_sum(scratch, total)
     if cuda.threadIdx.x == 0:
@@ -196,15 +198,10 @@ def _softmax_xent_backward_kernel(dlogits, probs, labels):
 def _count_correct_kernel(count, logits, labels):
     """A single block of REDUCE_THREADS threads, thread t taking rows t, t + REDUCE_THREADS, ...;
     block_sum adds the threads' counts (exact in float64 for any realistic N)."""
-    N, M = logits.shape
+    N = logits.shape[0]
     total = 0.0
     for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
-        best = 0
-        for j in range(1, M):
-            if logits[n, j] > logits[n, best]:
-                best = j
-        if best == labels[n]:
-            total += 1.0
+        total += row_correct_cuda(logits, labels, n)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
     total = block_sum(scratch, total)
     if cuda.threadIdx.x == 0:
