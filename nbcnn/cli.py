@@ -1,4 +1,4 @@
-"""The ``nbcnn`` command: train, evaluate, info.
+"""The ``nbcnn`` command: train, evaluate, profile, bench, info.
 
 Exit status 0 on success, 2 on a usage error or an unavailable device, with one line
 saying what was wrong and what to do; never a traceback for a user's mistake.
@@ -57,8 +57,50 @@ def build_parser():
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
 
+    p = sub.add_parser("profile", help="time each layer and kernel of one training step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="lenet", choices=sorted(MODELS))
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--repeats", type=_positive_int, default=10, help="steps timed after warm-up (median)")
+    p.add_argument("--json", default=None, help="write the figures as JSON here")
+    p.add_argument("--trace", default="runs/profile/trace.json",
+                   help="Chrome trace of one step (chrome://tracing, ui.perfetto.dev)")
+
+    b = sub.add_parser("bench", help="a fixed suite of kernels and training epochs, optionally against PyTorch")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--vs", choices=["torch"], default=None, help="time the same work in PyTorch, interleaved")
+    b.add_argument("--json", default=None, help="write the table as JSON here")
+    b.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per kernel row (median)")
+    b.add_argument("--epoch-images", type=_positive_int, default=60000,
+                   help="images in each timed training epoch (default: all of MNIST's 60,000)")
+
     sub.add_parser("info", help="versions, devices, threads")
     return parser
+
+
+def cmd_profile(args):
+    from nbcnn.profile import format_profile, profile_step, write_json
+
+    report = profile_step(args.model, args.device, args.batch_size, args.repeats)
+    print(format_profile(report))
+    write_json(args.trace, report.pop("trace"))
+    print(f"\nChrome trace of the step: {args.trace}")
+    if args.json:
+        write_json(args.json, report)
+        print(f"figures: {args.json}")
+    return 0
+
+
+def cmd_bench(args):
+    from nbcnn.bench import format_bench, run_bench
+    from nbcnn.profile import write_json
+
+    report = run_bench(args.device, vs=args.vs, repeats=args.repeats, epoch_images=args.epoch_images)
+    print(format_bench(report))
+    if args.json:
+        write_json(args.json, report)
+        print(f"figures: {args.json}")
+    return 0
 
 
 def cmd_train(args):
@@ -134,7 +176,9 @@ def main(argv=None):
     from nbcnn.device import CudaUnavailableError
 
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info}[args.command](args)
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "profile": cmd_profile,
+                    "bench": cmd_bench}
+        return commands[args.command](args)
     except CudaUnavailableError as exc:
         print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -161,6 +161,33 @@ def _load_resume_state(path, model, optimizer_factory, device):
     return optimizer, epoch
 
 
+def run_epoch(model, loss_fn, optimizer, x, y, order, batch_size, bar=None):
+    """One pass over ``x``, ``y`` in the given ``order`` (indices on the data's device); returns
+    the mean training loss. Minibatches are gathered into two buffers reused for every step."""
+    n = order.shape[0]
+    device = model.device
+    batch_x = ops.empty((batch_size,) + tuple(x.shape[1:]), x.dtype, device)
+    batch_y = ops.empty((batch_size,), y.dtype, device)
+    loss_sum, steps = 0.0, 0
+    started = time.perf_counter()
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        xb = ops.gather_rows(x, order[start:stop], out=batch_x[: stop - start])
+        yb = ops.gather_rows(y, order[start:stop], out=batch_y[: stop - start])
+        loss = loss_fn.forward(model.forward(xb), yb)
+        model.backward(loss_fn.backward(), need_dx=False)
+        optimizer.step()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {steps + 1}")
+        loss_sum += loss
+        steps += 1
+        if bar is not None:
+            bar.update(stop - start)
+            if steps % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{stop / (time.perf_counter() - started):,.0f}")
+    return loss_sum / steps
+
+
 def train(cfg, log=print):
     """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json)."""
     device = resolve_device(cfg.device)
@@ -198,8 +225,6 @@ def train(cfg, log=print):
 
     log(f"training {cfg.model} on {device}: {n} images, {classes} classes, batch {cfg.batch_size}, "
         f"{cfg.optimizer} lr {cfg.lr} (x{cfg.lr_decay} per epoch), epochs {start_epoch + 1}..{cfg.epochs}")
-    batch_x = ops.empty((cfg.batch_size,) + tuple(train_x.shape[1:]), np.float32, device)
-    batch_y = ops.empty((cfg.batch_size,), np.int32, device)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # Step decay: each epoch runs at lr * decay**(epoch - 1), a function of the epoch alone, so a
         # resumed run follows the same schedule.
@@ -208,30 +233,16 @@ def train(cfg, log=print):
         order = to_device(order, device)  # the only transfer of the epoch: n indices
         bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
         started = time.perf_counter()
-        loss_sum, steps = 0.0, 0
-        for start in range(0, n, cfg.batch_size):
-            stop = min(start + cfg.batch_size, n)
-            xb = ops.gather_rows(train_x, order[start:stop], out=batch_x[: stop - start])
-            yb = ops.gather_rows(train_y, order[start:stop], out=batch_y[: stop - start])
-            logits = model.forward(xb)
-            loss = loss_fn.forward(logits, yb)
-            model.backward(loss_fn.backward(), need_dx=False)
-            optimizer.step()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, step {steps + 1}: "
-                                         f"lower the learning rate (--lr)")
-            loss_sum += loss
-            steps += 1
+        try:
+            mean_loss = run_epoch(model, loss_fn, optimizer, train_x, train_y, order, cfg.batch_size, bar)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"epoch {epoch}: {exc}: lower the learning rate (--lr)") from None
+        finally:
             if bar is not None:
-                bar.update(stop - start)
-                if steps % 20 == 0:
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{stop / elapsed:,.0f}")
+                bar.close()
         train_seconds = time.perf_counter() - started
-        if bar is not None:
-            bar.close()
         test_loss, test_accuracy = evaluate(model, test_x, test_y)
-        record = dict(epoch=epoch, train_loss=loss_sum / steps, test_loss=test_loss, test_accuracy=test_accuracy,
+        record = dict(epoch=epoch, train_loss=mean_loss, test_loss=test_loss, test_accuracy=test_accuracy,
                       seconds=train_seconds, samples_per_second=n / train_seconds, device=device,
                       model=cfg.model, batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed)
         metrics.append(record)

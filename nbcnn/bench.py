@@ -1,0 +1,334 @@
+"""``nbcnn bench``: a fixed suite of kernels and training epochs, timed, optionally against PyTorch.
+
+Every row is checked before it is timed: against PyTorch's result with ``--vs torch``,
+else against nbcnn's reference kernels (the direct loops on the CPU, the CPU twins for
+CUDA) on the same shape with a batch of 2. With PyTorch, both libraries run the same
+work in one process, on the same device and thread count, interleaved run by run, so
+that a slow moment of the machine hits both. Times are medians.
+"""
+
+import time
+
+import numpy as np
+
+from nbcnn import ops
+from nbcnn.device import resolve_device, to_device, to_numpy
+from nbcnn.profile import cost, machine_info
+
+# (name, N, C, H, W, K, F, P): convolution shapes from the issue and the PyTorch MNIST example.
+CONV_SHAPES = [
+    ("N64 1->32 28x28 3x3", 64, 1, 28, 28, 32, 3, 0),
+    ("N64 32->64 13x13 3x3", 64, 32, 13, 13, 64, 3, 0),
+    ("N128 64->64 32x32 3x3 p1", 128, 64, 32, 32, 64, 3, 1),
+]
+EPOCH_MODELS = ["lenet", "mnist-example"]
+
+
+class TorchMissing(ValueError):
+    """--vs torch without PyTorch installed."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise TorchMissing("--vs torch needs PyTorch, which is not installed here: pip install torch "
+                           "(a CPU build is enough on the CPU), or run nbcnn bench without --vs torch") from None
+    return torch
+
+
+def _timer(device):
+    """A function that runs ``fn`` once and returns its seconds, waiting for the GPU when there is one."""
+    if device == "cuda":
+        from numba import cuda
+
+        def run(fn):
+            start, end = cuda.event(), cuda.event()
+            cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return cuda.event_elapsed_time(start, end) / 1e3
+    else:
+        def run(fn):
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    return run
+
+
+def _torch_timer(torch, device):
+    def run(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    return run
+
+
+def _close(got, want, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(float(np.abs(want).max()), 1e-30)
+    err = float(np.abs(got - want).max()) / scale
+    if not err < 1e-3:
+        raise AssertionError(f"bench: {what}: results disagree (max error {err:.2e} of the largest value)")
+    return err
+
+
+# ------------------------------------------------------------------------- kernel rows
+
+
+def _conv_arrays(rng, N, C, H, W, K, F, P):
+    OH = H + 2 * P - F + 1
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = (rng.standard_normal((K, C, F, F)) / np.sqrt(C * F * F)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    dy = rng.standard_normal((N, K, OH, OH)).astype(np.float32)
+    return x, w, b, dy, OH
+
+
+def _nbcnn_conv_calls(device, x, w, b, dy, P):
+    """(name, call, output array, kernel args) for the conv rows, on ``device``, with outputs allocated."""
+    N, C, H, W = x.shape
+    K = w.shape[0]
+    OH = dy.shape[2]
+    d = {k: to_device(v, device) for k, v in dict(x=x, w=w, b=b, dy=dy).items()}
+    y = ops.empty((N, K, OH, OH), np.float32, device)
+    dx = ops.empty(x.shape, np.float32, device)
+    dw = ops.empty(w.shape, np.float32, device)
+    pool_y = ops.empty((N, K, OH // 2, OH // 2), np.float32, device)
+    argmax = ops.empty((N, K, OH // 2, OH // 2), np.int32, device)
+    pool_dx = ops.empty((N, K, OH, OH), np.float32, device)
+    pool_dy = to_device(np.ones((N, K, OH // 2, OH // 2), np.float32), device)
+    rows = [
+        ("conv2d forward", "conv2d_forward", (y, d["x"], d["w"], d["b"], 1, 1, P, P)),
+        ("conv2d backward-input", "conv2d_backward_input", (dx, d["dy"], d["w"], 1, 1, P, P)),
+        ("conv2d backward-weight", "conv2d_backward_weight", (dw, d["dy"], d["x"], 1, 1, P, P)),
+        ("maxpool2d 2x2 forward", "maxpool2d_forward", (pool_y, argmax, d["dy"], 2, 2, 2, 2, 0, 0)),
+        ("maxpool2d 2x2 backward", "maxpool2d_backward", (pool_dx, pool_dy, argmax, 2, 2, 2, 2, 0, 0)),
+    ]
+    return [(name, op, args) for name, op, args in rows]
+
+
+def _torch_conv_calls(torch, device, x, w, b, dy, P):
+    F = torch.nn.functional
+    dev = "cuda" if device == "cuda" else "cpu"
+    xt, wt, bt, dyt = (torch.from_numpy(a).to(dev) for a in (x, w, b, dy))
+    _, idx = F.max_pool2d(dyt, 2, return_indices=True)
+    pool_dy = torch.ones_like(_)
+    calls = {
+        "conv2d forward": lambda: F.conv2d(xt, wt, bt, padding=P),
+        "conv2d backward-input": lambda: torch.nn.grad.conv2d_input(xt.shape, wt, dyt, padding=P),
+        "conv2d backward-weight": lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, padding=P),
+        "maxpool2d 2x2 forward": lambda: F.max_pool2d(dyt, 2, return_indices=True)[0],
+        "maxpool2d 2x2 backward": lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+            pool_dy, dyt, [2, 2], [2, 2], [0, 0], [1, 1], False, idx),
+    }
+    return calls
+
+
+def _reference_check(device, shape, rng):
+    """Check the kernels the dispatcher uses against the reference ones on this shape, batch 2."""
+    from nbcnn.kernels import conv2d, pool2d
+
+    name, N, C, H, W, K, F, P = shape
+    x, w, b, dy, OH = _conv_arrays(rng, 2, C, H, W, K, F, P)
+    fast = _nbcnn_conv_calls(device, x, w, b, dy, P)
+    ref = {
+        "conv2d_forward": lambda y, x_, w_, b_, *a: conv2d.conv2d_forward_cpu(y, x_, w_, b_, *a),
+        "conv2d_backward_input": conv2d.conv2d_backward_input_cpu,
+        "conv2d_backward_weight": conv2d.conv2d_backward_weight_cpu,
+        "maxpool2d_forward": pool2d.maxpool2d_forward_cpu,
+        "maxpool2d_backward": pool2d.maxpool2d_backward_cpu,
+    }
+    for row, op, args in fast:
+        ops.kernel(op, device)(*args)
+        host = [to_numpy(a) if hasattr(a, "shape") else a for a in args]
+        want = [np.empty_like(a) if i == 0 and hasattr(a, "shape") else a for i, a in enumerate(host)]
+        ref[op](*want)
+        _close(host[0], want[0], f"{name} {row} against the reference kernel")
+
+
+def kernel_rows(device, vs, repeats, rng):
+    timer = _timer(device)
+    rows = []
+    torch = _torch() if vs == "torch" else None
+    for shape in CONV_SHAPES:
+        name, N, C, H, W, K, F, P = shape
+        x, w, b, dy, OH = _conv_arrays(rng, N, C, H, W, K, F, P)
+        calls = _nbcnn_conv_calls(device, x, w, b, dy, P)
+        peers = _torch_conv_calls(torch, device, x, w, b, dy, P) if torch else {}
+        if not torch:
+            _reference_check(device, shape, rng)
+        for row, op, args in calls:
+            fn = ops.kernel(op, device)
+            run = (lambda fn=fn, args=args: fn(*args))
+            run()  # compiles
+            flops, nbytes = cost(op, args)
+            entry = dict(name=f"{row}", shape=name, flops=flops, bytes=nbytes)
+            ours = []
+            if torch:
+                peer = peers[row]
+                result = peer()
+                entry["check_error"] = _close(to_numpy(args[0]), result.cpu().numpy(), f"{name} {row}")
+                theirs, ttimer = [], _torch_timer(torch, device)
+                for _ in range(repeats):
+                    ours.append(timer(run))
+                    theirs.append(ttimer(peer))
+                entry["torch_seconds"] = float(np.median(theirs))
+            else:
+                ours = [timer(run) for _ in range(repeats)]
+            entry["nbcnn_seconds"] = float(np.median(ours))
+            rows.append(entry)
+    return rows
+
+
+# -------------------------------------------------------------------------- epoch rows
+
+
+def _torch_model(torch, model):
+    """The same network in PyTorch, with nbcnn's weights."""
+    from nbcnn import layers as L
+
+    nn = torch.nn
+    mods = []
+    for layer in model.layers:
+        if isinstance(layer, L.Conv2D):
+            m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          bias=layer.has_bias)
+        elif isinstance(layer, L.Dense):
+            m = nn.Linear(layer.in_features, layer.out_features, bias=layer.has_bias)
+        elif isinstance(layer, L.MaxPool2D):
+            m = nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
+        elif isinstance(layer, L.AvgPool2D):
+            m = nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding)
+        elif isinstance(layer, L.ReLU):
+            m = nn.ReLU()
+        else:
+            m = nn.Flatten()
+        with torch.no_grad():
+            for p, q in zip(layer.parameters(), m.parameters()):
+                q.copy_(torch.from_numpy(to_numpy(p.data)))
+        mods.append(m)
+    return nn.Sequential(*mods)
+
+
+def epoch_rows(device, vs, images, rng):
+    from nbcnn import layers as L
+    from nbcnn.data import load_dataset, normalization, prepare
+    from nbcnn.losses import SoftmaxCrossEntropy
+    from nbcnn.optim import Adam
+    from nbcnn.train import MODELS, run_epoch
+
+    torch = _torch() if vs == "torch" else None
+    data = load_dataset()
+    mean, std = normalization(data["train_images"])
+    x_host = prepare(data["train_images"][:images], mean, std)
+    y_host = data["train_labels"][:images].astype(np.int32)
+    x, y = to_device(x_host, device), to_device(y_host, device)
+    order_host = rng.permutation(images).astype(np.int32)
+    order = to_device(order_host, device)
+    rows = []
+    for name in EPOCH_MODELS:
+        L.set_seed(0)
+        model = MODELS[name]().to(device)
+        entry = dict(name=f"training epoch, {name}", shape=f"{images} images, batch 64, Adam", flops=0, bytes=0)
+        if torch:
+            dev = "cuda" if device == "cuda" else "cpu"
+            tmodel = _torch_model(torch, model).to(dev)
+            probe = x_host[:64]
+            with torch.no_grad():
+                want = tmodel(torch.from_numpy(probe).to(dev)).cpu().numpy()
+            entry["check_error"] = _close(to_numpy(model.forward(to_device(probe, device))), want,
+                                          f"{name} forward pass")
+        # Warm up (compilation) on a few batches, then time one epoch.
+        optimizer, loss_fn = Adam(model.parameters(), lr=1e-3), SoftmaxCrossEntropy()
+        run_epoch(model, loss_fn, optimizer, x, y, order[:256], 64)
+        start = time.perf_counter()
+        run_epoch(model, loss_fn, optimizer, x, y, order, 64)
+        entry["nbcnn_seconds"] = time.perf_counter() - start
+        if torch:
+            entry["torch_seconds"] = _torch_epoch(torch, tmodel, x_host, y_host, order_host, device)
+        rows.append(entry)
+    return rows
+
+
+def _torch_epoch(torch, model, x_host, y_host, order, device):
+    dev = "cuda" if device == "cuda" else "cpu"
+    X, Y = torch.from_numpy(x_host).to(dev), torch.from_numpy(y_host).long().to(dev)
+    idx = torch.from_numpy(order).long().to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    F = torch.nn.functional
+
+    def steps(index):
+        for start in range(0, index.shape[0], 64):
+            b = index[start:start + 64]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[b]), Y[b])
+            loss.backward()
+            opt.step()
+            loss.item()  # nbcnn reads every step's loss too
+
+    steps(idx[:256])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    steps(idx)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def run_bench(device="auto", vs=None, repeats=7, epoch_images=60000, seed=0):
+    import numba
+
+    device = resolve_device(device)
+    torch = _torch() if vs == "torch" else None
+    threads = numba.get_num_threads()
+    if torch is not None:
+        torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise TorchMissing("--vs torch on cuda needs a PyTorch build with CUDA; this one has none")
+    if not 1 <= epoch_images <= 60000:
+        raise ValueError(f"epoch images must be in [1, 60000], got {epoch_images}")
+    rng = np.random.default_rng(seed)
+    rows = kernel_rows(device, vs, repeats, rng) + epoch_rows(device, vs, epoch_images, rng)
+    for r in rows:
+        r["nbcnn_gflops"] = r["flops"] / r["nbcnn_seconds"] / 1e9 if r["flops"] else None
+        if "torch_seconds" in r:
+            r["torch_gflops"] = r["flops"] / r["torch_seconds"] / 1e9 if r["flops"] else None
+            r["time_ratio"] = r["nbcnn_seconds"] / r["torch_seconds"]
+    info = machine_info(device)
+    if torch is not None:
+        info["torch"] = torch.__version__
+    return dict(device=device, threads=threads, vs=vs, repeats=repeats, date=time.strftime("%Y-%m-%d"),
+                machine=info, rows=rows)
+
+
+def format_bench(report):
+    m = report["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {report['threads']} threads"
+    lines = [f"nbcnn bench on {report['device']} ({where}), {report['date']}; numba {m['numba']}"
+             + (f", torch {m['torch']}" if "torch" in m else "") + f"; median of {report['repeats']} runs",
+             "ratio = nbcnn time / PyTorch time (below 1: nbcnn is faster)", ""]
+    head = f"{'row':<30} {'shape':<28} {'nbcnn':>10} {'GFLOP/s':>8}"
+    if report["vs"]:
+        head += f" {'torch':>10} {'GFLOP/s':>8} {'ratio':>6}"
+    lines.append(head)
+    for r in report["rows"]:
+        t = r["nbcnn_seconds"]
+        unit = (lambda s: f"{s * 1e3:8.2f}ms") if t < 1 else (lambda s: f"{s:8.2f} s")
+        g = f"{r['nbcnn_gflops']:8.1f}" if r["nbcnn_gflops"] else f"{'':>8}"
+        line = f"{r['name']:<30} {r['shape']:<28} {unit(t):>10} {g}"
+        if "torch_seconds" in r:
+            tg = f"{r['torch_gflops']:8.1f}" if r["torch_gflops"] else f"{'':>8}"
+            line += f" {unit(r['torch_seconds']):>10} {tg} {r['time_ratio']:6.2f}"
+        lines.append(line)
+    return "\n".join(lines)

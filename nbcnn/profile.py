@@ -1,0 +1,384 @@
+"""Profiling: what each kernel costs (FLOPs, bytes), what the machine can do (a measured peak),
+and where one training step spends its time, per layer and per kernel.
+
+FLOPs count a multiply-add as two operations and a comparison as one. Bytes are the
+least traffic a kernel needs: every array it reads or writes, once. Both are computed
+from the arrays a kernel receives, so they hold for any shape.
+"""
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from nbcnn import ops
+
+
+def _n(a):
+    return int(np.prod(a.shape, dtype=np.int64))
+
+
+def _bytes(*arrays):
+    return sum(_n(a) * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
+
+
+def _conv_taps(w):
+    """C*FH*FW: the multiply-adds behind one output of a convolution."""
+    return int(np.prod(w.shape[1:]))
+
+
+# (flops, bytes) of one kernel call, from its arguments (outputs first, as the kernels take them).
+COSTS = {
+    "conv2d_forward": lambda y, x, w, b, *_: (2 * _n(y) * _conv_taps(w), _bytes(y, x, w, b)),
+    "conv2d_backward_input": lambda dx, dy, w, *_: (2 * _n(dy) * _conv_taps(w), _bytes(dx, dy, w)),
+    "conv2d_backward_weight": lambda dw, dy, x, *_: (2 * _n(dy) * _conv_taps(dw), _bytes(dw, dy, x)),
+    "conv2d_backward_bias": lambda db, dy: (_n(dy), _bytes(db, dy)),
+    "maxpool2d_forward": lambda y, am, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, am, x)),
+    "maxpool2d_backward": lambda dx, dy, am, *_: (_n(dy), _bytes(dx, dy, am)),
+    "avgpool2d_forward": lambda y, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, x)),
+    "avgpool2d_backward": lambda dx, dy, fh, fw, *_: (_n(dy) * fh * fw, _bytes(dx, dy)),
+    "relu_forward": lambda y, x: (_n(x), _bytes(y, x)),
+    "relu_backward": lambda dx, dy, y: (_n(y), _bytes(dx, dy, y)),
+    "dense_forward": lambda y, x, w, b: (2 * _n(x) * w.shape[0], _bytes(y, x, w, b)),
+    "dense_backward_input": lambda dx, dy, w: (2 * _n(dx) * w.shape[0], _bytes(dx, dy, w)),
+    "dense_backward_weight": lambda dw, dy, x: (2 * _n(x) * dw.shape[0], _bytes(dw, dy, x)),
+    "dense_backward_bias": lambda db, dy: (_n(dy), _bytes(db, dy)),
+    # max, subtract, exp, sum, divide per logit
+    "softmax_xent_forward": lambda loss, p, z, lab: (5 * _n(z), _bytes(loss, p, z, lab)),
+    "softmax_xent_backward": lambda d, p, lab: (2 * _n(p), _bytes(d, p, lab)),
+    # g + wd*p (2), mu*v + g (2), p - lr*v (2); reads p, v, g, writes p, v
+    "sgd_update": lambda p, v, g, *_: (6 * _n(p), _bytes(p, v, g) + _bytes(p, v)),
+    # m (3), v (4), the step (sqrt, two divides, add, multiply-subtract: 6); reads p, m, v, g, writes p, m, v
+    "adam_update": lambda p, m, v, g, *_: (13 * _n(p), _bytes(p, m, v, g) + _bytes(p, m, v)),
+    "fill": lambda a, value: (0, _bytes(a)),
+    "gather_rows": lambda out, x, idx: (0, 2 * _bytes(out) + _bytes(idx)),
+    "count_correct": lambda count, z, lab: (_n(z), _bytes(count, z, lab)),
+}
+
+
+def cost(op, args):
+    """(flops, bytes) of a call of ``op``'s kernel with ``args``."""
+    return COSTS[op](*args)
+
+
+# ------------------------------------------------------------------------------ the machine
+
+
+def _fma_peak_kernel():
+    from numba import njit, prange
+
+    # 16 dependent multiply-adds per element, elements independent: the loop over i vectorizes
+    # (8 floats with AVX2) and keeps both FMA units busy. 'contract' lets LLVM fuse each
+    # multiply and add into one FMA without letting it fold the 16 steps into fewer. Each
+    # repetition starts from the last one's result, so no repetition can be skipped.
+    @njit(parallel=True, fastmath={"contract"}, cache=True)
+    def fma_loop(out, data, reps, x, y):
+        n = data.shape[0]
+        for t in prange(out.shape[0]):
+            buf = data.copy()
+            for _ in range(reps):
+                for i in range(n):
+                    v = buf[i]
+                    v = v * x + y; v = v * x + y; v = v * x + y; v = v * x + y  # noqa: E702
+                    v = v * x + y; v = v * x + y; v = v * x + y; v = v * x + y  # noqa: E702
+                    v = v * x + y; v = v * x + y; v = v * x + y; v = v * x + y  # noqa: E702
+                    v = v * x + y; v = v * x + y; v = v * x + y; v = v * x + y  # noqa: E702
+                    buf[i] = v
+            out[t] = buf[0]
+
+    return fma_loop
+
+
+def measure_cpu_peak(seconds=0.3):
+    """Measured float32 FLOP/s of an FMA-bound loop on every Numba thread, and copy bandwidth."""
+    import numba
+
+    threads = numba.get_num_threads()
+    kernel = _fma_peak_kernel()
+    data = np.random.default_rng(0).random(1024).astype(np.float32)
+    out = np.zeros(threads, np.float32)
+    x, y = np.float32(0.999), np.float32(1e-3)
+    kernel(out, data, 1, x, y)
+    reps, best = 256, 0.0
+    while True:
+        t = time.perf_counter()
+        kernel(out, data, reps, x, y)
+        dt = time.perf_counter() - t
+        best = max(best, 32 * data.size * reps * threads / dt)
+        if dt > seconds / 3:
+            break
+        reps *= 2
+    src = np.ones(2**25, np.float32)  # 128 MiB: far beyond the caches
+    dst = np.empty_like(src)
+    copies = []
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(time.perf_counter() - t)
+    return dict(flops=best, bandwidth=2 * src.nbytes / min(copies), threads=threads,
+                how=f"FMA-bound loop on {threads} Numba threads; np.copyto of 128 MiB (read + write)")
+
+
+FP32_LANES = {(6, 0): 64, (6, 1): 128, (7, 0): 64, (7, 5): 64, (8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128,
+              (9, 0): 128, (10, 0): 128, (12, 0): 128}
+
+
+def measure_gpu_peak():
+    """The GPU's float32 peak from SMs x clock x FP32 lanes x 2, and a measured device copy."""
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    cc = tuple(dev.compute_capability)
+    sms = dev.MULTIPROCESSOR_COUNT
+    clock_hz = dev.CLOCK_RATE * 1e3
+    lanes = FP32_LANES.get(cc, 128)
+    src = cuda.device_array(2**26, np.float32)
+    dst = cuda.device_array(2**26, np.float32)
+    start, end = cuda.event(), cuda.event()
+    times = []
+    for _ in range(5):
+        start.record()
+        dst.copy_to_device(src)
+        end.record()
+        end.synchronize()
+        times.append(cuda.event_elapsed_time(start, end) / 1e3)
+    return dict(flops=sms * clock_hz * lanes * 2, bandwidth=2 * src.nbytes / min(times[1:]),
+                how=f"{sms} SMs x {clock_hz / 1e9:.2f} GHz x {lanes} FP32 lanes x 2; device copy of 256 MiB")
+
+
+def machine_info(device):
+    import numba
+
+    info = dict(python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
+                machine=platform.machine(), system=platform.system(), cpus=os.cpu_count(),
+                numba_threads=numba.get_num_threads(), cpu=_cpu_name())
+    try:
+        from importlib.metadata import version
+
+        info["numba_cuda"] = version("numba-cuda")
+    except Exception:
+        pass
+    if device == "cuda":
+        from numba import cuda
+
+        name = cuda.get_current_device().name
+        info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+class Recorder:
+    """Times every kernel the dispatcher launches, and labelled spans of code.
+
+    Inside ``with Recorder(device) as rec:`` each entry of ``ops.KERNELS`` is wrapped, so
+    every call records its op, the current label, its start, its duration and its cost.
+    On a GPU each call is bracketed by CUDA events and waited for, so the duration is the
+    kernel's own; on the CPU it is the host clock around the call.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.events = []
+        self.label = ("", "")
+        self.origin = time.perf_counter()
+
+    def __enter__(self):
+        self._saved = dict(ops.KERNELS)
+        for (op, dev), fn in self._saved.items():
+            if dev == self.device:
+                ops.KERNELS[(op, dev)] = self._wrap(op, fn)
+        return self
+
+    def __exit__(self, *exc):
+        ops.KERNELS.update(self._saved)
+        return False
+
+    def _sync(self):
+        if self.device == "cuda":
+            from numba import cuda
+
+            cuda.synchronize()
+
+    def _wrap(self, op, fn):
+        def timed(*args):
+            if self.device == "cuda":
+                from numba import cuda
+
+                start_event, end_event = cuda.event(), cuda.event()
+                cuda.synchronize()
+                start = time.perf_counter()
+                start_event.record()
+                result = fn(*args)
+                end_event.record()
+                end_event.synchronize()
+                seconds = cuda.event_elapsed_time(start_event, end_event) / 1e3
+            else:
+                start = time.perf_counter()
+                result = fn(*args)
+                seconds = time.perf_counter() - start
+            flops, nbytes = cost(op, args)
+            self.events.append(dict(kind="kernel", name=op, layer=self.label[0], phase=self.label[1],
+                                    start=start - self.origin, seconds=seconds, flops=flops, bytes=nbytes))
+            return result
+
+        return timed
+
+    def span(self, layer, phase):
+        """A context that labels the kernels run inside it and records its own wall time."""
+        rec = self
+
+        class _Span:
+            def __enter__(self):
+                rec._sync()
+                rec.label = (layer, phase)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                rec._sync()
+                end = time.perf_counter()
+                rec.events.append(dict(kind="span", name=f"{layer} {phase}", layer=layer, phase=phase,
+                                       start=self.start - rec.origin, seconds=end - self.start, flops=0, bytes=0))
+                rec.label = ("", "")
+                return False
+
+        return _Span()
+
+    def take(self):
+        events, self.events = self.events, []
+        return events
+
+
+def training_step(model, loss_fn, optimizer, x, y, rec):
+    """One training step with every layer's forward and backward in a labelled span."""
+    h = x
+    for i, layer in enumerate(model.layers):
+        with rec.span(f"{i} {type(layer).__name__}", "forward"):
+            h = layer.forward(h)
+    with rec.span("loss", "forward"):
+        loss_fn.forward(h, y)
+    with rec.span("loss", "backward"):
+        d = loss_fn.backward()
+    for i in reversed(range(len(model.layers))):
+        layer = model.layers[i]
+        with rec.span(f"{i} {type(layer).__name__}", "backward"):
+            d = layer.backward(d, need_dx=i > 0)
+    with rec.span("optimizer", "step"):
+        optimizer.step()
+
+
+def profile_step(model_name="lenet", device="cpu", batch_size=64, repeats=10, seed=0):
+    """Profile one training step: returns a dict of machine, peak, layers, kernels and trace events."""
+    from nbcnn import layers as L
+    from nbcnn.device import resolve_device, to_device
+    from nbcnn.losses import SoftmaxCrossEntropy
+    from nbcnn.optim import Adam
+    from nbcnn.train import MODELS
+
+    device = resolve_device(device)
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}: choose one of {', '.join(MODELS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    L.set_seed(seed)
+    model = MODELS[model_name]().to(device)
+    optimizer, loss_fn = Adam(model.parameters()), SoftmaxCrossEntropy()
+    rng = np.random.default_rng(seed)
+    x = to_device(rng.standard_normal((batch_size, 1, 28, 28)).astype(np.float32), device)
+    y = to_device(rng.integers(0, 10, batch_size).astype(np.int32), device)
+
+    with Recorder(device) as rec:
+        training_step(model, loss_fn, optimizer, x, y, rec)  # the first step compiles every kernel
+        cold = rec.take()
+        training_step(model, loss_fn, optimizer, x, y, rec)  # warm-up
+        rec.take()
+        runs = []
+        for _ in range(repeats):
+            training_step(model, loss_fn, optimizer, x, y, rec)
+            runs.append(rec.take())
+    peak = measure_gpu_peak() if device == "cuda" else measure_cpu_peak()
+
+    rows = []
+    for i, first in enumerate(cold):
+        seconds = float(np.median([run[i]["seconds"] for run in runs]))
+        row = {k: first[k] for k in ("kind", "name", "layer", "phase", "flops", "bytes")}
+        row.update(seconds=seconds, compile_seconds=max(0.0, first["seconds"] - seconds))
+        row["gflops"] = row["flops"] / seconds / 1e9 if seconds > 0 else 0.0
+        row["gbytes_per_s"] = row["bytes"] / seconds / 1e9 if seconds > 0 else 0.0
+        row["peak_flops_share"] = row["flops"] / seconds / peak["flops"] if seconds > 0 else 0.0
+        row["peak_bandwidth_share"] = row["bytes"] / seconds / peak["bandwidth"] if seconds > 0 else 0.0
+        rows.append(row)
+    spans = [r for r in rows if r["kind"] == "span"]
+    kernels = [r for r in rows if r["kind"] == "kernel"]
+    step = sum(r["seconds"] for r in spans)
+    for r in spans:  # a span's work is that of the kernels it ran
+        mine = [k for k in kernels if k["layer"] == r["layer"] and k["phase"] == r["phase"]]
+        r["flops"] = sum(k["flops"] for k in mine)
+        r["bytes"] = sum(k["bytes"] for k in mine)
+        r["gflops"] = r["flops"] / r["seconds"] / 1e9 if r["seconds"] > 0 else 0.0
+        r["share_of_step"] = r["seconds"] / step if step > 0 else 0.0
+    trace = runs[-1]
+    return dict(device=device, model=model_name, batch_size=batch_size, repeats=repeats,
+                machine=machine_info(device), peak=peak, step_seconds=step,
+                compile_seconds=sum(r["compile_seconds"] for r in kernels),
+                layers=spans, kernels=kernels, trace=chrome_trace(trace))
+
+
+def chrome_trace(events):
+    """Chrome trace format (chrome://tracing, Perfetto): layers on one row, kernels on another."""
+    t0 = min(e["start"] for e in events)
+    out = []
+    for e in events:
+        out.append(dict(name=e["name"], cat=e["kind"], ph="X", pid=1, tid=1 if e["kind"] == "span" else 2,
+                        ts=(e["start"] - t0) * 1e6, dur=e["seconds"] * 1e6,
+                        args=dict(layer=e["layer"], phase=e["phase"], flops=e["flops"], bytes=e["bytes"])))
+    out.append(dict(name="thread_name", ph="M", pid=1, tid=1, args=dict(name="layers")))
+    out.append(dict(name="thread_name", ph="M", pid=1, tid=2, args=dict(name="kernels")))
+    return dict(traceEvents=out, displayTimeUnit="ms")
+
+
+def format_profile(report):
+    """The profile as a terminal table."""
+    peak = report["peak"]
+    lines = [
+        f"nbcnn profile: one training step of {report['model']}, batch {report['batch_size']}, on "
+        f"{report['device']} ({report['machine'].get('gpu') or report['machine']['cpu']}, "
+        f"{report['machine']['numba_threads']} Numba threads), median of {report['repeats']} steps",
+        f"measured peak: {peak['flops'] / 1e9:.1f} GFLOP/s, {peak['bandwidth'] / 1e9:.1f} GB/s ({peak['how']})",
+        f"step: {report['step_seconds'] * 1e3:.2f} ms; compilation on the first step: "
+        f"{report['compile_seconds']:.2f} s (not included)",
+        "",
+        f"{'layer / kernel':<40} {'phase':<9} {'ms':>8} {'step':>6} {'MFLOP':>9} {'GFLOP/s':>8} {'GB/s':>7}"
+        f" {'%peak':>6} {'%bw':>5}",
+    ]
+    for span in report["layers"]:
+        lines.append(f"{span['layer']:<40} {span['phase']:<9} {span['seconds'] * 1e3:8.3f} "
+                     f"{100 * span['share_of_step']:5.1f}% {span['flops'] / 1e6:9.2f} {span['gflops']:8.2f}")
+        for k in report["kernels"]:
+            if k["layer"] == span["layer"] and k["phase"] == span["phase"]:
+                lines.append(f"  {k['name']:<38} {'':<9} {k['seconds'] * 1e3:8.3f} {'':>6} {k['flops'] / 1e6:9.2f} "
+                             f"{k['gflops']:8.2f} {k['gbytes_per_s']:7.2f} {100 * k['peak_flops_share']:5.1f}% "
+                             f"{100 * k['peak_bandwidth_share']:4.0f}%")
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    from nbcnn.model import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
