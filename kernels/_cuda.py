@@ -32,6 +32,11 @@ def cuda_unavailable_reason():
         return None
     try:
         if cuda.is_available():
+            from numba.cuda.cudadrv import nvvm
+
+            if not nvvm.is_available():
+                return ("a GPU is present but NVVM, the CUDA compiler, is not installed: "
+                        "pip install 'nbcnn[cuda13]' (or 'nbcnn[cuda12]', to match the driver)")
             return None
     except Exception as exc:  # the driver bindings raise many kinds of errors
         return f"the CUDA driver failed to start ({type(exc).__name__}: {exc})".replace("\n", " ")
