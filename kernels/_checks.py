@@ -14,14 +14,15 @@ from ._index import out_size
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def output_size(fn, size, f, s, p, dim):
-    """Checked ``(size + 2*p - f) // s + 1``; ``dim`` names the axis ("height", "width")."""
-    check_int(fn, f"{dim} of the window", f, minimum=1)
+def output_size(fn, size, f, s, p, dim, what="window"):
+    """Checked ``(size + 2*p - f) // s + 1``; ``dim`` names the axis ("height", "width"),
+    ``what`` the sliding thing ("window", "kernel")."""
+    check_int(fn, f"{dim} of the {what}", f, minimum=1)
     check_int(fn, f"stride along the {dim}", s, minimum=1)
     check_int(fn, f"padding along the {dim}", p, minimum=0)
     if f > size + 2 * p:
         raise ValueError(
-            f"{fn}: window {dim} {f} is larger than the padded input {dim} "
+            f"{fn}: {what} {dim} {f} is larger than the padded input {dim} "
             f"{size} + 2*{p} = {size + 2 * p}"
         )
     return out_size(size, f, s, p)

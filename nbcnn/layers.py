@@ -137,13 +137,8 @@ class Conv2D(Layer):
         if len(input_shape) != 4 or input_shape[1] != self.in_channels:
             raise ValueError(f"{self!r} expects input (N, {self.in_channels}, H, W), got {tuple(input_shape)}")
         N, _, H, W = input_shape
-        sizes = []
-        for size, f, s, p, dim in zip((H, W), self.kernel_size, self.stride, self.padding, ("height", "width")):
-            if f > size + 2 * p:
-                raise ValueError(f"{self!r}: kernel {dim} {f} is larger than the padded input {dim} "
-                                 f"{size} + 2*{p} = {size + 2 * p}")
-            sizes.append(ops.out_size(size, f, s, p))
-        return (N, self.out_channels, *sizes)
+        return (N, self.out_channels) + ops.spatial_output(repr(self), H, W, self.kernel_size, self.stride,
+                                                           self.padding, "kernel")
 
     def forward(self, x):
         self.output_shape(tuple(x.shape))
@@ -177,12 +172,7 @@ class _Pool2D(Layer):
         if len(input_shape) != 4:
             raise ValueError(f"{self!r} expects input (N, C, H, W), got {tuple(input_shape)}")
         N, C, H, W = input_shape
-        sizes = []
-        for size, f, s, p, dim in zip((H, W), self.kernel_size, self.stride, self.padding, ("height", "width")):
-            if f > size + 2 * p:
-                raise ValueError(f"{self!r}: window {dim} {f} is larger than the padded input {dim} {size + 2 * p}")
-            sizes.append(ops.out_size(size, f, s, p))
-        return (N, C, *sizes)
+        return (N, C) + ops.spatial_output(repr(self), H, W, self.kernel_size, self.stride, self.padding)
 
 
 class MaxPool2D(_Pool2D):

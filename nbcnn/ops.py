@@ -12,6 +12,7 @@ import numpy as np
 
 from nbcnn.device import device_of
 from nbcnn.kernels import activation, conv2d, dense, gather, optim, pool2d, softmax_xent
+from nbcnn.kernels._checks import output_size
 
 # On the CPU, convolution goes through im2col and one BLAS product (conv2d/gemm.py) and the
 # dense layer through BLAS products: several times faster than the direct loops
@@ -101,8 +102,11 @@ def fill(a, value):
     return a
 
 
-def out_size(size, f, s, p):
-    return (size + 2 * p - f) // s + 1
+def spatial_output(who, H, W, window, stride, padding, what="window"):
+    """(OH, OW) of a window sliding over an H x W input, ``OH = (H + 2*P - FH) // S + 1``;
+    a ValueError naming ``who`` and the numbers when the window does not fit."""
+    return (output_size(who, H, window[0], stride[0], padding[0], "height", what),
+            output_size(who, W, window[1], stride[1], padding[1], "width", what))
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -117,7 +121,7 @@ def conv2d_forward(x, w, b, stride, padding):
                          f"{tuple(w.shape)}")
     N, _, H, W = x.shape
     K, _, FH, FW = w.shape
-    shape = (N, K, max(out_size(H, FH, stride[0], padding[0]), 0), max(out_size(W, FW, stride[1], padding[1]), 0))
+    shape = (N, K) + spatial_output("conv2d", H, W, (FH, FW), stride, padding, "kernel")
     y = empty(shape, x.dtype, device)
     kernel("conv2d_forward", device)(y, x, w, b, *stride, *padding)
     return y
@@ -144,8 +148,7 @@ def _pool_shape(op, x, window, stride, padding):
     if len(x.shape) != 4:
         raise ValueError(f"{op}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
     N, C, H, W = x.shape
-    return (N, C, max(out_size(H, window[0], stride[0], padding[0]), 0),
-            max(out_size(W, window[1], stride[1], padding[1]), 0))
+    return (N, C) + spatial_output(op, H, W, window, stride, padding)
 
 
 def maxpool2d_forward(x, window, stride, padding):
