@@ -70,6 +70,15 @@ class Parameter:
         self.grad = to_device(self.grad, device)
         return self
 
+    def grad_buffer(self):
+        """``grad``, ready to be overwritten by a backward pass: the same array step after step,
+        replaced only when ``data`` changed shape, dtype or device."""
+        g, d = self.grad, self.data
+        if (g is None or tuple(g.shape) != tuple(d.shape) or g.dtype != d.dtype
+                or ops.common_device("Parameter", data=d) != ops.common_device("Parameter", grad=g)):
+            self.grad = ops.empty(d.shape, d.dtype, ops.common_device("Parameter", data=d))
+        return self.grad
+
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={np.dtype(self.data.dtype)})"
 
@@ -125,6 +134,7 @@ class Conv2D(Layer):
         self.weight = Parameter(w.astype(np.float32))
         self.bias = Parameter(np.zeros(self.out_channels, np.float32)) if self.has_bias else None
         self._x = None
+        self._workspace = {}  # what the forward pass leaves for backward (on the CPU: the im2col matrix)
 
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -144,14 +154,16 @@ class Conv2D(Layer):
         self.output_shape(tuple(x.shape))
         self._x = x
         b = self.bias.data if self.bias is not None else None
-        return ops.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
+        return ops.conv2d_forward(x, self.weight.data, b, self.stride, self.padding, saved=self._workspace)
 
     def backward(self, dy, need_dx=True):
         x = self._saved("_x")
-        dx, dw, db = ops.conv2d_backward(dy, x, self.weight.data, self.stride, self.padding, need_dx)
-        self.weight.grad = dw
-        if self.bias is not None:
-            self.bias.grad = db
+        bias = self.bias
+        # The gradients are written into the parameters' grad arrays (allocated once).
+        dx, _, _ = ops.conv2d_backward(dy, x, self.weight.data, self.stride, self.padding, need_dx,
+                                       dw=self.weight.grad_buffer(),
+                                       db=bias.grad_buffer() if bias is not None else None,
+                                       has_bias=bias is not None, saved=self._workspace)
         return dx
 
 

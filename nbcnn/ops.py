@@ -26,6 +26,9 @@ KERNELS = {
     ("conv2d_backward_weight", "cuda"): conv2d.conv2d_backward_weight_cuda,
     ("conv2d_backward_bias", "cpu"): conv2d.conv2d_backward_bias_cpu,
     ("conv2d_backward_bias", "cuda"): conv2d.conv2d_backward_bias_cuda,
+    # All three gradients in one call: on the CPU one transposition of dy serves them all, the
+    # bias gradient is summed on the way, and the forward pass's im2col matrix is reused.
+    ("conv2d_backward", "cpu"): conv2d.conv2d_backward_gemm_cpu,
     ("maxpool2d_forward", "cpu"): pool2d.maxpool2d_forward_cpu,
     ("maxpool2d_forward", "cuda"): pool2d.maxpool2d_forward_cuda,
     ("maxpool2d_backward", "cpu"): pool2d.maxpool2d_backward_cpu,
@@ -112,32 +115,59 @@ def spatial_output(who, H, W, window, stride, padding, what="window"):
 # ----------------------------------------------------------------------------- convolution
 
 
-def conv2d_forward(x, w, b, stride, padding):
-    """y (N, K, OH, OW) = conv(x (N, C, H, W), w (K, C, FH, FW)) + b (K,) or no bias."""
+def conv2d_forward(x, w, b, stride, padding, saved=None):
+    """y (N, K, OH, OW) = conv(x (N, C, H, W), w (K, C, FH, FW)) + b (K,) or no bias.
+
+    ``saved``: a dict kept by the caller between forward and backward. On the CPU the
+    forward pass leaves in it the im2col matrix of ``x`` (and ``x`` itself), which
+    ``conv2d_backward(..., saved=saved)`` then reuses instead of recomputing it; the
+    matrix is allocated once and reused while the shapes stay the same.
+    """
     args = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
     device = common_device("conv2d", **args)
     if len(x.shape) != 4 or len(w.shape) != 4:
         raise ValueError(f"conv2d: x must be (N, C, H, W) and w (K, C, FH, FW), got {tuple(x.shape)} and "
                          f"{tuple(w.shape)}")
-    N, _, H, W = x.shape
+    N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     shape = (N, K) + spatial_output("conv2d", H, W, (FH, FW), stride, padding, "kernel")
     y = empty(shape, x.dtype, device)
-    kernel("conv2d_forward", device)(y, x, w, b, *stride, *padding)
+    if device == "cpu" and saved is not None:
+        cols_shape = (C * FH * FW, N * shape[2] * shape[3])
+        cols = saved.get("cols")
+        if cols is None or cols.shape != cols_shape or cols.dtype != x.dtype:
+            cols = np.empty(cols_shape, x.dtype)
+        saved.clear()
+        kernel("conv2d_forward", device)(y, x, w, b, *stride, *padding, cols=cols)
+        saved.update(cols=cols, x=x)
+    else:
+        kernel("conv2d_forward", device)(y, x, w, b, *stride, *padding)
     return y
 
 
-def conv2d_backward(dy, x, w, stride, padding, need_dx=True):
-    """(dx or None, dw, db) of a convolution, from dy (N, K, OH, OW)."""
+def conv2d_backward(dy, x, w, stride, padding, need_dx=True, dw=None, db=None, has_bias=True, saved=None):
+    """(dx or None, dw, db or None) of a convolution, from dy (N, K, OH, OW).
+
+    ``dw`` and ``db`` may be given to be overwritten (a parameter's ``grad``), else they are
+    allocated; ``has_bias=False`` skips the bias gradient. ``saved``: the dict given to
+    ``conv2d_forward`` for this same ``x``.
+    """
     device = common_device("conv2d backward", dy=dy, x=x, w=w)
-    dx = None
+    dx = empty(x.shape, x.dtype, device) if need_dx else None
+    dw = empty(w.shape, w.dtype, device) if dw is None else dw
+    if has_bias:
+        db = empty((w.shape[0],), w.dtype, device) if db is None else db
+    else:
+        db = None
+    if device == "cpu":
+        cols = saved.get("cols") if saved is not None and saved.get("x") is x else None
+        kernel("conv2d_backward", device)(dx, dw, db, dy, x, w, *stride, *padding, cols=cols)
+        return dx, dw, db
     if need_dx:
-        dx = empty(x.shape, x.dtype, device)
         kernel("conv2d_backward_input", device)(dx, dy, w, *stride, *padding)
-    dw = empty(w.shape, w.dtype, device)
     kernel("conv2d_backward_weight", device)(dw, dy, x, *stride, *padding)
-    db = empty((w.shape[0],), w.dtype, device)
-    kernel("conv2d_backward_bias", device)(db, dy)
+    if db is not None:
+        kernel("conv2d_backward_bias", device)(db, dy)
     return dx, dw, db
 
 

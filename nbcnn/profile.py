@@ -35,6 +35,10 @@ COSTS = {
     "conv2d_backward_input": lambda dx, dy, w, *_: (2 * _n(dy) * _conv_taps(w), _bytes(dx, dy, w)),
     "conv2d_backward_weight": lambda dw, dy, x, *_: (2 * _n(dy) * _conv_taps(dw), _bytes(dw, dy, x)),
     "conv2d_backward_bias": lambda db, dy: (_n(dy), _bytes(db, dy)),
+    # the three above in one call (dx and db may be None)
+    "conv2d_backward": lambda dx, dw, db, dy, x, w, *_: (
+        2 * _n(dy) * _conv_taps(w) * (1 if dx is None else 2) + (0 if db is None else _n(dy)),
+        _bytes(dx, dw, db, dy, x, w)),
     "maxpool2d_forward": lambda y, am, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, am, x)),
     "maxpool2d_backward": lambda dx, dy, am, *_: (_n(dy), _bytes(dx, dy, am)),
     "avgpool2d_forward": lambda y, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, x)),
@@ -215,7 +219,7 @@ class Recorder:
             cuda.synchronize()
 
     def _wrap(self, op, fn):
-        def timed(*args):
+        def timed(*args, **kwargs):
             if self.device == "cuda":
                 from numba import cuda
 
@@ -223,13 +227,13 @@ class Recorder:
                 cuda.synchronize()
                 start = time.perf_counter()
                 start_event.record()
-                result = fn(*args)
+                result = fn(*args, **kwargs)
                 end_event.record()
                 end_event.synchronize()
                 seconds = cuda.event_elapsed_time(start_event, end_event) / 1e3
             else:
                 start = time.perf_counter()
-                result = fn(*args)
+                result = fn(*args, **kwargs)
                 seconds = time.perf_counter() - start
             flops, nbytes = cost(op, args)
             self.events.append(dict(kind="kernel", name=op, layer=self.label[0], phase=self.label[1],

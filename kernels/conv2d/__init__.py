@@ -14,7 +14,12 @@ from .cpu import (
     conv2d_backward_weight_cpu,
     conv2d_forward_cpu,
 )
-from .gemm import conv2d_backward_input_gemm_cpu, conv2d_backward_weight_gemm_cpu, conv2d_forward_gemm_cpu
+from .gemm import (
+    conv2d_backward_gemm_cpu,
+    conv2d_backward_input_gemm_cpu,
+    conv2d_backward_weight_gemm_cpu,
+    conv2d_forward_gemm_cpu,
+)
 from .cuda import (
     conv2d_backward_bias_cuda,
     conv2d_backward_input_cuda,
@@ -30,6 +35,7 @@ __all__ = [
     "conv2d_forward_gemm_cpu",
     "conv2d_backward_input_gemm_cpu",
     "conv2d_backward_weight_gemm_cpu",
+    "conv2d_backward_gemm_cpu",
     "conv2d_forward_cuda",
     "conv2d_backward_input_cuda",
     "conv2d_backward_weight_cuda",

@@ -8,6 +8,7 @@ from scipy.signal import correlate
 
 from nbcnn.kernels.conv2d import (
     conv2d_backward_bias_cpu,
+    conv2d_backward_gemm_cpu,
     conv2d_backward_input_cpu,
     conv2d_backward_input_gemm_cpu,
     conv2d_backward_weight_cpu,
@@ -42,10 +43,12 @@ def make(rng, case, dtype):
     return x, w, b, (N, K, OH, OW)
 
 
-# The direct kernels and the im2col + matrix-product kernels: the same tests run on both.
+# The direct kernels, the im2col + matrix-product kernels, and the one-call backward that
+# reuses the forward pass's im2col matrix (what Conv2D runs on the CPU): the same tests run on all.
 IMPLS = {
     "direct": (conv2d_forward_cpu, conv2d_backward_input_cpu, conv2d_backward_weight_cpu),
     "gemm": (conv2d_forward_gemm_cpu, conv2d_backward_input_gemm_cpu, conv2d_backward_weight_gemm_cpu),
+    "fused": (conv2d_forward_gemm_cpu, None, None),
 }
 
 
@@ -63,10 +66,22 @@ def backward(dy, x, w, stride, pad, impl="direct"):
     dx = np.full(x.shape, np.nan, dtype=x.dtype)
     dw = np.full(w.shape, np.nan, dtype=x.dtype)
     db = np.full(w.shape[0], np.nan, dtype=x.dtype)
+    if impl == "fused":
+        cols = forward_cols(x, w, stride, pad, dy.shape)
+        conv2d_backward_gemm_cpu(dx, dw, db, dy, x, w, *stride, *pad, cols=cols)
+        return dx, dw, db
     IMPLS[impl][1](dx, dy, w, *stride, *pad)
     IMPLS[impl][2](dw, dy, x, *stride, *pad)
     conv2d_backward_bias_cpu(db, dy)
     return dx, dw, db
+
+
+def forward_cols(x, w, stride, pad, y_shape):
+    """The im2col matrix a forward pass leaves in ``cols`` (NaN first, so a forgotten entry shows)."""
+    (N, C, _, _), (_, _, FH, FW) = x.shape, w.shape
+    cols = np.full((C * FH * FW, N * y_shape[2] * y_shape[3]), np.nan, x.dtype)
+    conv2d_forward_gemm_cpu(np.empty(y_shape, x.dtype), x, w, None, *stride, *pad, cols=cols)
+    return cols
 
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -152,6 +167,34 @@ def test_random_shapes_forward_and_backward(case, seed):
         np.testing.assert_allclose(forward(x, w, b, stride, pad, shape, impl), want_y, rtol=1e-12, atol=1e-12)
         for g, e in zip(backward(dy, x, w, stride, pad, impl), want_grads):
             np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fused_backward_skips_what_it_is_told_to(rng, case):
+    """dx=None and db=None leave dw unchanged; without cols the matrix is recomputed, same result."""
+    x, w, b, shape = make(rng, case, np.float64)
+    stride, pad = case[7], case[8]
+    dy = rng.standard_normal(shape)
+    full = backward(dy, x, w, stride, pad, "fused")
+    dw = np.full(w.shape, np.nan)
+    assert conv2d_backward_gemm_cpu(None, dw, None, dy, x, w, *stride, *pad) == (None, dw, None)
+    np.testing.assert_allclose(dw, full[1], rtol=1e-12, atol=1e-12)
+    dx, db = np.full(x.shape, np.nan), np.full(w.shape[0], np.nan)
+    conv2d_backward_gemm_cpu(dx, dw, db, dy, x, w, *stride, *pad)
+    for got, want in zip((dx, dw, db), full):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cols_argument_is_checked(rng):
+    x, w, b, shape = make(rng, CASES[0], np.float32)
+    dy, dw = np.ones(shape, np.float32), np.empty(w.shape, np.float32)
+    good = (3 * 3 * 3, 2 * shape[2] * shape[3])
+    with pytest.raises(ValueError, match=r"cols has shape \(28, 40\), expected \(27, 40\)"):
+        conv2d_forward_gemm_cpu(np.empty(shape, np.float32), x, w, b, cols=np.empty((good[0] + 1, good[1]), np.float32))
+    with pytest.raises(TypeError, match="cols is float64 but x is float32"):
+        conv2d_backward_gemm_cpu(None, dw, None, dy, x, w, cols=np.empty(good))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        conv2d_backward_weight_gemm_cpu(dw, dy, x, cols=np.empty(good[::-1], np.float32).T)
 
 
 def test_lecture_example_shape():
