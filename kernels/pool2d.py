@@ -152,6 +152,56 @@ def _maxpool2d_backward_cpu(dx, dy, argmax):
                     dx[n, c, where // W, where % W] += dy[n, c, oh, ow]
 
 
+# Fast paths. The loops above take any window, stride and padding; their window loops have
+# run-time bounds, and the comparisons of the running maximum become branches that random data
+# mispredicts half the time: about 17 ns an output. The usual 2x2 window with stride 2 and no
+# padding gets its own kernel, with the window unrolled (LLVM turns the comparisons into
+# selects), and the NaN rule moved off the common path: a window holding a NaN (tested
+# branch-free, never true in training that has not already diverged) is redone with the
+# general rule. (A matching backward that writes each dx element once, dy or 0, measured
+# slower than the general scatter, 0.9 against 0.56 ms on 64x16x28x28: not kept.)
+
+
+@njit(inline="always", cache=True)
+def _better(v, best):
+    """The general rule: v replaces the running maximum if larger, or if NaN (the first NaN stays)."""
+    return v > best or (v != v and best == best)
+
+
+@njit(parallel=True, cache=True)
+def _maxpool2d_forward_2x2_cpu(y, argmax, x):
+    """Max pooling with a 2x2 window, stride 2, no padding: same results as ``_maxpool2d_forward_cpu``."""
+    N, C, H, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    for task in prange(N * C):
+        n = task // C
+        c = task % C
+        for oh in range(OH):
+            ih = 2 * oh
+            for ow in range(OW):
+                iw = 2 * ow
+                first = ih * W + iw
+                a, b = x[n, c, ih, iw], x[n, c, ih, iw + 1]
+                d, e = x[n, c, ih + 1, iw], x[n, c, ih + 1, iw + 1]
+                best, where = a, first
+                if b > best:
+                    best, where = b, first + 1
+                if d > best:
+                    best, where = d, first + W
+                if e > best:
+                    best, where = e, first + W + 1
+                if (b != b) | (d != d) | (e != e):  # a NaN after the first element: the general rule
+                    best, where = a, first
+                    if _better(b, best):
+                        best, where = b, first + 1
+                    if _better(d, best):
+                        best, where = d, first + W
+                    if _better(e, best):
+                        best, where = e, first + W + 1
+                y[n, c, oh, ow] = best
+                argmax[n, c, oh, ow] = where
+
+
 @njit(parallel=True, cache=True)
 def _avgpool2d_forward_cpu(y, x, fh, fw, sh, sw, ph, pw):
     """y[n, c, oh, ow] = sum of x over the window / (FH*FW). One task per plane (n, c)."""
@@ -195,7 +245,10 @@ def maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, stride_h=None, strid
     stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     check_pool2d("maxpool2d_forward_cpu", on_host, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
                  (pad_h, pad_w), ("argmax", argmax))
-    _maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    if (kernel_h, kernel_w, *stride, pad_h, pad_w) == (2, 2, 2, 2, 0, 0):
+        _maxpool2d_forward_2x2_cpu(y, argmax, x)
+    else:
+        _maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
     return y
 
 

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nbcnn.kernels import pool2d
 from nbcnn.kernels.pool2d import (
     avgpool2d_backward_cpu,
     avgpool2d_forward_cpu,
@@ -23,6 +24,7 @@ CASES = [
     (2, 2, 5, 5, (3, 3), (1, 1), (0, 0)),
     (3, 1, 9, 6, (2, 3), (3, 1), (1, 1)),
     (1, 4, 4, 4, (4, 4), (4, 4), (2, 2)),
+    (2, 3, 7, 9, (2, 2), (2, 2), (0, 0)),  # the 2x2 fast path, with a row and a column left over
 ]
 IDS = [f"N{c[0]}C{c[1]}H{c[2]}W{c[3]}F{c[4]}S{c[5]}P{c[6]}" for c in CASES]
 
@@ -131,6 +133,26 @@ def test_nan_propagates_through_max():
 def test_backward_ignores_an_argmax_outside_the_plane():
     dx = run_max_backward(np.ones((1, 1, 1, 1)), np.array([[[[99]]]], np.int32), (1, 1, 2, 2), (2, 2), (2, 2), (0, 0))
     np.testing.assert_array_equal(dx, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_paths_equal_the_general_kernels(rng, dtype):
+    """The 2x2 forward gives exactly what the general loops give, on data
+    made of ties (the zeros ReLU leaves), NaNs at every window position, and infinities."""
+    x = rng.standard_normal((3, 4, 9, 10)).astype(dtype)
+    x[0] = np.maximum(x[0], 0)  # half zeros: ties
+    x[1, :2] = 0.0
+    for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        x[2, k, 2 * k + i, 2 * k + j] = np.nan  # one NaN at each position of a window
+    x[2, 0, 6:8, 6:8] = [[1.0, np.nan], [np.nan, 2.0]]  # two NaNs: the first one wins
+    x[2, 1, 0, :4] = [-np.inf, -np.inf, np.inf, 1.0]
+    shape = (3, 4, 4, 5)
+    y, argmax = run_max(x, (2, 2), (2, 2), (0, 0), shape)
+    y_ref, argmax_ref = np.full(shape, np.nan, dtype), np.full(shape, -7, np.int32)
+    pool2d._maxpool2d_forward_cpu(y_ref, argmax_ref, x, 2, 2, 2, 2, 0, 0)
+    np.testing.assert_array_equal(y, y_ref)  # NaNs in the same places count as equal
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    assert argmax[2, 0, 3, 3] == 6 * 10 + 7 and np.isnan(y[2, 0, 3, 3])
 
 
 @st.composite
