@@ -4,6 +4,12 @@ The raw kernels are in ``nbcnn.kernels``; ``nbcnn.layers``, ``nbcnn.Sequential``
 ``nbcnn.losses`` and ``nbcnn.optim`` build and train networks on either device.
 """
 
+import time
+
+# When nbcnn was first imported: `nbcnn train` reports how long after this its first step ended
+# (imports, the data, Numba's compilation or cache loads, the step itself).
+STARTED = time.perf_counter()
+
 __version__ = "0.1.0"
 
 from nbcnn.device import resolve_device, to_device, to_numpy  # noqa: E402

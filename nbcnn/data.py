@@ -9,6 +9,7 @@ dimension follows. MNIST's images are 2051 = 0x00000803 (count, rows, cols), its
 
 import gzip
 import hashlib
+import math
 import os
 from importlib import resources
 
@@ -126,17 +127,29 @@ def load_dataset(data_dir=None):
 
 
 def normalization(train_images):
-    """(mean, std) of the training images scaled to [0, 1]: inputs become (x/255 - mean) / std."""
-    scaled = train_images.astype(np.float64) / 255.0
-    std = float(scaled.std())
-    return float(scaled.mean()), std if std > 0 else 1.0
+    """(mean, std) of the training images scaled to [0, 1]: inputs become (x/255 - mean) / std.
+
+    From the exact integer sums of the bytes and of their squares, taken in chunks: no float
+    copy of the data set (a float64 one took 2.5 s and 376 MB for MNIST)."""
+    flat = np.asarray(train_images, np.uint8).reshape(-1)
+    n = flat.size
+    total = squares = 0
+    for start in range(0, n, 1 << 22):
+        chunk = flat[start:start + (1 << 22)].astype(np.uint32)
+        total += int(chunk.sum(dtype=np.uint64))
+        squares += int(np.square(chunk).sum(dtype=np.uint64))
+    mean = total / (255.0 * n)
+    std = math.sqrt((n * squares - total * total) / n) / (255.0 * math.sqrt(n))
+    return mean, std if std > 0 else 1.0
 
 
 def prepare(images, mean, std):
-    """uint8 (N, H, W) -> float32 (N, 1, H, W), scaled to [0, 1] and normalized."""
-    x = images.astype(np.float32) / np.float32(255.0)
-    x -= np.float32(mean)
-    x /= np.float32(std)
+    """uint8 (N, H, W) -> float32 (N, 1, H, W), scaled to [0, 1] and normalized.
+
+    Through a table of the 256 possible results, computed with the float32 operations
+    ``(v / 255 - mean) / std``, so each pixel gets exactly what that formula gives it."""
+    table = (np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(mean)) / np.float32(std)
+    x = table[np.asarray(images, np.uint8)]
     return x.reshape(images.shape[0], 1, *images.shape[1:])
 
 

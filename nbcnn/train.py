@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from nbcnn import STARTED
 from nbcnn import layers as L
 from nbcnn import ops
 from nbcnn.data import load_dataset, normalization, prepare
@@ -161,9 +162,10 @@ def _load_resume_state(path, model, optimizer_factory, device):
     return optimizer, epoch
 
 
-def run_epoch(model, loss_fn, optimizer, x, y, order, batch_size, bar=None):
+def run_epoch(model, loss_fn, optimizer, x, y, order, batch_size, bar=None, after_first_step=None):
     """One pass over ``x``, ``y`` in the given ``order`` (indices on the data's device); returns
-    the mean training loss. Minibatches are gathered into two buffers reused for every step."""
+    the mean training loss. Minibatches are gathered into two buffers reused for every step.
+    ``after_first_step``, if given, is called once the first step has finished."""
     n = order.shape[0]
     device = model.device
     batch_x = ops.empty((batch_size,) + tuple(x.shape[1:]), x.dtype, device)
@@ -181,6 +183,8 @@ def run_epoch(model, loss_fn, optimizer, x, y, order, batch_size, bar=None):
             raise FloatingPointError(f"the loss became {loss} at step {steps + 1}")
         loss_sum += loss
         steps += 1
+        if steps == 1 and after_first_step is not None:
+            after_first_step()
         if bar is not None:
             bar.update(stop - start)
             if steps % 20 == 0:
@@ -214,6 +218,7 @@ def train(cfg, log=print):
     metadata = dict(mean=mean, std=std, classes=classes, model=cfg.model)
 
     metrics, start_epoch = [], 0
+    startup = {}
     if cfg.resume:
         if not os.path.exists(resume_path):
             raise FileNotFoundError(f"--resume: nothing to resume from in {cfg.out} (no resume.npz)")
@@ -233,8 +238,13 @@ def train(cfg, log=print):
         order = to_device(order, device)  # the only transfer of the epoch: n indices
         bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
         started = time.perf_counter()
+        first_step = None
+        if epoch == start_epoch + 1:
+            def first_step():
+                startup["seconds"] = time.perf_counter() - STARTED
         try:
-            mean_loss = run_epoch(model, loss_fn, optimizer, train_x, train_y, order, cfg.batch_size, bar)
+            mean_loss = run_epoch(model, loss_fn, optimizer, train_x, train_y, order, cfg.batch_size, bar,
+                                  first_step)
         except FloatingPointError as exc:
             raise FloatingPointError(f"epoch {epoch}: {exc}: lower the learning rate (--lr)") from None
         finally:
@@ -245,11 +255,17 @@ def train(cfg, log=print):
         record = dict(epoch=epoch, train_loss=mean_loss, test_loss=test_loss, test_accuracy=test_accuracy,
                       seconds=train_seconds, samples_per_second=n / train_seconds, device=device,
                       model=cfg.model, batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed)
+        if first_step is not None:
+            # from the import of nbcnn to the end of this run's first step: with Numba's cache warm,
+            # mostly loading the data; on a first run, compiling the kernels
+            record["first_step_seconds"] = startup["seconds"]
         metrics.append(record)
         model.save(checkpoint, **metadata)
         _save_resume_state(resume_path, model, optimizer, epoch)
         atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
         plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
+        if first_step is not None:
+            log(f"first step finished {startup['seconds']:.2f} s after nbcnn was imported")
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test_loss:.4f}, "
             f"test accuracy {100 * test_accuracy:.2f}%, {train_seconds:.1f} s ({record['samples_per_second']:,.0f} img/s)")
     return metrics
