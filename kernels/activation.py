@@ -10,6 +10,7 @@ keep its input. Backward overwrites dx. Arrays are processed as flat vectors.
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_shape, on_host
+from ._cpu import serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu
 
 # ------------------------------------------------------------------------ argument checks
@@ -34,10 +35,25 @@ def _relu_forward_cpu(y, x):
         y[i] = v if v > 0 else 0
 
 
+@njit(cache=True)
+def _relu_forward_serial_cpu(y, x):
+    """``_relu_forward_cpu`` on one thread, for small arrays (see ``_cpu.SERIAL_BELOW``)."""
+    for i in range(x.size):
+        v = x[i]
+        y[i] = v if v > 0 else 0
+
+
 @njit(parallel=True, cache=True)
 def _relu_backward_cpu(dx, dy, y):
     """dx = dy where y > 0, else 0, over flat vectors."""
     for i in prange(y.size):
+        dx[i] = dy[i] if y[i] > 0 else 0
+
+
+@njit(cache=True)
+def _relu_backward_serial_cpu(dx, dy, y):
+    """``_relu_backward_cpu`` on one thread, for small arrays."""
+    for i in range(y.size):
         dx[i] = dy[i] if y[i] > 0 else 0
 
 
@@ -47,14 +63,16 @@ def _relu_backward_cpu(dx, dy, y):
 def relu_forward_cpu(y, x):
     """``y = max(x, 0)``; ``x`` and ``y`` of one shape (any) and dtype; ``y`` may be ``x``. Returns ``y``."""
     check_same_shape("relu_forward_cpu", on_host, {"y": y, "x": x})
-    _relu_forward_cpu(y.reshape(-1), x.reshape(-1))
+    relu = _relu_forward_serial_cpu if serial(x.size) else _relu_forward_cpu
+    relu(y.reshape(-1), x.reshape(-1))
     return y
 
 
 def relu_backward_cpu(dx, dy, y):
     """``dx = dy * (y > 0)`` with ``y`` the forward output; all of one shape. Returns ``dx``."""
     check_same_shape("relu_backward_cpu", on_host, {"dx": dx, "dy": dy, "y": y})
-    _relu_backward_cpu(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
+    relu = _relu_backward_serial_cpu if serial(y.size) else _relu_backward_cpu
+    relu(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
     return dx
 
 

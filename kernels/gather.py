@@ -13,6 +13,7 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_shape, is_c_contiguous, on_host
+from ._cpu import serial
 from ._cuda import blocks, gpu_arrays, on_gpu
 
 INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -46,13 +47,24 @@ def _gather_rows_cpu(out, x, idx):
             out[i, :] = x[r, :]
 
 
+@njit(cache=True)
+def _gather_rows_serial_cpu(out, x, idx):
+    """``_gather_rows_cpu`` on one thread, for small minibatches (see ``_cpu.SERIAL_BELOW``)."""
+    R = x.shape[0]
+    for i in range(out.shape[0]):
+        r = idx[i]
+        if 0 <= r < R:
+            out[i, :] = x[r, :]
+
+
 def gather_rows_cpu(out, x, idx):
     """``out[i] = x[idx[i]]`` for every i. Returns ``out``."""
     fn = "gather_rows_cpu"
     B, R, D = check_gather(fn, on_host, out, x, idx)
     if B and (idx.min() < 0 or idx.max() >= R):
         raise ValueError(f"{fn}: idx must lie in [0, {R}), got values in [{idx.min()}, {idx.max()}]")
-    _gather_rows_cpu(out.reshape(B, D), x.reshape(R, D), idx)
+    gather = _gather_rows_serial_cpu if serial(B * D) else _gather_rows_cpu
+    gather(out.reshape(B, D), x.reshape(R, D), idx)
     return out
 
 

@@ -26,6 +26,7 @@ import math
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
+from ._cpu import serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu
 
 # ------------------------------------------------------------------------ argument checks
@@ -58,14 +59,36 @@ def adam_constants(fn, lr, beta1, beta2, eps, step):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
+@njit(inline="always", cache=True)
+def _sgd_element(param, velocity, grad, i, lr, momentum, weight_decay):
+    g = grad[i] + weight_decay * param[i]
+    vel = momentum * velocity[i] + g
+    velocity[i] = vel
+    param[i] -= lr * vel
+
+
 @njit(parallel=True, cache=True)
 def _sgd_update_cpu(param, velocity, grad, lr, momentum, weight_decay):
     """One SGD step over flat vectors, element by element."""
     for i in prange(param.size):
-        g = grad[i] + weight_decay * param[i]
-        vel = momentum * velocity[i] + g
-        velocity[i] = vel
-        param[i] -= lr * vel
+        _sgd_element(param, velocity, grad, i, lr, momentum, weight_decay)
+
+
+@njit(cache=True)
+def _sgd_update_serial_cpu(param, velocity, grad, lr, momentum, weight_decay):
+    """``_sgd_update_cpu`` on one thread, for small parameters (see ``_cpu.SERIAL_BELOW``)."""
+    for i in range(param.size):
+        _sgd_element(param, velocity, grad, i, lr, momentum, weight_decay)
+
+
+@njit(inline="always", cache=True)
+def _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2):
+    g = grad[i]
+    mi = beta1 * m[i] + (1.0 - beta1) * g
+    vi = beta2 * v[i] + (1.0 - beta2) * g * g
+    m[i] = mi
+    v[i] = vi
+    param[i] -= step_size * mi / (math.sqrt(vi) / root_bias2 + eps)
 
 
 @njit(parallel=True, cache=True)
@@ -74,12 +97,16 @@ def _adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
     step_size = lr / bias1
     root_bias2 = math.sqrt(bias2)
     for i in prange(param.size):
-        g = grad[i]
-        mi = beta1 * m[i] + (1.0 - beta1) * g
-        vi = beta2 * v[i] + (1.0 - beta2) * g * g
-        m[i] = mi
-        v[i] = vi
-        param[i] -= step_size * mi / (math.sqrt(vi) / root_bias2 + eps)
+        _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2)
+
+
+@njit(cache=True)
+def _adam_update_serial_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
+    """``_adam_update_cpu`` on one thread, for small parameters (see ``_cpu.SERIAL_BELOW``)."""
+    step_size = lr / bias1
+    root_bias2 = math.sqrt(bias2)
+    for i in range(param.size):
+        _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2)
 
 
 @njit(parallel=True, cache=True)
@@ -106,7 +133,8 @@ def sgd_update_cpu(param, velocity, grad, lr, momentum=0.0, weight_decay=0.0):
     fn = "sgd_update_cpu"
     check_update(fn, on_host, {"param": param, "velocity": velocity, "grad": grad})
     hyper = check_sgd_hyper(fn, lr, momentum, weight_decay)
-    _sgd_update_cpu(param.reshape(-1), velocity.reshape(-1), grad.reshape(-1), *hyper)
+    update = _sgd_update_serial_cpu if serial(param.size) else _sgd_update_cpu
+    update(param.reshape(-1), velocity.reshape(-1), grad.reshape(-1), *hyper)
     return param
 
 
@@ -115,7 +143,8 @@ def adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step):
     fn = "adam_update_cpu"
     check_update(fn, on_host, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
-    _adam_update_cpu(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts)
+    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts)
     return param
 
 
