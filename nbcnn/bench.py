@@ -131,6 +131,33 @@ def _torch_conv_calls(torch, device, x, w, b, dy, P):
     return calls
 
 
+def _layer_pass(device, x, w, b, dy, P):
+    """(call, dw, flops): one convolution forward and backward the way ``Conv2D`` runs them in
+    training (on the CPU: the forward's im2col matrix reused, one call for dx, dw and db)."""
+    d = {k: to_device(v, device) for k, v in dict(x=x, w=w, b=b, dy=dy).items()}
+    dw, db, saved = ops.empty(w.shape, np.float32, device), ops.empty(b.shape, np.float32, device), {}
+
+    def call():
+        ops.conv2d_forward(d["x"], d["w"], d["b"], (1, 1), (P, P), saved=saved)
+        ops.conv2d_backward(d["dy"], d["x"], d["w"], (1, 1), (P, P), True, dw=dw, db=db, saved=saved)
+
+    taps = int(np.prod(w.shape[1:]))
+    return call, dw, 3 * 2 * dy.size * taps + dy.size
+
+
+def _torch_layer_pass(torch, device, x, w, b, dy, P):
+    """The same in PyTorch: conv2d, then autograd's backward to x, w and b; returns (call, w)."""
+    dev = "cuda" if device == "cuda" else "cpu"
+    xt, wt, bt = (torch.from_numpy(a).to(dev).requires_grad_() for a in (x, w, b))
+    dyt = torch.from_numpy(dy).to(dev)
+
+    def call():
+        xt.grad = wt.grad = bt.grad = None
+        torch.nn.functional.conv2d(xt, wt, bt, padding=P).backward(dyt)
+
+    return call, wt
+
+
 def _reference_check(device, shape, rng):
     """Check the kernels the dispatcher uses against the reference ones on this shape, batch 2."""
     from nbcnn.kernels import conv2d, pool2d
@@ -184,7 +211,33 @@ def kernel_rows(device, vs, repeats, rng):
                 ours = [timer(run) for _ in range(repeats)]
             entry["nbcnn_seconds"] = float(np.median(ours))
             rows.append(entry)
+        rows.append(_layer_row(device, torch, repeats, name, x, w, b, dy, P))
     return rows
+
+
+def _layer_row(device, torch, repeats, name, x, w, b, dy, P):
+    """The row the issue's targets name: a whole convolution layer, forward then backward."""
+    timer = _timer(device)
+    run, dw, flops = _layer_pass(device, x, w, b, dy, P)
+    run()  # compiles
+    entry = dict(name="conv2d forward + backward", shape=name, flops=flops, bytes=0)
+    if torch:
+        peer, wt = _torch_layer_pass(torch, device, x, w, b, dy, P)
+        peer()
+        entry["check_error"] = _close(to_numpy(dw), wt.grad.cpu().numpy(), f"{name} forward + backward, dw")
+        ours, theirs, ttimer = [], [], _torch_timer(torch, device)
+        for _ in range(repeats):
+            ours.append(timer(run))
+            theirs.append(ttimer(peer))
+        entry["torch_seconds"] = float(np.median(theirs))
+    else:
+        from nbcnn.kernels import conv2d
+
+        want = conv2d.conv2d_backward_weight_cpu(np.empty(w.shape, np.float32), dy, x, 1, 1, P, P)
+        _close(to_numpy(dw), want, f"{name} forward + backward, dw against the reference kernel")
+        ours = [timer(run) for _ in range(repeats)]
+    entry["nbcnn_seconds"] = float(np.median(ours))
+    return entry
 
 
 # -------------------------------------------------------------------------- epoch rows
