@@ -281,10 +281,10 @@ class Dense(Layer):
         return ops.dense_forward(x, self.weight.data, b)
 
     def backward(self, dy, need_dx=True):
-        dx, dw, db = ops.dense_backward(dy, self._saved("_x"), self.weight.data, need_dx)
-        self.weight.grad = dw
-        if self.bias is not None:
-            self.bias.grad = db
+        bias = self.bias
+        dx, _, _ = ops.dense_backward(dy, self._saved("_x"), self.weight.data, need_dx, dw=self.weight.grad_buffer(),
+                                      db=bias.grad_buffer() if bias is not None else None,
+                                      has_bias=bias is not None)
         return dx
 
 
