@@ -94,10 +94,11 @@ def test_bench_report_schema(small_suite, tmp_path, capsys):
     assert report["device"] == "cpu" and report["threads"] >= 1 and report["machine"]["numba"]
     names = [r["name"] for r in report["rows"]]
     assert names == ["conv2d forward", "conv2d backward-input", "conv2d backward-weight", "maxpool2d 2x2 forward",
-                     "maxpool2d 2x2 backward", "training epoch, tiny"]
+                     "maxpool2d 2x2 backward", "conv2d forward + backward", "training epoch, tiny"]
     for r in report["rows"]:
         assert r["nbcnn_seconds"] > 0 and "torch_seconds" not in r
     assert report["rows"][0]["flops"] == 2 * 2 * 3 * 8 * 8 * 2 * 9
+    assert report["rows"][5]["flops"] == 3 * 2 * 2 * 3 * 8 * 8 * 2 * 9 + 2 * 3 * 8 * 8  # + the bias gradient
     assert "conv2d forward" in capsys.readouterr().out
 
 
