@@ -74,9 +74,10 @@ class Parameter:
         """``grad``, ready to be overwritten by a backward pass: the same array step after step,
         replaced only when ``data`` changed shape, dtype or device."""
         g, d = self.grad, self.data
+        device = ops.common_device("Parameter", data=d)
         if (g is None or tuple(g.shape) != tuple(d.shape) or g.dtype != d.dtype
-                or ops.common_device("Parameter", data=d) != ops.common_device("Parameter", grad=g)):
-            self.grad = ops.empty(d.shape, d.dtype, ops.common_device("Parameter", data=d))
+                or ops.common_device("Parameter", grad=g) != device):
+            self.grad = ops.empty(d.shape, d.dtype, device)
         return self.grad
 
     def __repr__(self):

@@ -131,10 +131,6 @@ class HostPool:
                 self.nbytes += a.nbytes
             return a
 
-    def clear(self):
-        with self.lock:
-            self.arrays, self.nbytes = {}, 0
-
 
 host_pool = HostPool()
 
