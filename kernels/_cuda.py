@@ -90,36 +90,6 @@ def blocks(n, threads):
     return max(1, (n + threads - 1) // threads)
 
 
-_workspaces = {}
-
-
-def workspace(dtype, shape):
-    """A device scratch array of ``shape``, reused across calls (grown when too small).
-
-    Kernels that need scratch memory (the partial sums of a two-pass reduction) take it
-    from here rather than allocate on every call. Its contents are garbage on entry.
-    Not thread-safe: one host thread launches at a time.
-    """
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape))
-    buf = _workspaces.get(dtype)
-    if buf is None or buf.size < size:
-        buf = cuda.device_array(max(size, 1), dtype=dtype)
-        _workspaces[dtype] = buf
-    return buf[:size].reshape(shape) if len(shape) > 1 else buf[:size]
-
-
-_zeros = {}
-
-
-def zeros(dtype, n):
-    """A cached device vector of ``n`` zeros (for a missing bias); never written by kernels."""
-    key = (np.dtype(dtype), n)
-    if key not in _zeros:
-        _zeros[key] = cuda.to_device(np.zeros(n, dtype=dtype))
-    return _zeros[key]
-
-
 # Threads per block in block reductions, a power of two. The simulator runs every thread
 # as a Python thread, so under it the blocks are smaller: the same code, tested faster.
 REDUCE_THREADS = 32 if SIMULATOR else 256

@@ -76,6 +76,18 @@ def relu_backward_cpu(dx, dy, y):
     return dx
 
 
+def relu_forward_core_cpu(y, x):
+    """``relu_forward_cpu`` without the checks, for a caller that has checked a plan."""
+    relu = _relu_forward_serial_cpu if serial(x.size) else _relu_forward_cpu
+    relu(y.reshape(-1), x.reshape(-1))
+
+
+def relu_backward_core_cpu(dx, dy, y):
+    """``relu_backward_cpu`` without the checks; ``dx`` may be ``dy`` (masks a gradient in place)."""
+    relu = _relu_backward_serial_cpu if serial(y.size) else _relu_backward_cpu
+    relu(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
+
+
 # ---------------------------------------------------------------------------- CUDA kernels
 
 THREADS = 256
@@ -117,3 +129,13 @@ def relu_backward_cuda(dx, dy, y):
     check_same_shape(fn, on_gpu, {"dx": dx, "dy": dy, "y": y})
     _relu_backward_kernel[blocks(y.size, THREADS), THREADS](flat(dx), flat(dy), flat(y))
     return dx
+
+
+def relu_forward_core_cuda(y, x):
+    """``relu_forward_cuda`` without the checks: GPU arrays of one shape, as a plan checked them."""
+    _relu_forward_kernel[blocks(x.size, THREADS), THREADS](flat(y), flat(x))
+
+
+def relu_backward_core_cuda(dx, dy, y):
+    """``relu_backward_cuda`` without the checks."""
+    _relu_backward_kernel[blocks(y.size, THREADS), THREADS](flat(dx), flat(dy), flat(y))

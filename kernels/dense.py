@@ -22,7 +22,9 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
-from ._cuda import blocks, gpu_arrays, on_gpu, zeros
+from ._cpu import serial
+from ._cuda import blocks, gpu_arrays, on_gpu
+from .activation import relu_backward_core_cpu
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -139,12 +141,36 @@ def dense_backward_bias_cpu(db, dy):
     return db
 
 
+@njit(inline="always", cache=True)
+def _bias_row(y, b, n, relu):
+    for o in range(y.shape[1]):
+        v = y[n, o] + b[o]
+        y[n, o] = v if (v > 0 or not relu) else 0
+
+
 @njit(parallel=True, cache=True)
-def _add_bias_rows_cpu(y, b):
-    """y[n, :] += b; one task per row."""
+def _add_bias_rows_cpu(y, b, relu):
+    """y[n, :] += b, then max(., 0) when ``relu`` (a dense layer followed by ReLU); one task per row."""
     for n in prange(y.shape[0]):
-        for o in range(y.shape[1]):
-            y[n, o] += b[o]
+        _bias_row(y, b, n, relu)
+
+
+@njit(cache=True)
+def _add_bias_rows_serial_cpu(y, b, relu):
+    """``_add_bias_rows_cpu`` on one thread, for small outputs (see ``_cpu.SERIAL_BELOW``)."""
+    for n in range(y.shape[0]):
+        _bias_row(y, b, n, relu)
+
+
+@njit(cache=True)
+def _dense_backward_bias_serial_cpu(db, dy):
+    """``_dense_backward_bias_cpu`` on one thread (a training step's dy is a few thousand values)."""
+    N, OUT = dy.shape
+    for o in range(OUT):
+        acc = db.dtype.type(0)
+        for n in range(N):
+            acc += dy[n, o]
+        db[o] = acc
 
 
 def dense_forward_blas_cpu(y, x, w, b=None):
@@ -152,7 +178,7 @@ def dense_forward_blas_cpu(y, x, w, b=None):
     check_dense("dense_forward_blas_cpu", on_host, ("x", x), ("w", w), ("y", y), ("b", b) if b is not None else None)
     np.matmul(x, w.T, out=y)
     if b is not None:
-        _add_bias_rows_cpu(y, b)
+        _add_bias_rows_cpu(y, b, False)
     return y
 
 
@@ -170,6 +196,29 @@ def dense_backward_weight_blas_cpu(dw, dy, x):
     return dw
 
 
+# Unchecked cores, what nbcnn's planned step calls: the same arguments on both devices. ``b`` is
+# always an array (zeros for a layer without bias); ``relu`` applies the ReLU that follows the
+# layer; ``mask`` multiplies dx by (x > 0), the backward of a ReLU that precedes the layer (its
+# output is this layer's input x); ``dx`` or ``db`` None skips that gradient. ``ws``: the plan's
+# scratch (``ws.one``, a 1-element array the CUDA launch passes where an argument is unused).
+
+
+def dense_forward_core_cpu(y, x, w, b, relu, ws):
+    np.matmul(x, w.T, out=y)
+    add = _add_bias_rows_serial_cpu if serial(y.size) else _add_bias_rows_cpu
+    add(y, b, relu)
+
+
+def dense_backward_core_cpu(dx, dw, db, dy, x, w, mask, ws):
+    if dx is not None:
+        np.matmul(dy, w, out=dx)
+        if mask:
+            relu_backward_core_cpu(dx, dx, x)
+    np.matmul(dy.T, x, out=dw)
+    if db is not None:
+        _dense_backward_bias_serial_cpu(db, dy)
+
+
 # ---------------------------------------------------------------------------- CUDA kernels
 
 TILE = 16  # a TILE x TILE block of threads computes a TILE x TILE tile of C
@@ -177,7 +226,7 @@ TILE_PAD = 17  # shared-memory row length: TILE + 1, so a column's elements fall
 
 
 @cuda.jit
-def _matmul_kernel(c, a, b, bias, trans_a, trans_b, has_bias):
+def _matmul_kernel(c, a, b, bias, mask, extra, trans_a, trans_b, has_bias, relu, has_mask, ones_col):
     """c (M, P) = op(a) (M, Q) @ op(b) (Q, P) + bias (P,), op a transpose when trans_a / trans_b.
 
     One thread per element of c: threadIdx.x along P, threadIdx.y along M; grid
@@ -186,6 +235,13 @@ def _matmul_kernel(c, a, b, bias, trans_a, trans_b, has_bias):
     way: threadIdx.x always runs along the array's contiguous axis, and a transposed
     tile is written transposed into shared memory (its rows padded by one element so
     the transposed writes hit different banks).
+
+    Epilogues, each switched by a flag, so that one launch does what several would:
+    ``relu`` writes max(c, 0); ``has_mask`` zeroes c where ``mask`` (M, P) is not positive
+    (the backward of a ReLU); ``ones_col`` treats op(b) as having one more column of ones,
+    P, whose result goes to ``extra`` (M,): with c = dy^T x that column is sum_n dy[n, :],
+    the bias gradient, so the weight and bias gradients come from one launch (the grid
+    then covers P + 1 columns).
     """
     M, P = c.shape
     Q = a.shape[0] if trans_a else a.shape[1]
@@ -206,14 +262,26 @@ def _matmul_kernel(c, a, b, bias, trans_a, trans_b, has_bias):
             sb[tx, ty] = b[p, q] if p < P and q < Q else 0
         else:
             q, p = q0 + ty, p0 + tx
-            sb[ty, tx] = b[q, p] if q < Q and p < P else 0
+            if q < Q and p < P:
+                sb[ty, tx] = b[q, p]
+            elif ones_col and q < Q and p == P:
+                sb[ty, tx] = 1
+            else:
+                sb[ty, tx] = 0
         cuda.syncthreads()  # wait until both tiles are staged
         for t in range(TILE):
             acc += sa[ty, t] * sb[t, tx]
         cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
     m, p = m0 + ty, p0 + tx
     if m < M and p < P:
-        c[m, p] = acc + bias[p] if has_bias else acc
+        v = acc + bias[p] if has_bias else acc
+        if relu and not v > 0:
+            v = 0
+        if has_mask and not mask[m, p] > 0:
+            v = 0
+        c[m, p] = v
+    elif m < M and ones_col and p == P:
+        extra[m] = acc
 
 
 @cuda.jit
@@ -235,9 +303,9 @@ def _matmul(c, a, b, bias, trans_a, trans_b):
     M, P = c.shape
     has_bias = bias is not None
     if not has_bias:
-        bias = zeros(c.dtype, 1)
+        bias = cuda.device_array(1, c.dtype)  # never read; a public call may allocate, a planned step does not
     grid = (blocks(P, TILE), blocks(M, TILE))
-    _matmul_kernel[grid, (TILE, TILE)](c, a, b, bias, trans_a, trans_b, has_bias)
+    _matmul_kernel[grid, (TILE, TILE)](c, a, b, bias, c, bias, trans_a, trans_b, has_bias, False, False, False)
 
 
 def dense_forward_cuda(y, x, w, b=None):
@@ -274,3 +342,21 @@ def dense_backward_bias_cuda(db, dy):
     check_dense_bias(fn, on_gpu, db, dy)
     _dense_backward_bias_kernel[blocks(db.size, 128), 128](db, dy)
     return db
+
+
+def dense_forward_core_cuda(y, x, w, b, relu, ws):
+    M, P = y.shape
+    _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE)](y, x, w, b, y, b, False, True, True, relu,
+                                                                     False, False)
+
+
+def dense_backward_core_cuda(dx, dw, db, dy, x, w, mask, ws):
+    if dx is not None:
+        M, P = dx.shape
+        _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE)](dx, dy, w, ws.one, x, ws.one, False, False,
+                                                                         False, False, mask, False)
+    OUT, IN = dw.shape
+    with_bias = db is not None
+    columns = IN + 1 if with_bias else IN  # the bias gradient is the product's extra column of ones
+    _matmul_kernel[(blocks(columns, TILE), blocks(OUT, TILE)), (TILE, TILE)](
+        dw, dy, x, ws.one, dw, db if with_bias else ws.one, True, False, False, False, False, with_bias)

@@ -68,6 +68,16 @@ def gather_rows_cpu(out, x, idx):
     return out
 
 
+def gather_batch_core_cpu(xb, yb, x, y, idx):
+    """Unchecked: a minibatch ``xb[i] = x[idx[i]]`` (rows of any shape) and its labels ``yb[i] = y[idx[i]]``,
+    for a caller that has checked the shapes and the indices once (nbcnn's planned step)."""
+    B, R = xb.shape[0], x.shape[0]
+    D = xb.size // B
+    gather = _gather_rows_serial_cpu if serial(B * D) else _gather_rows_cpu
+    gather(xb.reshape(B, D), x.reshape(R, D), idx)
+    _gather_rows_serial_cpu(yb.reshape(B, 1), y.reshape(R, 1), idx)
+
+
 # ---------------------------------------------------------------------------- CUDA kernels
 
 THREADS = 256
@@ -93,3 +103,26 @@ def gather_rows_cuda(out, x, idx):
     B, R, D = check_gather(fn, on_gpu, out, x, idx)
     _gather_rows_kernel[blocks(B * D, THREADS), THREADS](out.reshape(B, D), x.reshape(R, D), idx)
     return out
+
+
+@cuda.jit
+def _gather_batch_kernel(xb, yb, x, y, idx):
+    """A minibatch and its labels in one launch: one thread per element of xb (B, D), threads along D;
+    the thread of column 0 of each row also copies the row's label."""
+    B, D = xb.shape
+    t = cuda.grid(1)
+    if t >= B * D:
+        return
+    i, j = t // D, t % D
+    r = idx[i]
+    if 0 <= r < x.shape[0]:
+        xb[i, j] = x[r, j]
+        if j == 0:
+            yb[i] = y[r]
+
+
+def gather_batch_core_cuda(xb, yb, x, y, idx):
+    """Unchecked twin of ``gather_batch_core_cpu`` (2-D views of the images: (B, D) and (R, D))."""
+    B, R = xb.shape[0], x.shape[0]
+    D = xb.size // B
+    _gather_batch_kernel[blocks(B * D, THREADS), THREADS](xb.reshape(B, D), yb, x.reshape(R, D), y, idx)

@@ -148,6 +148,25 @@ def adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step):
     return param
 
 
+# Unchecked cores: what nbcnn's planned step calls on flat vectors it allocated itself (all
+# the parameters of a model in one vector, so one call updates them all). Same arguments on
+# both devices; Adam takes the bias corrections ``1 - beta**t`` rather than t.
+
+
+def fill_core_cpu(a, value):
+    _fill_cpu(a, value)
+
+
+def sgd_update_core_cpu(param, velocity, grad, lr, momentum, weight_decay):
+    update = _sgd_update_serial_cpu if serial(param.size) else _sgd_update_cpu
+    update(param, velocity, grad, lr, momentum, weight_decay)
+
+
+def adam_update_core_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
+    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2)
+
+
 # ---------------------------------------------------------------------------- CUDA kernels
 
 THREADS = 256
@@ -216,3 +235,15 @@ def adam_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step):
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
     _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad), *consts)
     return param
+
+
+def fill_core_cuda(a, value):
+    _fill_kernel[blocks(a.size, THREADS), THREADS](a, value)
+
+
+def sgd_update_core_cuda(param, velocity, grad, lr, momentum, weight_decay):
+    _sgd_update_kernel[blocks(param.size, THREADS), THREADS](param, velocity, grad, lr, momentum, weight_decay)
+
+
+def adam_update_core_cuda(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS](param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2)

@@ -29,6 +29,7 @@ from numba import cuda, njit, prange
 from ._checks import check_arrays, check_int, check_ndim, check_shape, on_host, output_size
 from ._cuda import blocks, gpu_arrays, on_gpu
 from ._index import compile_twice, covering_outputs_cpu, covering_outputs_cuda, window_cpu, window_cuda
+from .activation import relu_backward_core_cpu
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -136,8 +137,11 @@ def _maxpool2d_forward_cpu(y, argmax, x, fh, fw, sh, sw, ph, pw):
 
 
 @njit(parallel=True, cache=True)
-def _maxpool2d_backward_cpu(dx, dy, argmax):
-    """dx[n, c] = dy[n, c] scattered to the argmax positions (summed where windows overlap)."""
+def _maxpool2d_backward_cpu(dx, dy, argmax, x, mask):
+    """dx[n, c] = dy[n, c] scattered to the argmax positions (summed where windows overlap).
+
+    ``mask``: skip the outputs whose maximum x[where] is not positive, which gives dx * (x > 0),
+    the backward of a ReLU before the pooling (dx is zero away from the argmax positions anyway)."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
     for task in prange(N * C):
@@ -149,7 +153,10 @@ def _maxpool2d_backward_cpu(dx, dy, argmax):
                 where = argmax[n, c, oh, ow]
                 # An index outside the plane cannot come from forward: skip it rather than write out of bounds.
                 if 0 <= where < H * W:
-                    dx[n, c, where // W, where % W] += dy[n, c, oh, ow]
+                    ih, iw = where // W, where % W
+                    if mask and not x[n, c, ih, iw] > 0:
+                        continue
+                    dx[n, c, ih, iw] += dy[n, c, oh, ow]
 
 
 # Fast paths. The loops above take any window, stride and padding; their window loops have
@@ -262,7 +269,7 @@ def maxpool2d_backward_cpu(dx, dy, argmax, kernel_h, kernel_w, stride_h=None, st
     stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     check_maxpool2d_backward(fn, on_host, dx, dy, argmax)
     check_pool2d(fn, on_host, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride, (pad_h, pad_w))
-    _maxpool2d_backward_cpu(dx, dy, argmax)
+    _maxpool2d_backward_cpu(dx, dy, argmax, dx, False)
     return dx
 
 
@@ -282,6 +289,32 @@ def avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=N
                  (pad_h, pad_w))
     _avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, *stride, pad_h, pad_w)
     return dx
+
+
+# Unchecked cores, what nbcnn's planned step calls: the same arguments on both devices, the window
+# settings already resolved (the stride is never None). ``x`` is the pooling's input; ``mask``
+# multiplies dx by (x > 0), the backward of a ReLU just before the pooling, in the same pass.
+
+
+def maxpool2d_forward_core_cpu(y, argmax, x, fh, fw, sh, sw, ph, pw):
+    if fh == 2 and fw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0:
+        _maxpool2d_forward_2x2_cpu(y, argmax, x)
+    else:
+        _maxpool2d_forward_cpu(y, argmax, x, fh, fw, sh, sw, ph, pw)
+
+
+def maxpool2d_backward_core_cpu(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
+    _maxpool2d_backward_cpu(dx, dy, argmax, x, mask)
+
+
+def avgpool2d_forward_core_cpu(y, x, fh, fw, sh, sw, ph, pw):
+    _avgpool2d_forward_cpu(y, x, fh, fw, sh, sw, ph, pw)
+
+
+def avgpool2d_backward_core_cpu(dx, dy, x, fh, fw, sh, sw, ph, pw, mask):
+    _avgpool2d_backward_cpu(dx, dy, fh, fw, sh, sw, ph, pw)
+    if mask:
+        relu_backward_core_cpu(dx, dx, x)
 
 
 # ---------------------------------------------------------------------------- CUDA kernels
@@ -312,9 +345,9 @@ def _maxpool2d_forward_kernel(y, argmax, x, fh, fw, sh, sw, ph, pw):
 
 
 @cuda.jit
-def _maxpool2d_backward_kernel(dx, dy, argmax, fh, fw, sh, sw, ph, pw):
+def _maxpool2d_backward_kernel(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
     """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs whose
-    argmax is this input. Grid (ceil(W/32), ceil(H/8), N*C)."""
+    argmax is this input, zeroed where ``mask`` and x is not positive. Grid (ceil(W/32), ceil(H/8), N*C)."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
     n, c, ih, iw = _plane_thread(C)
@@ -322,7 +355,10 @@ def _maxpool2d_backward_kernel(dx, dy, argmax, fh, fw, sh, sw, ph, pw):
         return
     oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
     ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
-    dx[n, c, ih, iw] = argmax_sum_cuda(dy, argmax, n, c, ih * W + iw, oh_lo, oh_hi, ow_lo, ow_hi)
+    v = argmax_sum_cuda(dy, argmax, n, c, ih * W + iw, oh_lo, oh_hi, ow_lo, ow_hi)
+    if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
+        v = 0
+    dx[n, c, ih, iw] = v
 
 
 @cuda.jit
@@ -339,8 +375,9 @@ def _avgpool2d_forward_kernel(y, x, fh, fw, sh, sw, ph, pw):
 
 
 @cuda.jit
-def _avgpool2d_backward_kernel(dx, dy, fh, fw, sh, sw, ph, pw):
-    """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs / (FH*FW)."""
+def _avgpool2d_backward_kernel(dx, dy, x, fh, fw, sh, sw, ph, pw, mask):
+    """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs / (FH*FW),
+    zeroed where ``mask`` and x is not positive."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
     n, c, ih, iw = _plane_thread(C)
@@ -348,7 +385,10 @@ def _avgpool2d_backward_kernel(dx, dy, fh, fw, sh, sw, ph, pw):
         return
     oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
     ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
-    dx[n, c, ih, iw] = window_sum_cuda(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * (1.0 / (fh * fw))
+    v = window_sum_cuda(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * (1.0 / (fh * fw))
+    if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
+        v = 0
+    dx[n, c, ih, iw] = v
 
 
 # --------------------------------------------------------------------------- CUDA launchers
@@ -381,7 +421,7 @@ def maxpool2d_backward_cuda(dx, dy, argmax, kernel_h, kernel_w, stride_h=None, s
     N, C, H, W, _, _ = check_pool2d(fn, on_gpu, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
                                     (pad_h, pad_w))
     _maxpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](
-        dx, dy, argmax, kernel_h, kernel_w, *stride, pad_h, pad_w)
+        dx, dy, argmax, dx, kernel_h, kernel_w, *stride, pad_h, pad_w, False)
     return dx
 
 
@@ -403,5 +443,26 @@ def avgpool2d_backward_cuda(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=
     stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     N, C, H, W, _, _ = check_pool2d(fn, on_gpu, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
                                     (pad_h, pad_w))
-    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, dx, kernel_h, kernel_w, *stride, pad_h,
+                                                                    pad_w, False)
     return dx
+
+
+def maxpool2d_forward_core_cuda(y, argmax, x, fh, fw, sh, sw, ph, pw):
+    N, C, OH, OW = y.shape
+    _maxpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](y, argmax, x, fh, fw, sh, sw, ph, pw)
+
+
+def maxpool2d_backward_core_cuda(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
+    N, C, H, W = dx.shape
+    _maxpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask)
+
+
+def avgpool2d_forward_core_cuda(y, x, fh, fw, sh, sw, ph, pw):
+    N, C, OH, OW = y.shape
+    _avgpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](y, x, fh, fw, sh, sw, ph, pw)
+
+
+def avgpool2d_backward_core_cuda(dx, dy, x, fh, fw, sh, sw, ph, pw, mask):
+    N, C, H, W = dx.shape
+    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, x, fh, fw, sh, sw, ph, pw, mask)

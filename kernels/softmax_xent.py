@@ -92,7 +92,18 @@ def row_correct(logits, labels, n):
     return 1 if best == labels[n] else 0
 
 
+def gradient_row(dlogits, probs, labels, n, N):
+    """Write row n of the mean loss's gradient, (probs[n] - onehot(labels[n])) / N."""
+    M = probs.shape[1]
+    for j in range(M):
+        dlogits[n, j] = probs[n, j] / N
+    label = labels[n]
+    if 0 <= label < M:
+        dlogits[n, label] -= 1.0 / N
+
+
 softmax_row_cpu, softmax_row_cuda = compile_twice(softmax_row)
+gradient_row_cpu, gradient_row_cuda = compile_twice(gradient_row)
 row_correct_cpu, row_correct_cuda = compile_twice(row_correct)
 
 
@@ -130,6 +141,26 @@ def _count_correct_cpu(count, logits, labels):
     count[0] = total
 
 
+@njit(cache=True)
+def _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate):
+    """Everything a training step needs of the loss, in one pass over the rows: the softmax into
+    probs, the gradient into dlogits, and into sums (2,) float64 the sum of the rows' losses and
+    the number of correct rows, added to what sums holds (``accumulate``) or replacing it."""
+    N = logits.shape[0]
+    total = 0.0
+    correct = 0.0
+    for n in range(N):
+        total += softmax_row_cpu(probs, logits, labels, n)
+        correct += row_correct_cpu(logits, labels, n)
+        gradient_row_cpu(dlogits, probs, labels, n, N)
+    if accumulate:
+        sums[0] += total
+        sums[1] += correct
+    else:
+        sums[0] = total
+        sums[1] = correct
+
+
 # ---------------------------------------------------------------- public entry points
 
 
@@ -160,6 +191,11 @@ def softmax_xent_backward_cpu(dlogits, probs, labels):
     check_labels_in_range(fn, labels, M)
     _softmax_xent_backward_cpu(dlogits, probs, labels)
     return dlogits
+
+
+def softmax_xent_step_core_cpu(sums, probs, dlogits, logits, labels, accumulate):
+    """Unchecked (labels are not range-checked: a bad one gives a NaN loss): see ``_softmax_xent_step_cpu``."""
+    _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate)
 
 
 # ---------------------------------------------------------------------------- CUDA kernels
@@ -208,6 +244,31 @@ def _count_correct_kernel(count, logits, labels):
         count[0] = int(total)
 
 
+@cuda.jit
+def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate):
+    """The CUDA twin of ``_softmax_xent_step_cpu``. A single block of REDUCE_THREADS threads; thread t
+    takes rows t, t + REDUCE_THREADS, ...; block_sum adds the threads' losses and counts in a fixed
+    order (the count is exact in float64), and thread 0 alone writes sums: no atomics, the same
+    result on every run."""
+    N = logits.shape[0]
+    total = 0.0
+    correct = 0.0
+    for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
+        total += softmax_row_cuda(probs, logits, labels, n)
+        correct += row_correct_cuda(logits, labels, n)
+        gradient_row_cuda(dlogits, probs, labels, n, N)
+    scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
+    total = block_sum(scratch, total)
+    correct = block_sum(scratch, correct)  # block_sum's last barrier makes scratch free again
+    if cuda.threadIdx.x == 0:
+        if accumulate:
+            sums[0] += total
+            sums[1] += correct
+        else:
+            sums[0] = total
+            sums[1] = correct
+
+
 # --------------------------------------------------------------------------- CUDA launchers
 
 
@@ -239,3 +300,8 @@ def softmax_xent_backward_cuda(dlogits, probs, labels):
     check_softmax_xent(fn, on_gpu, {"probs": probs, "dlogits": dlogits}, labels)
     _softmax_xent_backward_kernel[blocks(probs.size, 256), 256](dlogits, probs, labels)
     return dlogits
+
+
+def softmax_xent_step_core_cuda(sums, probs, dlogits, logits, labels, accumulate):
+    """Unchecked twin of ``softmax_xent_step_core_cpu``: one launch, nothing read back."""
+    _softmax_xent_step_kernel[1, REDUCE_THREADS](sums, probs, dlogits, logits, labels, accumulate)

@@ -12,7 +12,10 @@ STARTED = time.perf_counter()
 
 __version__ = "0.1.0"
 
-from nbcnn.device import resolve_device, to_device, to_numpy  # noqa: E402
+from nbcnn import layers, losses, optim  # noqa: E402  (usable as nbcnn.optim.SGD after import nbcnn)
+from nbcnn.device import Device, resolve_device, to_device, to_numpy  # noqa: E402
 from nbcnn.model import Sequential  # noqa: E402
+from nbcnn.step import Trainer  # noqa: E402
 
-__all__ = ["Sequential", "resolve_device", "to_device", "to_numpy", "__version__"]
+__all__ = ["Device", "Sequential", "Trainer", "layers", "losses", "optim", "resolve_device", "to_device", "to_numpy",
+           "__version__"]

@@ -15,6 +15,21 @@ from nbcnn import ops
 from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.profile import cost, machine_info
 
+# The public entry point each kernel row times, per device: what a user calling the kernels gets.
+PUBLIC = {
+    ("conv2d_forward", "cpu"): "conv2d_forward_gemm_cpu", ("conv2d_forward", "cuda"): "conv2d_forward_cuda",
+    ("conv2d_backward_input", "cpu"): "conv2d_backward_input_gemm_cpu",
+    ("conv2d_backward_input", "cuda"): "conv2d_backward_input_cuda",
+    ("conv2d_backward_weight", "cpu"): "conv2d_backward_weight_gemm_cpu",
+    ("conv2d_backward_weight", "cuda"): "conv2d_backward_weight_cuda",
+    ("maxpool2d_forward", "cpu"): "maxpool2d_forward_cpu", ("maxpool2d_forward", "cuda"): "maxpool2d_forward_cuda",
+    ("maxpool2d_backward", "cpu"): "maxpool2d_backward_cpu", ("maxpool2d_backward", "cuda"): "maxpool2d_backward_cuda",
+}
+
+
+def _kernel(op, device):
+    return ops.public_kernel(PUBLIC[(op, getattr(device, "kind", device))])
+
 # (name, N, C, H, W, K, F, P): convolution shapes from the issue and the PyTorch MNIST example.
 CONV_SHAPES = [
     ("N64 1->32 28x28 3x3", 64, 1, 28, 28, 32, 3, 0),
@@ -97,12 +112,12 @@ def _nbcnn_conv_calls(device, x, w, b, dy, P):
     K = w.shape[0]
     OH = dy.shape[2]
     d = {k: to_device(v, device) for k, v in dict(x=x, w=w, b=b, dy=dy).items()}
-    y = ops.empty((N, K, OH, OH), np.float32, device)
-    dx = ops.empty(x.shape, np.float32, device)
-    dw = ops.empty(w.shape, np.float32, device)
-    pool_y = ops.empty((N, K, OH // 2, OH // 2), np.float32, device)
-    argmax = ops.empty((N, K, OH // 2, OH // 2), np.int32, device)
-    pool_dx = ops.empty((N, K, OH, OH), np.float32, device)
+    y = device.empty((N, K, OH, OH), np.float32)
+    dx = device.empty(x.shape, np.float32)
+    dw = device.empty(w.shape, np.float32)
+    pool_y = device.empty((N, K, OH // 2, OH // 2), np.float32)
+    argmax = device.empty((N, K, OH // 2, OH // 2), np.int32)
+    pool_dx = device.empty((N, K, OH, OH), np.float32)
     pool_dy = to_device(np.ones((N, K, OH // 2, OH // 2), np.float32), device)
     rows = [
         ("conv2d forward", "conv2d_forward", (y, d["x"], d["w"], d["b"], 1, 1, P, P)),
@@ -132,19 +147,23 @@ def _torch_conv_calls(torch, device, x, w, b, dy, P):
 
 
 def _layer_pass(device, x, w, b, dy, P):
-    """(call, dw, flops): one convolution forward and backward the way ``Conv2D`` runs them in
-    training (on the CPU: the forward's im2col matrix reused, one call for dx, dw and db)."""
-    d = {k: to_device(v, device) for k, v in dict(x=x, w=w, b=b, dy=dy).items()}
-    dw, db, saved = ops.empty(w.shape, np.float32, device), ops.empty(b.shape, np.float32, device), {}
+    """(call, dw, flops): one convolution layer's forward and backward as a training step runs them
+    (its plan: on the CPU the forward's im2col matrix reused, one call for dx, dw and db)."""
+    from nbcnn import layers as L
+
+    layer = L.Conv2D(w.shape[1], w.shape[0], w.shape[2], padding=P).to(device)
+    layer.weight.data, layer.bias.data = to_device(w, device), to_device(b, device)
+    d = {k: to_device(v, device) for k, v in dict(x=x, dy=dy).items()}
 
     def call():
-        ops.conv2d_forward(d["x"], d["w"], d["b"], (1, 1), (P, P), saved=saved)
-        ops.conv2d_backward(d["dy"], d["x"], d["w"], (1, 1), (P, P), True, dw=dw, db=db, saved=saved)
+        layer.forward(d["x"])
+        layer.backward(d["dy"])
 
     # the cost model's two calls (x stands in for dx and dy for y: only their shapes count)
-    flops = (cost("conv2d_forward", (d["dy"], d["x"], d["w"], d["b"]))[0]
-             + cost("conv2d_backward", (d["x"], dw, db, d["dy"], d["x"], d["w"]))[0])
-    return call, dw, flops
+    flops = (cost("conv2d_forward", (d["dy"], d["x"], layer.weight.data, layer.bias.data))[0]
+             + cost("conv2d_backward", (d["x"], layer.weight.grad, layer.bias.grad, d["dy"], d["x"],
+                                        layer.weight.data))[0])
+    return call, layer.weight.grad, flops
 
 
 def _torch_layer_pass(torch, device, x, w, b, dy, P):
@@ -175,7 +194,7 @@ def _reference_check(device, shape, rng):
         "maxpool2d_backward": pool2d.maxpool2d_backward_cpu,
     }
     for row, op, args in fast:
-        ops.kernel(op, device)(*args)
+        _kernel(op, device)(*args)
         host = [to_numpy(a) if hasattr(a, "shape") else a for a in args]
         want = [np.empty_like(a) if i == 0 and hasattr(a, "shape") else a for i, a in enumerate(host)]
         ref[op](*want)
@@ -194,7 +213,7 @@ def kernel_rows(device, vs, repeats, rng):
         if not torch:
             _reference_check(device, shape, rng)
         for row, op, args in calls:
-            fn = ops.kernel(op, device)
+            fn = _kernel(op, device)
             run = (lambda fn=fn, args=args: fn(*args))
             run()  # compiles
             flops, nbytes = cost(op, args)
@@ -276,8 +295,9 @@ def epoch_rows(device, vs, images, rng):
     from nbcnn import layers as L
     from nbcnn.data import load_dataset, normalization, prepare
     from nbcnn.losses import SoftmaxCrossEntropy
+    from nbcnn.models import MODELS
     from nbcnn.optim import Adam
-    from nbcnn.train import MODELS, run_epoch
+    from nbcnn.step import Trainer
 
     torch = _torch() if vs == "torch" else None
     data = load_dataset()
@@ -301,10 +321,10 @@ def epoch_rows(device, vs, images, rng):
             entry["check_error"] = _close(to_numpy(model.forward(to_device(probe, device))), want,
                                           f"{name} forward pass")
         # Warm up (compilation) on a few batches, then time one epoch.
-        optimizer, loss_fn = Adam(model.parameters(), lr=1e-3), SoftmaxCrossEntropy()
-        run_epoch(model, loss_fn, optimizer, x, y, order[:256], 64)
+        trainer = Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters(), lr=1e-3))
+        trainer.run_epoch(x, y, order[:256], 64)
         start = time.perf_counter()
-        run_epoch(model, loss_fn, optimizer, x, y, order, 64)
+        trainer.run_epoch(x, y, order, 64)
         entry["nbcnn_seconds"] = time.perf_counter() - start
         if torch:
             entry["torch_seconds"] = _torch_epoch(torch, tmodel, x_host, y_host, order_host, device)

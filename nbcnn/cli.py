@@ -31,7 +31,7 @@ _positive_float = _number("a positive finite number", float, lambda v: 0 < v < f
 
 
 def build_parser():
-    from nbcnn.train import MODELS
+    from nbcnn.models import MODELS
 
     parser = argparse.ArgumentParser(prog="nbcnn", description="Numba kernels for CNNs: train, evaluate, inspect.")
     sub = parser.add_subparsers(dest="command", required=True)

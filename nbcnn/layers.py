@@ -1,25 +1,33 @@
 """Layers: explicit forward and backward, the backpropagation of the lecture, no autograd.
 
+Each layer turns the gradient of the loss with respect to its output, ``dy``, into the
+gradient with respect to its input, ``dx``, writing its parameters' gradients into
+``Parameter.grad`` on the way (overwriting them: one backward per forward).
 ``backward(dy, need_dx=False)`` skips the gradient to the input where nothing needs it
-(the first layer of a network being trained): for a convolution that is a third of
-its backward pass.
+(the first layer of a network being trained): for a convolution that is a third of its
+backward pass.
 
-Each layer keeps from ``forward`` what its ``backward`` needs (a convolution its input,
-ReLU its output, max pooling where each maximum came from) and turns the gradient of
-the loss with respect to its output, ``dy``, into the gradient with respect to its
-input, ``dx``, writing its parameters' gradients into ``Parameter.grad`` on the way
-(overwriting them: one backward per forward).
+How a layer runs: planned once, then only run. The first ``forward`` for an input shape
+makes a *plan* (``Layer.plan``): it checks the shapes, dtypes and devices, computes the
+output shape, picks the kernels from the registry (``nbcnn.ops.REGISTRY``), and
+allocates the output, the input gradient and the kernels' scratch on the layer's
+device. Every later call with that shape only runs the kernels on those buffers: no
+checks, no allocation. ``forward`` therefore returns the plan's own output array, which
+the next forward overwrites (copy it to keep it), as ``backward`` returns its ``dx``.
+A ``Sequential`` plans its layers together and fuses each ReLU into its neighbours.
 
 Inputs are batched: (N, C, H, W) for convolution and pooling, (N, features) for Dense.
 """
 
 import math
 import numbers
+from types import SimpleNamespace
 
 import numpy as np
 
 from nbcnn import ops
-from nbcnn.device import resolve_device, to_device
+from nbcnn.device import CPU, device_of, resolve_device
+from nbcnn.parameter import Parameter
 
 _rng = np.random.default_rng(0)
 
@@ -50,50 +58,99 @@ def _count(name, value, layer):
     return int(value)
 
 
-class Parameter:
-    """A trainable array ``data`` and its gradient ``grad``, of one shape, on one device."""
+# ------------------------------------------------------------------------------------ plans
 
-    def __init__(self, data):
-        self.data = data
-        self.grad = ops.zeros(data.shape, data.dtype, ops.common_device("Parameter", data=data))
 
-    @property
-    def shape(self):
-        return tuple(self.data.shape)
+class Plan:
+    """What one layer needs to run forward and backward on inputs of one shape.
 
-    @property
-    def size(self):
-        return int(np.prod(self.shape))
+    ``in_shape``, ``out_shape``, ``dtype`` and ``device`` are fixed when the plan is made;
+    ``allocate`` makes the buffers (after a Sequential has decided the fusions, which
+    change what is needed). ``relu``: this layer applies the ReLU that follows it.
+    ``mask``: this layer's dx includes the backward of the ReLU before it.
+    """
 
-    def to(self, device):
-        self.data = to_device(self.data, device)
-        self.grad = to_device(self.grad, device)
-        return self
+    fuses_relu = False  # the forward can apply a following ReLU in the same pass
+    masks = False  # the backward can apply a preceding ReLU's backward in the same pass
 
-    def grad_buffer(self):
-        """``grad``, ready to be overwritten by a backward pass: the same array step after step,
-        replaced only when ``data`` changed shape, dtype or device."""
-        g, d = self.grad, self.data
-        device = ops.common_device("Parameter", data=d)
-        if (g is None or tuple(g.shape) != tuple(d.shape) or g.dtype != d.dtype
-                or ops.common_device("Parameter", grad=g) != device):
-            self.grad = ops.empty(d.shape, d.dtype, device)
-        return self.grad
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        self.layer, self.in_shape, self.dtype, self.device = layer, tuple(in_shape), np.dtype(dtype), device
+        self.out_shape = tuple(layer.output_shape(self.in_shape))
+        self.kernels = kernels
+        self.relu = self.mask = False
+        self.x = None  # the last forward's input (a view the caller owns)
+        self.dx = None
 
-    def __repr__(self):
-        return f"Parameter(shape={self.shape}, dtype={np.dtype(self.data.dtype)})"
+    def allocate(self, need_dx):
+        if need_dx:
+            self._dx()
+
+    def _dx(self):
+        if self.dx is None:
+            self.dx = self.device.empty(self.in_shape, self.dtype)
+        return self.dx
+
+    def _check_parameters(self):
+        for name, p in (("w", getattr(self.layer, "weight", None)), ("b", getattr(self.layer, "bias", None))):
+            if p is None:
+                continue
+            if p.dtype != self.dtype:
+                raise TypeError(f"{self.layer!r}: {name} is {p.dtype} but x is {self.dtype}; all float arrays "
+                                f"of one call must share a dtype")
+            if p.device.kind != self.device.kind:
+                raise ValueError(f"{self.layer!r}: the input is on {self.device.kind} but the parameters are on "
+                                 f"{p.device.kind}; move the layer with .to({self.device.kind!r})")
+
+    def _workspace(self, shapes):
+        ws = getattr(self, "ws", None) or SimpleNamespace()
+        for name, shape in shapes.items():
+            if getattr(ws, name, None) is None:
+                setattr(ws, name, self.device.empty(shape, self.dtype))
+        self.ws = ws
+        return ws
+
+
+def _key(x):
+    """What decides whether a plan fits an input: its shape, dtype and array type."""
+    return tuple(x.shape), np.dtype(x.dtype), type(x)
 
 
 class Layer:
-    """Base class: ``forward(x) -> y``, ``backward(dy) -> dx``, ``parameters()``."""
+    """Base class: ``forward(x) -> y``, ``backward(dy) -> dx``, ``parameters()``, ``buffers()``,
+    ``train()`` / ``eval()``, ``output_shape(input_shape)``, ``plan(...)``."""
+
+    training = True
+    Plan = None  # the plan class of this layer; None for layers without kernels of their own
+    _plans = None
+    _current = None
 
     def parameters(self):
         return []
+
+    def buffers(self):
+        """Non-trainable state (running statistics ...), as {name: array}; save, load and resume carry it."""
+        return {}
+
+    def train(self, mode=True):
+        """Training mode (the default for a new layer); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode; returns self."""
+        return self.train(False)
+
+    @property
+    def device(self):
+        params = self.parameters()
+        return params[0].device if params else getattr(self, "_device", CPU)
 
     def to(self, device):
         device = resolve_device(device)
         for p in self.parameters():
             p.to(device)
+        self._device = device
+        self._plans = None
         return self
 
     def output_shape(self, input_shape):
@@ -104,25 +161,123 @@ class Layer:
         """Constructor arguments, enough to rebuild the layer (``Sequential.save`` stores them)."""
         return {}
 
-    def _saved(self, name):
-        value = getattr(self, name, None)
-        if value is None:
+    def plan(self, in_shape, dtype, device, kernels=ops.REGISTRY):
+        """A plan of this layer for inputs of ``in_shape`` and ``dtype`` on ``device``, kernels taken
+        from ``kernels`` (the registry, or a profiler's wrapper of it). Checks everything once."""
+        return self.Plan(self, in_shape, dtype, resolve_device(device), kernels)
+
+    # Standalone use: a layer called on its own plans itself, one plan per input shape (at most a
+    # few, the oldest dropped), and reuses the plan while the shape stays.
+
+    def _plan_for(self, x):
+        try:
+            where = device_of(x)
+        except TypeError:
+            raise TypeError(f"{type(self).__name__}.forward: x must be a NumPy or GPU array, got "
+                            f"{type(x).__name__}") from None
+        device = self.device if self.parameters() else resolve_device(where)
+        ops.check_input(type(self).__name__, x, device)
+        if self._plans is None:
+            self._plans = {}
+        key = _key(x)
+        plan = self._plans.get(key)
+        if plan is None or plan.stamp != Parameter.rebinds:
+            plan = self.plan(x.shape, x.dtype, device)
+            plan.allocate(need_dx=True)
+            plan.stamp = Parameter.rebinds
+            if len(self._plans) >= 4:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def forward(self, x):
+        plan = self._current
+        if (plan is None or plan.stamp != Parameter.rebinds or tuple(x.shape) != plan.in_shape
+                or type(x) is not plan.in_type or x.dtype != plan.dtype or not _contiguous(x)):
+            plan = self._plan_for(x)
+            plan.in_type = type(x)
+            self._current = plan
+        plan.ran = True
+        return plan.forward(x)
+
+    __call__ = forward
+
+    def backward(self, dy, need_dx=True):
+        plan = self._current
+        if plan is None or not getattr(plan, "ran", False):
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        return value
+        if tuple(dy.shape) != plan.out_shape:
+            raise ValueError(f"{type(self).__name__}.backward: dy has shape {tuple(dy.shape)}, the forward's "
+                             f"output {plan.out_shape}")
+        return plan.backward(dy, need_dx)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
 
+def _contiguous(x):
+    flags = getattr(x, "flags", None)
+    if flags is not None and not isinstance(flags, dict):
+        return flags.c_contiguous
+    return ops.is_c_contiguous(x)
+
+
+# ------------------------------------------------------------------------------ convolution
+
+
+class _Conv2DPlan(Plan):
+    fuses_relu = masks = True
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self._check_parameters()
+        self.fwd = kernels.get("conv2d_forward", device, layer.algorithm)
+        self.bwd = kernels.get("conv2d_backward", device, layer.algorithm)
+        self.settings = (*layer.stride, *layer.padding)
+
+    def _scratch(self, need_dx):
+        L = self.layer
+        shape_args = (self.in_shape, L.weight.shape, self.out_shape, L.stride, L.padding, need_dx)
+        return self._workspace({**self.fwd.workspace(*shape_args), **self.bwd.workspace(*shape_args)})
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        self.y = self.device.empty(self.out_shape, self.dtype)
+        self.zeros = self.device.zeros(self.out_shape[1], self.dtype) if self.layer.bias is None else None
+        self._scratch(need_dx)
+
+    def forward(self, x):
+        L = self.layer
+        self.x = x
+        b = self.zeros if L.bias is None else L.bias.data
+        self.fwd.run(self.y, x, L.weight.data, b, *self.settings, self.relu, self.ws)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        L = self.layer
+        dx = None
+        if need_dx:
+            if self.dx is None:  # a first layer asked for its input gradient after all
+                self._dx()
+                self._scratch(True)
+            dx = self.dx
+        db = None if L.bias is None else L.bias.grad
+        self.bwd.run(dx, L.weight.grad, db, dy, self.x, L.weight.data, *self.settings, self.mask, self.ws)
+        return dx
+
+
 class Conv2D(Layer):
     """K filters of size FH x FW slid over C input channels: y = conv(x, w) + b.
 
     ``OH = (H + 2*P - FH) // S + 1`` and likewise OW. Each filter has C*FH*FW + 1
-    parameters with its bias (the lecture's 5*5*3 + 1 = 76).
+    parameters with its bias (the lecture's 5*5*3 + 1 = 76). ``algorithm`` picks the
+    kernels (on the CPU "gemm", im2col and BLAS, or "direct", the loops of the definition).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+    Plan = _Conv2DPlan
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, algorithm=None):
         name = "Conv2D"
         self.in_channels = _count("in_channels", in_channels, name)
         self.out_channels = _count("out_channels", out_channels, name)
@@ -130,19 +285,23 @@ class Conv2D(Layer):
         self.stride = _pair("stride", stride, 1, name)
         self.padding = _pair("padding", padding, 0, name)
         self.has_bias = bool(bias)
+        if algorithm is not None and algorithm not in ("gemm", "direct", "tiled"):
+            raise ValueError(f"{name}: algorithm must be 'gemm', 'direct' or 'tiled', got {algorithm!r}")
+        self.algorithm = algorithm
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         w = _rng.normal(0.0, math.sqrt(2.0 / fan_in), (self.out_channels, self.in_channels, *self.kernel_size))
         self.weight = Parameter(w.astype(np.float32))
         self.bias = Parameter(np.zeros(self.out_channels, np.float32)) if self.has_bias else None
-        self._x = None
-        self._workspace = {}  # what the forward pass leaves for backward (on the CPU: the im2col matrix)
 
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
     def config(self):
-        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                    stride=self.stride, padding=self.padding, bias=self.has_bias)
+        config = dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
+                      stride=self.stride, padding=self.padding, bias=self.has_bias)
+        if self.algorithm is not None:
+            config["algorithm"] = self.algorithm
+        return config
 
     def output_shape(self, input_shape):
         if len(input_shape) != 4 or input_shape[1] != self.in_channels:
@@ -151,20 +310,60 @@ class Conv2D(Layer):
         return (N, self.out_channels) + ops.spatial_output(repr(self), H, W, self.kernel_size, self.stride,
                                                            self.padding, "kernel")
 
-    def forward(self, x):
-        self.output_shape(tuple(x.shape))
-        self._x = x
-        b = self.bias.data if self.bias is not None else None
-        return ops.conv2d_forward(x, self.weight.data, b, self.stride, self.padding, saved=self._workspace)
 
-    def backward(self, dy, need_dx=True):
-        x = self._saved("_x")
-        bias = self.bias
-        # The gradients are written into the parameters' grad arrays (allocated once).
-        dx, _, _ = ops.conv2d_backward(dy, x, self.weight.data, self.stride, self.padding, need_dx,
-                                       dw=self.weight.grad_buffer(),
-                                       db=bias.grad_buffer() if bias is not None else None,
-                                       has_bias=bias is not None, saved=self._workspace)
+# ---------------------------------------------------------------------------------- pooling
+
+
+class _MaxPool2DPlan(Plan):
+    masks = True
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self.fwd = kernels.get("maxpool2d_forward", device)
+        self.bwd = kernels.get("maxpool2d_backward", device)
+        self.settings = (*layer.kernel_size, *layer.stride, *layer.padding)
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        self.y = self.device.empty(self.out_shape, self.dtype)
+        self.argmax = self.device.empty(self.out_shape, np.int32)
+
+    def forward(self, x):
+        self.x = x
+        self.fwd.run(self.y, self.argmax, x, *self.settings)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        if not need_dx:
+            return None
+        dx = self._dx()
+        self.bwd.run(dx, dy, self.argmax, self.x, *self.settings, self.mask)
+        return dx
+
+
+class _AvgPool2DPlan(Plan):
+    masks = True
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self.fwd = kernels.get("avgpool2d_forward", device)
+        self.bwd = kernels.get("avgpool2d_backward", device)
+        self.settings = (*layer.kernel_size, *layer.stride, *layer.padding)
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        self.y = self.device.empty(self.out_shape, self.dtype)
+
+    def forward(self, x):
+        self.x = x
+        self.fwd.run(self.y, x, *self.settings)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        if not need_dx:
+            return None
+        dx = self._dx()
+        self.bwd.run(dx, dy, self.x, *self.settings, self.mask)
         return dx
 
 
@@ -176,7 +375,6 @@ class _Pool2D(Layer):
         self.padding = _pair("padding", padding, 0, name)
         if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"{name}: padding {self.padding} must be at most half the kernel size {self.kernel_size}")
-        self._x_shape = None
 
     def config(self):
         return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding)
@@ -191,65 +389,118 @@ class _Pool2D(Layer):
 class MaxPool2D(_Pool2D):
     """The maximum of each window; backward sends dy to where the maximum was (the first, on ties)."""
 
-    def forward(self, x):
-        self.output_shape(tuple(x.shape))
-        self._x_shape = tuple(x.shape)
-        y, self._argmax = ops.maxpool2d_forward(x, self.kernel_size, self.stride, self.padding)
-        return y
-
-    def backward(self, dy, need_dx=True):
-        x_shape = self._saved("_x_shape")
-        return ops.maxpool2d_backward(dy, self._argmax, x_shape, self.kernel_size, self.stride, self.padding)
+    Plan = _MaxPool2DPlan
 
 
 class AvgPool2D(_Pool2D):
     """The mean of each window, padding counted as zeros (PyTorch's default)."""
 
-    def forward(self, x):
-        self.output_shape(tuple(x.shape))
-        self._x_shape = tuple(x.shape)
-        return ops.avgpool2d_forward(x, self.kernel_size, self.stride, self.padding)
+    Plan = _AvgPool2DPlan
 
-    def backward(self, dy, need_dx=True):
-        x_shape = self._saved("_x_shape")
-        return ops.avgpool2d_backward(dy, x_shape, self.kernel_size, self.stride, self.padding)
+
+# ------------------------------------------------------------------------ activation, shape
+
+
+class _ReLUPlan(Plan):
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self.fwd = kernels.get("relu_forward", device)
+        self.bwd = kernels.get("relu_backward", device)
+        self.in_previous = False  # the layer before applies max(., 0) in its own forward
+        self.in_next = False  # the layer after applies the mask in its own backward
+        self.y = None
+
+    def allocate(self, need_dx):
+        if not self.in_previous:
+            self.y = self.device.empty(self.out_shape, self.dtype)
+        if need_dx and not self.in_next:
+            self._dx()
+
+    def forward(self, x):
+        if self.in_previous:
+            self.y = x  # the previous layer's output, already max(., 0)
+            return x
+        self.fwd.run(self.y, x)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        if self.in_next:
+            return dy  # already multiplied by (y > 0)
+        if not need_dx:
+            return None
+        dx = self._dx()
+        self.bwd.run(dx, dy, self.y)
+        return dx
 
 
 class ReLU(Layer):
     """The detector stage: y = max(x, 0)."""
 
-    def __init__(self):
-        self._y = None
+    Plan = _ReLUPlan
+
+
+class _FlattenPlan(Plan):
+    def allocate(self, need_dx):
+        self._seen = self._view = self._dy = self._dx_view = None
 
     def forward(self, x):
-        self._y = ops.relu_forward(x)
-        return self._y
+        if x is not self._seen:  # within a Sequential, x is the previous layer's buffer: one view, made once
+            self._seen, self._view = x, x.reshape(self.out_shape)
+        return self._view
 
-    def backward(self, dy, need_dx=True):
-        return ops.relu_backward(dy, self._saved("_y"))
+    def backward(self, dy, need_dx):
+        if dy is not self._dy:
+            self._dy, self._dx_view = dy, dy.reshape(self.in_shape)
+        return self._dx_view
 
 
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W), a view without a copy; backward restores the shape."""
 
-    def __init__(self):
-        self._x_shape = None
+    Plan = _FlattenPlan
 
     def output_shape(self, input_shape):
         if len(input_shape) < 2:
             raise ValueError(f"Flatten expects a batched input (N, ...), got {tuple(input_shape)}")
         return (input_shape[0], int(np.prod(input_shape[1:])))
 
-    def forward(self, x):
-        self._x_shape = tuple(x.shape)
-        return x.reshape(self.output_shape(self._x_shape))
 
-    def backward(self, dy, need_dx=True):
-        return dy.reshape(self._saved("_x_shape"))
+# ------------------------------------------------------------------------------------ dense
+
+
+class _DensePlan(Plan):
+    fuses_relu = masks = True
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self._check_parameters()
+        self.fwd = kernels.get("dense_forward", device)
+        self.bwd = kernels.get("dense_backward", device)
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        self.y = self.device.empty(self.out_shape, self.dtype)
+        self.zeros = self.device.zeros(self.out_shape[1], self.dtype) if self.layer.bias is None else None
+        self._workspace(self.bwd.workspace(self.in_shape, self.layer.weight.shape))
+
+    def forward(self, x):
+        L = self.layer
+        self.x = x
+        self.fwd.run(self.y, x, L.weight.data, self.zeros if L.bias is None else L.bias.data, self.relu, self.ws)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        L = self.layer
+        dx = self._dx() if need_dx else None
+        db = None if L.bias is None else L.bias.grad
+        self.bwd.run(dx, L.weight.grad, db, dy, self.x, L.weight.data, self.mask, self.ws)
+        return dx
 
 
 class Dense(Layer):
     """Fully connected: y = x W^T + b, W (out_features, in_features)."""
+
+    Plan = _DensePlan
 
     def __init__(self, in_features, out_features, bias=True):
         self.in_features = _count("in_features", in_features, "Dense")
@@ -258,7 +509,6 @@ class Dense(Layer):
         w = _rng.normal(0.0, math.sqrt(2.0 / self.in_features), (self.out_features, self.in_features))
         self.weight = Parameter(w.astype(np.float32))
         self.bias = Parameter(np.zeros(self.out_features, np.float32)) if self.has_bias else None
-        self._x = None
 
     def parameters(self):
         return [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -275,18 +525,8 @@ class Dense(Layer):
                              f"(input shape {tuple(input_shape)})")
         return (input_shape[0], self.out_features)
 
-    def forward(self, x):
-        self.output_shape(tuple(x.shape))
-        self._x = x
-        b = self.bias.data if self.bias is not None else None
-        return ops.dense_forward(x, self.weight.data, b)
-
-    def backward(self, dy, need_dx=True):
-        bias = self.bias
-        dx, _, _ = ops.dense_backward(dy, self._saved("_x"), self.weight.data, need_dx, dw=self.weight.grad_buffer(),
-                                      db=bias.grad_buffer() if bias is not None else None,
-                                      has_bias=bias is not None)
-        return dx
-
 
 LAYERS = {cls.__name__: cls for cls in (Conv2D, MaxPool2D, AvgPool2D, ReLU, Flatten, Dense)}
+
+__all__ = ["Parameter", "Layer", "Plan", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Dense", "LAYERS",
+           "set_seed"]

@@ -1,4 +1,20 @@
-"""Sequential: layers applied in order, backpropagated in reverse; summary, save and load."""
+"""Sequential: layers applied in order, backpropagated in reverse, planned together.
+
+A ``Sequential`` bound to a device owns everything its step needs. Its parameters live in
+one ``ParameterBuffer`` (one flat vector of values, one of gradients). The first forward
+of an input shape makes a ``ModelPlan``: every layer's plan for the shape its
+predecessor outputs, checked once, with each ReLU fused into its neighbours (the layer
+before applies max(., 0) in its own forward; the layer after multiplies its dx by the
+mask in its own backward), then the buffers: activations, input gradients, scratch. Later
+steps of that shape only run kernels on them.
+
+    x --> [Conv2D+ReLU] --> [MaxPool2D] --> ... --> [Dense] --> logits
+    dx <-- [Conv2D] <-- [MaxPool2D, ReLU mask] <-- ... <-- [Dense] <-- dlogits
+
+A model keeps the plans of a few input shapes (a training batch, the last smaller batch of
+an epoch, an evaluation batch), so alternating between them allocates nothing; they are
+freed with the model, or when it moves to another device.
+"""
 
 import json
 import os
@@ -6,10 +22,13 @@ import tempfile
 
 import numpy as np
 
-from nbcnn.device import device_of, resolve_device, to_device, to_numpy
-from nbcnn.layers import LAYERS, Layer
+from nbcnn import ops
+from nbcnn.device import CPU, device_of, resolve_device, to_device, to_numpy
+from nbcnn.layers import LAYERS, Layer, _contiguous, _ReLUPlan
+from nbcnn.parameter import Parameter, ParameterBuffer
 
 CHECKPOINT_FORMAT = "nbcnn-sequential-1"
+PLANS_KEPT = 4  # input shapes whose plans a model keeps at once
 
 
 def atomic_write(path, write):
@@ -33,6 +52,65 @@ def atomic_write(path, write):
         raise
 
 
+class ModelPlan:
+    """The plans of a model's layers for one input shape, fused and allocated; see the module docstring.
+
+    ``spans``: a profiler (anything with ``span(layer, phase)``, a context manager) that labels
+    each layer's forward and backward; None runs the plain loops.
+    """
+
+    def __init__(self, model, in_shape, dtype, device, kernels=ops.REGISTRY, spans=None):
+        self.in_shape, self.dtype, self.device = tuple(in_shape), np.dtype(dtype), device
+        self.plans, shape = [], self.in_shape
+        for layer in model.layers:
+            plan = layer.plan(shape, dtype, device, kernels)
+            self.plans.append(plan)
+            shape = plan.out_shape
+        self.out_shape = shape
+        for i, plan in enumerate(self.plans):
+            if not isinstance(plan, _ReLUPlan):
+                continue
+            before = self.plans[i - 1] if i > 0 else None
+            after = self.plans[i + 1] if i + 1 < len(self.plans) else None
+            if before is not None and before.fuses_relu and not before.relu:
+                before.relu, plan.in_previous = True, True
+            if after is not None and after.masks:
+                after.mask, plan.in_next = True, True
+        for i, plan in enumerate(self.plans):
+            plan.allocate(need_dx=i > 0)
+        self.names = [f"{i} {type(layer).__name__}" for i, layer in enumerate(model.layers)]
+        self.spans = spans
+        self.stamp = Parameter.rebinds
+        self.ran = False
+
+    def forward(self, x):
+        if self.spans is not None:
+            return self._forward_in_spans(x)
+        for plan in self.plans:
+            x = plan.forward(x)
+        return x
+
+    def backward(self, dy, need_dx):
+        if self.spans is not None:
+            return self._backward_in_spans(dy, need_dx)
+        plans = self.plans
+        for i in range(len(plans) - 1, -1, -1):
+            dy = plans[i].backward(dy, need_dx or i > 0)
+        return dy
+
+    def _forward_in_spans(self, x):
+        for name, plan in zip(self.names, self.plans):
+            with self.spans.span(name, "forward"):
+                x = plan.forward(x)
+        return x
+
+    def _backward_in_spans(self, dy, need_dx):
+        for i in range(len(self.plans) - 1, -1, -1):
+            with self.spans.span(self.names[i], "backward"):
+                dy = self.plans[i].backward(dy, need_dx or i > 0)
+        return dy
+
+
 class Sequential(Layer):
     """A stack of layers: ``forward`` runs them in order, ``backward`` in reverse."""
 
@@ -42,41 +120,105 @@ class Sequential(Layer):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not an nbcnn layer")
         self.layers = layers
-        self.device = "cpu"
+        self._device = CPU
         self.metadata = {}  # what save() stored beside the weights (normalization, ...)
+        self.buffer = None
+        self.kernels, self.spans = ops.REGISTRY, None
+        self._plans, self._plan = {}, None
         self._last_input_shape = None
+        self._pack()
 
-    def forward(self, x):
+    def _pack(self):
+        """All parameters in one flat buffer on the model's device (a view each)."""
+        params = self.parameters()
+        self.buffer = ParameterBuffer(params, self.device) if params else None
+        self._plans, self._plan = {}, None
+
+    # --------------------------------------------------------------------------- the step
+
+    def plan(self, in_shape, dtype=np.float32, device=None, kernels=ops.REGISTRY, spans=None):
+        """A ``ModelPlan`` for inputs of ``in_shape`` (kept and reused by ``forward``); ``kernels`` and
+        ``spans`` let a profiler see every kernel and layer."""
+        device = self.device if device is None else resolve_device(device)
+        plan = ModelPlan(self, in_shape, dtype, device, kernels, spans)
+        key = (tuple(in_shape), np.dtype(dtype))
+        if len(self._plans) >= PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+        return plan
+
+    def instrument(self, kernels=ops.REGISTRY, spans=None):
+        """Plan from now on with ``kernels`` (a profiler's wrapper of the registry) and label each layer's
+        forward and backward with ``spans``; the defaults undo it. Drops the plans made so far."""
+        self.kernels, self.spans = kernels, spans
+        self._plans, self._plan = {}, None
+        return self
+
+    def _plan_for(self, x):
         try:
             where = device_of(x)
         except TypeError:
             raise TypeError(f"Sequential.forward: x must be a NumPy or GPU array, got {type(x).__name__}") from None
-        if where != self.device:
+        if where != self.device.kind:
             raise ValueError(f"Sequential.forward: the input is on {where} but the model is on {self.device}; "
-                             f"move it with nbcnn.to_device(x, {self.device!r})")
-        self._last_input_shape = tuple(x.shape)
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
+                             f"move it with nbcnn.to_device(x, {self.device.kind!r})")
+        ops.check_input("Sequential.forward", x, self.device)
+        if self.buffer is not None and not self.buffer.current():
+            self._pack()  # a parameter was given storage of its own (another dtype, say): gather them again
+        plan = self._plans.get((tuple(x.shape), np.dtype(x.dtype)))
+        if plan is None or plan.stamp != Parameter.rebinds:
+            plan = self.plan(x.shape, x.dtype, kernels=self.kernels, spans=self.spans)
+        plan.in_type = type(x)
+        return plan
+
+    def forward(self, x):
+        plan = self._plan
+        if (plan is None or plan.stamp != Parameter.rebinds or tuple(x.shape) != plan.in_shape
+                or type(x) is not getattr(plan, "in_type", None) or x.dtype != plan.dtype or not _contiguous(x)):
+            plan = self._plan = self._plan_for(x)
+            self._last_input_shape = plan.in_shape
+        plan.ran = True
+        return plan.forward(x)
 
     __call__ = forward
 
     def backward(self, dy, need_dx=True):
         """Backpropagate ``dy`` through the layers in reverse; returns the gradient to the
         input, or None with ``need_dx=False`` (training needs only the parameters' gradients)."""
-        for i in reversed(range(len(self.layers))):
-            dy = self.layers[i].backward(dy, need_dx=need_dx or i > 0)
-        return dy
+        plan = self._plan
+        if plan is None or not plan.ran:
+            raise RuntimeError("Sequential.backward called before forward")
+        if tuple(dy.shape) != plan.out_shape:
+            raise ValueError(f"Sequential.backward: dy has shape {tuple(dy.shape)}, the forward's output "
+                             f"{plan.out_shape}")
+        return plan.backward(dy, need_dx)
+
+    # ---------------------------------------------------------------------- the model
 
     def parameters(self):
         return [p for layer in self.layers for p in layer.parameters()]
+
+    def buffers(self):
+        return {f"{i}.{name}": a for i, layer in enumerate(self.layers) for name, a in layer.buffers().items()}
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.train(mode)
+        return self
 
     def to(self, device):
         device = resolve_device(device)
         for layer in self.layers:
             layer.to(device)
-        self.device = device
+        self._device = device
+        self._pack()
         return self
+
+    @property
+    def device(self):
+        """The ``Device`` the model's parameters and buffers live on."""
+        return self._device
 
     def config(self):
         return {"layers": [{"type": type(layer).__name__, "args": layer.config()} for layer in self.layers]}
@@ -88,23 +230,28 @@ class Sequential(Layer):
 
     def summary(self, input_shape=None):
         """Print and return a table: each layer, its output shape (when the input shape is given
-        or known from the last forward) and its parameter count, and the total."""
+        or known from the last forward), its parameter count and its buffers, and the totals."""
         shape = tuple(input_shape) if input_shape is not None else self._last_input_shape
         rows = [("layer", "output shape", "parameters")]
         if shape is not None:
             rows.append(("input", str(shape), ""))
-        total = 0
+        total = buffered = 0
         for layer in self.layers:
             if shape is not None:
                 shape = layer.output_shape(shape)
             count = sum(p.size for p in layer.parameters())
             total += count
-            rows.append((repr(layer), str(shape) if shape is not None else "?", f"{count:,}"))
+            buffers = layer.buffers()
+            buffered += sum(int(np.prod(a.shape)) for a in buffers.values())
+            extra = f" (+ buffers {', '.join(buffers)})" if buffers else ""
+            rows.append((repr(layer), str(shape) if shape is not None else "?", f"{count:,}{extra}"))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         line = "-" * (sum(widths) + 4)
         out = [f"{rows[0][0]:<{widths[0]}}  {rows[0][1]:<{widths[1]}}  {rows[0][2]:>{widths[2]}}", line]
         out += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows[1:]]
         out += [line, f"total parameters: {total:,}"]
+        if buffered:
+            out.append(f"total buffer values (not trained): {buffered:,}")
         text = "\n".join(out)
         print(text)
         return text
@@ -112,25 +259,39 @@ class Sequential(Layer):
     # ------------------------------------------------------------------------ checkpoints
 
     def state_arrays(self):
-        """The parameters as host arrays, named ``p0``, ``p1``, ... in ``parameters()`` order."""
-        return {f"p{i}": to_numpy(p.data) for i, p in enumerate(self.parameters())}
+        """The parameters as host arrays, named ``p0``, ``p1``, ... in ``parameters()`` order, and the
+        buffers as ``b.<layer>.<name>``."""
+        arrays = {f"p{i}": to_numpy(p.data) for i, p in enumerate(self.parameters())}
+        arrays.update({f"b.{name}": to_numpy(a) for name, a in self.buffers().items()})
+        return arrays
 
     def load_state_arrays(self, arrays):
-        params = self.parameters()
-        for i, p in enumerate(params):
+        for i, p in enumerate(self.parameters()):
             name = f"p{i}"
             if name not in arrays:
                 raise ValueError(f"checkpoint has no array {name} for parameter {i} of shape {p.shape}")
             a = np.asarray(arrays[name])
             if a.shape != p.shape:
                 raise ValueError(f"checkpoint array {name} has shape {a.shape}, the model's parameter {p.shape}")
-            p.data = to_device(np.ascontiguousarray(a, dtype=np.float32), self.device)
+            p.data = to_device(np.ascontiguousarray(a, dtype=p.dtype), self.device)
+        for name, buf in self.buffers().items():
+            key = f"b.{name}"
+            if key not in arrays:
+                raise ValueError(f"checkpoint has no array {key} for the buffer {name} of shape {tuple(buf.shape)}")
+            a = np.asarray(arrays[key])
+            if a.shape != tuple(buf.shape):
+                raise ValueError(f"checkpoint array {key} has shape {a.shape}, the model's buffer {tuple(buf.shape)}")
+            from nbcnn.device import copy_into
+
+            copy_into(buf, np.ascontiguousarray(a, dtype=buf.dtype))
 
     def save(self, path, **metadata):
-        """Write the architecture, the weights and ``metadata`` (JSON values) to ``path`` (.npz), atomically."""
+        """Write the architecture, the mode, the weights, the buffers and ``metadata`` (JSON values) to
+        ``path`` (.npz), atomically."""
         arrays = self.state_arrays()
         self.metadata = {**self.metadata, **metadata}
-        meta = json.dumps({"format": CHECKPOINT_FORMAT, **self.config(), "metadata": self.metadata})
+        meta = json.dumps({"format": CHECKPOINT_FORMAT, **self.config(), "training": self.training,
+                           "metadata": self.metadata})
         atomic_write(path, lambda f: np.savez(f, __model__=np.array(meta), **arrays))
 
     @classmethod
@@ -144,7 +305,7 @@ class Sequential(Layer):
 
     @classmethod
     def load(cls, path, device="cpu"):
-        """A model rebuilt from a file written by ``save``, on ``device``."""
+        """A model rebuilt from a file written by ``save``, on ``device``, in the mode it was saved in."""
         try:
             with np.load(os.fspath(path), allow_pickle=False) as data:
                 meta = json.loads(str(data["__model__"]))
@@ -158,4 +319,5 @@ class Sequential(Layer):
         model = cls.from_config(meta)
         model.load_state_arrays(arrays)
         model.metadata = meta.get("metadata", {})
+        model.train(meta.get("training", True))
         return model.to(device)

@@ -1,13 +1,18 @@
-"""Optimizers that update each parameter on its own device, with one fused kernel per parameter.
+"""Optimizers: one fused kernel call per step over all the parameters at once.
 
-``step()`` reads each parameter's ``.grad`` (written by the last backward) and updates
-``.data`` in place; ``zero_grad()`` sets the gradients to zero. The state (velocity,
-moments) lives beside the parameter, on its device.
+The parameters given to an optimizer live in one flat ``ParameterBuffer`` (the model's,
+when they are ``model.parameters()``; one of the optimizer's own otherwise), and its state
+(velocity, moments) in flat vectors of the same layout on the same device. ``step()``
+reads the gradients written by the last backward and updates every parameter with one
+kernel call; ``zero_grad()`` is one fill. Hyperparameters are checked when the optimizer
+is made; ``lr`` may be changed between steps (a schedule), the others are fixed.
 """
 
 import numbers
 
 from nbcnn import ops
+from nbcnn.device import copy_into, to_device, to_numpy
+from nbcnn.parameter import Parameter, buffer_of
 
 
 def _real(name, value, minimum=0.0, below=None, positive=False):
@@ -24,71 +29,106 @@ def _real(name, value, minimum=0.0, below=None, positive=False):
 
 
 class Optimizer:
-    def __init__(self, params):
+    """Base class: the flat buffer, its state, and the check (one integer) that they still hold the parameters."""
+
+    state_names = ()
+
+    def __init__(self, params, kernels=ops.REGISTRY):
         self.params = list(params)
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got no parameters to optimise")
+        for p in self.params:
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{type(self).__name__}: expected nbcnn Parameters, got {type(p).__name__}")
+        self.kernels = kernels
+        self.buffer = None
+        self.state = {}
+        self._bind()
+
+    def _bind(self):
+        """Find (or make) the flat buffer of the parameters; move the state beside it."""
+        old = {name: to_numpy(a) for name, a in self.state.items()}
+        self.buffer = buffer_of(self.params)
+        device, size, dtype = self.buffer.device, self.buffer.size, self.buffer.dtype
+        self.state = {}
+        for name in self.state_names:
+            if name in old and old[name].shape == (size,):
+                self.state[name] = to_device(old[name].astype(dtype), device)
+            else:
+                self.state[name] = device.zeros(size, dtype)
+        self.update = self.kernels.get(self.op, device)
+        self.fill = self.kernels.get("fill", device)
+        self._stamp = Parameter.rebinds
+
+    def _current(self):
+        if self._stamp != Parameter.rebinds:
+            if not self.buffer.current():
+                self._bind()
+            self._stamp = Parameter.rebinds
+        return self.buffer
 
     def zero_grad(self):
-        for p in self.params:
-            ops.fill(p.grad, 0.0)
-
-    def _state_like(self, p):
-        return ops.zeros(p.data.shape, p.data.dtype, ops.common_device("optimizer", p=p.data))
+        self.fill.run(self._current().grad, 0.0)
 
     def state_arrays(self):
-        """Optimizer state as named arrays (for resuming)."""
-        raise NotImplementedError
+        """The state as named arrays per parameter (``m0``, ``v0``, ...), for resuming: views of the flat vectors."""
+        self._current()
+        arrays = {}
+        for name, flat in self.state.items():
+            for i, seg in enumerate(self.buffer.segments(flat)):
+                arrays[f"{name}{i}"] = seg
+        return arrays
 
     def load_state_arrays(self, arrays):
-        raise NotImplementedError
+        """Copy state saved by ``state_arrays`` into this optimizer's flat vectors."""
+        self._current()
+        for name, flat in self.state.items():
+            for i, (p, seg) in enumerate(zip(self.params, self.buffer.segments(flat))):
+                key = f"{name}{i}"
+                if key not in arrays:
+                    raise ValueError(f"optimizer state has no array {key} for parameter {i} of shape {p.shape}")
+                a = arrays[key]
+                if tuple(a.shape) != p.shape:
+                    raise ValueError(f"optimizer state {key} has shape {tuple(a.shape)}, the parameter {p.shape}")
+                copy_into(seg, to_numpy(a).astype(self.buffer.dtype, copy=False))
 
 
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum and weight decay (PyTorch's formulation)."""
 
-    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
-        super().__init__(params)
+    op = "sgd_update"
+    state_names = ("velocity",)
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, kernels=ops.REGISTRY):
         self.lr = _real("lr", lr, positive=True)
         self.momentum = _real("momentum", momentum, below=1.0)
         self.weight_decay = _real("weight_decay", weight_decay)
-        self.velocity = [self._state_like(p) for p in self.params]
+        super().__init__(params, kernels)
 
     def step(self):
-        for p, v in zip(self.params, self.velocity):
-            ops.sgd_update(p.data, v, p.grad, self.lr, self.momentum, self.weight_decay)
-
-    def state_arrays(self):
-        return {f"velocity{i}": v for i, v in enumerate(self.velocity)}
-
-    def load_state_arrays(self, arrays):
-        self.velocity = [arrays[f"velocity{i}"] for i in range(len(self.params))]
+        b = self._current()
+        self.update.run(b.data, self.state["velocity"], b.grad, self.lr, self.momentum, self.weight_decay)
 
 
 class Adam(Optimizer):
     """Adam (Kingma and Ba), with PyTorch's bias correction and eps placement."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params)
+    op = "adam_update"
+    state_names = ("m", "v")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, kernels=ops.REGISTRY):
         self.lr = _real("lr", lr, positive=True)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         self.betas = (_real("beta1", betas[0], below=1.0), _real("beta2", betas[1], below=1.0))
         self.eps = _real("eps", eps, positive=True)
         self.t = 0
-        self.m = [self._state_like(p) for p in self.params]
-        self.v = [self._state_like(p) for p in self.params]
+        super().__init__(params, kernels)
 
     def step(self):
+        b = self._current()
         self.t += 1
-        for p, m, v in zip(self.params, self.m, self.v):
-            ops.adam_update(p.data, m, v, p.grad, self.lr, *self.betas, self.eps, self.t)
-
-    def state_arrays(self):
-        arrays = {f"m{i}": m for i, m in enumerate(self.m)}
-        arrays.update({f"v{i}": v for i, v in enumerate(self.v)})
-        return arrays
-
-    def load_state_arrays(self, arrays):
-        self.m = [arrays[f"m{i}"] for i in range(len(self.params))]
-        self.v = [arrays[f"v{i}"] for i in range(len(self.params))]
+        beta1, beta2 = self.betas
+        # the bias corrections 1 - beta**t, once per step on the host
+        self.update.run(b.data, self.state["m"], self.state["v"], b.grad, self.lr, beta1, beta2, self.eps,
+                        1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t)

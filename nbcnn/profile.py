@@ -3,7 +3,12 @@ and where one training step spends its time, per layer and per kernel.
 
 FLOPs count a multiply-add as two operations and a comparison as one. Bytes are the
 least traffic a kernel needs: every array it reads or writes, once. Both are computed
-from the arrays a kernel receives, so they hold for any shape.
+from the arrays a kernel receives, so they hold for any shape (the cost models live with
+the kernels' registry, ``nbcnn.ops``).
+
+The profile runs the training step that ``nbcnn train`` runs (``nbcnn.step.Trainer``), with a
+``Recorder`` in place of the kernel registry: it hands out the registry's kernels wrapped in
+timers, and labels each layer's forward and backward. Nothing is patched.
 """
 
 import json
@@ -14,57 +19,7 @@ import time
 import numpy as np
 
 from nbcnn import ops
-
-
-def _n(a):
-    return int(np.prod(a.shape, dtype=np.int64))
-
-
-def _bytes(*arrays):
-    return sum(_n(a) * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
-
-
-def _conv_taps(w):
-    """C*FH*FW: the multiply-adds behind one output of a convolution."""
-    return int(np.prod(w.shape[1:]))
-
-
-# (flops, bytes) of one kernel call, from its arguments (outputs first, as the kernels take them).
-COSTS = {
-    "conv2d_forward": lambda y, x, w, b, *_: (2 * _n(y) * _conv_taps(w), _bytes(y, x, w, b)),
-    "conv2d_backward_input": lambda dx, dy, w, *_: (2 * _n(dy) * _conv_taps(w), _bytes(dx, dy, w)),
-    "conv2d_backward_weight": lambda dw, dy, x, *_: (2 * _n(dy) * _conv_taps(dw), _bytes(dw, dy, x)),
-    "conv2d_backward_bias": lambda db, dy: (_n(dy), _bytes(db, dy)),
-    # the three above in one call (dx and db may be None)
-    "conv2d_backward": lambda dx, dw, db, dy, x, w, *_: (
-        2 * _n(dy) * _conv_taps(w) * (1 if dx is None else 2) + (0 if db is None else _n(dy)),
-        _bytes(dx, dw, db, dy, x, w)),
-    "maxpool2d_forward": lambda y, am, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, am, x)),
-    "maxpool2d_backward": lambda dx, dy, am, *_: (_n(dy), _bytes(dx, dy, am)),
-    "avgpool2d_forward": lambda y, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, x)),
-    "avgpool2d_backward": lambda dx, dy, fh, fw, *_: (_n(dy) * fh * fw, _bytes(dx, dy)),
-    "relu_forward": lambda y, x: (_n(x), _bytes(y, x)),
-    "relu_backward": lambda dx, dy, y: (_n(y), _bytes(dx, dy, y)),
-    "dense_forward": lambda y, x, w, b: (2 * _n(x) * w.shape[0], _bytes(y, x, w, b)),
-    "dense_backward_input": lambda dx, dy, w: (2 * _n(dx) * w.shape[0], _bytes(dx, dy, w)),
-    "dense_backward_weight": lambda dw, dy, x: (2 * _n(x) * dw.shape[0], _bytes(dw, dy, x)),
-    "dense_backward_bias": lambda db, dy: (_n(dy), _bytes(db, dy)),
-    # max, subtract, exp, sum, divide per logit
-    "softmax_xent_forward": lambda loss, p, z, lab: (5 * _n(z), _bytes(loss, p, z, lab)),
-    "softmax_xent_backward": lambda d, p, lab: (2 * _n(p), _bytes(d, p, lab)),
-    # g + wd*p (2), mu*v + g (2), p - lr*v (2); reads p, v, g, writes p, v
-    "sgd_update": lambda p, v, g, *_: (6 * _n(p), _bytes(p, v, g) + _bytes(p, v)),
-    # m (3), v (4), the step (sqrt, two divides, add, multiply-subtract: 6); reads p, m, v, g, writes p, m, v
-    "adam_update": lambda p, m, v, g, *_: (13 * _n(p), _bytes(p, m, v, g) + _bytes(p, m, v)),
-    "fill": lambda a, value: (0, _bytes(a)),
-    "gather_rows": lambda out, x, idx: (0, 2 * _bytes(out) + _bytes(idx)),
-    "count_correct": lambda count, z, lab: (_n(z), _bytes(count, z, lab)),
-}
-
-
-def cost(op, args):
-    """(flops, bytes) of a call of ``op``'s kernel with ``args``."""
-    return COSTS[op](*args)
+from nbcnn.ops import COSTS, cost  # noqa: F401  (the cost model, re-exported for the profile's users)
 
 
 # ------------------------------------------------------------------------------ the machine
@@ -187,30 +142,30 @@ def _cpu_name():
 
 
 class Recorder:
-    """Times every kernel the dispatcher launches, and labelled spans of code.
+    """Times every kernel a planned step runs, and labelled spans of code.
 
-    Inside ``with Recorder(device) as rec:`` each entry of ``ops.KERNELS`` is wrapped, so
-    every call records its op, the current label, its start, its duration and its cost.
-    On a GPU each call is bracketed by CUDA events and waited for, so the duration is the
-    kernel's own; on the CPU it is the host clock around the call.
+    Give it where a plan takes its kernels (``Trainer(..., kernels=rec, spans=rec)``): ``get``
+    returns the registry's kernel with its ``run`` wrapped, so every call records its op, the
+    current label, its start, its duration and its cost. On a GPU each call is bracketed by
+    CUDA events and waited for, so the duration is the kernel's own; on the CPU it is the host
+    clock around the call.
     """
 
-    def __init__(self, device):
+    def __init__(self, device, registry=ops.REGISTRY):
         self.device = device
+        self.registry = registry
         self.events = []
         self.label = ("", "")
         self.origin = time.perf_counter()
+        self._wrapped = {}
 
-    def __enter__(self):
-        self._saved = dict(ops.KERNELS)
-        for (op, dev), fn in self._saved.items():
-            if dev == self.device:
-                ops.KERNELS[(op, dev)] = self._wrap(op, fn)
-        return self
-
-    def __exit__(self, *exc):
-        ops.KERNELS.update(self._saved)
-        return False
+    def get(self, op, device, algorithm=None):
+        kernel = self.registry.get(op, device, algorithm)
+        key = (kernel.op, kernel.device, kernel.algorithm)
+        if key not in self._wrapped:
+            self._wrapped[key] = ops.Kernel(kernel.op, kernel.device, kernel.algorithm, self._wrap(kernel),
+                                            kernel.workspace)
+        return self._wrapped[key]
 
     def _sync(self):
         if self.device == "cuda":
@@ -218,8 +173,10 @@ class Recorder:
 
             cuda.synchronize()
 
-    def _wrap(self, op, fn):
-        def timed(*args, **kwargs):
+    def _wrap(self, kernel):
+        run, op = kernel.run, kernel.op
+
+        def timed(*args):
             if self.device == "cuda":
                 from numba import cuda
 
@@ -227,18 +184,17 @@ class Recorder:
                 cuda.synchronize()
                 start = time.perf_counter()
                 start_event.record()
-                result = fn(*args, **kwargs)
+                run(*args)
                 end_event.record()
                 end_event.synchronize()
                 seconds = cuda.event_elapsed_time(start_event, end_event) / 1e3
             else:
                 start = time.perf_counter()
-                result = fn(*args, **kwargs)
+                run(*args)
                 seconds = time.perf_counter() - start
-            flops, nbytes = cost(op, args)
+            flops, nbytes = kernel.cost(args)
             self.events.append(dict(kind="kernel", name=op, layer=self.label[0], phase=self.label[1],
                                     start=start - self.origin, seconds=seconds, flops=flops, bytes=nbytes))
-            return result
 
         return timed
 
@@ -267,31 +223,14 @@ class Recorder:
         return events
 
 
-def training_step(model, loss_fn, optimizer, x, y, rec):
-    """One training step with every layer's forward and backward in a labelled span."""
-    h = x
-    for i, layer in enumerate(model.layers):
-        with rec.span(f"{i} {type(layer).__name__}", "forward"):
-            h = layer.forward(h)
-    with rec.span("loss", "forward"):
-        loss_fn.forward(h, y)
-    with rec.span("loss", "backward"):
-        d = loss_fn.backward()
-    for i in reversed(range(len(model.layers))):
-        layer = model.layers[i]
-        with rec.span(f"{i} {type(layer).__name__}", "backward"):
-            d = layer.backward(d, need_dx=i > 0)
-    with rec.span("optimizer", "step"):
-        optimizer.step()
-
-
 def profile_step(model_name="lenet", device="cpu", batch_size=64, repeats=10, seed=0):
     """Profile one training step: returns a dict of machine, peak, layers, kernels and trace events."""
     from nbcnn import layers as L
     from nbcnn.device import resolve_device, to_device
     from nbcnn.losses import SoftmaxCrossEntropy
+    from nbcnn.models import MODELS
     from nbcnn.optim import Adam
-    from nbcnn.train import MODELS
+    from nbcnn.step import Trainer
 
     device = resolve_device(device)
     if model_name not in MODELS:
@@ -302,20 +241,25 @@ def profile_step(model_name="lenet", device="cpu", batch_size=64, repeats=10, se
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     L.set_seed(seed)
     model = MODELS[model_name]().to(device)
-    optimizer, loss_fn = Adam(model.parameters()), SoftmaxCrossEntropy()
+    rec = Recorder(device)
+    trainer = Trainer(model, SoftmaxCrossEntropy(kernels=rec), Adam(model.parameters(), kernels=rec), kernels=rec,
+                      spans=rec)
     rng = np.random.default_rng(seed)
-    x = to_device(rng.standard_normal((batch_size, 1, 28, 28)).astype(np.float32), device)
-    y = to_device(rng.integers(0, 10, batch_size).astype(np.int32), device)
+    data_x = to_device(rng.standard_normal((batch_size, 1, 28, 28)).astype(np.float32), device)
+    data_y = to_device(rng.integers(0, 10, batch_size).astype(np.int32), device)
+    idx = to_device(np.arange(batch_size, dtype=np.int32), device)
 
-    with Recorder(device) as rec:
-        training_step(model, loss_fn, optimizer, x, y, rec)  # the first step compiles every kernel
-        cold = rec.take()
-        training_step(model, loss_fn, optimizer, x, y, rec)  # warm-up
-        rec.take()
-        runs = []
-        for _ in range(repeats):
-            training_step(model, loss_fn, optimizer, x, y, rec)
-            runs.append(rec.take())
+    def step():
+        trainer.step(*trainer.batch(data_x, data_y, idx))
+
+    step()  # the first step compiles every kernel (or loads it from Numba's cache)
+    cold = rec.take()
+    step()  # warm-up
+    rec.take()
+    runs = []
+    for _ in range(repeats):
+        step()
+        runs.append(rec.take())
     peak = measure_gpu_peak() if device == "cuda" else measure_cpu_peak()
 
     rows = []
@@ -330,16 +274,16 @@ def profile_step(model_name="lenet", device="cpu", batch_size=64, repeats=10, se
         rows.append(row)
     spans = [r for r in rows if r["kind"] == "span"]
     kernels = [r for r in rows if r["kind"] == "kernel"]
-    step = sum(r["seconds"] for r in spans)
+    step_seconds = sum(r["seconds"] for r in spans)
     for r in spans:  # a span's work is that of the kernels it ran
         mine = [k for k in kernels if k["layer"] == r["layer"] and k["phase"] == r["phase"]]
         r["flops"] = sum(k["flops"] for k in mine)
         r["bytes"] = sum(k["bytes"] for k in mine)
         r["gflops"] = r["flops"] / r["seconds"] / 1e9 if r["seconds"] > 0 else 0.0
-        r["share_of_step"] = r["seconds"] / step if step > 0 else 0.0
+        r["share_of_step"] = r["seconds"] / step_seconds if step_seconds > 0 else 0.0
     trace = runs[-1]
-    return dict(device=device, model=model_name, batch_size=batch_size, repeats=repeats,
-                machine=machine_info(device), peak=peak, step_seconds=step,
+    return dict(device=str(device), model=model_name, batch_size=batch_size, repeats=repeats,
+                machine=machine_info(device), peak=peak, step_seconds=step_seconds,
                 compile_seconds=sum(r["compile_seconds"] for r in kernels),
                 layers=spans, kernels=kernels, trace=chrome_trace(trace))
 

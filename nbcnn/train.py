@@ -18,42 +18,13 @@ import numpy as np
 
 from nbcnn import STARTED
 from nbcnn import layers as L
-from nbcnn import ops
 from nbcnn.data import load_dataset, normalization, prepare
 from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.losses import SoftmaxCrossEntropy
 from nbcnn.model import Sequential, atomic_write
+from nbcnn.models import MODELS
 from nbcnn.optim import SGD, Adam
-
-
-def lenet(channels=1, classes=10, size=28):
-    """The default: two convolution stages (5x5, 16 then 32 filters, ReLU, 2x2 max pooling),
-    then a dense network 32*5*5 -> 128 -> classes, for 28x28 inputs."""
-    side = ((size + 4 - 5 + 1) // 2 - 5 + 1) // 2
-    return Sequential([
-        L.Conv2D(channels, 16, 5, padding=2), L.ReLU(), L.MaxPool2D(2),
-        L.Conv2D(16, 32, 5), L.ReLU(), L.MaxPool2D(2),
-        L.Flatten(), L.Dense(32 * side * side, 128), L.ReLU(), L.Dense(128, classes),
-    ])
-
-
-def mnist_example(channels=1, classes=10, size=28):
-    """PyTorch's examples/mnist network without dropout: conv 32, conv 64, max pool, dense 9216 -> 128 -> 10."""
-    side = (size - 4) // 2
-    return Sequential([
-        L.Conv2D(channels, 32, 3), L.ReLU(), L.Conv2D(32, 64, 3), L.ReLU(), L.MaxPool2D(2),
-        L.Flatten(), L.Dense(64 * side * side, 128), L.ReLU(), L.Dense(128, classes),
-    ])
-
-
-def tiny(channels=1, classes=10, size=28):
-    """A small, fast network for tests and quick checks: one convolution stage and one dense layer."""
-    side = (size - 3 + 1) // 2
-    return Sequential([L.Conv2D(channels, 4, 3), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
-                       L.Dense(4 * side * side, classes)])
-
-
-MODELS = {"lenet": lenet, "mnist-example": mnist_example, "tiny": tiny}
+from nbcnn.step import Trainer
 
 
 class Config:
@@ -86,15 +57,7 @@ def _labels_int32(labels):
 
 def evaluate(model, x, y, batch_size=250):
     """(mean loss, accuracy) of ``model`` on x (N, C, H, W) and labels y (N,), both on the model's device."""
-    loss_fn = SoftmaxCrossEntropy()
-    n = x.shape[0]
-    total_loss, correct = 0.0, 0
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        logits = model.forward(x[start:stop])
-        total_loss += loss_fn.forward(logits, y[start:stop]) * (stop - start)
-        correct += int(to_numpy(ops.count_correct(logits, y[start:stop]))[0])
-    return total_loss / n, correct / n
+    return Trainer(model, SoftmaxCrossEntropy(), None).evaluate(x, y, batch_size)
 
 
 def _progress(total, desc, enabled):
@@ -162,36 +125,6 @@ def _load_resume_state(path, model, optimizer_factory, device):
     return optimizer, epoch
 
 
-def run_epoch(model, loss_fn, optimizer, x, y, order, batch_size, bar=None, after_first_step=None):
-    """One pass over ``x``, ``y`` in the given ``order`` (indices on the data's device); returns
-    the mean training loss. Minibatches are gathered into two buffers reused for every step.
-    ``after_first_step``, if given, is called once the first step has finished."""
-    n = order.shape[0]
-    device = model.device
-    batch_x = ops.empty((batch_size,) + tuple(x.shape[1:]), x.dtype, device)
-    batch_y = ops.empty((batch_size,), y.dtype, device)
-    loss_sum, steps = 0.0, 0
-    started = time.perf_counter()
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        xb = ops.gather_rows(x, order[start:stop], out=batch_x[: stop - start])
-        yb = ops.gather_rows(y, order[start:stop], out=batch_y[: stop - start])
-        loss = loss_fn.forward(model.forward(xb), yb)
-        model.backward(loss_fn.backward(), need_dx=False)
-        optimizer.step()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss} at step {steps + 1}")
-        loss_sum += loss
-        steps += 1
-        if steps == 1 and after_first_step is not None:
-            after_first_step()
-        if bar is not None:
-            bar.update(stop - start)
-            if steps % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / steps:.4f}", img_s=f"{stop / (time.perf_counter() - started):,.0f}")
-    return loss_sum / steps
-
-
 def train(cfg, log=print):
     """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json)."""
     device = resolve_device(cfg.device)
@@ -211,6 +144,7 @@ def train(cfg, log=print):
     model.output_shape((1, 1, size, size))  # a model that does not fit the images fails here, clearly
     optimizer = _make_optimizer(cfg, model.parameters())
     loss_fn = SoftmaxCrossEntropy()
+    trainer = Trainer(model, loss_fn, optimizer)
     os.makedirs(cfg.out, exist_ok=True)
     checkpoint = os.path.join(cfg.out, "model.npz")
     resume_path = os.path.join(cfg.out, "resume.npz")
@@ -223,6 +157,7 @@ def train(cfg, log=print):
         if not os.path.exists(resume_path):
             raise FileNotFoundError(f"--resume: nothing to resume from in {cfg.out} (no resume.npz)")
         optimizer, start_epoch = _load_resume_state(resume_path, model, lambda p: _make_optimizer(cfg, p), device)
+        trainer = Trainer(model, loss_fn, optimizer)
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
@@ -237,21 +172,25 @@ def train(cfg, log=print):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
         order = to_device(order, device)  # the only transfer of the epoch: n indices
         bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+        progress = None
+        if bar is not None:
+            def progress(done, mean_loss, images_per_second, bar=bar):
+                bar.update(done - bar.n)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:,.0f}")
         started = time.perf_counter()
         first_step = None
         if epoch == start_epoch + 1:
             def first_step():
                 startup["seconds"] = time.perf_counter() - STARTED
         try:
-            mean_loss = run_epoch(model, loss_fn, optimizer, train_x, train_y, order, cfg.batch_size, bar,
-                                  first_step)
+            mean_loss = trainer.run_epoch(train_x, train_y, order, cfg.batch_size, progress, first_step)
         except FloatingPointError as exc:
             raise FloatingPointError(f"epoch {epoch}: {exc}: lower the learning rate (--lr)") from None
         finally:
             if bar is not None:
                 bar.close()
         train_seconds = time.perf_counter() - started
-        test_loss, test_accuracy = evaluate(model, test_x, test_y)
+        test_loss, test_accuracy = trainer.evaluate(test_x, test_y)
         record = dict(epoch=epoch, train_loss=mean_loss, test_loss=test_loss, test_accuracy=test_accuracy,
                       seconds=train_seconds, samples_per_second=n / train_seconds, device=device,
                       model=cfg.model, batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed)

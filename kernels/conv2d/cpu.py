@@ -29,6 +29,7 @@ from numba import njit, prange
 
 from .._checks import on_host
 from .._index import in_coord_cpu, valid_out_range_cpu
+from ..activation import relu_backward_core_cpu, relu_forward_core_cpu
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 
 # ----------------------------------------------------------------------------- CPU kernels
@@ -170,3 +171,29 @@ def conv2d_backward_bias_cpu(db, dy):
     check_conv2d_bias("conv2d_backward_bias_cpu", on_host, db, dy)
     _conv2d_backward_bias_cpu(db, dy)
     return db
+
+
+# ------------------------------------------------------------ unchecked cores (planned steps)
+#
+# The direct loops with the call shape of the fast cores in gemm.py, so that a plan can pick
+# them by name (``algorithm="direct"``) to show what the definition costs. No scratch.
+
+
+def conv2d_workspace_direct_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx):
+    return {}
+
+
+def conv2d_forward_direct_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
+    _conv2d_forward_cpu(y, x, w, b, sh, sw, ph, pw)
+    if relu:
+        relu_forward_core_cpu(y, y)
+
+
+def conv2d_backward_direct_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
+    if dx is not None:
+        _conv2d_backward_input_cpu(dx, dy, w, sh, sw, ph, pw)
+        if mask:
+            relu_backward_core_cpu(dx, dx, x)
+    _conv2d_backward_weight_cpu(dw, dy, x, sh, sw, ph, pw)
+    if db is not None:
+        _conv2d_backward_bias_cpu(db, dy)

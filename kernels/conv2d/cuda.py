@@ -8,18 +8,24 @@ filter size, OH, OW output size, S stride, P padding (sh, sw, ph, pw).
   threadIdx.x along W), and each thread accumulates several filters in registers.
 - backward to the input: one thread per input pixel, gathering dy through the taps
   that read it. Each element is written by one thread: no atomics.
-- backward to the weights: deterministic two-pass reduction. Pass 1 gives each filter
-  tap and chunk of the batch one block, whose threads sum their share and add the
-  shares in shared memory; pass 2 adds the chunks' partial sums in a fixed order.
-  No float atomics, so the result is bitwise the same on every run.
-- backward to the bias: one block per filter, a shared-memory reduction.
+- backward to the weights and the bias: deterministic two-pass reduction. Pass 1 gives
+  each filter tap, each filter's bias, and each chunk of the batch one block, whose
+  threads sum their share and add the shares in shared memory; pass 2 adds the chunks'
+  partial sums in a fixed order (skipped when the batch is one chunk: pass 1 then writes
+  dw and db). No float atomics, so the result is bitwise the same on every run.
+- backward to the bias alone (``conv2d_backward_bias_cuda``): one block per filter.
+
+Fused epilogues, switched by flags: ``relu`` in the forward writes max(y, 0) (the ReLU after
+the convolution), ``mask`` in the backward to the input zeroes dx where x is not positive
+(the backward of a ReLU before it).
 
 Every kernel overwrites its output.
 """
 
+import numpy as np
 from numba import cuda
 
-from .._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu, workspace, zeros
+from .._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu
 from .._index import in_coord_cuda, out_coord_cuda
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 
@@ -34,8 +40,8 @@ MIN_REDUCE_BLOCKS = 1024  # split the weight-gradient reduction until about this
 
 
 @cuda.jit
-def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw):
-    """y = conv(x, w) + b. Threads (TILE_W, TILE_H): one per output pixel (oh, ow) of a tile,
+def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw, relu):
+    """y = conv(x, w) + b, or max(that, 0) with ``relu``. Threads (TILE_W, TILE_H): one per output pixel (oh, ow) of a tile,
     each computing K_PER_BLOCK filters. Grid: (ceil(OW / TILE_W), ceil(OH / TILE_H),
     N * ceil(K / K_PER_BLOCK)); blockIdx.z picks the sample n and the filter group.
 
@@ -90,14 +96,18 @@ def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw):
         for kk in range(K_PER_BLOCK):
             k = k0 + kk
             if k < K:
-                y[n, k, oh, ow] = acc[kk] + b[k]
+                v = acc[kk] + b[k]
+                if relu and not v > 0:
+                    v = 0
+                y[n, k, oh, ow] = v
 
 
 @cuda.jit
-def _conv2d_backward_input_kernel(dx, dy, w, sh, sw, ph, pw):
+def _conv2d_backward_input_kernel(dx, dy, w, x, sh, sw, ph, pw, mask):
     """dx[n, c, ih, iw] = sum over k, fh, fw of w[k, c, fh, fw] * dy[n, k, oh, ow], over the taps
-    whose output (oh, ow) = out_coord(...) exists. One thread per input pixel, threadIdx.x
-    along W; grid (ceil(W / GATHER_W), ceil(H / GATHER_H), N * C)."""
+    whose output (oh, ow) = out_coord(...) exists; 0 where ``mask`` and x[n, c, ih, iw] is not
+    positive. One thread per input pixel, threadIdx.x along W; grid (ceil(W / GATHER_W),
+    ceil(H / GATHER_H), N * C)."""
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     OH, OW = dy.shape[2], dy.shape[3]
@@ -118,26 +128,32 @@ def _conv2d_backward_input_kernel(dx, dy, w, sh, sw, ph, pw):
                 continue
             for k in range(K):
                 acc += w[k, c, fh, fw] * dy[n, k, oh, ow]
+    if mask and not x[n, c, ih, iw] > 0:
+        acc = 0
     dx[n, c, ih, iw] = acc
 
 
 @cuda.jit
-def _conv2d_backward_weight_partial_kernel(partial, dy, x, sh, sw, ph, pw):
-    """Pass 1: partial[g, k, c, fh, fw] = the chunk g's share of dw[k, c, fh, fw].
+def _conv2d_backward_weight_partial_kernel(partial, partial_b, dy, x, sh, sw, ph, pw):
+    """Pass 1: partial[g, k, c, fh, fw] = the chunk g's share of dw[k, c, fh, fw], and
+    partial_b[g, k] its share of db[k].
 
-    One block of REDUCE_THREADS threads per filter tap (blockIdx.x) and batch chunk
-    (blockIdx.y). The threads stride over the chunk's (n, oh, ow) with ow fastest, so a
-    warp reads neighbouring elements of dy and x, then add their sums with block_sum.
+    One block of REDUCE_THREADS threads per filter tap or bias (blockIdx.x: the K*C*FH*FW
+    taps, then the K biases) and batch chunk (blockIdx.y). The threads stride over the
+    chunk's (n, oh, ow) with ow fastest, so a warp reads neighbouring elements of dy and
+    x, then add their sums with block_sum. A bias is a tap whose input is always 1.
     """
     G, K, C, FH, FW = partial.shape
     N, _, H, W = x.shape
     OH, OW = dy.shape[2], dy.shape[3]
+    taps = K * C * FH * FW
     tap = cuda.blockIdx.x
     g = cuda.blockIdx.y
+    is_bias = tap >= taps
     fw = tap % FW
     fh = (tap // FW) % FH
     c = (tap // (FW * FH)) % C
-    k = tap // (FW * FH * C)
+    k = tap - taps if is_bias else tap // (FW * FH * C)
     n_lo = g * N // G  # chunks split the batch as evenly as integers allow
     n_hi = (g + 1) * N // G
     acc = partial.dtype.type(0)
@@ -145,29 +161,42 @@ def _conv2d_backward_weight_partial_kernel(partial, dy, x, sh, sw, ph, pw):
         ow = idx % OW
         oh = (idx // OW) % OH
         n = n_lo + idx // (OW * OH)
-        ih = in_coord_cuda(oh, fh, sh, ph)
-        iw = in_coord_cuda(ow, fw, sw, pw)
-        if 0 <= ih < H and 0 <= iw < W:
-            acc += dy[n, k, oh, ow] * x[n, c, ih, iw]
+        if is_bias:
+            acc += dy[n, k, oh, ow]
+        else:
+            ih = in_coord_cuda(oh, fh, sh, ph)
+            iw = in_coord_cuda(ow, fw, sw, pw)
+            if 0 <= ih < H and 0 <= iw < W:
+                acc += dy[n, k, oh, ow] * x[n, c, ih, iw]
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=partial.dtype)
     total = block_sum(scratch, acc)
     if cuda.threadIdx.x == 0:
-        partial[g, k, c, fh, fw] = total
+        if is_bias:
+            partial_b[g, k] = total
+        else:
+            partial[g, k, c, fh, fw] = total
 
 
 @cuda.jit
-def _conv2d_backward_weight_reduce_kernel(dw, partial):
-    """Pass 2: dw = sum over g of partial[g], chunks added in order. One thread per dw element."""
+def _conv2d_backward_weight_reduce_kernel(dw, db, partial, partial_b):
+    """Pass 2: dw = sum over g of partial[g], db = sum over g of partial_b[g], chunks added in
+    order. One thread per element of dw, then of db."""
     G = partial.shape[0]
     K, C, FH, FW = dw.shape
+    taps = K * C * FH * FW
     i = cuda.grid(1)
-    if i >= K * C * FH * FW:
+    if i >= taps + K:
+        return
+    acc = dw.dtype.type(0)
+    if i >= taps:
+        for g in range(G):
+            acc += partial_b[g, i - taps]
+        db[i - taps] = acc
         return
     fw = i % FW
     fh = (i // FW) % FH
     c = (i // (FW * FH)) % C
     k = i // (FW * FH * C)
-    acc = dw.dtype.type(0)
     for g in range(G):
         acc += partial[g, k, c, fh, fw]
     dw[k, c, fh, fw] = acc
@@ -210,9 +239,8 @@ def conv2d_forward_cuda(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pad_w=
             f"block, more than {MAX_SHARED_BYTES}"
         )
     if b is None:
-        b = zeros(x.dtype, K)
-    grid = (blocks(OW, TILE_W), blocks(OH, TILE_H), N * blocks(K, K_PER_BLOCK))
-    _conv2d_forward_kernel[grid, (TILE_W, TILE_H), 0, shared](y, x, w, b, *stride, *padding)
+        b = cuda.to_device(np.zeros(K, x.dtype))  # a direct call may allocate; a planned step passes its own zeros
+    conv2d_forward_core_cuda(y, x, w, b, *stride, *padding, False, None)
     return y
 
 
@@ -222,8 +250,7 @@ def conv2d_backward_input_cuda(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, pad_w
     dx, dy, w = gpu_arrays(fn, dx=dx, dy=dy, w=w)
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     N, C, H, W, *_ = check_conv2d(fn, on_gpu, ("dx", dx), ("w", w), ("dy", dy), None, stride, padding)
-    grid = (blocks(W, GATHER_W), blocks(H, GATHER_H), N * C)
-    _conv2d_backward_input_kernel[grid, (GATHER_W, GATHER_H)](dx, dy, w, *stride, *padding)
+    _backward_input(dx, dy, w, dx, *stride, *padding, False)
     return dx
 
 
@@ -239,11 +266,9 @@ def conv2d_backward_weight_cuda(dw, dy, x, stride_h=1, stride_w=1, pad_h=0, pad_
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_gpu, ("x", x), ("dw", dw), ("dy", dy), None, stride,
                                                  padding)
-    taps = K * C * FH * FW
-    G = weight_chunks(N, taps)
-    partial = workspace(x.dtype, (G, K, C, FH, FW))
-    _conv2d_backward_weight_partial_kernel[(taps, G), REDUCE_THREADS](partial, dy, x, *stride, *padding)
-    _conv2d_backward_weight_reduce_kernel[blocks(taps, 256), 256](dw, partial)
+    ws = conv2d_workspace_cuda(x.shape, dw.shape, dy.shape, stride, padding, True)
+    arrays = {name: cuda.device_array(shape, x.dtype) for name, shape in ws.items()}
+    _weight_and_bias(dw, arrays["db"], dy, x, *stride, *padding, arrays.get("partial"), arrays.get("partial_b"))
     return dw
 
 
@@ -254,3 +279,54 @@ def conv2d_backward_bias_cuda(db, dy):
     check_conv2d_bias(fn, on_gpu, db, dy)
     _conv2d_backward_bias_kernel[dy.shape[1], REDUCE_THREADS](db, dy)
     return db
+
+
+# ------------------------------------------------------------ unchecked cores (planned steps)
+#
+# What nbcnn's planned step calls once a plan has checked the shapes; the same arguments as the
+# CPU cores in gemm.py. ``b`` is always an array (zeros without a bias); ``dx`` or ``db`` None
+# skips that gradient; ``ws`` holds the scratch ``conv2d_workspace_cuda`` asked for.
+
+
+def conv2d_workspace_cuda(x_shape, w_shape, y_shape, stride, padding, need_dx):
+    """{name: shape} of the scratch the backward core needs: the weight gradient's partial sums per
+    batch chunk (none when the batch is one chunk), and a bias gradient for a layer without bias."""
+    N = x_shape[0]
+    K, C, FH, FW = w_shape
+    G = weight_chunks(N, K * C * FH * FW + K)
+    shapes = {"db": (K,)}
+    if G > 1:
+        shapes.update(partial=(G, K, C, FH, FW), partial_b=(G, K))
+    return shapes
+
+
+def _backward_input(dx, dy, w, x, sh, sw, ph, pw, mask):
+    N, C, H, W = dx.shape
+    grid = (blocks(W, GATHER_W), blocks(H, GATHER_H), N * C)
+    _conv2d_backward_input_kernel[grid, (GATHER_W, GATHER_H)](dx, dy, w, x, sh, sw, ph, pw, mask)
+
+
+def _weight_and_bias(dw, db, dy, x, sh, sw, ph, pw, partial, partial_b):
+    K, C, FH, FW = dw.shape
+    taps = K * C * FH * FW
+    if partial is None:  # one chunk: pass 1 writes the gradients themselves
+        partial, partial_b = dw.reshape(1, K, C, FH, FW), db.reshape(1, K)
+    G = partial.shape[0]
+    _conv2d_backward_weight_partial_kernel[(taps + K, G), REDUCE_THREADS](partial, partial_b, dy, x, sh, sw, ph, pw)
+    if G > 1:
+        _conv2d_backward_weight_reduce_kernel[blocks(taps + K, 256), 256](dw, db, partial, partial_b)
+
+
+def conv2d_forward_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
+    N, K, OH, OW = y.shape
+    FH, FW = w.shape[2], w.shape[3]
+    shared = forward_shared_bytes(FH, FW, sh, sw, x.dtype.itemsize)
+    grid = (blocks(OW, TILE_W), blocks(OH, TILE_H), N * blocks(K, K_PER_BLOCK))
+    _conv2d_forward_kernel[grid, (TILE_W, TILE_H), 0, shared](y, x, w, b, sh, sw, ph, pw, relu)
+
+
+def conv2d_backward_core_cuda(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
+    if dx is not None:
+        _backward_input(dx, dy, w, x, sh, sw, ph, pw, mask)
+    _weight_and_bias(dw, ws.db if db is None else db, dy, x, sh, sw, ph, pw, getattr(ws, "partial", None),
+                     getattr(ws, "partial_b", None))

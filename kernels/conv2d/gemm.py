@@ -13,8 +13,9 @@ close to the machine's peak, at the cost of copying the input into a matrix firs
 The batch is folded into the columns so that each pass is a single large product.
 ``y^T`` and ``dy^T`` are (K, N, OH*OW): a transposing copy turns them into NCHW and back.
 Same arguments, shapes and results as ``cpu.py`` (up to float rounding); outputs are
-overwritten. Scratch matrices are kept between calls and grown when too small, so the
-steady state allocates nothing (one thread of the host calls at a time).
+overwritten. The public entry points allocate their scratch matrices on each call; the
+unchecked cores at the end take them from the caller (``conv2d_workspace_cpu`` says which),
+so nbcnn's planned step, which allocates them once per shape, allocates nothing per step.
 
 Copying is what costs here, not the product: the (400, 6400) matrix of LeNet's second
 layer is 10 MB, written by im2col and read by BLAS. Two things keep it cheap:
@@ -29,11 +30,14 @@ layer is 10 MB, written by im2col and read by BLAS. Two things keep it cheap:
   ``conv2d_backward_gemm_cpu`` computes all three gradients with one transposition of dy.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 from numba import njit, prange
 
 from .._checks import check_arrays, check_shape, on_host
 from .._index import in_coord_cpu, valid_out_range_cpu
+from ..activation import relu_backward_core_cpu
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 
 # ----------------------------------------------------------------------------- CPU kernels
@@ -138,14 +142,21 @@ def _col2im_unit_cpu(dx, dxp, cols6, ph, pw):
 
 
 @njit(parallel=True, cache=True)
-def _nkp_from_knp(out, src, b):
-    """out (N, K, P) = src (K, N, P) + b[k]: from the product's layout to NCHW, adding the bias."""
+def _nkp_from_knp(out, src, b, relu):
+    """out (N, K, P) = src (K, N, P) + b[k]: from the product's layout to NCHW, adding the bias,
+    and with ``relu`` taking max(., 0) on the way (the ReLU after the convolution, for free)."""
     N, K, P = out.shape
     for task in prange(N * K):
         n = task // K
         k = task % K
-        for p in range(P):
-            out[n, k, p] = src[k, n, p] + b[k]
+        bk = b[k]
+        if relu:
+            for p in range(P):
+                v = src[k, n, p] + bk
+                out[n, k, p] = v if v > 0 else 0
+        else:
+            for p in range(P):
+                out[n, k, p] = src[k, n, p] + bk
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
@@ -165,48 +176,54 @@ def _knp_from_nkp(out, db, src):
         db[k] = acc
 
 
-# ------------------------------------------------------------------------------- scratch
-
-_scratch = {}
-
-
-def scratch(name, dtype, shape):
-    """A host scratch array kept between calls under ``name``, grown when too small."""
-    key = (name, np.dtype(dtype))
-    size = int(np.prod(shape))
-    buf = _scratch.get(key)
-    if buf is None or buf.size < size:
-        buf = np.empty(size, dtype)
-        _scratch[key] = buf
-    return buf[:size].reshape(shape)
-
-
 # ------------------------------------------------------------------- im2col, col2im on hosts
 
 
-def im2col(cols, x, FH, FW, stride, padding, OH, OW):
-    """Fill ``cols`` (C*FH*FW, N*OH*OW) from ``x``: the stride-1 kernel where it applies."""
+def im2col(cols, x, FH, FW, stride, padding, OH, OW, padded):
+    """Fill ``cols`` (C*FH*FW, N*OH*OW) from ``x``: the stride-1 kernel where it applies.
+    ``padded``: scratch (N, C, H + 2*ph, W + 2*pw) for the zero-bordered copy (stride 1 with padding)."""
     N, C, H, W = x.shape
     if stride != (1, 1):
         _im2col_cpu(cols, x, FH, FW, *stride, *padding, OH, OW)
         return
     ph, pw = padding
     if ph or pw:
-        xp = scratch("padded", x.dtype, (N, C, H + 2 * ph, W + 2 * pw))
-        _pad_cpu(xp, x, ph, pw)
-        x = xp
+        _pad_cpu(padded, x, ph, pw)
+        x = padded
     _im2col_unit_cpu(cols.reshape(C, FH, FW, N, OH, OW), x)
 
 
-def col2im(dx, cols, FH, FW, stride, padding, OH, OW):
-    """dx = the sum of ``cols`` back onto the inputs (the adjoint of ``im2col``)."""
+def col2im(dx, cols, FH, FW, stride, padding, OH, OW, padded):
+    """dx = the sum of ``cols`` back onto the inputs (the adjoint of ``im2col``); ``padded`` as there
+    (used at stride 1 whatever the padding)."""
     N, C, H, W = dx.shape
     if stride != (1, 1):
         _col2im_cpu(dx, cols, FH, FW, *stride, *padding, OH, OW)
         return
     ph, pw = padding
-    dxp = scratch("padded", dx.dtype, (N, C, H + 2 * ph, W + 2 * pw))
-    _col2im_unit_cpu(dx, dxp, cols.reshape(C, FH, FW, N, OH, OW), ph, pw)
+    _col2im_unit_cpu(dx, padded, cols.reshape(C, FH, FW, N, OH, OW), ph, pw)
+
+
+def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx):
+    """{name: shape} of the scratch the CPU cores need for these shapes: the im2col matrix ``cols``
+    (kept from forward for backward), ``kt`` (K, N*OH*OW) for the products in their layout,
+    ``padded`` for stride 1, ``dcols`` when the input gradient is needed, ``db`` for a layer
+    without bias."""
+    N, C, H, W = x_shape
+    K, _, FH, FW = w_shape
+    OH, OW = y_shape[2], y_shape[3]
+    shapes = {"cols": (C * FH * FW, N * OH * OW), "kt": (K, N * OH * OW), "db": (K,)}
+    if tuple(stride) == (1, 1):
+        shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
+    if need_dx:
+        shapes["dcols"] = shapes["cols"]
+    return shapes
+
+
+def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
+    """Fresh scratch arrays for one call of a public entry point."""
+    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx)
+    return {name: np.empty(shape, dtype) for name, shape in shapes.items()}
 
 
 def _check_cols(fn, cols, like, shape):
@@ -222,8 +239,7 @@ def conv2d_forward_gemm_cpu(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pa
     """Forward convolution by im2col and one matrix product; the arguments of ``conv2d_forward_cpu``.
 
     ``cols``: optional (C*FH*FW, N*OH*OW) array of x's dtype that receives the im2col matrix of
-    ``x``, for ``conv2d_backward_weight_gemm_cpu(..., cols=cols)`` to reuse; by default a scratch
-    array is used.
+    ``x``, for ``conv2d_backward_weight_gemm_cpu(..., cols=cols)`` to reuse.
     """
     fn = "conv2d_forward_gemm_cpu"
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
@@ -231,14 +247,11 @@ def conv2d_forward_gemm_cpu(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pa
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_host, ("x", x), ("w", w), ("y", y), b_pair, stride, padding)
     if b is None:
         b = np.zeros(K, x.dtype)
-    if cols is None:
-        cols = scratch("cols", x.dtype, (C * FH * FW, N * OH * OW))
-    else:
+    ws = _scratch(x.shape, w.shape, y.shape, stride, padding, False, x.dtype)
+    if cols is not None:
         _check_cols(fn, cols, x, (C * FH * FW, N * OH * OW))
-    yt = scratch("yt", x.dtype, (K, N * OH * OW))
-    im2col(cols, x, FH, FW, stride, padding, OH, OW)
-    np.matmul(w.reshape(K, C * FH * FW), cols, out=yt)
-    _nkp_from_knp(y.reshape(N, K, OH * OW), yt.reshape(K, N, OH * OW), b)
+        ws["cols"] = cols
+    conv2d_forward_core_cpu(y, x, w, b, *stride, *padding, False, SimpleNamespace(**ws))
     return y
 
 
@@ -259,20 +272,13 @@ def conv2d_backward_gemm_cpu(dx, dw, db, dy, x, w, stride_h=1, stride_w=1, pad_h
         check_conv2d(fn, on_host, ("dx", dx), ("w", w), ("dy", dy), None, stride, padding)
     if db is not None:
         check_conv2d_bias(fn, on_host, db, dy)
-    shape = (C * FH * FW, N * OH * OW)
+    ws = _scratch(x.shape, w.shape, dy.shape, stride, padding, dx is not None, x.dtype)
     if cols is None:
-        cols = scratch("cols", x.dtype, shape)
-        im2col(cols, x, FH, FW, stride, padding, OH, OW)
+        im2col(ws["cols"], x, FH, FW, stride, padding, OH, OW, ws.get("padded"))
     else:
-        _check_cols(fn, cols, x, shape)
-    dyt = scratch("dyt", x.dtype, (K, N * OH * OW))
-    _knp_from_nkp(dyt.reshape(K, N, OH * OW), db if db is not None else scratch("db", x.dtype, (K,)),
-                  dy.reshape(N, K, OH * OW))
-    np.matmul(dyt, cols.T, out=dw.reshape(K, C * FH * FW))
-    if dx is not None:
-        dcols = scratch("dcols", x.dtype, shape)
-        np.matmul(w.reshape(K, C * FH * FW).T, dyt, out=dcols)
-        col2im(dx, dcols, FH, FW, stride, padding, OH, OW)
+        _check_cols(fn, cols, x, ws["cols"].shape)
+        ws["cols"] = cols
+    conv2d_backward_core_cpu(dx, dw, db, dy, x, w, *stride, *padding, False, SimpleNamespace(**ws))
     return dx, dw, db
 
 
@@ -282,11 +288,10 @@ def conv2d_backward_input_gemm_cpu(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, p
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_host, ("dx", dx), ("w", w), ("dy", dy), None, stride,
                                                  padding)
-    dyt = scratch("dyt", dx.dtype, (K, N * OH * OW))
-    dcols = scratch("dcols", dx.dtype, (C * FH * FW, N * OH * OW))
-    _knp_from_nkp(dyt.reshape(K, N, OH * OW), scratch("db", dx.dtype, (K,)), dy.reshape(N, K, OH * OW))
-    np.matmul(w.reshape(K, C * FH * FW).T, dyt, out=dcols)
-    col2im(dx, dcols, FH, FW, stride, padding, OH, OW)
+    ws = _scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype)
+    _knp_from_nkp(ws["kt"].reshape(K, N, OH * OW), ws["db"], dy.reshape(N, K, OH * OW))
+    np.matmul(w.reshape(K, C * FH * FW).T, ws["kt"], out=ws["dcols"])
+    col2im(dx, ws["dcols"], FH, FW, stride, padding, OH, OW, ws.get("padded"))
     return dx
 
 
@@ -295,15 +300,38 @@ def conv2d_backward_weight_gemm_cpu(dw, dy, x, stride_h=1, stride_w=1, pad_h=0, 
     ``conv2d_backward_weight_cpu``, and ``cols`` as in ``conv2d_backward_gemm_cpu``."""
     fn = "conv2d_backward_weight_gemm_cpu"
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
-    N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_host, ("x", x), ("dw", dw), ("dy", dy), None, stride,
-                                                 padding)
-    shape = (C * FH * FW, N * OH * OW)
-    if cols is None:
-        cols = scratch("cols", x.dtype, shape)
-        im2col(cols, x, FH, FW, stride, padding, OH, OW)
-    else:
-        _check_cols(fn, cols, x, shape)
-    dyt = scratch("dyt", x.dtype, (K, N * OH * OW))
-    _knp_from_nkp(dyt.reshape(K, N, OH * OW), scratch("db", x.dtype, (K,)), dy.reshape(N, K, OH * OW))
-    np.matmul(dyt, cols.T, out=dw.reshape(K, C * FH * FW))
+    check_conv2d(fn, on_host, ("x", x), ("dw", dw), ("dy", dy), None, stride, padding)
+    # without dx the filters are not read, only their shape: dw stands in for them
+    conv2d_backward_gemm_cpu(None, dw, None, dy, x, dw, stride_h, stride_w, pad_h, pad_w, cols=cols)
     return dw
+
+
+# ------------------------------------------------------------ unchecked cores (planned steps)
+#
+# What nbcnn's planned step calls once a plan has checked the shapes; the CUDA cores in cuda.py
+# take the same arguments. ``b`` is always an array (zeros without a bias); ``relu`` applies the
+# ReLU after the convolution in the same pass; ``mask`` multiplies dx by (x > 0), the backward of a
+# ReLU before it; ``dx`` or ``db`` None skips that gradient. ``ws`` holds the arrays
+# ``conv2d_workspace_cpu`` named; the backward core needs ``ws.cols`` as the forward core left it.
+
+
+def conv2d_forward_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
+    N, C, H, W = x.shape
+    K, _, FH, FW = w.shape
+    OH, OW = y.shape[2], y.shape[3]
+    im2col(ws.cols, x, FH, FW, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
+    np.matmul(w.reshape(K, C * FH * FW), ws.cols, out=ws.kt)
+    _nkp_from_knp(y.reshape(N, K, OH * OW), ws.kt.reshape(K, N, OH * OW), b, relu)
+
+
+def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
+    N, C, H, W = x.shape
+    K, _, FH, FW = w.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db if db is None else db, dy.reshape(N, K, OH * OW))
+    np.matmul(ws.kt, ws.cols.T, out=dw.reshape(K, C * FH * FW))
+    if dx is not None:
+        np.matmul(w.reshape(K, C * FH * FW).T, ws.kt, out=ws.dcols)
+        col2im(dx, ws.dcols, FH, FW, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
+        if mask:
+            relu_backward_core_cpu(dx, dx, x)

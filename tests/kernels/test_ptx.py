@@ -26,16 +26,16 @@ def launch_types(dtype):
         return types.Array(from_dtype(np.dtype(dt)), ndim, "C")
 
     pairs = [
-        (conv2d._conv2d_forward_kernel, (A(4), A(4), A(4), A(1), I, I, I, I)),
-        (conv2d._conv2d_backward_input_kernel, (A(4), A(4), A(4), I, I, I, I)),
-        (conv2d._conv2d_backward_weight_partial_kernel, (A(5), A(4), A(4), I, I, I, I)),
-        (conv2d._conv2d_backward_weight_reduce_kernel, (A(4), A(5))),
+        (conv2d._conv2d_forward_kernel, (A(4), A(4), A(4), A(1), I, I, I, I, B)),
+        (conv2d._conv2d_backward_input_kernel, (A(4), A(4), A(4), A(4), I, I, I, I, B)),
+        (conv2d._conv2d_backward_weight_partial_kernel, (A(5), A(2), A(4), A(4), I, I, I, I)),
+        (conv2d._conv2d_backward_weight_reduce_kernel, (A(4), A(1), A(5), A(2))),
         (conv2d._conv2d_backward_bias_kernel, (A(1), A(4))),
         (pool2d._avgpool2d_forward_kernel, (A(4), A(4)) + (I,) * 6),
-        (pool2d._avgpool2d_backward_kernel, (A(4), A(4)) + (I,) * 6),
+        (pool2d._avgpool2d_backward_kernel, (A(4), A(4), A(4)) + (I,) * 6 + (B,)),
         (activation._relu_forward_kernel, (A(1), A(1))),
         (activation._relu_backward_kernel, (A(1), A(1), A(1))),
-        (dense._matmul_kernel, (A(2), A(2), A(2), A(1), B, B, B)),
+        (dense._matmul_kernel, (A(2), A(2), A(2), A(1), A(2), A(1)) + (B,) * 6),
         (dense._dense_backward_bias_kernel, (A(1), A(2))),
         (optim._sgd_update_kernel, (A(1), A(1), A(1), F, F, F)),
         (optim._adam_update_kernel, (A(1),) * 4 + (F,) * 6),
@@ -47,10 +47,12 @@ def launch_types(dtype):
     for it in (np.int32, np.int64):  # argmax and labels come as either
         pairs += [
             (pool2d._maxpool2d_forward_kernel, (A(4), A(4, it), A(4)) + (I,) * 6),
-            (pool2d._maxpool2d_backward_kernel, (A(4), A(4), A(4, it)) + (I,) * 6),
+            (pool2d._maxpool2d_backward_kernel, (A(4), A(4), A(4, it), A(4)) + (I,) * 6 + (B,)),
             (softmax_xent._softmax_xent_forward_kernel, (A(1), A(2), A(2), A(1, it))),
             (softmax_xent._softmax_xent_backward_kernel, (A(2), A(2), A(1, it))),
             (softmax_xent._count_correct_kernel, (A(1, np.int64), A(2), A(1, it))),
+            (softmax_xent._softmax_xent_step_kernel, (A(1, np.float64), A(2), A(2), A(2), A(1, it), B)),
+            (gather._gather_batch_kernel, (A(2), A(1, it), A(2), A(1, it), A(1, it))),
             (gather._gather_rows_kernel, (A(2), A(2), A(1, it))),
             (gather._gather_rows_kernel, (A(2, np.int32), A(2, np.int32), A(1, it))),  # labels
         ]

@@ -1,0 +1,48 @@
+"""The model zoo: the networks ``nbcnn train --model`` knows, built for any input shape.
+
+Each builder takes the input's channels, the number of classes and the image side, and
+sizes the dense part from the layers' own ``output_shape``, so a zoo model fits any
+image size it can take (and refuses clearly one it cannot).
+"""
+
+from nbcnn import layers as L
+from nbcnn.model import Sequential
+
+
+def _with_head(features, channels, size, head):
+    """``features`` + Flatten + ``head(flattened size)``: the flattened size from the layers themselves."""
+    shape = (1, channels, size, size)
+    for layer in features:
+        shape = layer.output_shape(shape)
+    return Sequential(features + [L.Flatten()] + head(int(shape[1] * shape[2] * shape[3])))
+
+
+def lenet(channels=1, classes=10, size=28):
+    """The default: two convolution stages (5x5, 16 then 32 filters, ReLU, 2x2 max pooling),
+    then a dense network 32*5*5 -> 128 -> classes (for 28x28 inputs)."""
+    features = [L.Conv2D(channels, 16, 5, padding=2), L.ReLU(), L.MaxPool2D(2),
+                L.Conv2D(16, 32, 5), L.ReLU(), L.MaxPool2D(2)]
+    return _with_head(features, channels, size, lambda n: [L.Dense(n, 128), L.ReLU(), L.Dense(128, classes)])
+
+
+def lenet5(channels=1, classes=10, size=28):
+    """The classic LeNet-5 shape: conv 6 then 16 filters 5x5 with max pooling, dense 400 -> 120 -> 84 -> classes."""
+    features = [L.Conv2D(channels, 6, 5, padding=2), L.ReLU(), L.MaxPool2D(2),
+                L.Conv2D(6, 16, 5), L.ReLU(), L.MaxPool2D(2)]
+    return _with_head(features, channels, size,
+                      lambda n: [L.Dense(n, 120), L.ReLU(), L.Dense(120, 84), L.ReLU(), L.Dense(84, classes)])
+
+
+def mnist_example(channels=1, classes=10, size=28):
+    """PyTorch's examples/mnist network without dropout: conv 32, conv 64, max pool, dense 9216 -> 128 -> 10."""
+    features = [L.Conv2D(channels, 32, 3), L.ReLU(), L.Conv2D(32, 64, 3), L.ReLU(), L.MaxPool2D(2)]
+    return _with_head(features, channels, size, lambda n: [L.Dense(n, 128), L.ReLU(), L.Dense(128, classes)])
+
+
+def tiny(channels=1, classes=10, size=28):
+    """A small, fast network for tests and quick checks: one convolution stage and one dense layer."""
+    features = [L.Conv2D(channels, 4, 3), L.ReLU(), L.MaxPool2D(2)]
+    return _with_head(features, channels, size, lambda n: [L.Dense(n, classes)])
+
+
+MODELS = {"lenet": lenet, "lenet5": lenet5, "mnist-example": mnist_example, "tiny": tiny}

@@ -1,0 +1,144 @@
+"""One training step, the same for ``nbcnn train``, ``nbcnn profile``, ``nbcnn bench`` and the notebooks.
+
+    batch    xb, yb = x[idx], y[idx]               one gather, into the trainer's own buffers
+    forward  logits = model.forward(xb)            the model's plan: fused layers, its own buffers
+    loss     sums += (loss, correct), dlogits      one kernel; nothing comes back to the host
+    backward model.backward(dlogits)               gradients into the flat gradient buffer
+    hooks    hook(trainer)                         e.g. an allreduce of optimizer.buffer.grad, clipping
+    update   optimizer.step()                      one kernel over the flat parameter buffer
+
+The summed loss and correct count stay on the device; the host reads them every
+``read_every`` steps (for the progress bar and to stop on a NaN) and at the end of an
+epoch, so on a GPU the host waits for it once every ``read_every`` steps, not every step.
+"""
+
+import math
+import time
+
+import numpy as np
+
+from nbcnn import ops
+
+
+class _NoSpan:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_SPAN = _NoSpan()
+
+
+def _no_span(layer, phase):
+    return _NO_SPAN
+
+
+class Trainer:
+    """Runs training steps of ``model`` with ``loss_fn`` and ``optimizer`` on the model's device.
+
+    ``hooks``: functions called with the trainer after backward and before the update
+    (where a data-parallel allreduce of ``optimizer.buffer.grad`` or gradient clipping go).
+    ``kernels`` and ``spans``: a profiler's wrapper of the kernel registry and its labelled
+    spans; the default runs the registry's kernels as they are.
+    """
+
+    def __init__(self, model, loss_fn, optimizer, hooks=(), read_every=25, kernels=ops.REGISTRY, spans=None):
+        if isinstance(read_every, bool) or not isinstance(read_every, int) or read_every < 1:
+            raise ValueError(f"read_every must be a positive integer, got {read_every!r}")
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.hooks = list(hooks)
+        self.read_every = read_every
+        self.device = model.device
+        self.kernels = kernels
+        self.span = spans.span if spans is not None else _no_span
+        if kernels is not ops.REGISTRY or spans is not None:
+            model.instrument(kernels, spans)
+        self.gather = kernels.get("gather_batch", self.device)
+        self.fill = kernels.get("fill", self.device)
+        self.sums = self.device.zeros(2, np.float64)  # summed loss, correct count
+        self.eval_sums = self.device.zeros(2, np.float64)
+        self.host = np.zeros(2, np.float64)
+        self._batches = {}
+
+    # ----------------------------------------------------------------------------- steps
+
+    def step(self, xb, yb):
+        """One training step on a batch already on the device; its loss is added to ``sums``."""
+        logits = self.model.forward(xb)
+        with self.span("loss", "forward"):
+            self.loss_fn.accumulate(logits, yb, self.sums)  # the loss's gradient too: backward has nothing to launch
+        self.model.backward(self.loss_fn.backward(), need_dx=False)
+        for hook in self.hooks:
+            hook(self)
+        with self.span("optimizer", "step"):
+            self.optimizer.step()
+
+    def batch(self, x, y, idx):
+        """The rows ``idx`` of the data set (x, y), gathered into this trainer's batch buffers
+        (one pair per batch size, allocated the first time)."""
+        key = (idx.shape[0], tuple(x.shape[1:]), np.dtype(x.dtype), np.dtype(y.dtype))
+        buffers = self._batches.get(key)
+        if buffers is None:
+            buffers = (self.device.empty((idx.shape[0],) + tuple(x.shape[1:]), x.dtype),
+                       self.device.empty(idx.shape[0], y.dtype))
+            self._batches[key] = buffers
+        with self.span("batch", "gather"):
+            self.gather.run(buffers[0], buffers[1], x, y, idx)
+        return buffers
+
+    def read(self, sums=None):
+        """(summed loss, correct count) so far: on a GPU, the one place the host waits for it."""
+        sums = self.sums if sums is None else sums
+        if isinstance(sums, np.ndarray):
+            return float(sums[0]), float(sums[1])
+        sums.copy_to_host(self.host)
+        return float(self.host[0]), float(self.host[1])
+
+    def reset(self, sums=None):
+        self.fill.run(self.sums if sums is None else sums, 0.0)
+
+    # ---------------------------------------------------------------------------- epochs
+
+    def run_epoch(self, x, y, order, batch_size, progress=None, after_first_step=None):
+        """One pass over the data set (x, y) on the device, in ``order`` (indices on the device);
+        returns the mean training loss per sample. ``progress(done, mean_loss, images_per_second)``
+        is called every ``read_every`` steps; ``after_first_step()`` once the first step is done
+        (the host waits for the device there, so the time is honest)."""
+        n = order.shape[0]
+        self.reset()
+        started = time.perf_counter()
+        steps = 0
+        loss_sum = 0.0
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            xb, yb = self.batch(x, y, order[start:stop])
+            self.step(xb, yb)
+            steps += 1
+            if steps == 1 and after_first_step is not None:
+                self.read()
+                after_first_step()
+            if steps % self.read_every == 0 or stop == n:
+                loss_sum, _ = self.read()
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(f"the loss became {loss_sum} by step {steps}")
+                if progress is not None:
+                    progress(stop, loss_sum / stop, stop / (time.perf_counter() - started))
+        return loss_sum / n
+
+    def evaluate(self, x, y, batch_size=250):
+        """(mean loss, accuracy) of the model on (x, y), in evaluation mode; one read at the end."""
+        n = x.shape[0]
+        was_training = self.model.training
+        self.model.eval()
+        self.reset(self.eval_sums)
+        try:
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                logits = self.model.forward(x[start:stop])
+                self.loss_fn.accumulate(logits, y[start:stop], self.eval_sums)
+        finally:
+            self.model.train(was_training)
+        loss_sum, correct = self.read(self.eval_sums)
+        return loss_sum / n, correct / n
