@@ -154,7 +154,7 @@ def adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step):
 
 
 def fill_core_cpu(a, value):
-    _fill_cpu(a, value)
+    _fill_cpu(a.reshape(-1), value)
 
 
 def sgd_update_core_cpu(param, velocity, grad, lr, momentum, weight_decay):
@@ -238,7 +238,7 @@ def adam_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step):
 
 
 def fill_core_cuda(a, value):
-    _fill_kernel[blocks(a.size, THREADS), THREADS](a, value)
+    _fill_kernel[blocks(a.size, THREADS), THREADS](flat(a), value)
 
 
 def sgd_update_core_cuda(param, velocity, grad, lr, momentum, weight_decay):

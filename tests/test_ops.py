@@ -1,56 +1,53 @@
-"""The dispatcher's host array pool: arrays come back only once nothing else can see them."""
+"""The kernel registry: one call shape per op on both devices, cost models, and the CPU cores
+(the fused ones included) against the NumPy references in float64."""
+
+import inspect
 
 import numpy as np
+import pytest
 
 from nbcnn import ops
-from nbcnn.losses import SoftmaxCrossEntropy
-from nbcnn.optim import Adam
-from nbcnn.train import MODELS
+from nbcnn.ops import REGISTRY
+from tests import cores
 
 
-def test_pool_reuses_only_dead_arrays():
-    pool = ops.HostPool()
-    a = pool.empty((3, 4), np.float32)
-    b = pool.empty((3, 4), np.float32)
-    assert a is not b  # a is still held
-    a_id = id(a)
-    del a
-    c = pool.empty((3, 4), np.float32)
-    assert id(c) == a_id  # a was dropped: recycled
-    view = c[1:]
-    del c
-    assert id(pool.empty((3, 4), np.float32)) != a_id  # a view keeps its base alive
-    del view
-    assert id(pool.empty((3, 4), np.float32)) == a_id
-    assert pool.empty((3, 4), np.float64).dtype == np.float64  # dtypes and shapes never mix
-    assert pool.empty((4, 3), np.float32).shape == (4, 3)
+def test_every_op_has_one_call_shape_on_both_devices():
+    ops_ = {op for op, _, _ in REGISTRY.entries}
+    for op in ops_:
+        cpu, cuda = REGISTRY.get(op, "cpu"), REGISTRY.get(op, "cuda")
+        assert list(inspect.signature(cpu.run).parameters) == list(inspect.signature(cuda.run).parameters), op
+        for algorithm in REGISTRY.algorithms(op, "cpu"):
+            other = REGISTRY.get(op, "cpu", algorithm)
+            assert list(inspect.signature(other.run).parameters) == list(inspect.signature(cpu.run).parameters)
+        assert op in ops.COSTS
 
 
-def test_pool_limits():
-    pool = ops.HostPool(per_shape=2, limit=1000)
-    held = [pool.empty((10,), np.float32) for _ in range(4)]  # only 2 are kept
-    assert pool.nbytes == 80 and len(pool.arrays[((10,), np.dtype(np.float32))]) == 2
-    big = pool.empty((1000,), np.float32)  # over the byte limit: handed out, not kept
-    assert big.shape == (1000,) and pool.nbytes == 80
-    del held, big
+def test_unknown_algorithm_names_the_choices():
+    with pytest.raises(ValueError, match=r"no 'winograd' kernel for conv2d_forward on cpu: choose one of "
+                                         r"\['direct', 'gemm'\]"):
+        REGISTRY.get("conv2d_forward", "cpu", "winograd")
 
 
-def test_training_steady_state_allocates_nothing():
-    model, loss_fn = MODELS["lenet"](), SoftmaxCrossEntropy()
-    opt = Adam(model.parameters())
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
-    y = rng.integers(0, 10, 8).astype(np.int32)
+CASES = cores.cases(np.random.default_rng(0))
 
-    def step():
-        loss = loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward(), need_dx=False)
-        opt.step()
-        return loss
 
-    losses = [step() for _ in range(3)]
-    fresh, grads = ops.host_pool.fresh, [id(p.grad) for p in model.parameters()]
-    losses += [step() for _ in range(3)]
-    assert ops.host_pool.fresh == fresh  # every array of these steps was a recycled one
-    assert [id(p.grad) for p in model.parameters()] == grads  # gradients written in place
-    assert losses[-1] < losses[0]  # and it still trains
+@pytest.mark.parametrize("name, op, args, outputs, expected", CASES, ids=[c[0] for c in CASES])
+def test_cpu_core_matches_the_reference(name, op, args, outputs, expected):
+    got = cores.run(op, args, "cpu")
+    for i, want in zip(outputs, expected):
+        if want is None:
+            assert got[i] is None or args[i] is None
+            continue
+        np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-10, err_msg=f"{name}: output {i}")
+
+
+@pytest.mark.parametrize("name, op, args, outputs, expected", [c for c in CASES if c[1].startswith("conv2d")],
+                         ids=[c[0] for c in CASES if c[1].startswith("conv2d")])
+def test_direct_conv_cores_match_the_reference(name, op, args, outputs, expected):
+    kernel = REGISTRY.get(op, "cpu", "direct")
+    # the direct loops take no scratch and need nothing from the forward
+    got = [a.copy() if isinstance(a, np.ndarray) else (None if isinstance(a, str) else a) for a in args]
+    kernel.run(*got)
+    for i, want in zip(outputs, expected):
+        if want is not None:
+            np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-10, err_msg=f"{name}: output {i}")

@@ -1,0 +1,158 @@
+"""The unchecked cores of the kernel registry, case by case: inputs, the expected outputs from the
+NumPy references, and a runner that calls a core on either device with the same arguments.
+
+``tests/test_ops.py`` checks the CPU cores against the references; ``tests/cuda/test_cores.py``
+checks the CUDA cores against the CPU cores (in the simulator, or on a GPU).
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from nbcnn.device import resolve_device, to_numpy
+from nbcnn.ops import REGISTRY
+from tests import reference as ref
+
+
+def _relu(a):
+    return np.maximum(a, 0)
+
+
+def conv_cases():
+    # (N, C, H, W, K, (FH, FW), stride, padding): stride 1 with padding (the unit-stride kernels),
+    # stride 2 (the general ones); on a GPU the weight-gradient reduction of the first two is split
+    # into batch chunks, that of the third (a batch of one) is a single pass.
+    return [(2, 2, 7, 6, 3, (3, 2), (1, 1), (1, 0)), (2, 2, 7, 6, 3, (3, 3), (2, 1), (1, 1)),
+            (1, 2, 5, 4, 3, (2, 2), (1, 1), (0, 1))]
+
+
+def cases(rng, dtype=np.float64):
+    """[(name, op, args, outputs, expected)]: ``args`` as the core takes them with host arrays (outputs
+    filled with NaN), ``ws`` as the string "ws" to be allocated per device; ``outputs`` the positions
+    of the arrays the core writes, ``expected`` their reference values (None: not compared)."""
+    out = []
+
+    def arr(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    def nan(*shape):
+        return np.full(shape, np.nan, dtype)
+
+    for i, (N, C, H, W, K, F, S, P) in enumerate(conv_cases()):
+        x, w, b = arr(N, C, H, W), arr(K, C, *F), arr(K)
+        y_ref = ref.conv2d(x, w, b, S, P)
+        dy = arr(*y_ref.shape)
+        dx_ref, dw_ref, db_ref = ref.conv2d_grads(dy, x, w, S, P)
+        for relu in (False, True):
+            out.append((f"conv{i} forward relu={relu}", "conv2d_forward",
+                        [nan(*y_ref.shape), x, w, b, *S, *P, relu, "ws"], [0], [_relu(y_ref) if relu else y_ref]))
+        for need_dx, with_bias, mask in ((True, True, False), (True, False, True), (False, True, False)):
+            dx = nan(*x.shape) if need_dx else None
+            db = nan(K) if with_bias else None
+            expect_dx = (dx_ref * (x > 0) if mask else dx_ref) if need_dx else None
+            out.append((f"conv{i} backward dx={need_dx} bias={with_bias} mask={mask}", "conv2d_backward",
+                        [dx, nan(*w.shape), db, dy, x, w, *S, *P, mask, "ws"], [0, 1, 2],
+                        [expect_dx, dw_ref, db_ref if with_bias else None]))
+    x = arr(2, 3, 7, 9)
+    x[0, 0, :2, :2] = 1.5  # a tie
+    for f, s, p in (((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1))):
+        y_ref = ref.maxpool2d(x, f, s, p)
+        dy = arr(*y_ref.shape)
+        out.append((f"maxpool {f}{s}{p} forward", "maxpool2d_forward",
+                    [nan(*y_ref.shape), np.zeros(y_ref.shape, np.int32), x, *f, *s, *p], [0], [y_ref]))
+        out.append((f"avgpool {f}{s}{p} forward", "avgpool2d_forward",
+                    [nan(*y_ref.shape), x, *f, *s, *p], [0], [ref.avgpool2d(x, f, s, p)]))
+        for mask in (False, True):
+            keep = (x > 0) if mask else 1
+            out.append((f"maxpool {f}{s}{p} backward mask={mask}", "maxpool2d_backward",
+                        [nan(*x.shape), dy, "argmax", x, *f, *s, *p, mask], [0],
+                        [ref.maxpool2d_grad(dy, x, f, s, p) * keep]))
+            out.append((f"avgpool {f}{s}{p} backward mask={mask}", "avgpool2d_backward",
+                        [nan(*x.shape), dy, x, *f, *s, *p, mask], [0], [ref.avgpool2d_grad(dy, x, f, s, p) * keep]))
+    for N, IN, OUT in ((5, 17, 3), (18, 33, 20)):  # the second spans two GPU tiles on every axis
+        x, w, b, dy = arr(N, IN), arr(OUT, IN), arr(OUT), arr(N, OUT)
+        for relu in (False, True):
+            y = x @ w.T + b
+            out.append((f"dense {N}x{IN}->{OUT} forward relu={relu}", "dense_forward",
+                        [nan(N, OUT), x, w, b, relu, "ws"], [0], [_relu(y) if relu else y]))
+        for need_dx, with_bias, mask in ((True, True, False), (True, False, True), (False, True, False)):
+            expect_dx = ((dy @ w) * (x > 0) if mask else dy @ w) if need_dx else None
+            out.append((f"dense {N}x{IN}->{OUT} backward dx={need_dx} bias={with_bias} mask={mask}",
+                        "dense_backward",
+                        [nan(N, IN) if need_dx else None, nan(OUT, IN), nan(OUT) if with_bias else None, dy, x, w,
+                         mask, "ws"], [0, 1, 2], [expect_dx, dy.T @ x, dy.sum(axis=0) if with_bias else None]))
+    x = arr(3, 4, 5)
+    out.append(("relu forward", "relu_forward", [nan(*x.shape), x], [0], [_relu(x)]))
+    dy = arr(*x.shape)
+    out.append(("relu backward", "relu_backward", [nan(*x.shape), dy, _relu(x)], [0], [dy * (x > 0)]))
+    for N, M in ((1, 3), (45, 10), (300, 7)):  # 300 rows: more than one GPU block's threads
+        logits = 4 * arr(N, M)
+        labels = rng.integers(0, M, N).astype(np.int32)
+        loss, probs = ref.softmax_xent(logits, labels)
+        correct = float((logits.argmax(axis=1) == labels).sum())
+        for accumulate in (False, True):
+            sums = np.array([1.5, 2.0]) if accumulate else np.full(2, np.nan)
+            want = np.array([loss * N, correct]) + (np.array([1.5, 2.0]) if accumulate else 0)
+            out.append((f"softmax xent step {N}x{M} accumulate={accumulate}", "softmax_xent_step",
+                        [sums, nan(N, M), nan(N, M), logits, labels, accumulate], [0, 1, 2],
+                        [want, probs, ref.softmax_xent_grad(logits, labels)]))
+    data, labels = arr(40, 1, 2, 3), rng.integers(0, 10, 40).astype(np.int32)
+    idx = rng.permutation(40)[:9].astype(np.int32)
+    out.append(("gather batch", "gather_batch", [nan(9, 1, 2, 3), np.full(9, -7, np.int32), data, labels, idx],
+                [0, 1], [data[idx], labels[idx]]))
+    p, g = arr(300), arr(300)
+    vel = arr(300)
+    want_p, want_v = ref.sgd(p, vel, g, 0.1, 0.9, 1e-3)
+    out.append(("sgd update", "sgd_update", [p.copy(), vel.copy(), g, 0.1, 0.9, 1e-3], [0, 1], [want_p, want_v]))
+    m, v = arr(300), np.abs(arr(300))
+    want_p, want_m, want_v = ref.adam(p, m, v, g, 1e-2, 0.9, 0.999, 1e-8, 3)
+    out.append(("adam update", "adam_update", [p.copy(), m.copy(), v.copy(), g, 1e-2, 0.9, 0.999, 1e-8,
+                                               1 - 0.9**3, 1 - 0.999**3], [0, 1, 2], [want_p, want_m, want_v]))
+    out.append(("fill", "fill", [nan(3, 5), 2.5], [0], [np.full((3, 5), 2.5)]))
+    return out
+
+
+def _workspace(kernel, op, args, device):
+    if op.startswith("conv2d"):
+        y_shape = args[3].shape if op == "conv2d_backward" else args[0].shape
+        x, w = (args[4], args[5]) if op == "conv2d_backward" else (args[1], args[2])
+        shapes = kernel.workspace(x.shape, w.shape, y_shape, _stride(op, args), _padding(op, args), True)
+    else:
+        shapes = kernel.workspace()
+    dtype = next(a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f")
+    return SimpleNamespace(**{name: device.empty(shape, dtype) for name, shape in shapes.items()})
+
+
+def _stride(op, args):
+    return (args[4], args[5]) if op == "conv2d_forward" else (args[6], args[7])
+
+
+def _padding(op, args):
+    return (args[6], args[7]) if op == "conv2d_forward" else (args[8], args[9])
+
+
+def run(op, args, device):
+    """Call ``op``'s core on ``device`` with copies of ``args``; return every argument back on the host.
+
+    Before a convolution's backward on the CPU the matching forward runs (the core reuses its
+    im2col matrix); before max pooling's backward, the forward that gives the argmax."""
+    device = resolve_device(device)
+    kernel = REGISTRY.get(op, device)
+    moved = [device.put(a.copy()) if isinstance(a, np.ndarray) else a for a in args]
+    marks = [i for i, a in enumerate(args) if isinstance(a, str)]
+    for i in marks:
+        if args[i] == "ws":
+            moved[i] = ws = _workspace(kernel, op, args, device)
+    if op == "conv2d_backward" and device.kind == "cpu":  # the CUDA core needs nothing from the forward
+        dx, dw, db, dy, x, w, sh, sw, ph, pw = moved[:10]
+        forward = REGISTRY.get("conv2d_forward", device)
+        y = device.empty(dy.shape, args[4].dtype)
+        forward.run(y, x, w, device.zeros(w.shape[0], args[4].dtype), sh, sw, ph, pw, False, ws)
+    if any(args[i] == "argmax" for i in marks):
+        dx, dy, _, x, fh, fw, sh, sw, ph, pw, _ = moved
+        y, argmax = device.empty(dy.shape, dy.dtype), device.empty(dy.shape, np.int32)
+        REGISTRY.get("maxpool2d_forward", device).run(y, argmax, x, fh, fw, sh, sw, ph, pw)
+        moved[2] = argmax
+    kernel.run(*moved)
+    return [to_numpy(a) if a is not None and not isinstance(a, (bool, int, float, str, SimpleNamespace)) else a
+            for a in moved]

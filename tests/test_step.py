@@ -1,0 +1,223 @@
+"""The planned training step on the CPU: what it allocates (nothing, once planned), flat parameter
+buffers and one optimizer call, the Trainer against the user's own loop, modes and buffers."""
+
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+import tracemalloc
+
+import nbcnn
+from nbcnn import layers as L
+from nbcnn.device import Device
+from nbcnn.losses import SoftmaxCrossEntropy
+from nbcnn.models import MODELS
+from nbcnn.ops import REGISTRY
+from nbcnn.optim import SGD, Adam
+from nbcnn.step import Trainer
+
+
+def batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, n).astype(np.int32)
+
+
+class Counting:
+    """A kernel source that counts the calls of each op (and runs them)."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def get(self, op, device, algorithm=None):
+        kernel = REGISTRY.get(op, device, algorithm)
+        counts = self.calls
+
+        class Counted:
+            workspace = kernel.workspace
+
+            @staticmethod
+            def run(*args):
+                counts[op] = counts.get(op, 0) + 1
+                kernel.run(*args)
+
+        return Counted
+
+
+def test_import_nbcnn_makes_the_submodules_usable():
+    code = ("import nbcnn; nbcnn.optim.SGD; nbcnn.optim.Adam; nbcnn.layers.Conv2D; nbcnn.losses.SoftmaxCrossEntropy; "
+            "import sys; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"  # and importing nbcnn imports no PyTorch
+
+
+class NoAllocation:
+    """Fails when the steps run inside allocate: no array through the Device (the one place nbcnn
+    allocates), no NumPy array left alive, and no transient allocation of 8 KiB or more (every
+    activation and gradient of a batch-64 step but the logits and the biases' is larger; what
+    Python itself makes and drops in a step, views and tuples, peaks near 1.5 KiB)."""
+
+    def __enter__(self):
+        tracemalloc.start()
+        self.arrays = Device.allocations
+        self.start, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        return self
+
+    def __exit__(self, *exc):
+        _, peak = tracemalloc.get_traced_memory()
+        numpy_blocks = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)]).traces
+        tracemalloc.stop()
+        if exc[0] is None:
+            assert Device.allocations == self.arrays
+            assert len(numpy_blocks) == 0
+            assert peak - self.start < 8 * 1024
+        return False
+
+
+@pytest.mark.parametrize("model_name", ["lenet", "mnist-example"])
+def test_the_users_loop_allocates_nothing_once_planned(model_name):
+    model, loss_fn = MODELS[model_name](), SoftmaxCrossEntropy()
+    opt = Adam(model.parameters())
+    x, y = batch(64)
+
+    def step():
+        logits = model.forward(x)
+        loss = loss_fn.forward(logits, y)
+        model.backward(loss_fn.backward(), need_dx=False)
+        opt.step()
+        return loss, logits
+
+    losses = [step()[0] for _ in range(2)]
+    grads = [id(p.grad) for p in model.parameters()]
+    with NoAllocation():
+        outputs = {id(step()[1]) for _ in range(4)}
+    assert len(outputs) == 1  # the same logits buffer every step
+    assert [id(p.grad) for p in model.parameters()] == grads  # gradients written in place
+    assert np.isfinite(step()[0]) and np.isfinite(losses).all()
+
+
+def test_the_trainer_allocates_nothing_and_alternates_plans_freely():
+    model = MODELS["lenet"]()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.01, momentum=0.9))
+    x, y = batch(160)
+    order = np.random.default_rng(1).permutation(160).astype(np.int32)
+    trainer.run_epoch(x, y, order, 64)  # batches of 64, 64 and 32: two plans
+    trainer.evaluate(x, y, batch_size=100)  # 100 and 60: two more
+    with NoAllocation():
+        for _ in range(2):
+            trainer.run_epoch(x, y, order, 64)
+            trainer.evaluate(x, y, batch_size=100)
+
+
+def test_parameters_live_in_one_flat_buffer_and_the_optimizer_makes_one_call():
+    model = MODELS["lenet"]()
+    counting = Counting()
+    opt = Adam(model.parameters(), kernels=counting)
+    assert opt.buffer is model.buffer
+    data, grad = model.buffer.data, model.buffer.grad
+    for p, lo in zip(model.parameters(), model.buffer.offsets):
+        assert np.shares_memory(p.data, data) and np.shares_memory(p.grad, grad)
+        assert p.data.ctypes.data == data.ctypes.data + 4 * lo
+    loss_fn = SoftmaxCrossEntropy()
+    x, y = batch()
+    loss_fn.forward(model.forward(x), y)
+    model.backward(loss_fn.backward(), need_dx=False)
+    opt.step()
+    opt.zero_grad()
+    assert counting.calls == {"adam_update": 1, "fill": 1}
+    assert not grad.any()
+
+
+def test_reassigning_a_parameter_keeps_it_in_the_buffer_or_repacks():
+    model = nbcnn.Sequential([L.Dense(3, 2)])
+    opt = SGD(model.parameters(), lr=0.1)
+    w = model.layers[0].weight
+    w.data = np.ones((2, 3), np.float32)  # same shape and dtype: copied into the view
+    assert w.buffer is model.buffer and (model.buffer.data[:6] == 1).all()
+    w.data = np.ones((2, 3))  # float64: its own storage, the whole model follows at the next plan
+    model.layers[0].bias.data = np.zeros(2)
+    x = np.ones((1, 3))
+    assert model.forward(x).dtype == np.float64
+    assert model.buffer.dtype == np.float64 and w.buffer is model.buffer
+    model.backward(np.ones((1, 2)))
+    opt.step()  # the optimizer finds the new buffer
+    assert opt.buffer is model.buffer
+    np.testing.assert_allclose(w.data, 1 - 0.1 * np.ones((2, 3)))
+
+
+def test_the_trainer_and_the_users_loop_train_the_same_model():
+    x, y = batch(32, seed=3)
+    params = []
+    for use_trainer in (False, True):
+        L.set_seed(0)
+        model = MODELS["tiny"]()
+        loss_fn, opt = SoftmaxCrossEntropy(), Adam(model.parameters(), lr=1e-2)
+        if use_trainer:
+            trainer = Trainer(model, loss_fn, opt)
+            trainer.run_epoch(x, y, np.arange(32, dtype=np.int32), 8)
+        else:
+            for start in range(0, 32, 8):
+                loss_fn.forward(model.forward(x[start:start + 8]), y[start:start + 8])
+                model.backward(loss_fn.backward(), need_dx=False)
+                opt.step()
+        params.append([p.data.copy() for p in model.parameters()])
+    for a, b in zip(*params):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_trainer_reads_the_loss_every_few_steps():
+    model = MODELS["tiny"]()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters()), read_every=10)
+    reads = []
+    real_read = trainer.read
+    trainer.read = lambda *a: reads.append(1) or real_read(*a)
+    x, y = batch(64)
+    seen = []
+    loss = trainer.run_epoch(x, y, np.arange(64, dtype=np.int32), 2, progress=lambda done, *_: seen.append(done))
+    assert len(reads) == 4 and seen == [20, 40, 60, 64]  # steps 10, 20, 30 and the last of 32
+    assert np.isfinite(loss)
+
+
+def test_a_hook_runs_between_backward_and_the_update():
+    model = MODELS["tiny"]()
+    opt = SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    def clip(trainer):  # what gradient clipping or an allreduce would do: act on the flat gradient buffer
+        g = trainer.optimizer.buffer.grad
+        seen.append(float(np.abs(g).max()))
+        g[:] = 0
+
+    trainer = Trainer(model, SoftmaxCrossEntropy(), opt, hooks=[clip])
+    before = model.buffer.data.copy()
+    x, y = batch(4)
+    trainer.step(x, y)
+    assert seen and seen[0] > 0
+    np.testing.assert_array_equal(model.buffer.data, before)  # zeroed gradients: nothing moved
+
+
+class Scaled(L.Layer):
+    """A layer with a buffer (not a parameter), as BatchNorm's running statistics will be."""
+
+    def __init__(self):
+        self.scale = np.ones(1, np.float32)
+
+    def buffers(self):
+        return {"scale": self.scale}
+
+
+def test_modes_and_buffers_travel_with_save_and_load(tmp_path, monkeypatch):
+    monkeypatch.setitem(L.LAYERS, "Scaled", Scaled)
+    model = nbcnn.Sequential([L.Dense(2, 2), Scaled()])
+    assert model.training and model.eval() is model and not model.training
+    assert not model.layers[0].training and model.train() is model and model.layers[1].training
+    model.layers[1].scale[0] = 3.0
+    model.eval()
+    model.save(tmp_path / "m.npz")
+    again = nbcnn.Sequential.load(tmp_path / "m.npz")
+    assert again.layers[1].scale[0] == 3.0 and not again.training
+    assert "buffers scale" in again.summary((1, 2))
