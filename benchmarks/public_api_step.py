@@ -3,6 +3,8 @@
     python benchmarks/public_api_step.py --impl nbcnn --model default --batch 128
     python benchmarks/public_api_step.py --impl torch --model lenet5 --batch 128
     python benchmarks/public_api_step.py --impl nbcnn --noop   # host time alone: kernels replaced by no-ops
+    NUMBA_ENABLE_CUDASIM=1 python benchmarks/public_api_step.py --device cuda --noop-launches
+                                                               # the host's part of a CUDA step
 
 Models: ``default`` (nbcnn's zoo default: conv 16 5x5 p2, conv 32 5x5, dense 800-128-10, Adam) and
 ``lenet5`` (the classic: conv 6 and 16 filters 5x5, max pooling, dense 400-120-84-10, SGD momentum
@@ -58,6 +60,21 @@ def make_noop():
         ops.REGISTRY.replace_all(nothing)
 
 
+def make_noop_launches():
+    """In Numba's CUDA simulator: every kernel launch returns at once, everything around it runs
+    (argument checks, allocations, launch configuration): the host's part of a CUDA step."""
+    from numba.cuda.simulator import kernel as simulated
+
+    real_call = simulated.FakeCUDAKernel.__call__
+
+    def launch(self, *args):
+        if self._device or simulated._kernel_context:
+            return real_call(self, *args)
+        return None
+
+    simulated.FakeCUDAKernel.__call__ = launch
+
+
 def nbcnn_steps(args, x, y):
     import nbcnn
     from nbcnn.losses import SoftmaxCrossEntropy
@@ -77,6 +94,8 @@ def nbcnn_steps(args, x, y):
         opt.step()
         return loss
 
+    if args.noop_launches:
+        make_noop_launches()
     if args.noop:
         if args.device == "cpu":
             step()  # compile and allocate for real once (the simulator would take hours at this size)
@@ -112,6 +131,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")
     p.add_argument("--noop", action="store_true")
+    p.add_argument("--noop-launches", action="store_true", help="CUDA simulator only: launches return at once")
     p.add_argument("--import-torch-first", action="store_true")
     args = p.parse_args()
     torch = None
@@ -137,7 +157,7 @@ def main():
             step()
         times.append((time.perf_counter() - start) / args.steps)
     print(json.dumps(dict(impl=args.impl, model=args.model, batch=args.batch, device=args.device, noop=args.noop,
-                          torch_first=args.import_torch_first, threads=threads,
+                          torch_first=args.import_torch_first, threads=threads, noop_launches=args.noop_launches,
                           step_ms=1e3 * statistics.median(times), all_ms=[round(1e3 * t, 3) for t in times],
                           simulator=os.environ.get("NUMBA_ENABLE_CUDASIM") == "1")))
 

@@ -96,15 +96,19 @@ def _dense_backward_weight_cpu(dw, dy, x):
                 dw[o, i] += g * x[n, i]
 
 
+@njit(inline="always", cache=True)
+def _bias_sum(db, dy, o):
+    acc = db.dtype.type(0)
+    for n in range(dy.shape[0]):
+        acc += dy[n, o]
+    db[o] = acc
+
+
 @njit(parallel=True, cache=True)
 def _dense_backward_bias_cpu(db, dy):
     """db[o] = sum_n dy[n, o]; one task per output feature."""
-    N, OUT = dy.shape
-    for o in prange(OUT):
-        acc = db.dtype.type(0)
-        for n in range(N):
-            acc += dy[n, o]
-        db[o] = acc
+    for o in prange(dy.shape[1]):
+        _bias_sum(db, dy, o)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -165,12 +169,8 @@ def _add_bias_rows_serial_cpu(y, b, relu):
 @njit(cache=True)
 def _dense_backward_bias_serial_cpu(db, dy):
     """``_dense_backward_bias_cpu`` on one thread (a training step's dy is a few thousand values)."""
-    N, OUT = dy.shape
-    for o in range(OUT):
-        acc = db.dtype.type(0)
-        for n in range(N):
-            acc += dy[n, o]
-        db[o] = acc
+    for o in range(dy.shape[1]):
+        _bias_sum(db, dy, o)
 
 
 def dense_forward_blas_cpu(y, x, w, b=None):

@@ -83,32 +83,20 @@ def gather_batch_core_cpu(xb, yb, x, y, idx):
 THREADS = 256
 
 
-@cuda.jit
-def _gather_rows_kernel(out, x, idx):
-    """One thread per element of out (B, D), threads along D: each row is read and written coalesced."""
-    B, D = out.shape
-    t = cuda.grid(1)
-    if t >= B * D:
-        return
-    i, j = t // D, t % D
-    r = idx[i]
-    if 0 <= r < x.shape[0]:
-        out[i, j] = x[r, j]
-
-
 def gather_rows_cuda(out, x, idx):
     """``out[i] = x[idx[i]]`` on the GPU; the arguments of ``gather_rows_cpu`` (indices not range-checked)."""
     fn = "gather_rows_cuda"
     out, x, idx = gpu_arrays(fn, out=out, x=x, idx=idx)
     B, R, D = check_gather(fn, on_gpu, out, x, idx)
-    _gather_rows_kernel[blocks(B * D, THREADS), THREADS](out.reshape(B, D), x.reshape(R, D), idx)
+    _gather_batch_kernel[blocks(B * D, THREADS), THREADS](out.reshape(B, D), idx, x.reshape(R, D), idx, idx, False)
     return out
 
 
 @cuda.jit
-def _gather_batch_kernel(xb, yb, x, y, idx):
-    """A minibatch and its labels in one launch: one thread per element of xb (B, D), threads along D;
-    the thread of column 0 of each row also copies the row's label."""
+def _gather_batch_kernel(xb, yb, x, y, idx, with_labels):
+    """xb[i] = x[idx[i]], and with ``with_labels`` yb[i] = y[idx[i]]: a minibatch and its labels in one
+    launch. One thread per element of xb (B, D), threads along D, so each row is read and written
+    coalesced; the thread of column 0 of each row also copies the row's label."""
     B, D = xb.shape
     t = cuda.grid(1)
     if t >= B * D:
@@ -117,7 +105,7 @@ def _gather_batch_kernel(xb, yb, x, y, idx):
     r = idx[i]
     if 0 <= r < x.shape[0]:
         xb[i, j] = x[r, j]
-        if j == 0:
+        if with_labels and j == 0:
             yb[i] = y[r]
 
 
@@ -125,4 +113,4 @@ def gather_batch_core_cuda(xb, yb, x, y, idx):
     """Unchecked twin of ``gather_batch_core_cpu`` (2-D views of the images: (B, D) and (R, D))."""
     B, R = xb.shape[0], x.shape[0]
     D = xb.size // B
-    _gather_batch_kernel[blocks(B * D, THREADS), THREADS](xb.reshape(B, D), yb, x.reshape(R, D), y, idx)
+    _gather_batch_kernel[blocks(B * D, THREADS), THREADS](xb.reshape(B, D), yb, x.reshape(R, D), y, idx, True)

@@ -102,7 +102,18 @@ def gradient_row(dlogits, probs, labels, n, N):
         dlogits[n, label] -= 1.0 / N
 
 
+def store_sums(sums, total, correct, accumulate):
+    """sums[0] and sums[1] (the summed loss, the correct count) become, or grow by, total and correct."""
+    if accumulate:
+        sums[0] += total
+        sums[1] += correct
+    else:
+        sums[0] = total
+        sums[1] = correct
+
+
 softmax_row_cpu, softmax_row_cuda = compile_twice(softmax_row)
+store_sums_cpu, store_sums_cuda = compile_twice(store_sums)
 gradient_row_cpu, gradient_row_cuda = compile_twice(gradient_row)
 row_correct_cpu, row_correct_cuda = compile_twice(row_correct)
 
@@ -153,12 +164,7 @@ def _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate):
         total += softmax_row_cpu(probs, logits, labels, n)
         correct += row_correct_cpu(logits, labels, n)
         gradient_row_cpu(dlogits, probs, labels, n, N)
-    if accumulate:
-        sums[0] += total
-        sums[1] += correct
-    else:
-        sums[0] = total
-        sums[1] = correct
+    store_sums_cpu(sums, total, correct, accumulate)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -261,12 +267,7 @@ def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate):
     total = block_sum(scratch, total)
     correct = block_sum(scratch, correct)  # block_sum's last barrier makes scratch free again
     if cuda.threadIdx.x == 0:
-        if accumulate:
-            sums[0] += total
-            sums[1] += correct
-        else:
-            sums[0] = total
-            sums[1] = correct
+        store_sums_cuda(sums, total, correct, accumulate)
 
 
 # --------------------------------------------------------------------------- CUDA launchers

@@ -52,9 +52,8 @@ def launch_types(dtype):
             (softmax_xent._softmax_xent_backward_kernel, (A(2), A(2), A(1, it))),
             (softmax_xent._count_correct_kernel, (A(1, np.int64), A(2), A(1, it))),
             (softmax_xent._softmax_xent_step_kernel, (A(1, np.float64), A(2), A(2), A(2), A(1, it), B)),
-            (gather._gather_batch_kernel, (A(2), A(1, it), A(2), A(1, it), A(1, it))),
-            (gather._gather_rows_kernel, (A(2), A(2), A(1, it))),
-            (gather._gather_rows_kernel, (A(2, np.int32), A(2, np.int32), A(1, it))),  # labels
+            (gather._gather_batch_kernel, (A(2), A(1, it), A(2), A(1, it), A(1, it), B)),  # public gather_rows
+            (gather._gather_batch_kernel, (A(2, np.int32), A(1, it), A(2, np.int32), A(1, it), A(1, it), B)),
         ]
     return pairs
 
