@@ -208,37 +208,18 @@ def check_input(who, x, device, dtype=None):
 
 
 def gather_rows(x, idx, out=None):
-    """out[i] = x[idx[i]] (a minibatch from a data set), on the data's device, with the checks of the
-    public kernels. Allocates ``out`` when not given; a planned step gathers without this."""
-    from nbcnn.device import device_of
+    """out[i] = x[idx[i]] (a minibatch from a data set), on the data's device, through the checked public
+    kernels. Allocates ``out`` when not given; a planned step gathers with the ``gather_batch`` core."""
+    from nbcnn.device import device_of, resolve_device
 
     where = {device_of(x), device_of(idx)}
     if len(where) > 1:
         raise ValueError("gather: x and idx live on different devices; move them with nbcnn.to_device")
+    device = resolve_device(where.pop())
     if out is None:
-        shape = (idx.shape[0],) + tuple(x.shape[1:])
-        if where == {"cpu"}:
-            out = np.empty(shape, x.dtype)
-        else:
-            from numba import cuda
-
-            out = cuda.device_array(shape, x.dtype)
-    (gather.gather_rows_cpu if where == {"cpu"} else gather.gather_rows_cuda)(out, x, idx)
+        out = device.empty((idx.shape[0],) + tuple(x.shape[1:]), x.dtype)
+    public_kernel(f"gather_rows_{device.kind}")(out, x, idx)
     return out
-
-
-def count_correct(logits, labels):
-    """How many rows' argmax equals the label, as a Python int (checked; reads back from a GPU)."""
-    from nbcnn.device import device_of, to_numpy
-
-    count = np.zeros(1, np.int64)
-    if device_of(logits) == "cpu":
-        return softmax_xent.count_correct_cpu(count, logits, labels)
-    from numba import cuda
-
-    on_gpu = cuda.to_device(count)
-    softmax_xent.count_correct_cuda(on_gpu, logits, labels)
-    return int(to_numpy(on_gpu)[0])
 
 
 def public_kernel(name):
