@@ -190,8 +190,8 @@ def spatial_output(who, H, W, window, stride, padding, what="window"):
             output_size(who, W, window[1], stride[1], padding[1], "width", what))
 
 
-def check_input(who, x, device, dtype=None):
-    """``x`` must be an array on ``device``, C-contiguous, float32 or float64 (or ``dtype``)."""
+def check_input(who, x, device):
+    """``x`` must be an array on ``device``, C-contiguous, float32 or float64."""
     from nbcnn.device import device_of
 
     try:
@@ -203,7 +203,7 @@ def check_input(who, x, device, dtype=None):
                          f"move it with nbcnn.to_device(x, {device.kind!r})")
     if not is_c_contiguous(x):
         raise ValueError(f"{who}: the input must be C-contiguous (np.ascontiguousarray makes a contiguous copy)")
-    if np.dtype(x.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)) and dtype is None:
+    if np.dtype(x.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"{who}: the input must be float32 or float64, got {np.dtype(x.dtype)}")
 
 
