@@ -238,7 +238,7 @@ class _Conv2DPlan(Plan):
 
     def _scratch(self, need_dx):
         L = self.layer
-        shape_args = (self.in_shape, L.weight.shape, self.out_shape, L.stride, L.padding, need_dx)
+        shape_args = (self.in_shape, L.weight.shape, self.out_shape, L.stride, L.padding, need_dx, self.dtype)
         return self._workspace({**self.fwd.workspace(*shape_args), **self.bwd.workspace(*shape_args)})
 
     def allocate(self, need_dx):

@@ -161,7 +161,7 @@ _add("conv2d_forward", "cpu", "direct", conv_cpu.conv2d_forward_direct_core_cpu,
      conv_cpu.conv2d_workspace_direct_cpu, default=False)
 _add("conv2d_backward", "cpu", "direct", conv_cpu.conv2d_backward_direct_core_cpu,
      conv_cpu.conv2d_workspace_direct_cpu, default=False)
-_add("conv2d_forward", "cuda", "tiled", conv_cuda.conv2d_forward_core_cuda)
+_add("conv2d_forward", "cuda", "tiled", conv_cuda.conv2d_forward_core_cuda, conv_cuda.conv2d_workspace_cuda)
 _add("conv2d_backward", "cuda", "tiled", conv_cuda.conv2d_backward_core_cuda, conv_cuda.conv2d_workspace_cuda)
 
 for _device in ("cpu", "cuda"):

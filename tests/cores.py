@@ -116,7 +116,7 @@ def _workspace(kernel, op, args, device):
     if op.startswith("conv2d"):
         y_shape = args[3].shape if op == "conv2d_backward" else args[0].shape
         x, w = (args[4], args[5]) if op == "conv2d_backward" else (args[1], args[2])
-        shapes = kernel.workspace(x.shape, w.shape, y_shape, _stride(op, args), _padding(op, args), True)
+        shapes = kernel.workspace(x.shape, w.shape, y_shape, _stride(op, args), _padding(op, args), True, x.dtype)
     else:
         shapes = kernel.workspace()
     dtype = next(a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f")

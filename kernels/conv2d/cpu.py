@@ -179,7 +179,7 @@ def conv2d_backward_bias_cpu(db, dy):
 # them by name (``algorithm="direct"``) to show what the definition costs. No scratch.
 
 
-def conv2d_workspace_direct_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx):
+def conv2d_workspace_direct_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
     return {}
 
 

@@ -225,6 +225,18 @@ def forward_shared_bytes(FH, FW, sh, sw, itemsize):
     return (tile + K_PER_BLOCK * FH * FW) * itemsize
 
 
+def check_forward_fits(fn, w_shape, stride, dtype):
+    """The forward kernel stages a filter group and an input region in shared memory: refuse, with a
+    clear message, a filter and stride whose region does not fit in MAX_SHARED_BYTES."""
+    FH, FW = w_shape[2], w_shape[3]
+    shared = forward_shared_bytes(FH, FW, *stride, np.dtype(dtype).itemsize)
+    if shared > MAX_SHARED_BYTES:
+        raise ValueError(
+            f"{fn}: a {FH}x{FW} filter at stride {tuple(stride)} needs {shared} bytes of shared memory per "
+            f"block, more than {MAX_SHARED_BYTES}"
+        )
+
+
 def conv2d_forward_cuda(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pad_w=0):
     """Forward convolution on the GPU; the arguments and shapes of ``conv2d_forward_cpu``."""
     fn = "conv2d_forward_cuda"
@@ -232,12 +244,7 @@ def conv2d_forward_cuda(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pad_w=
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     b_pair = ("b", b) if b is not None else None
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_gpu, ("x", x), ("w", w), ("y", y), b_pair, stride, padding)
-    shared = forward_shared_bytes(FH, FW, *stride, x.dtype.itemsize)
-    if shared > MAX_SHARED_BYTES:
-        raise ValueError(
-            f"{fn}: a {FH}x{FW} filter at stride {stride} needs {shared} bytes of shared memory per "
-            f"block, more than {MAX_SHARED_BYTES}"
-        )
+    check_forward_fits(fn, w.shape, stride, x.dtype)
     if b is None:
         b = cuda.to_device(np.zeros(K, x.dtype))  # a direct call may allocate; a planned step passes its own zeros
     conv2d_forward_core_cuda(y, x, w, b, *stride, *padding, False, None)
@@ -266,7 +273,7 @@ def conv2d_backward_weight_cuda(dw, dy, x, stride_h=1, stride_w=1, pad_h=0, pad_
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_gpu, ("x", x), ("dw", dw), ("dy", dy), None, stride,
                                                  padding)
-    ws = conv2d_workspace_cuda(x.shape, dw.shape, dy.shape, stride, padding, True)
+    ws = conv2d_workspace_cuda(x.shape, dw.shape, dy.shape, stride, padding, True, x.dtype)
     arrays = {name: cuda.device_array(shape, x.dtype) for name, shape in ws.items()}
     _weight_and_bias(dw, arrays["db"], dy, x, *stride, *padding, arrays.get("partial"), arrays.get("partial_b"))
     return dw
@@ -288,9 +295,11 @@ def conv2d_backward_bias_cuda(db, dy):
 # skips that gradient; ``ws`` holds the scratch ``conv2d_workspace_cuda`` asked for.
 
 
-def conv2d_workspace_cuda(x_shape, w_shape, y_shape, stride, padding, need_dx):
+def conv2d_workspace_cuda(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
     """{name: shape} of the scratch the backward core needs: the weight gradient's partial sums per
-    batch chunk (none when the batch is one chunk), and a bias gradient for a layer without bias."""
+    batch chunk (none when the batch is one chunk), and a bias gradient for a layer without bias.
+    Refuses a filter the forward kernel cannot stage (the plan calls this once)."""
+    check_forward_fits("Conv2D on cuda", w_shape, stride, dtype)
     N = x_shape[0]
     K, C, FH, FW = w_shape
     G = weight_chunks(N, K * C * FH * FW + K)

@@ -204,7 +204,7 @@ def col2im(dx, cols, FH, FW, stride, padding, OH, OW, padded):
     _col2im_unit_cpu(dx, padded, cols.reshape(C, FH, FW, N, OH, OW), ph, pw)
 
 
-def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx):
+def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
     """{name: shape} of the scratch the CPU cores need for these shapes: the im2col matrix ``cols``
     (kept from forward for backward), ``kt`` (K, N*OH*OW) for the products in their layout,
     ``padded`` for stride 1, ``dcols`` when the input gradient is needed, ``db`` for a layer
@@ -222,7 +222,7 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx):
 
 def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
     """Fresh scratch arrays for one call of a public entry point."""
-    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx)
+    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype)
     return {name: np.empty(shape, dtype) for name, shape in shapes.items()}
 
 

@@ -45,3 +45,9 @@ def test_model_and_input_on_different_devices():
     model = nbcnn.Sequential([L.ReLU()]).to("cuda")
     with pytest.raises(ValueError, match="the input is on cpu but the model is on cuda"):
         model.forward(np.zeros((1, 2), np.float32))
+
+
+def test_a_filter_too_large_for_the_gpu_kernel_is_refused_when_planned():
+    model = nbcnn.Sequential([L.Conv2D(1, 1, 31, stride=8)]).to("cuda")
+    with pytest.raises(ValueError, match=r"a 31x31 filter at stride \(8, 8\) needs \d+ bytes of shared memory"):
+        model.forward(nbcnn.to_device(np.zeros((1, 1, 64, 64), np.float32), "cuda"))
