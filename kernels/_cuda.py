@@ -85,6 +85,16 @@ def flat(a):
     return a.reshape(a.size)
 
 
+# The largest gridDim.y and gridDim.z a launch may ask for (gridDim.x may reach 2**31 - 1). Kernels
+# that put a batch-sized count of blocks along z take min(count, MAX_GRID_Z) and stride over the rest.
+MAX_GRID_Z = 65535
+
+
+def grid_z(count):
+    """Blocks along z for ``count`` items of work: all of them up to MAX_GRID_Z, the kernel striding beyond."""
+    return max(1, min(count, MAX_GRID_Z))
+
+
 def blocks(n, threads):
     """Number of blocks of ``threads`` that cover ``n`` items: ceil(n / threads), at least 1."""
     return max(1, (n + threads - 1) // threads)

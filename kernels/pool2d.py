@@ -27,7 +27,7 @@ covers it (``covering_outputs``). Either way no two workers write the same eleme
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_ndim, check_shape, on_host, output_size
-from ._cuda import blocks, gpu_arrays, on_gpu
+from ._cuda import blocks, gpu_arrays, grid_z, on_gpu
 from ._index import compile_twice, covering_outputs_cpu, covering_outputs_cuda, window_cpu, window_cuda
 from .activation import relu_backward_core_cpu
 
@@ -323,79 +323,88 @@ POOL_W, POOL_H = 32, 8  # block: a warp along W, 8 rows
 
 
 @cuda.jit(device=True, inline="always")
-def _plane_thread(C):
-    """(n, c, row, col) of this thread: blockIdx.z is the plane n*C + c, threadIdx.x runs along
-    the columns (a warp reads a row segment), threadIdx.y along the rows."""
-    z = cuda.blockIdx.z
-    return (z // C, z % C, cuda.blockIdx.y * POOL_H + cuda.threadIdx.y,
-            cuda.blockIdx.x * POOL_W + cuda.threadIdx.x)
+def _plane_position():
+    """(row, col) of this thread in a plane: threadIdx.x runs along the columns (a warp reads a row
+    segment), threadIdx.y along the rows. The planes n*C + c are blockIdx.z, blockIdx.z + gridDim.z,
+    ...: a grid-stride loop, so that gridDim.z stays within MAX_GRID_Z for any batch."""
+    return cuda.blockIdx.y * POOL_H + cuda.threadIdx.y, cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
 
 
 @cuda.jit
 def _maxpool2d_forward_kernel(y, argmax, x, fh, fw, sh, sw, ph, pw):
-    """One thread per output (n, c, oh, ow), threadIdx.x along OW; grid (ceil(OW/32), ceil(OH/8), N*C)."""
+    """One thread per output position (oh, ow), threadIdx.x along OW, for every plane (n, c) in turn;
+    grid (ceil(OW/32), ceil(OH/8), min(N*C, MAX_GRID_Z))."""
     N, C, H, W = x.shape
     OH, OW = y.shape[2], y.shape[3]
-    n, c, oh, ow = _plane_thread(C)
+    oh, ow = _plane_position()
     if oh >= OH or ow >= OW:
         return
     ih_lo, ih_hi = window_cuda(oh, fh, sh, ph, H)
     iw_lo, iw_hi = window_cuda(ow, fw, sw, pw, W)
-    y[n, c, oh, ow], argmax[n, c, oh, ow] = window_max_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi)
+    for z in range(cuda.blockIdx.z, N * C, cuda.gridDim.z):
+        n, c = z // C, z % C
+        y[n, c, oh, ow], argmax[n, c, oh, ow] = window_max_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi)
 
 
 @cuda.jit
 def _maxpool2d_backward_kernel(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
     """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs whose
-    argmax is this input, zeroed where ``mask`` and x is not positive. Grid (ceil(W/32), ceil(H/8), N*C)."""
+    argmax is this input, zeroed where ``mask`` and x is not positive; every plane in turn, grid
+    (ceil(W/32), ceil(H/8), min(N*C, MAX_GRID_Z))."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    n, c, ih, iw = _plane_thread(C)
+    ih, iw = _plane_position()
     if ih >= H or iw >= W:
         return
     oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
     ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
-    v = argmax_sum_cuda(dy, argmax, n, c, ih * W + iw, oh_lo, oh_hi, ow_lo, ow_hi)
-    if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
-        v = 0
-    dx[n, c, ih, iw] = v
+    for z in range(cuda.blockIdx.z, N * C, cuda.gridDim.z):
+        n, c = z // C, z % C
+        v = argmax_sum_cuda(dy, argmax, n, c, ih * W + iw, oh_lo, oh_hi, ow_lo, ow_hi)
+        if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
+            v = 0
+        dx[n, c, ih, iw] = v
 
 
 @cuda.jit
 def _avgpool2d_forward_kernel(y, x, fh, fw, sh, sw, ph, pw):
-    """One thread per output (n, c, oh, ow): the window's sum / (FH*FW). Grid as max pooling's."""
+    """One thread per output position (oh, ow): the window's sum / (FH*FW). Grid as max pooling's."""
     N, C, H, W = x.shape
     OH, OW = y.shape[2], y.shape[3]
-    n, c, oh, ow = _plane_thread(C)
+    oh, ow = _plane_position()
     if oh >= OH or ow >= OW:
         return
     ih_lo, ih_hi = window_cuda(oh, fh, sh, ph, H)
     iw_lo, iw_hi = window_cuda(ow, fw, sw, pw, W)
-    y[n, c, oh, ow] = window_sum_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi) * (1.0 / (fh * fw))
+    for z in range(cuda.blockIdx.z, N * C, cuda.gridDim.z):
+        n, c = z // C, z % C
+        y[n, c, oh, ow] = window_sum_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi) * (1.0 / (fh * fw))
 
 
 @cuda.jit
 def _avgpool2d_backward_kernel(dx, dy, x, fh, fw, sh, sw, ph, pw, mask):
     """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs / (FH*FW),
-    zeroed where ``mask`` and x is not positive."""
+    zeroed where ``mask`` and x is not positive; every plane in turn."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    n, c, ih, iw = _plane_thread(C)
+    ih, iw = _plane_position()
     if ih >= H or iw >= W:
         return
     oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
     ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
-    v = window_sum_cuda(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * (1.0 / (fh * fw))
-    if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
-        v = 0
-    dx[n, c, ih, iw] = v
+    for z in range(cuda.blockIdx.z, N * C, cuda.gridDim.z):
+        n, c = z // C, z % C
+        v = window_sum_cuda(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * (1.0 / (fh * fw))
+        if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
+            v = 0
+        dx[n, c, ih, iw] = v
 
 
 # --------------------------------------------------------------------------- CUDA launchers
 
 
 def _grid(N, C, rows, cols):
-    return (blocks(cols, POOL_W), blocks(rows, POOL_H), N * C)
+    return (blocks(cols, POOL_W), blocks(rows, POOL_H), grid_z(N * C))
 
 
 def maxpool2d_forward_cuda(y, argmax, x, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):

@@ -25,7 +25,7 @@ Every kernel overwrites its output.
 import numpy as np
 from numba import cuda
 
-from .._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu
+from .._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, grid_z, on_gpu
 from .._index import in_coord_cuda, out_coord_cuda
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 
@@ -41,9 +41,10 @@ MIN_REDUCE_BLOCKS = 1024  # split the weight-gradient reduction until about this
 
 @cuda.jit
 def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw, relu):
-    """y = conv(x, w) + b, or max(that, 0) with ``relu``. Threads (TILE_W, TILE_H): one per output pixel (oh, ow) of a tile,
-    each computing K_PER_BLOCK filters. Grid: (ceil(OW / TILE_W), ceil(OH / TILE_H),
-    N * ceil(K / K_PER_BLOCK)); blockIdx.z picks the sample n and the filter group.
+    """y = conv(x, w) + b, or max(that, 0) with ``relu``. Threads (TILE_W, TILE_H): one per output
+    pixel (oh, ow) of a tile, each computing K_PER_BLOCK filters. Grid: (ceil(OW / TILE_W), ceil(OH / TILE_H), Z) with
+    Z = min(N * ceil(K / K_PER_BLOCK), MAX_GRID_Z); blockIdx.z and its strides by gridDim.z pick
+    the sample n and the filter group.
 
     Dynamic shared memory, sized by the launcher: the input region the tile reads,
     tile_h x tile_w values, then the group's filters for one channel, K_PER_BLOCK x FH x FW.
@@ -52,8 +53,6 @@ def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw, relu):
     K, _, FH, FW = w.shape
     OH, OW = y.shape[2], y.shape[3]
     groups = (K + K_PER_BLOCK - 1) // K_PER_BLOCK
-    n = cuda.blockIdx.z // groups
-    k0 = (cuda.blockIdx.z % groups) * K_PER_BLOCK
     tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
     tid = ty * TILE_W + tx
     oh0, ow0 = cuda.blockIdx.y * TILE_H, cuda.blockIdx.x * TILE_W
@@ -65,41 +64,46 @@ def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw, relu):
     w_base = tile_h * tile_w  # where the filters start in shared memory
     smem = cuda.shared.array(0, dtype=x.dtype)
     acc = cuda.local.array(K_PER_BLOCK, dtype=y.dtype)
-    for kk in range(K_PER_BLOCK):
-        acc[kk] = 0
-    for c in range(C):
-        # Stage the input region row by row: consecutive threads take consecutive columns.
-        for idx in range(tid, tile_h * tile_w, TILE_H * TILE_W):
-            ih = ih0 + idx // tile_w
-            iw = iw0 + idx % tile_w
-            if 0 <= ih < H and 0 <= iw < W:
-                smem[idx] = x[n, c, ih, iw]
-            else:
-                smem[idx] = 0  # zero padding
-        for idx in range(tid, K_PER_BLOCK * taps, TILE_H * TILE_W):
-            k = k0 + idx // taps
-            t = idx % taps
-            if k < K:
-                smem[w_base + idx] = w[k, c, t // FW, t % FW]
-            else:
-                smem[w_base + idx] = 0
-        cuda.syncthreads()  # wait until channel c's input region and filters are staged
-        base = ty * sh * tile_w + tx * sw
-        for fh in range(FH):
-            for fw in range(FW):
-                v = smem[base + fh * tile_w + fw]
-                for kk in range(K_PER_BLOCK):
-                    acc[kk] += smem[w_base + kk * taps + fh * FW + fw] * v
-        cuda.syncthreads()  # wait until every thread is done with channel c before it is overwritten
-    oh, ow = oh0 + ty, ow0 + tx
-    if oh < OH and ow < OW:
+    # Grid-stride over (n, filter group), so gridDim.z stays within its limit of 65535 for any
+    # batch; every thread of the block takes the same iterations (the barriers need them all).
+    for z in range(cuda.blockIdx.z, N * groups, cuda.gridDim.z):
+        n = z // groups
+        k0 = (z % groups) * K_PER_BLOCK
         for kk in range(K_PER_BLOCK):
-            k = k0 + kk
-            if k < K:
-                v = acc[kk] + b[k]
-                if relu and not v > 0:
-                    v = 0
-                y[n, k, oh, ow] = v
+            acc[kk] = 0
+        for c in range(C):
+            # Stage the input region row by row: consecutive threads take consecutive columns.
+            for idx in range(tid, tile_h * tile_w, TILE_H * TILE_W):
+                ih = ih0 + idx // tile_w
+                iw = iw0 + idx % tile_w
+                if 0 <= ih < H and 0 <= iw < W:
+                    smem[idx] = x[n, c, ih, iw]
+                else:
+                    smem[idx] = 0  # zero padding
+            for idx in range(tid, K_PER_BLOCK * taps, TILE_H * TILE_W):
+                k = k0 + idx // taps
+                t = idx % taps
+                if k < K:
+                    smem[w_base + idx] = w[k, c, t // FW, t % FW]
+                else:
+                    smem[w_base + idx] = 0
+            cuda.syncthreads()  # wait until channel c's input region and filters are staged
+            base = ty * sh * tile_w + tx * sw
+            for fh in range(FH):
+                for fw in range(FW):
+                    v = smem[base + fh * tile_w + fw]
+                    for kk in range(K_PER_BLOCK):
+                        acc[kk] += smem[w_base + kk * taps + fh * FW + fw] * v
+            cuda.syncthreads()  # wait until every thread is done with channel c before it is overwritten
+        oh, ow = oh0 + ty, ow0 + tx
+        if oh < OH and ow < OW:
+            for kk in range(K_PER_BLOCK):
+                k = k0 + kk
+                if k < K:
+                    v = acc[kk] + b[k]
+                    if relu and not v > 0:
+                        v = 0
+                    y[n, k, oh, ow] = v
 
 
 @cuda.jit
@@ -107,30 +111,31 @@ def _conv2d_backward_input_kernel(dx, dy, w, x, sh, sw, ph, pw, mask):
     """dx[n, c, ih, iw] = sum over k, fh, fw of w[k, c, fh, fw] * dy[n, k, oh, ow], over the taps
     whose output (oh, ow) = out_coord(...) exists; 0 where ``mask`` and x[n, c, ih, iw] is not
     positive. One thread per input pixel, threadIdx.x along W; grid (ceil(W / GATHER_W),
-    ceil(H / GATHER_H), N * C)."""
+    ceil(H / GATHER_H), min(N * C, MAX_GRID_Z)), striding over the planes (n, c)."""
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     OH, OW = dy.shape[2], dy.shape[3]
     iw = cuda.blockIdx.x * GATHER_W + cuda.threadIdx.x
     ih = cuda.blockIdx.y * GATHER_H + cuda.threadIdx.y
-    n = cuda.blockIdx.z // C
-    c = cuda.blockIdx.z % C
     if ih >= H or iw >= W:
         return
-    acc = dx.dtype.type(0)
-    for fh in range(FH):
-        oh = out_coord_cuda(ih, fh, sh, ph, OH)
-        if oh < 0:
-            continue
-        for fw in range(FW):
-            ow = out_coord_cuda(iw, fw, sw, pw, OW)
-            if ow < 0:
+    for z in range(cuda.blockIdx.z, N * C, cuda.gridDim.z):  # grid-stride over the planes (n, c)
+        n = z // C
+        c = z % C
+        acc = dx.dtype.type(0)
+        for fh in range(FH):
+            oh = out_coord_cuda(ih, fh, sh, ph, OH)
+            if oh < 0:
                 continue
-            for k in range(K):
-                acc += w[k, c, fh, fw] * dy[n, k, oh, ow]
-    if mask and not x[n, c, ih, iw] > 0:
-        acc = 0
-    dx[n, c, ih, iw] = acc
+            for fw in range(FW):
+                ow = out_coord_cuda(iw, fw, sw, pw, OW)
+                if ow < 0:
+                    continue
+                for k in range(K):
+                    acc += w[k, c, fh, fw] * dy[n, k, oh, ow]
+        if mask and not x[n, c, ih, iw] > 0:
+            acc = 0
+        dx[n, c, ih, iw] = acc
 
 
 @cuda.jit
@@ -311,7 +316,7 @@ def conv2d_workspace_cuda(x_shape, w_shape, y_shape, stride, padding, need_dx, d
 
 def _backward_input(dx, dy, w, x, sh, sw, ph, pw, mask):
     N, C, H, W = dx.shape
-    grid = (blocks(W, GATHER_W), blocks(H, GATHER_H), N * C)
+    grid = (blocks(W, GATHER_W), blocks(H, GATHER_H), grid_z(N * C))
     _conv2d_backward_input_kernel[grid, (GATHER_W, GATHER_H)](dx, dy, w, x, sh, sw, ph, pw, mask)
 
 
@@ -330,7 +335,7 @@ def conv2d_forward_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
     N, K, OH, OW = y.shape
     FH, FW = w.shape[2], w.shape[3]
     shared = forward_shared_bytes(FH, FW, sh, sw, x.dtype.itemsize)
-    grid = (blocks(OW, TILE_W), blocks(OH, TILE_H), N * blocks(K, K_PER_BLOCK))
+    grid = (blocks(OW, TILE_W), blocks(OH, TILE_H), grid_z(N * blocks(K, K_PER_BLOCK)))
     _conv2d_forward_kernel[grid, (TILE_W, TILE_H), 0, shared](y, x, w, b, sh, sw, ph, pw, relu)
 
 

@@ -1,0 +1,113 @@
+"""Every CUDA launch stays within the hardware's grid limits for any batch: gridDim.x below 2**31,
+gridDim.y and gridDim.z at most 65535, at most 1024 threads a block. Checked without a GPU: in the
+simulator, the launches of every core and launcher are recorded and skipped, at a batch of a
+million; and the kernels that stride over a capped gridDim.z are run with the cap set to 1, so the
+stride is taken, against the CPU."""
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from nbcnn.kernels import _cuda
+from nbcnn.kernels._cuda import SIMULATOR
+from nbcnn.ops import REGISTRY
+from tests import cores
+from tests.cuda.conftest import assert_close
+
+pytestmark = pytest.mark.skipif(not SIMULATOR, reason="records the launches of the simulator's kernels")
+
+N = 1_000_000
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    from numba.cuda.simulator import kernel as simulated
+
+    seen = []
+    real_call = simulated.FakeCUDAKernel.__call__
+
+    def launch(self, *args):
+        if self._device or simulated._kernel_context:
+            return real_call(self, *args)
+        grid = tuple(self.grid_dim) + (1,) * (3 - len(self.grid_dim))
+        block = tuple(self.block_dim) + (1,) * (3 - len(self.block_dim))
+        seen.append((self.fn.__name__, grid, block))
+
+    monkeypatch.setattr(simulated.FakeCUDAKernel, "__call__", launch)
+    return seen
+
+
+def empty(*shape, dtype=np.float32):
+    return cuda.device_array(shape, dtype)  # never written: the launches are skipped
+
+
+def huge_batch_calls():
+    """(op, arguments) of every CUDA core at a batch of N, small images so the arrays stay small."""
+    from types import SimpleNamespace
+
+    x, w, b = empty(N, 2, 3, 3), empty(5, 2, 3, 3), empty(5)
+    y = empty(N, 5, 3, 3)
+    conv_ws = SimpleNamespace(**{k: empty(*s) for k, s in
+                                 REGISTRY.get("conv2d_backward", "cuda").workspace(
+                                     x.shape, w.shape, y.shape, (1, 1), (1, 1), True, np.float32).items()})
+    p, am = empty(N, 2, 1, 1), empty(N, 2, 1, 1, dtype=np.int32)
+    d_in, d_out = empty(N, 7), empty(N, 3)
+    dense_ws = SimpleNamespace(one=empty(1))
+    labels = empty(N, dtype=np.int32)
+    flat = empty(10 * N)
+    return [
+        ("conv2d_forward", (y, x, w, b, 1, 1, 1, 1, True, conv_ws)),
+        ("conv2d_backward", (x, empty(5, 2, 3, 3), empty(5), y, x, w, 1, 1, 1, 1, True, conv_ws)),
+        ("maxpool2d_forward", (p, am, x, 3, 3, 3, 3, 0, 0)),
+        ("maxpool2d_backward", (x, p, am, x, 3, 3, 3, 3, 0, 0, True)),
+        ("avgpool2d_forward", (p, x, 3, 3, 3, 3, 0, 0)),
+        ("avgpool2d_backward", (x, p, x, 3, 3, 3, 3, 0, 0, True)),
+        ("relu_forward", (y, y)),
+        ("relu_backward", (y, y, y)),
+        ("dense_forward", (d_out, d_in, empty(3, 7), empty(3), True, dense_ws)),
+        ("dense_backward", (d_in, empty(3, 7), empty(3), d_out, d_in, empty(3, 7), True, dense_ws)),
+        ("softmax_xent_step", (empty(2, dtype=np.float64), d_out, d_out, d_out, labels, True)),
+        ("gather_batch", (x, labels, x, labels, labels)),
+        ("sgd_update", (flat, flat, flat, 0.1, 0.9, 0.0)),
+        ("adam_update", (flat, flat, flat, flat, 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001)),
+        ("fill", (flat, 0.0)),
+    ]
+
+
+def test_every_core_launch_fits_the_grid_limits_at_a_million_images(launches):
+    calls = huge_batch_calls()
+    assert {op for op, _ in calls} == {op for op, device, _ in REGISTRY.entries if device == "cuda"}
+    for op, args in calls:
+        REGISTRY.get(op, "cuda").run(*args)
+    assert len(launches) >= len(calls)
+    for name, grid, block in launches:
+        assert grid[0] < 2**31 and grid[1] <= 65535 and grid[2] <= 65535, (name, grid)
+        assert block[0] * block[1] * block[2] <= 1024, (name, block)
+    # the batch-sized dimension really was capped, not small by luck
+    assert max(g[2] for _, g, _ in launches) == 65535
+
+
+def test_the_public_launchers_fit_too(launches):
+    from nbcnn.kernels.conv2d import conv2d_backward_input_cuda, conv2d_forward_cuda
+    from nbcnn.kernels.pool2d import avgpool2d_backward_cuda, maxpool2d_forward_cuda
+
+    x, w, y = empty(N, 2, 3, 3), empty(5, 2, 3, 3), empty(N, 5, 3, 3)
+    conv2d_forward_cuda(y, x, w, empty(5), 1, 1, 1, 1)
+    conv2d_backward_input_cuda(x, y, w, 1, 1, 1, 1)
+    maxpool2d_forward_cuda(empty(N, 2, 1, 1), empty(N, 2, 1, 1, dtype=np.int32), x, 3, 3)
+    avgpool2d_backward_cuda(x, empty(N, 2, 1, 1), 3, 3)
+    assert [g[2] for _, g, _ in launches] == [65535] * 4
+
+
+STRIDED = [c for c in cores.cases(np.random.default_rng(2)) if c[1].startswith(("conv2d", "maxpool2d", "avgpool2d"))
+           and "dx=False" not in c[0]][::2]
+
+
+@pytest.mark.parametrize("name, op, args, outputs, expected", STRIDED, ids=[c[0] for c in STRIDED])
+def test_kernels_stride_over_a_capped_grid(name, op, args, outputs, expected, monkeypatch):
+    monkeypatch.setattr(_cuda, "MAX_GRID_Z", 1)  # one block along z: it takes every plane in turn
+    want = cores.run(op, args, "cpu")
+    got = cores.run(op, args, "cuda")
+    for i in outputs:
+        if want[i] is not None:
+            assert_close(got[i], want[i], np.float64)
