@@ -37,13 +37,31 @@ def cuda_unavailable_reason():
             if not nvvm.is_available():
                 return ("a GPU is present but NVVM, the CUDA compiler, is not installed: "
                         "pip install 'nbcnn[cuda13]' (or 'nbcnn[cuda12]', to match the driver)")
-            return None
+            return numpy_incompatibility()
+
     except Exception as exc:  # the driver bindings raise many kinds of errors
         return f"the CUDA driver failed to start ({type(exc).__name__}: {exc})".replace("\n", " ")
     from numba.cuda.cudadrv.driver import driver
 
     detail = " ".join(str(getattr(driver, "initialization_error", "") or "").split())
     return detail or "no CUDA-capable GPU was found"
+
+
+def numpy_incompatibility():
+    """None, or why this NumPy cannot compile CUDA kernels: numba-cuda 0.30.4 and older refer to
+    ``np.row_stack``, which NumPy 2.5 removed, so every kernel's compilation fails on it."""
+    if hasattr(np, "row_stack"):
+        return None
+    from importlib.metadata import version
+
+    try:
+        numba_cuda = tuple(int(part) for part in version("numba-cuda").split(".")[:3])
+    except Exception:  # not installed from a distribution, or an unusual version string
+        return None
+    if numba_cuda > (0, 30, 4):
+        return None
+    return (f"NumPy {np.__version__} removed np.row_stack, which numba-cuda {version('numba-cuda')} needs to "
+            f"compile kernels: pip install 'numpy<2.5' (the nbcnn[cuda12], [cuda13] and [dev] extras pin it)")
 
 
 def require_cuda(fn):

@@ -40,3 +40,13 @@ def test_launch_without_gpu_raises_clear_error(launcher):
     message = str(info.value)
     assert message.startswith(f"{launcher.__name__}: CUDA is not usable here: ")
     assert "_cpu kernel" in message and "\n" not in message
+
+
+def test_a_numpy_without_row_stack_is_named_as_the_reason(monkeypatch):
+    from nbcnn.kernels import _cuda
+
+    monkeypatch.delattr(np, "row_stack", raising=False)
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.30.4")
+    assert "pip install 'numpy<2.5'" in _cuda.numpy_incompatibility()
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.31.0")  # a release that may have fixed it
+    assert _cuda.numpy_incompatibility() is None
