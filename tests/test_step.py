@@ -1,6 +1,7 @@
 """The planned training step on the CPU: what it allocates (nothing, once planned), flat parameter
 buffers and one optimizer call, the Trainer against the user's own loop, modes and buffers."""
 
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -221,3 +222,32 @@ def test_modes_and_buffers_travel_with_save_and_load(tmp_path, monkeypatch):
     again = nbcnn.Sequential.load(tmp_path / "m.npz")
     assert again.layers[1].scale[0] == 3.0 and not again.training
     assert "buffers scale" in again.summary((1, 2))
+
+
+PROBE = """
+import ctypes, sys
+if sys.argv[1] == "openmp-first":
+    ctypes.CDLL("libgomp.so.1")  # what importing PyTorch first does
+import numpy as np
+import numba
+import nbcnn
+from nbcnn.kernels.activation import relu_forward_cpu
+relu_forward_cpu(np.zeros(1 << 16, np.float32), np.zeros(1 << 16, np.float32))  # starts the threads
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_an_openmp_runtime_loaded_first_moves_numba_to_its_own_pool():
+    import ctypes.util
+
+    if ctypes.util.find_library("gomp") is None:
+        pytest.skip("no libgomp on this machine to load first")
+    layers = {}
+    for order in ("nbcnn-first", "openmp-first"):
+        done = subprocess.run([sys.executable, "-c", PROBE, order], capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
+        assert done.returncode == 0, done.stderr
+        layers[order] = done.stdout.strip()
+    assert layers["openmp-first"] == "workqueue"
+    assert layers["nbcnn-first"] != "workqueue"  # OpenMP (or TBB) with passive waiting, as before
