@@ -275,10 +275,8 @@ def _matmul_kernel(c, a, b, bias, mask, extra, trans_a, trans_b, has_bias, relu,
     m, p = m0 + ty, p0 + tx
     if m < M and p < P:
         v = acc + bias[p] if has_bias else acc
-        if relu and not v > 0:
-            v = 0
-        if has_mask and not mask[m, p] > 0:
-            v = 0
+        if (relu and not v > 0) or (has_mask and not mask[m, p] > 0):
+            v = c.dtype.type(0)  # of c's dtype: a plain 0 would turn v, and the epilogue, into float64
         c[m, p] = v
     elif m < M and ones_col and p == P:
         extra[m] = acc

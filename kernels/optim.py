@@ -174,26 +174,38 @@ THREADS = 256
 
 @cuda.jit
 def _sgd_update_kernel(param, velocity, grad, lr, momentum, weight_decay):
-    """One SGD step; one thread per element of the flat vectors."""
+    """One SGD step; one thread per element of the flat vectors. The hyperparameters arrive as
+    float64 and are rounded once to the parameters' dtype, so a float32 model does float32
+    arithmetic (a float64 operation is many times slower on most GPUs)."""
     i = cuda.grid(1)
     if i < param.size:
-        g = grad[i] + weight_decay * param[i]
-        vel = momentum * velocity[i] + g
+        real = param.dtype.type
+        rate, mu, decay = real(lr), real(momentum), real(weight_decay)
+        g = grad[i] + decay * param[i]
+        vel = mu * velocity[i] + g
         velocity[i] = vel
-        param[i] -= lr * vel
+        param[i] -= rate * vel
 
 
 @cuda.jit
-def _adam_update_kernel(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
-    """One Adam step; one thread per element of the flat vectors."""
+def _adam_update_kernel(param, m, v, grad, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, root_bias2):
+    """One Adam step; one thread per element of the flat vectors. The launcher computes the step's
+    constants in float64 (``_adam_kernel_constants``); they are rounded once to the parameters'
+    dtype, as in ``_sgd_update_kernel``, so the element's arithmetic is all of that dtype."""
     i = cuda.grid(1)
     if i < param.size:
+        real = param.dtype.type
         g = grad[i]
-        mi = beta1 * m[i] + (1.0 - beta1) * g
-        vi = beta2 * v[i] + (1.0 - beta2) * g * g
+        mi = real(beta1) * m[i] + real(one_minus_beta1) * g
+        vi = real(beta2) * v[i] + real(one_minus_beta2) * g * g
         m[i] = mi
         v[i] = vi
-        param[i] -= (lr / bias1) * mi / (math.sqrt(vi) / math.sqrt(bias2) + eps)
+        param[i] -= real(step_size) * mi / (math.sqrt(vi) / real(root_bias2) + real(eps))
+
+
+def _adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2):
+    """What ``_adam_update_kernel`` takes after the arrays, from the arguments of the CPU kernels."""
+    return lr / bias1, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, math.sqrt(bias2)
 
 
 @cuda.jit
@@ -201,7 +213,7 @@ def _fill_kernel(a, value):
     """a[:] = value; one thread per element of the flat vector."""
     i = cuda.grid(1)
     if i < a.size:
-        a[i] = value
+        a[i] = a.dtype.type(value)
 
 
 # --------------------------------------------------------------------------- CUDA launchers
@@ -233,7 +245,8 @@ def adam_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step):
     param, m, v, grad = gpu_arrays(fn, param=param, m=m, v=v, grad=grad)
     check_update(fn, on_gpu, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
-    _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad), *consts)
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad),
+                                                              *_adam_kernel_constants(*consts))
     return param
 
 
@@ -246,4 +259,5 @@ def sgd_update_core_cuda(param, velocity, grad, lr, momentum, weight_decay):
 
 
 def adam_update_core_cuda(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
-    _adam_update_kernel[blocks(param.size, THREADS), THREADS](param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2)
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS](param, m, v, grad,
+                                                              *_adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2))

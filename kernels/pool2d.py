@@ -362,7 +362,7 @@ def _maxpool2d_backward_kernel(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
         n, c = z // C, z % C
         v = argmax_sum_cuda(dy, argmax, n, c, ih * W + iw, oh_lo, oh_hi, ow_lo, ow_hi)
         if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
-            v = 0
+            v = dx.dtype.type(0)
         dx[n, c, ih, iw] = v
 
 
@@ -376,9 +376,10 @@ def _avgpool2d_forward_kernel(y, x, fh, fw, sh, sw, ph, pw):
         return
     ih_lo, ih_hi = window_cuda(oh, fh, sh, ph, H)
     iw_lo, iw_hi = window_cuda(ow, fw, sw, pw, W)
+    scale = y.dtype.type(1.0 / (fh * fw))  # rounded once to y's dtype: float32 arithmetic for float32 data
     for z in range(cuda.blockIdx.z, N * C, cuda.gridDim.z):
         n, c = z // C, z % C
-        y[n, c, oh, ow] = window_sum_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi) * (1.0 / (fh * fw))
+        y[n, c, oh, ow] = window_sum_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi) * scale
 
 
 @cuda.jit
@@ -392,11 +393,12 @@ def _avgpool2d_backward_kernel(dx, dy, x, fh, fw, sh, sw, ph, pw, mask):
         return
     oh_lo, oh_hi = covering_outputs_cuda(ih, fh, sh, ph, OH)
     ow_lo, ow_hi = covering_outputs_cuda(iw, fw, sw, pw, OW)
+    scale = dx.dtype.type(1.0 / (fh * fw))
     for z in range(cuda.blockIdx.z, N * C, cuda.gridDim.z):
         n, c = z // C, z % C
-        v = window_sum_cuda(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * (1.0 / (fh * fw))
+        v = window_sum_cuda(dy, n, c, oh_lo, oh_hi, ow_lo, ow_hi) * scale
         if mask and not x[n, c, ih, iw] > 0:  # the backward of a ReLU before the pooling
-            v = 0
+            v = dx.dtype.type(0)
         dx[n, c, ih, iw] = v
 
 

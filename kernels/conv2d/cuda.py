@@ -102,7 +102,7 @@ def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw, relu):
                 if k < K:
                     v = acc[kk] + b[k]
                     if relu and not v > 0:
-                        v = 0
+                        v = y.dtype.type(0)
                     y[n, k, oh, ow] = v
 
 
@@ -134,7 +134,7 @@ def _conv2d_backward_input_kernel(dx, dy, w, x, sh, sw, ph, pw, mask):
                 for k in range(K):
                     acc += w[k, c, fh, fw] * dy[n, k, oh, ow]
         if mask and not x[n, c, ih, iw] > 0:
-            acc = 0
+            acc = dx.dtype.type(0)
         dx[n, c, ih, iw] = acc
 
 

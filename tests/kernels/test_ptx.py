@@ -5,6 +5,8 @@ reject (an unsupported call, a type that does not unify). Compiling here, with N
 and no GPU, catches that in the ordinary test run.
 """
 
+import re
+
 import numpy as np
 import pytest
 from numba import cuda, types
@@ -38,7 +40,7 @@ def launch_types(dtype):
         (dense._matmul_kernel, (A(2), A(2), A(2), A(1), A(2), A(1)) + (B,) * 6),
         (dense._dense_backward_bias_kernel, (A(1), A(2))),
         (optim._sgd_update_kernel, (A(1), A(1), A(1), F, F, F)),
-        (optim._adam_update_kernel, (A(1),) * 4 + (F,) * 6),
+        (optim._adam_update_kernel, (A(1),) * 4 + (F,) * 7),
         (optim._fill_kernel, (A(1), F)),
         (conv1d._conv1d_forward_kernel, (A(1), A(1), A(1))),
         (conv1d._conv1d_backward_kernel, (A(1),) * 5),
@@ -78,3 +80,20 @@ def test_compiles_to_ptx_for_sm90(kernel, sig, dtype):
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
     assert ".target sm_90" in ptx
     assert ".entry" in ptx  # a kernel, not just device functions
+
+
+# Kernels that sum in float64 on purpose (the loss, the correct count: see softmax_xent.py).
+FLOAT64_BY_DESIGN = {"_softmax_xent_forward_kernel", "_softmax_xent_backward_kernel", "_count_correct_kernel",
+                     "_softmax_xent_step_kernel"}
+F64_ARITHMETIC = re.compile(r"^\s*(add|sub|mul|fma|div|rcp|sqrt|neg|max|min|abs)\.[a-z.]*f64")
+
+
+@pytest.mark.parametrize("kernel, sig", [(k, s) for k, s in launch_types(np.float32)
+                                         if k.py_func.__name__ not in FLOAT64_BY_DESIGN],
+                         ids=lambda v: getattr(getattr(v, "py_func", None), "__name__", ""))
+def test_float32_kernels_do_float32_arithmetic(kernel, sig):
+    """A float64 operation is many times slower than a float32 one on most GPUs; a stray Python
+    float or a plain 0 in a float32 kernel turns its arithmetic into float64 silently. At most a
+    constant or two computed once per thread (a pooling window's 1 / (FH*FW)) may remain."""
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    assert sum(1 for line in ptx.splitlines() if F64_ARITHMETIC.match(line)) <= 1
