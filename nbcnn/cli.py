@@ -174,6 +174,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from nbcnn.data import DataError
     from nbcnn.device import CudaUnavailableError
+    from nbcnn.model import WriteError
 
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "profile": cmd_profile,
@@ -185,6 +186,9 @@ def main(argv=None):
     except (DataError, FileNotFoundError, ValueError, TypeError, FloatingPointError) as exc:
         print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except WriteError as exc:  # a disk that filled up during training: the last good files are kept
+        print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nbcnn {args.command}: interrupted", file=sys.stderr)
         return 130

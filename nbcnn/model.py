@@ -19,6 +19,8 @@ freed with the model, or when it moves to another device.
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -31,23 +33,57 @@ CHECKPOINT_FORMAT = "nbcnn-sequential-1"
 PLANS_KEPT = 4  # input shapes whose plans a model keeps at once
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a folder that is not writable); the previous
+    version of the file, if any, is intact."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def _umask():
+    """The process's file-creation mask, read without changing it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    A crash or a full disk midway leaves the previous file intact, never half of a new one.
+    A crash or a full disk midway leaves the previous file intact, never half of a new one; a
+    failure raises ``WriteError`` saying which file and why, in one line. The file gets the mode
+    any new file of the user's gets (0666 less the umask), not the temporary file's 0600.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, WriteError):
+            raise
+        reason = exc.strerror or str(exc)
+        raise WriteError(exc.errno, f"could not write {path}: {reason}"
+                                    + ("; the previous version is kept" if os.path.exists(path) else "")) from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
@@ -312,8 +348,10 @@ class Sequential(Layer):
                 arrays = {k: data[k] for k in data.files if k != "__model__"}
         except FileNotFoundError:
             raise FileNotFoundError(f"no checkpoint at {path}") from None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not an nbcnn checkpoint ({type(exc).__name__}: {exc})") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError) as exc:
+            detail = " ".join(str(exc).split())  # one line, whatever the exception wrote
+            raise ValueError(f"{path} is not an nbcnn checkpoint, or is cut short ({type(exc).__name__}: {detail})") \
+                from None
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         model = cls.from_config(meta)

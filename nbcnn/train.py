@@ -12,6 +12,7 @@ uninterrupted run would.
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -125,6 +126,23 @@ def _load_resume_state(path, model, optimizer_factory, device):
     return optimizer, epoch
 
 
+def _check_out(out, model):
+    """Find an unusable --out before training rather than after the first epoch: the folder must be
+    creatable and writable, with room for the checkpoint, the resume state and the curves."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+    # model.npz holds the weights, resume.npz the weights and two optimizer states: 4 copies in
+    # float32, and a megabyte for the curves, the metrics and the files' own overhead
+    need = 4 * 4 * sum(p.size for p in model.parameters()) + (1 << 20)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ValueError(f"--out {out}: {free:,} bytes free, the checkpoints need about {need:,}")
+
+
 def train(cfg, log=print):
     """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json)."""
     device = resolve_device(cfg.device)
@@ -145,7 +163,7 @@ def train(cfg, log=print):
     optimizer = _make_optimizer(cfg, model.parameters())
     loss_fn = SoftmaxCrossEntropy()
     trainer = Trainer(model, loss_fn, optimizer)
-    os.makedirs(cfg.out, exist_ok=True)
+    _check_out(cfg.out, model)
     checkpoint = os.path.join(cfg.out, "model.npz")
     resume_path = os.path.join(cfg.out, "resume.npz")
     metrics_path = os.path.join(cfg.out, "metrics.json")

@@ -127,3 +127,67 @@ def test_config_checks_values():
     with pytest.raises(ValueError, match="learning rate must be a positive number"):
         Config(lr=float("nan"))
     assert np.isfinite(Config().lr)
+
+
+def test_files_get_the_users_umask(data_dir, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 1,
+                       "--out", tmp_path / "run", "--no-progress") == 0
+    finally:
+        os.umask(old)
+    for name in ("model.npz", "resume.npz", "metrics.json", "curves.png"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+@pytest.mark.parametrize("keep", [0, 10, 100, 0.5, 0.9])
+def test_a_cut_checkpoint_is_refused_in_one_line(data_dir, tmp_path, capsys, keep):
+    out = tmp_path / "run"
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 1,
+                   "--out", out, "--no-progress") == 0
+    whole = (out / "model.npz").read_bytes()
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole[: int(keep * len(whole)) if isinstance(keep, float) else keep])
+    capsys.readouterr()
+    assert run_cli("evaluate", "--checkpoint", cut, "--data-dir", data_dir, "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an nbcnn checkpoint, or is cut short" in err[0]
+
+
+def test_a_disk_that_fills_up_keeps_the_last_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    real_savez, saves = np.savez, {"n": 0}
+
+    def savez(f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 2:  # epoch 1 wrote model.npz and resume.npz; epoch 2's first write fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(f, *args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", savez)
+    code = run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 2,
+                   "--out", out, "--no-progress")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "could not write" in err[0] and "No space left on device; the previous version is kept" in err[0]
+    monkeypatch.setattr(np, "savez", real_savez)
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.json", "model.npz", "resume.npz"]
+    assert run_cli("evaluate", "--checkpoint", out / "model.npz", "--data-dir", data_dir, "--device", "cpu") == 0
+
+
+def test_an_unusable_out_is_found_before_training(data_dir, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--out", blocker / "run",
+                   "--no-progress") == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--out", tmp_path / "run",
+                   "--no-progress") == 2
+    assert "1,000 bytes free, the checkpoints need about" in capsys.readouterr().err
