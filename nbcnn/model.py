@@ -112,8 +112,10 @@ class ModelPlan:
                 before.relu, plan.in_previous = True, True
             if after is not None and after.masks:
                 after.mask, plan.in_next = True, True
-        for i, plan in enumerate(self.plans):
-            plan.allocate(need_dx=i > 0)
+        for plan in self.plans:
+            # Forward buffers now; input gradients and their scratch on the first backward, so that
+            # a plan that only evaluates never holds them.
+            plan.allocate(need_dx=False)
         self.names = [f"{i} {type(layer).__name__}" for i, layer in enumerate(model.layers)]
         self.spans = spans
         self.stamp = Parameter.rebinds
