@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from nbcnn import ops
-from nbcnn.ops import COSTS, cost  # noqa: F401  (the cost model, re-exported for the profile's users)
+from nbcnn.ops import COSTS, cost  # noqa: F401  (the cost model, re-exported: nbcnn.profile.cost)
 
 
 # ------------------------------------------------------------------------------ the machine
