@@ -92,8 +92,12 @@ class ModelPlan:
     """The plans of a model's layers for one input shape, fused and allocated; see the module docstring.
 
     ``spans``: a profiler (anything with ``span(layer, phase)``, a context manager) that labels
-    each layer's forward and backward; None runs the plain loops.
+    each layer's forward and backward; None runs the plain loops. A ModelPlan is also the plan of
+    a Sequential nested in another (it fuses nothing across its own edges).
     """
+
+    fuses_relu = masks = False
+    relu = mask = False
 
     def __init__(self, model, in_shape, dtype, device, kernels=ops.REGISTRY, spans=None):
         self.in_shape, self.dtype, self.device = tuple(in_shape), np.dtype(dtype), device
@@ -120,6 +124,9 @@ class ModelPlan:
         self.spans = spans
         self.stamp = Parameter.rebinds
         self.ran = False
+
+    def allocate(self, need_dx):
+        """Everything was allocated when the plan was made (the layers' own plans allocate lazily)."""
 
     def forward(self, x):
         if self.spans is not None:

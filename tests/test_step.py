@@ -250,3 +250,15 @@ def test_an_openmp_runtime_loaded_first_moves_numba_to_its_own_pool():
         layers[order] = done.stdout.strip()
     assert layers["openmp-first"] == "workqueue"
     assert layers["nbcnn-first"] != "workqueue"  # OpenMP (or TBB) with passive waiting, as before
+
+
+def test_a_sequential_inside_a_sequential_plans_too():
+    L.set_seed(1)
+    inner = nbcnn.Sequential([L.Conv2D(1, 2, 3), L.ReLU()])
+    outer = nbcnn.Sequential([inner, L.MaxPool2D(2), L.Flatten(), L.Dense(2 * 3 * 3, 3)])
+    flat = nbcnn.Sequential(inner.layers + outer.layers[1:])
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    dy = np.ones((2, 3), np.float32)
+    y, dx = outer.forward(x).copy(), outer.backward(dy).copy()
+    np.testing.assert_allclose(flat.forward(x), y, rtol=1e-6)
+    np.testing.assert_allclose(flat.backward(dy), dx, rtol=1e-6)
