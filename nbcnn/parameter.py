@@ -18,6 +18,13 @@ import numpy as np
 from nbcnn.device import CPU, Device, copy_into, device_of, resolve_device, to_device
 
 
+def _check_array(name, value):
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(f"Parameter.{name} must be a NumPy or GPU array, got {type(value).__name__}")
+    if np.dtype(value.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"Parameter.{name} must be float32 or float64, got {np.dtype(value.dtype)}")
+
+
 def _same_storage_kind(a, b):
     return (tuple(a.shape) == tuple(b.shape) and np.dtype(a.dtype) == np.dtype(b.dtype)
             and device_of(a) == device_of(b))
@@ -41,10 +48,11 @@ class Parameter:
 
     @data.setter
     def data(self, value):
+        _check_array("data", value)
         if _same_storage_kind(value, self._data):
             copy_into(self._data, value)
         else:
-            self._replace(value, None)
+            self._replace(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value, None)
 
     @property
     def grad(self):
@@ -52,6 +60,7 @@ class Parameter:
 
     @grad.setter
     def grad(self, value):
+        _check_array("grad", value)
         if _same_storage_kind(value, self._grad):
             copy_into(self._grad, value)
         else:

@@ -262,3 +262,15 @@ def test_a_sequential_inside_a_sequential_plans_too():
     y, dx = outer.forward(x).copy(), outer.backward(dy).copy()
     np.testing.assert_allclose(flat.forward(x), y, rtol=1e-6)
     np.testing.assert_allclose(flat.backward(dy), dx, rtol=1e-6)
+
+
+def test_parameter_assignments_are_checked():
+    w = L.Dense(3, 2).weight
+    with pytest.raises(TypeError, match="Parameter.data must be a NumPy or GPU array, got list"):
+        w.data = [[1.0, 2.0, 3.0]] * 2
+    with pytest.raises(TypeError, match="Parameter.data must be float32 or float64, got int64"):
+        w.data = np.zeros((2, 3), np.int64)
+    with pytest.raises(ValueError, match=r"a gradient of shape \(3, 2\)"):
+        w.grad = np.zeros((3, 2), np.float32)
+    w.data = np.ones((3, 4))[:, :2].T  # float64 and not contiguous: stored as a contiguous copy
+    assert w.data.flags.c_contiguous and w.dtype == np.float64
