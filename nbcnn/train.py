@@ -14,6 +14,8 @@ import math
 import os
 import shutil
 import time
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -114,11 +116,13 @@ def _load_resume_state(path, model, optimizer_factory, device):
         with np.load(path, allow_pickle=False) as data:
             if json.loads(str(data["model_config"])) != json.loads(json.dumps(model.config())):
                 raise ValueError(f"--resume: {path} holds a different model than the one asked for")
-            model.load_state_arrays({k[len("model_"):]: data[k] for k in data.files if k.startswith("model_p")})
+            model.load_state_arrays({k[len("model_"):]: data[k] for k in data.files
+                                     if k.startswith("model_") and k != "model_config"})  # weights and buffers
             opt_arrays = {k[len("opt_"):]: to_device(data[k], device) for k in data.files if k.startswith("opt_")}
             epoch, step = int(data["epoch"]), int(data["step"])
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--resume: {path} is not a usable resume state ({type(exc).__name__}: {exc})") from None
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"--resume: {path} is not a usable resume state ({type(exc).__name__}: {detail})") from None
     optimizer = optimizer_factory(model.parameters())
     optimizer.load_state_arrays(opt_arrays)
     if hasattr(optimizer, "t"):

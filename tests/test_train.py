@@ -191,3 +191,16 @@ def test_an_unusable_out_is_found_before_training(data_dir, tmp_path, capsys, mo
     assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--out", tmp_path / "run",
                    "--no-progress") == 2
     assert "1,000 bytes free, the checkpoints need about" in capsys.readouterr().err
+
+
+def test_a_cut_resume_state_is_refused_in_one_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 1,
+                   "--out", out, "--no-progress") == 0
+    state = out / "resume.npz"
+    state.write_bytes(state.read_bytes()[:300])
+    capsys.readouterr()
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 2,
+                   "--out", out, "--resume", "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a usable resume state" in err[0]
