@@ -76,7 +76,6 @@ class Plan:
     def __init__(self, layer, in_shape, dtype, device, kernels):
         self.layer, self.in_shape, self.dtype, self.device = layer, tuple(in_shape), np.dtype(dtype), device
         self.out_shape = tuple(layer.output_shape(self.in_shape))
-        self.kernels = kernels
         self.relu = self.mask = False
         self.x = None  # the last forward's input (a view the caller owns)
         self.dx = None
@@ -110,9 +109,7 @@ class Plan:
         return ws
 
 
-def _key(x):
-    """What decides whether a plan fits an input: its shape, dtype and array type."""
-    return tuple(x.shape), np.dtype(x.dtype), type(x)
+PLANS_KEPT = 4  # input shapes whose plans a layer or model keeps at once
 
 
 class Layer:
@@ -150,7 +147,7 @@ class Layer:
         for p in self.parameters():
             p.to(device)
         self._device = device
-        self._plans = None
+        self._plans = self._current = None
         return self
 
     def output_shape(self, input_shape):
@@ -161,48 +158,66 @@ class Layer:
         """Constructor arguments, enough to rebuild the layer (``Sequential.save`` stores them)."""
         return {}
 
-    def plan(self, in_shape, dtype, device, kernels=ops.REGISTRY):
+    def plan(self, in_shape, dtype, device, kernels=ops.REGISTRY, spans=None):
         """A plan of this layer for inputs of ``in_shape`` and ``dtype`` on ``device``, kernels taken
-        from ``kernels`` (the registry, or a profiler's wrapper of it). Checks everything once."""
+        from ``kernels`` (the registry, or a profiler's wrapper of it). Checks everything once.
+        ``spans`` labels the layers of a Sequential for a profiler; a single layer has none."""
         return self.Plan(self, in_shape, dtype, resolve_device(device), kernels)
 
-    # Standalone use: a layer called on its own plans itself, one plan per input shape (at most a
-    # few, the oldest dropped), and reuses the plan while the shape stays.
+    # A layer or model called on its own plans itself, one plan per input shape (PLANS_KEPT at most,
+    # the oldest dropped), and reuses the plan while the shape stays. ``kernels`` and ``spans`` are
+    # where its plans take their kernels and labels (a profiler sets them with ``instrument``).
+
+    kernels = ops.REGISTRY
+    spans = None
+
+    def instrument(self, kernels=ops.REGISTRY, spans=None):
+        """Plan from now on with ``kernels`` (a profiler's wrapper of the registry) and label each layer's
+        forward and backward with ``spans``; the defaults undo it. Drops the plans made so far."""
+        self.kernels, self.spans = kernels, spans
+        self._plans = self._current = None
+        return self
+
+    def _input_device(self, where):
+        """The device a plan for an input on ``where`` runs on: the parameters', else the input's."""
+        return self.device if self.parameters() else resolve_device(where)
 
     def _plan_for(self, x):
+        """The plan for ``x`` (made, checked and allocated the first time its shape is seen)."""
         try:
             where = device_of(x)
         except TypeError:
             raise TypeError(f"{type(self).__name__}.forward: x must be a NumPy or GPU array, got "
                             f"{type(x).__name__}") from None
-        device = self.device if self.parameters() else resolve_device(where)
-        ops.check_input(type(self).__name__, x, device)
+        device = self._input_device(where)
+        ops.check_input(f"{type(self).__name__}.forward", x, device)
         if self._plans is None:
             self._plans = {}
-        key = _key(x)
+        key = (tuple(x.shape), np.dtype(x.dtype))
         plan = self._plans.get(key)
         if plan is None or plan.stamp != Parameter.rebinds:
-            plan = self.plan(x.shape, x.dtype, device)
+            plan = self.plan(x.shape, x.dtype, device, self.kernels, self.spans)
             plan.allocate(need_dx=True)
             plan.stamp = Parameter.rebinds
-            if len(self._plans) >= 4:
+            if len(self._plans) >= PLANS_KEPT:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
+        plan.in_type = type(x)
         return plan
 
     def forward(self, x):
         plan = self._current
         if (plan is None or plan.stamp != Parameter.rebinds or tuple(x.shape) != plan.in_shape
                 or type(x) is not plan.in_type or x.dtype != plan.dtype or not _contiguous(x)):
-            plan = self._plan_for(x)
-            plan.in_type = type(x)
-            self._current = plan
+            plan = self._current = self._plan_for(x)
         plan.ran = True
         return plan.forward(x)
 
     __call__ = forward
 
     def backward(self, dy, need_dx=True):
+        """The gradient to the input, from ``dy`` the gradient to the last forward's output; None with
+        ``need_dx=False`` (only the parameters' gradients are wanted)."""
         plan = self._current
         if plan is None or not getattr(plan, "ran", False):
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")

@@ -25,12 +25,11 @@ import zlib
 import numpy as np
 
 from nbcnn import ops
-from nbcnn.device import CPU, device_of, resolve_device, to_device, to_numpy
-from nbcnn.layers import LAYERS, Layer, _contiguous, _ReLUPlan
+from nbcnn.device import CPU, resolve_device, to_device, to_numpy
+from nbcnn.layers import LAYERS, Layer, _ReLUPlan
 from nbcnn.parameter import Parameter, ParameterBuffer
 
 CHECKPOINT_FORMAT = "nbcnn-sequential-1"
-PLANS_KEPT = 4  # input shapes whose plans a model keeps at once
 
 
 class WriteError(OSError):
@@ -168,75 +167,29 @@ class Sequential(Layer):
         self._device = CPU
         self.metadata = {}  # what save() stored beside the weights (normalization, ...)
         self.buffer = None
-        self.kernels, self.spans = ops.REGISTRY, None
-        self._plans, self._plan = {}, None
-        self._last_input_shape = None
         self._pack()
 
     def _pack(self):
         """All parameters in one flat buffer on the model's device (a view each)."""
         params = self.parameters()
         self.buffer = ParameterBuffer(params, self.device) if params else None
-        self._plans, self._plan = {}, None
+        self._plans = self._current = None
 
     # --------------------------------------------------------------------------- the step
 
     def plan(self, in_shape, dtype=np.float32, device=None, kernels=ops.REGISTRY, spans=None):
-        """A ``ModelPlan`` for inputs of ``in_shape`` (kept and reused by ``forward``); ``kernels`` and
-        ``spans`` let a profiler see every kernel and layer."""
-        device = self.device if device is None else resolve_device(device)
-        plan = ModelPlan(self, in_shape, dtype, device, kernels, spans)
-        key = (tuple(in_shape), np.dtype(dtype))
-        if len(self._plans) >= PLANS_KEPT:
-            self._plans.pop(next(iter(self._plans)))
-        self._plans[key] = plan
-        return plan
+        """A ``ModelPlan`` for inputs of ``in_shape``; ``kernels`` and ``spans`` let a profiler see every
+        kernel and layer. ``forward`` makes (and keeps) the plans it needs itself."""
+        return ModelPlan(self, in_shape, dtype, self.device if device is None else resolve_device(device), kernels,
+                         spans)
 
-    def instrument(self, kernels=ops.REGISTRY, spans=None):
-        """Plan from now on with ``kernels`` (a profiler's wrapper of the registry) and label each layer's
-        forward and backward with ``spans``; the defaults undo it. Drops the plans made so far."""
-        self.kernels, self.spans = kernels, spans
-        self._plans, self._plan = {}, None
-        return self
+    def _input_device(self, where):
+        return self.device  # an input elsewhere is refused, whether the model has parameters or not
 
     def _plan_for(self, x):
-        try:
-            where = device_of(x)
-        except TypeError:
-            raise TypeError(f"Sequential.forward: x must be a NumPy or GPU array, got {type(x).__name__}") from None
-        if where != self.device.kind:
-            raise ValueError(f"Sequential.forward: the input is on {where} but the model is on {self.device}; "
-                             f"move it with nbcnn.to_device(x, {self.device.kind!r})")
-        ops.check_input("Sequential.forward", x, self.device)
         if self.buffer is not None and not self.buffer.current():
             self._pack()  # a parameter was given storage of its own (another dtype, say): gather them again
-        plan = self._plans.get((tuple(x.shape), np.dtype(x.dtype)))
-        if plan is None or plan.stamp != Parameter.rebinds:
-            plan = self.plan(x.shape, x.dtype, kernels=self.kernels, spans=self.spans)
-        plan.in_type = type(x)
-        return plan
-
-    def forward(self, x):
-        plan = self._plan
-        if (plan is None or plan.stamp != Parameter.rebinds or tuple(x.shape) != plan.in_shape
-                or type(x) is not getattr(plan, "in_type", None) or x.dtype != plan.dtype or not _contiguous(x)):
-            plan = self._plan = self._plan_for(x)
-            self._last_input_shape = plan.in_shape
-        plan.ran = True
-        return plan.forward(x)
-
-    __call__ = forward
-
-    def backward(self, dy, need_dx=True):
-        """Backpropagate ``dy`` through the layers in reverse; returns the gradient to the
-        input, or None with ``need_dx=False`` (training needs only the parameters' gradients)."""
-        plan = self._plan
-        if plan is None or not plan.ran:
-            raise RuntimeError("Sequential.backward called before forward")
-        if tuple(dy.shape) != plan.out_shape:
-            raise ValueError(f"Sequential.backward: dy has shape {tuple(dy.shape)}, the forward's output "
-                             f"{plan.out_shape}")
-        return plan.backward(dy, need_dx)
+        return super()._plan_for(x)
 
     # ---------------------------------------------------------------------- the model
 
@@ -276,7 +229,10 @@ class Sequential(Layer):
     def summary(self, input_shape=None):
         """Print and return a table: each layer, its output shape (when the input shape is given
         or known from the last forward), its parameter count and its buffers, and the totals."""
-        shape = tuple(input_shape) if input_shape is not None else self._last_input_shape
+        if input_shape is not None:
+            shape = tuple(input_shape)
+        else:  # the last forward's, if there was one
+            shape = self._current.in_shape if self._current is not None else None
         rows = [("layer", "output shape", "parameters")]
         if shape is not None:
             rows.append(("input", str(shape), ""))

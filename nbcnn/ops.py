@@ -21,7 +21,8 @@ does what two did, which matters most on a GPU, where a step is bound by launche
 
 import numpy as np
 
-from nbcnn.kernels import activation, dense, gather, optim, pool2d, softmax_xent
+from nbcnn.device import device_of, resolve_device
+from nbcnn.kernels import activation, conv2d, dense, gather, optim, pool2d, softmax_xent
 from nbcnn.kernels._checks import is_c_contiguous, output_size
 from nbcnn.kernels.conv2d import cpu as conv_cpu
 from nbcnn.kernels.conv2d import cuda as conv_cuda
@@ -192,8 +193,6 @@ def spatial_output(who, H, W, window, stride, padding, what="window"):
 
 def check_input(who, x, device):
     """``x`` must be an array on ``device``, C-contiguous, float32 or float64."""
-    from nbcnn.device import device_of
-
     try:
         where = device_of(x)
     except TypeError:
@@ -210,8 +209,6 @@ def check_input(who, x, device):
 def gather_rows(x, idx, out=None):
     """out[i] = x[idx[i]] (a minibatch from a data set), on the data's device, through the checked public
     kernels. Allocates ``out`` when not given; a planned step gathers with the ``gather_batch`` core."""
-    from nbcnn.device import device_of, resolve_device
-
     where = {device_of(x), device_of(idx)}
     if len(where) > 1:
         raise ValueError("gather: x and idx live on different devices; move them with nbcnn.to_device")
@@ -225,8 +222,6 @@ def gather_rows(x, idx, out=None):
 def public_kernel(name):
     """A kernel's public, checked entry point by its name (``conv2d_forward_cpu`` ...), for tools
     that time the kernels as a user calls them (nbcnn bench)."""
-    from nbcnn.kernels import conv2d
-
     for module in (conv2d, pool2d, activation, dense, softmax_xent, optim, gather):
         if hasattr(module, name):
             return getattr(module, name)

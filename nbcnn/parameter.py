@@ -15,7 +15,7 @@ when it moved.
 
 import numpy as np
 
-from nbcnn.device import CPU, Device, copy_into, device_of, resolve_device, to_device
+from nbcnn.device import copy_into, device_of, resolve_device, to_device
 
 
 def _check_array(name, value):
@@ -37,7 +37,6 @@ class Parameter:
 
     def __init__(self, data):
         self._data = data
-        self._grad = None
         self.buffer = None  # the ParameterBuffer whose views data and grad are, if any
         self.device = resolve_device(device_of(data))
         self._grad = self.device.zeros(data.shape, data.dtype)
@@ -138,5 +137,3 @@ def buffer_of(params, device=None):
         return first
     return ParameterBuffer(params, device)
 
-
-__all__ = ["Parameter", "ParameterBuffer", "buffer_of", "CPU", "Device"]
