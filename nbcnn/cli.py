@@ -1,4 +1,4 @@
-"""The ``nbcnn`` command: train, evaluate, profile, bench, info.
+"""The ``nbcnn`` command: train, evaluate, predict, export, profile, bench, info.
 
 Exit status 0 on success, 2 on a usage error or an unavailable device, with one line
 saying what was wrong and what to do; never a traceback for a user's mistake.
@@ -56,6 +56,19 @@ def build_parser():
     e.add_argument("--checkpoint", required=True, help="a model.npz written by nbcnn train")
     e.add_argument("--device", default="auto")
     e.add_argument("--data-dir", default=None)
+
+    r = sub.add_parser("predict", help="classify image files with a trained model")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, anything Pillow reads)")
+    r.add_argument("--checkpoint", required=True, help="a model.npz written by nbcnn train")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--top", type=_positive_int, default=1, help="how many of the most probable classes to show")
+    r.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    r.add_argument("--no-fit", action="store_true",
+                   help="only pad and resize: do not frame the ink as the training images had it")
+
+    x = sub.add_parser("export", help="write a trained model as ONNX (needs the onnx extra)")
+    x.add_argument("--checkpoint", required=True, help="a model.npz written by nbcnn train")
+    x.add_argument("--output", required=True, help="the .onnx file to write")
 
     p = sub.add_parser("profile", help="time each layer and kernel of one training step")
     p.add_argument("--device", default="auto")
@@ -125,6 +138,26 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_predict(args):
+    import json
+
+    from nbcnn.predict import format_predictions, predict
+
+    results = predict(args.checkpoint, args.images, device=args.device, top=args.top, fit=not args.no_fit)
+    if args.json:  # a JSON list, one image's object per line
+        print("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]")
+    else:
+        print(format_predictions(results))
+    return 0
+
+
+def cmd_export(args):
+    from nbcnn.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.output)
+    return 0
+
+
 def cmd_info(args):
     import numba
     import numpy as np
@@ -178,7 +211,7 @@ def main(argv=None):
 
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "profile": cmd_profile,
-                    "bench": cmd_bench}
+                    "bench": cmd_bench, "predict": cmd_predict, "export": cmd_export}
         return commands[args.command](args)
     except CudaUnavailableError as exc:
         print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)

@@ -297,11 +297,25 @@ class Sequential(Layer):
 
     @classmethod
     def from_config(cls, config):
+        """The model ``config()`` describes (fresh weights); a ValueError naming what is wrong otherwise."""
+        items = config.get("layers") if isinstance(config, dict) else None
+        if not isinstance(items, list):
+            raise ValueError("the model description has no list of layers")
         layers = []
-        for item in config["layers"]:
-            if item.get("type") not in LAYERS:
-                raise ValueError(f"unknown layer type {item.get('type')!r} in the checkpoint")
-            layers.append(LAYERS[item["type"]](**item["args"]))
+        for i, item in enumerate(items):
+            kind = item.get("type") if isinstance(item, dict) else None
+            args = item.get("args", {}) if isinstance(item, dict) else None
+            if not isinstance(args, dict):
+                raise ValueError(f"layer {i} of the model description is not a {{type, args}} object")
+            if kind == "Sequential":
+                layers.append(cls.from_config(args))
+                continue
+            if kind not in LAYERS:
+                raise ValueError(f"unknown layer type {kind!r} in the model description")
+            try:
+                layers.append(LAYERS[kind](**args))
+            except TypeError as exc:  # arguments the layer does not take
+                raise ValueError(f"layer {i} ({kind}) of the model description: {exc}") from None
         return cls(layers)
 
     @classmethod

@@ -23,6 +23,7 @@ from nbcnn import STARTED
 from nbcnn import layers as L
 from nbcnn.data import load_dataset, normalization, prepare
 from nbcnn.device import resolve_device, to_device, to_numpy
+from nbcnn.images import ink_profile
 from nbcnn.losses import SoftmaxCrossEntropy
 from nbcnn.model import Sequential, atomic_write
 from nbcnn.models import MODELS
@@ -130,6 +131,29 @@ def _load_resume_state(path, model, optimizer_factory, device):
     return optimizer, epoch
 
 
+def _compile_kernels(cfg, model, x, y, log):
+    """Make Numba compile every kernel of the run (or load it from its on-disk cache) before the
+    first real step, and say so: a first run on a machine spends most of a minute here, with
+    nothing on the screen but a progress bar at zero otherwise.
+
+    One training step and one evaluation batch of a throwaway copy of the model (same layers,
+    device and optimizer, so the same kernel signatures); the model being trained is not touched.
+    Returns the seconds it took."""
+    log("preparing the kernels: compiled on the first run on a machine and cached by Numba, "
+        "loaded from the cache after ...")
+    started = time.perf_counter()
+    copy = Sequential.from_config(model.config()).to(model.device)
+    trainer = Trainer(copy, SoftmaxCrossEntropy(), _make_optimizer(cfg, copy.parameters()))
+    rows = to_device(np.arange(min(cfg.batch_size, x.shape[0]), dtype=np.int32), model.device)
+    trainer.step(*trainer.batch(x, y, rows))
+    trainer.read()
+    trainer.evaluate(x[:1], y[:1])
+    seconds = time.perf_counter() - started
+    how = "compiled and cached" if seconds > 3 else "ready"
+    log(f"kernels {how} in {seconds:.1f} s")
+    return seconds
+
+
 def _check_out(out, model):
     """Find an unusable --out before training rather than after the first epoch: the folder must be
     creatable and writable, with room for the checkpoint, the resume state and the curves."""
@@ -171,7 +195,9 @@ def train(cfg, log=print):
     checkpoint = os.path.join(cfg.out, "model.npz")
     resume_path = os.path.join(cfg.out, "resume.npz")
     metrics_path = os.path.join(cfg.out, "metrics.json")
-    metadata = dict(mean=mean, std=std, classes=classes, model=cfg.model)
+    # what `nbcnn predict` needs to treat a new image as the training images were treated
+    metadata = dict(mean=mean, std=std, classes=classes, model=cfg.model, input_shape=[1, size, size],
+                    profile=ink_profile(data["train_images"]))
 
     metrics, start_epoch = [], 0
     startup = {}
@@ -185,6 +211,7 @@ def train(cfg, log=print):
                 metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
         log(f"resuming after epoch {start_epoch} from {cfg.out}")
 
+    compile_seconds = _compile_kernels(cfg, model, train_x, train_y, log)
     log(f"training {cfg.model} on {device}: {n} images, {classes} classes, batch {cfg.batch_size}, "
         f"{cfg.optimizer} lr {cfg.lr} (x{cfg.lr_decay} per epoch), epochs {start_epoch + 1}..{cfg.epochs}")
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -220,6 +247,7 @@ def train(cfg, log=print):
             # from the import of nbcnn to the end of this run's first step: with Numba's cache warm,
             # mostly loading the data; on a first run, compiling the kernels
             record["first_step_seconds"] = startup["seconds"]
+            record["compile_seconds"] = compile_seconds
         metrics.append(record)
         model.save(checkpoint, **metadata)
         _save_resume_state(resume_path, model, optimizer, epoch)
