@@ -30,10 +30,18 @@ _non_negative_int = _number("a non-negative integer", int, lambda v: v >= 0)
 _positive_float = _number("a positive finite number", float, lambda v: 0 < v < float("inf"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line (what was wrong, and where the help is) and exit 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser():
     from nbcnn.models import MODELS
 
-    parser = argparse.ArgumentParser(prog="nbcnn", description="Numba kernels for CNNs: train, evaluate, inspect.")
+    parser = _Parser(prog="nbcnn", description="Numba kernels for CNNs: train, evaluate, inspect.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a CNN on MNIST (or any MNIST-format data set)")

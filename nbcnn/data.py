@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import math
 import os
+import zlib
 from importlib import resources
 
 import numpy as np
@@ -44,7 +45,7 @@ def _read_bytes(path):
             f.seek(0)
             raw = f.read()
         return gzip.decompress(raw) if head == b"\x1f\x8b" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
@@ -61,7 +62,7 @@ def parse_idx(raw, path, magic):
     if len(raw) < header:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes, the header needs {header})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python integers: no overflow, whatever the header says
     if len(raw) - header != expected:
         raise DataError(f"{path}: the header says shape {shape}, {expected} bytes of data, but the file holds "
                         f"{len(raw) - header}")

@@ -40,6 +40,9 @@ def set_seed(seed):
     _rng = np.random.default_rng(int(seed))
 
 
+LARGEST = 2**31 - 1  # sizes and counts: the kernels index with 32-bit integers
+
+
 def _pair(name, value, minimum, layer):
     """An int or a pair (h, w) of ints, each at least ``minimum``, as a tuple of two ints."""
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
@@ -47,6 +50,8 @@ def _pair(name, value, minimum, layer):
         raise TypeError(f"{layer}: {name} must be an int or a pair of ints (h, w), got {value!r}")
     if any(v < minimum for v in pair):
         raise ValueError(f"{layer}: {name} must be at least {minimum}, got {value!r}")
+    if any(v > LARGEST for v in pair):
+        raise ValueError(f"{layer}: {name} must be at most {LARGEST:,}, got {value!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -55,7 +60,17 @@ def _count(name, value, layer):
         raise TypeError(f"{layer}: {name} must be an integer, got {value!r}")
     if value < 1:
         raise ValueError(f"{layer}: {name} must be at least 1, got {value}")
+    if value > LARGEST:
+        raise ValueError(f"{layer}: {name} must be at most {LARGEST:,}, got {value}")
     return int(value)
+
+
+def _weights(layer, shape, fan_in):
+    """He-initialised float32 weights of ``shape``, refused at once when they could not be indexed."""
+    count = math.prod(shape)
+    if count > LARGEST:
+        raise ValueError(f"{layer}: {count:,} weights is more than the kernels can index ({LARGEST:,})")
+    return _rng.normal(0.0, math.sqrt(2.0 / fan_in), shape).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------ plans
@@ -304,8 +319,7 @@ class Conv2D(Layer):
             raise ValueError(f"{name}: algorithm must be 'gemm', 'direct' or 'tiled', got {algorithm!r}")
         self.algorithm = algorithm
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        w = _rng.normal(0.0, math.sqrt(2.0 / fan_in), (self.out_channels, self.in_channels, *self.kernel_size))
-        self.weight = Parameter(w.astype(np.float32))
+        self.weight = Parameter(_weights(name, (self.out_channels, self.in_channels, *self.kernel_size), fan_in))
         self.bias = Parameter(np.zeros(self.out_channels, np.float32)) if self.has_bias else None
 
     def parameters(self):
@@ -521,8 +535,7 @@ class Dense(Layer):
         self.in_features = _count("in_features", in_features, "Dense")
         self.out_features = _count("out_features", out_features, "Dense")
         self.has_bias = bool(bias)
-        w = _rng.normal(0.0, math.sqrt(2.0 / self.in_features), (self.out_features, self.in_features))
-        self.weight = Parameter(w.astype(np.float32))
+        self.weight = Parameter(_weights("Dense", (self.out_features, self.in_features), self.in_features))
         self.bias = Parameter(np.zeros(self.out_features, np.float32)) if self.has_bias else None
 
     def parameters(self):

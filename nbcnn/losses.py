@@ -12,8 +12,9 @@ class _LossPlan:
 
     def __init__(self, logits, labels, kernels):
         where = device_of(logits)
-        if len(logits.shape) != 2:
-            raise ValueError(f"SoftmaxCrossEntropy: logits must be (N, classes), got shape {tuple(logits.shape)}")
+        if len(logits.shape) != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+            raise ValueError(f"SoftmaxCrossEntropy: logits must be (N, classes) with N and classes at least 1, "
+                             f"got shape {tuple(logits.shape)}")
         try:
             label_device = device_of(labels)
         except TypeError:
@@ -42,8 +43,9 @@ class SoftmaxCrossEntropy:
     the gradient of that mean, which forward already computed (one kernel does both).
     On a GPU only the scalar loss comes back to the host; ``accumulate`` does not even
     that: it adds the batch's loss and correct count to a device array the caller reads
-    when it chooses (the training loop, every few steps). A label outside [0, M) makes
-    the loss NaN.
+    when it chooses (the training loop, every few steps). ``forward`` refuses host labels
+    outside [0, M) with a ValueError; on a GPU, and in ``accumulate`` (the training loop's
+    path, whose labels were checked when the data were loaded), such a label makes the loss NaN.
     """
 
     def __init__(self, kernels=ops.REGISTRY):
@@ -73,6 +75,11 @@ class SoftmaxCrossEntropy:
 
     def forward(self, logits, labels):
         plan = self._plan_for(logits, labels)
+        if isinstance(labels, np.ndarray):
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= logits.shape[1]:
+                raise ValueError(f"SoftmaxCrossEntropy: labels must be in [0, {logits.shape[1]}), "
+                                 f"got {low if low < 0 else high}")
         plan.kernel.run(plan.sums, plan.probs, plan.dlogits, logits, labels, False)
         self._ran = True
         if isinstance(plan.sums, np.ndarray):

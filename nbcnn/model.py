@@ -19,8 +19,6 @@ freed with the model, or when it moves to another device.
 import json
 import os
 import tempfile
-import zipfile
-import zlib
 
 import numpy as np
 
@@ -38,6 +36,27 @@ class WriteError(OSError):
 
     def __str__(self):
         return self.strerror
+
+
+def read_npz(path, what):
+    """Every array of the .npz file at ``path``, read in full, as a dict; ``what`` names what the
+    file should be ("an nbcnn checkpoint"). A missing file is a FileNotFoundError, anything else
+    that stops the reading a ValueError in one line: a file cut or damaged anywhere makes zipfile,
+    zlib or NumPy raise one of a dozen exception types (BadZipFile, EOFError, NotImplementedError
+    for a flipped flag bit, RuntimeError for one that says "encrypted", ...), and each means the
+    same to the user."""
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not {what}") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied") from None
+    except Exception as exc:  # noqa: BLE001 (any failure to parse the bytes: see above)
+        detail = " ".join(str(exc).split())[:200]  # one line, whatever the exception wrote
+        raise ValueError(f"{path} is not {what}, or is cut short ({type(exc).__name__}: {detail})") from None
 
 
 def _umask():
@@ -321,20 +340,24 @@ class Sequential(Layer):
     @classmethod
     def load(cls, path, device="cpu"):
         """A model rebuilt from a file written by ``save``, on ``device``, in the mode it was saved in."""
+        what = "an nbcnn checkpoint"
         try:
-            with np.load(os.fspath(path), allow_pickle=False) as data:
-                meta = json.loads(str(data["__model__"]))
-                arrays = {k: data[k] for k in data.files if k != "__model__"}
+            arrays = read_npz(path, what)
         except FileNotFoundError:
             raise FileNotFoundError(f"no checkpoint at {path}") from None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError) as exc:
-            detail = " ".join(str(exc).split())  # one line, whatever the exception wrote
-            raise ValueError(f"{path} is not an nbcnn checkpoint, or is cut short ({type(exc).__name__}: {detail})") \
-                from None
+        try:
+            meta = json.loads(str(arrays.pop("__model__")))
+            if not isinstance(meta, dict):
+                raise ValueError("its description is not a JSON object")
+        except (KeyError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            detail = " ".join(str(exc).split())[:200]
+            raise ValueError(f"{path} is not {what}, or is cut short ({type(exc).__name__}: {detail})") from None
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         model = cls.from_config(meta)
         model.load_state_arrays(arrays)
         model.metadata = meta.get("metadata", {})
+        if not isinstance(model.metadata, dict):
+            raise ValueError(f"{path}: its metadata is not a JSON object")
         model.train(meta.get("training", True))
         return model.to(device)

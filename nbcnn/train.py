@@ -14,8 +14,6 @@ import math
 import os
 import shutil
 import time
-import zipfile
-import zlib
 
 import numpy as np
 
@@ -25,7 +23,7 @@ from nbcnn.data import load_dataset, normalization, prepare
 from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.images import ink_profile
 from nbcnn.losses import SoftmaxCrossEntropy
-from nbcnn.model import Sequential, atomic_write
+from nbcnn.model import Sequential, atomic_write, read_npz
 from nbcnn.models import MODELS
 from nbcnn.optim import SGD, Adam
 from nbcnn.step import Trainer
@@ -113,17 +111,21 @@ def _save_resume_state(path, model, optimizer, epoch):
 
 def _load_resume_state(path, model, optimizer_factory, device):
     """Restore the weights into ``model``; return (optimizer, finished epoch)."""
+    what = "a usable resume state"
+    data = read_npz(path, what)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if json.loads(str(data["model_config"])) != json.loads(json.dumps(model.config())):
-                raise ValueError(f"--resume: {path} holds a different model than the one asked for")
-            model.load_state_arrays({k[len("model_"):]: data[k] for k in data.files
-                                     if k.startswith("model_") and k != "model_config"})  # weights and buffers
-            opt_arrays = {k[len("opt_"):]: to_device(data[k], device) for k in data.files if k.startswith("opt_")}
-            epoch, step = int(data["epoch"]), int(data["step"])
-    except (OSError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError) as exc:
-        detail = " ".join(str(exc).split())
-        raise ValueError(f"--resume: {path} is not a usable resume state ({type(exc).__name__}: {detail})") from None
+        config = json.loads(str(data["model_config"]))
+        epoch, step = int(data["epoch"]), int(data["step"])
+    except (KeyError, ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        detail = " ".join(str(exc).split())[:200]
+        raise ValueError(f"--resume: {path} is not {what} ({type(exc).__name__}: {detail})") from None
+    if config != json.loads(json.dumps(model.config())):
+        raise ValueError(f"--resume: {path} holds a different model than the one asked for")
+    if epoch < 0 or step < 0:
+        raise ValueError(f"--resume: {path} is not {what} (epoch {epoch}, step {step})")
+    model.load_state_arrays({k[len("model_"):]: v for k, v in data.items()
+                             if k.startswith("model_") and k != "model_config"})  # weights and buffers
+    opt_arrays = {k[len("opt_"):]: to_device(v, device) for k, v in data.items() if k.startswith("opt_")}
     optimizer = optimizer_factory(model.parameters())
     optimizer.load_state_arrays(opt_arrays)
     if hasattr(optimizer, "t"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -204,3 +205,25 @@ def test_a_cut_resume_state_is_refused_in_one_line(data_dir, tmp_path, capsys):
                    "--out", out, "--resume", "--no-progress") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a usable resume state" in err[0]
+
+
+def test_the_kernels_are_prepared_before_the_first_step_and_the_time_said(data_dir, tmp_path):
+    lines = []
+    metrics = train(config(data_dir, tmp_path / "run", epochs=1), log=lines.append)
+    assert lines[0].startswith("preparing the kernels: compiled on the first run on a machine and cached")
+    assert re.fullmatch(r"kernels (ready|compiled and cached) in \d+\.\d s", lines[1]), lines[1]
+    assert lines[2].startswith("training tiny on cpu")  # before the first step
+    assert metrics[0]["compile_seconds"] > 0
+
+
+def test_preparing_the_kernels_leaves_the_model_as_it_was(data_dir, tmp_path, monkeypatch):
+    import nbcnn.train as T
+
+    with_warmup = train(config(data_dir, tmp_path / "a", epochs=1), log=lambda *_: None)
+    monkeypatch.setattr(T, "_compile_kernels", lambda *args: 0.0)
+    without = train(config(data_dir, tmp_path / "b", epochs=1), log=lambda *_: None)
+    assert with_warmup[0]["train_loss"] == without[0]["train_loss"]
+    a, b = np.load(tmp_path / "a" / "model.npz"), np.load(tmp_path / "b" / "model.npz")
+    for name in a.files:
+        if name != "__model__":
+            np.testing.assert_array_equal(a[name], b[name])
