@@ -14,6 +14,8 @@ operator per layer, each the exact counterpart of nbcnn's:
 The output is the logits, (N, classes). Needs the ``onnx`` extra (``pip install -e ".[onnx]"``).
 """
 
+import os
+
 import numpy as np
 
 from nbcnn import layers as L
@@ -115,6 +117,8 @@ def export_checkpoint(checkpoint, output, log=print):
     _require_onnx()
     from nbcnn.predict import input_shape
 
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output} is a folder: give a file name, such as {os.path.join(output, 'model.onnx')}")
     model = Sequential.load(checkpoint).eval()
     meta = model.metadata
     shape = input_shape(model)

@@ -189,3 +189,11 @@ def test_export_without_onnx_says_what_to_install(trained, tmp_path, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'pip install -e ".[onnx]"' in err[0]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_to_a_folder_is_refused_in_one_line(trained, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    capsys.readouterr()
+    assert run_cli("export", "--checkpoint", trained[0], "--output", tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder: give a file name" in err[0]

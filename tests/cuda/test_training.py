@@ -51,3 +51,22 @@ def test_a_filter_too_large_for_the_gpu_kernel_is_refused_when_planned():
     model = nbcnn.Sequential([L.Conv2D(1, 1, 31, stride=8)]).to("cuda")
     with pytest.raises(ValueError, match=r"a 31x31 filter at stride \(8, 8\) needs \d+ bytes of shared memory"):
         model.forward(nbcnn.to_device(np.zeros((1, 1, 64, 64), np.float32), "cuda"))
+
+
+def test_predict_on_cuda_matches_cpu(tmp_path):
+    from PIL import Image
+
+    from nbcnn.predict import predict
+
+    L.set_seed(2)
+    model = nbcnn.Sequential([L.Conv2D(1, 2, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(), L.Dense(18, 3)])
+    model.save(tmp_path / "model.npz", mean=0.2, std=0.3, input_shape=[1, 6, 6])
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8)).save(paths[-1])
+    on_cpu, on_gpu = predict(tmp_path / "model.npz", paths, "cpu"), predict(tmp_path / "model.npz", paths, "cuda")
+    for c, g in zip(on_cpu, on_gpu):
+        assert c["class"] == g["class"]
+        np.testing.assert_allclose(g["probabilities"], c["probabilities"], rtol=1e-5)
