@@ -82,31 +82,33 @@ def _sgd_update_serial_cpu(param, velocity, grad, lr, momentum, weight_decay):
 
 
 @njit(inline="always", cache=True)
-def _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2):
+def _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2, decay):
     g = grad[i]
     mi = beta1 * m[i] + (1.0 - beta1) * g
     vi = beta2 * v[i] + (1.0 - beta2) * g * g
     m[i] = mi
     v[i] = vi
-    param[i] -= step_size * mi / (math.sqrt(vi) / root_bias2 + eps)
+    # decay = 1 - lr * weight_decay: AdamW's decoupled weight decay (1 for Adam: p * 1 is p exactly)
+    param[i] = param[i] * decay - step_size * mi / (math.sqrt(vi) / root_bias2 + eps)
 
 
 @njit(parallel=True, cache=True)
-def _adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
-    """One Adam step over flat vectors, element by element; bias1, bias2 = 1 - beta**t."""
+def _adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, decay):
+    """One Adam step over flat vectors, element by element; bias1, bias2 = 1 - beta**t; each
+    parameter first multiplied by ``decay`` (AdamW; 1 for Adam)."""
     step_size = lr / bias1
     root_bias2 = math.sqrt(bias2)
     for i in prange(param.size):
-        _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2)
+        _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2, decay)
 
 
 @njit(cache=True)
-def _adam_update_serial_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
+def _adam_update_serial_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, decay):
     """``_adam_update_cpu`` on one thread, for small parameters (see ``_cpu.SERIAL_BELOW``)."""
     step_size = lr / bias1
     root_bias2 = math.sqrt(bias2)
     for i in range(param.size):
-        _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2)
+        _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2, decay)
 
 
 @njit(parallel=True, cache=True)
@@ -144,7 +146,18 @@ def adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step):
     check_update(fn, on_host, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
     update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
-    update(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts)
+    update(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts, 1.0)
+    return param
+
+
+def adamw_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step, weight_decay):
+    """One AdamW step: ``param *= 1 - lr * weight_decay``, then Adam's step, in one pass. Returns ``param``."""
+    fn = "adamw_update_cpu"
+    check_update(fn, on_host, {"param": param, "m": m, "v": v, "grad": grad})
+    consts = adam_constants(fn, lr, beta1, beta2, eps, step)
+    decay = 1.0 - consts[0] * check_real(fn, "weight_decay", weight_decay, minimum=0.0)
+    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts, decay)
     return param
 
 
@@ -164,7 +177,12 @@ def sgd_update_core_cpu(param, velocity, grad, lr, momentum, weight_decay):
 
 def adam_update_core_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
     update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
-    update(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2)
+    update(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, 1.0)
+
+
+def adamw_update_core_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, weight_decay):
+    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, 1.0 - lr * weight_decay)
 
 
 # ---------------------------------------------------------------------------- CUDA kernels
@@ -188,7 +206,8 @@ def _sgd_update_kernel(param, velocity, grad, lr, momentum, weight_decay):
 
 
 @cuda.jit
-def _adam_update_kernel(param, m, v, grad, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, root_bias2):
+def _adam_update_kernel(param, m, v, grad, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, root_bias2,
+                        decay):
     """One Adam step; one thread per element of the flat vectors. The launcher computes the step's
     constants in float64 (``_adam_kernel_constants``); they are rounded once to the parameters'
     dtype, as in ``_sgd_update_kernel``, so the element's arithmetic is all of that dtype."""
@@ -200,7 +219,7 @@ def _adam_update_kernel(param, m, v, grad, step_size, beta1, one_minus_beta1, be
         vi = real(beta2) * v[i] + real(one_minus_beta2) * g * g
         m[i] = mi
         v[i] = vi
-        param[i] -= real(step_size) * mi / (math.sqrt(vi) / real(root_bias2) + real(eps))
+        param[i] = param[i] * real(decay) - real(step_size) * mi / (math.sqrt(vi) / real(root_bias2) + real(eps))
 
 
 def _adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2):
@@ -246,7 +265,19 @@ def adam_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step):
     check_update(fn, on_gpu, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
     _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad),
-                                                              *_adam_kernel_constants(*consts))
+                                                              *_adam_kernel_constants(*consts), 1.0)
+    return param
+
+
+def adamw_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step, weight_decay):
+    """One AdamW step on the GPU; the arguments of ``adamw_update_cpu``."""
+    fn = "adamw_update_cuda"
+    param, m, v, grad = gpu_arrays(fn, param=param, m=m, v=v, grad=grad)
+    check_update(fn, on_gpu, {"param": param, "m": m, "v": v, "grad": grad})
+    consts = adam_constants(fn, lr, beta1, beta2, eps, step)
+    decay = 1.0 - consts[0] * check_real(fn, "weight_decay", weight_decay, minimum=0.0)
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad),
+                                                              *_adam_kernel_constants(*consts), decay)
     return param
 
 
@@ -260,4 +291,11 @@ def sgd_update_core_cuda(param, velocity, grad, lr, momentum, weight_decay):
 
 def adam_update_core_cuda(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
     _adam_update_kernel[blocks(param.size, THREADS), THREADS](param, m, v, grad,
-                                                              *_adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2))
+                                                              *_adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2),
+                                                              1.0)
+
+
+def adamw_update_core_cuda(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, weight_decay):
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS](param, m, v, grad,
+                                                              *_adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2),
+                                                              1.0 - lr * weight_decay)

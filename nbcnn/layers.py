@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nbcnn import ops
-from nbcnn.device import CPU, device_of, resolve_device
+from nbcnn.device import CPU, device_of, resolve_device, to_device, to_numpy
 from nbcnn.parameter import Parameter
 
 _rng = np.random.default_rng(0)
@@ -554,7 +554,193 @@ class Dense(Layer):
         return (input_shape[0], self.out_features)
 
 
-LAYERS = {cls.__name__: cls for cls in (Conv2D, MaxPool2D, AvgPool2D, ReLU, Flatten, Dense)}
+# ------------------------------------------------------------------- normalisation, dropout
 
-__all__ = ["Parameter", "Layer", "Plan", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Dense", "LAYERS",
-           "set_seed"]
+
+def _real(layer, name, value, low, high=None, open_low=False, open_high=True):
+    """A finite real ``value`` in the range given (bounds open or closed), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{layer}: {name} must be a finite real number, got {value!r}")
+    value = float(value)
+    if value < low or (open_low and value == low) or (high is not None and (value > high or
+                                                                           (open_high and value == high))):
+        interval = f"{'(' if open_low else '['}{low}, {'' if high is None else high}{')' if open_high else ']'}"
+        raise ValueError(f"{layer}: {name} must be in {interval}, got {value}")
+    return value
+
+
+class _BatchNorm2DPlan(Plan):
+    fuses_relu = True
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self._check_parameters()
+        if self.layer.running_mean.dtype != self.dtype:
+            raise TypeError(f"{layer!r}: the running statistics are {self.layer.running_mean.dtype} but x is "
+                            f"{self.dtype}")
+        self.fwd = kernels.get("batchnorm2d_forward", device)
+        self.bwd = kernels.get("batchnorm2d_backward", device)
+        N, C, H, W = self.in_shape
+        self.values_per_channel = N * H * W
+        self.trained = True
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        C = self.in_shape[1]
+        self.y = self.device.empty(self.out_shape, self.dtype)
+        self.mean = self.device.empty(C, self.dtype)
+        self.invstd = self.device.empty(C, self.dtype)
+
+    def forward(self, x):
+        L = self.layer
+        self.x = x
+        self.trained = L.training
+        if self.trained and self.values_per_channel < 2:
+            raise ValueError(f"{L!r}: training needs more than one value per channel, got input {self.in_shape}")
+        self.fwd.run(self.y, self.mean, self.invstd, L.running_mean, L.running_var, x, L.weight.data, L.bias.data,
+                     L.eps, L.momentum, self.trained, self.relu)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        L = self.layer
+        dx = self._dx()  # computed even when not asked for: the same pass gives dgamma and dbeta
+        self.bwd.run(dx, L.weight.grad, L.bias.grad, dy, self.x, self.mean, self.invstd, L.weight.data, self.trained)
+        return dx if need_dx else None
+
+
+class BatchNorm2D(Layer):
+    """Batch normalisation of each channel (Ioffe and Szegedy), as PyTorch's ``BatchNorm2d``.
+
+    Training: each channel normalised with its batch mean and (biased) variance, then scaled
+    by ``weight`` (gamma, ones) and shifted by ``bias`` (beta, zeros); ``running_mean`` and
+    ``running_var`` (unbiased) follow the batches with ``momentum``. Evaluation: normalised
+    with the running estimates. The running estimates are buffers on the layer's device.
+    """
+
+    Plan = _BatchNorm2DPlan
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        self.num_features = _count("num_features", num_features, "BatchNorm2D")
+        self.eps = _real("BatchNorm2D", "eps", eps, 0.0, open_low=True)
+        self.momentum = _real("BatchNorm2D", "momentum", momentum, 0.0, 1.0, open_high=False)
+        self.weight = Parameter(np.ones(self.num_features, np.float32))
+        self.bias = Parameter(np.zeros(self.num_features, np.float32))
+        self.running_mean = np.zeros(self.num_features, np.float32)
+        self.running_var = np.ones(self.num_features, np.float32)
+
+    def parameters(self):
+        return [self.weight, self.bias]
+
+    def buffers(self):
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def to(self, device):
+        super().to(device)
+        device = resolve_device(device)
+        self.running_mean = to_device(to_numpy(self.running_mean), device)
+        self.running_var = to_device(to_numpy(self.running_var), device)
+        return self
+
+    def config(self):
+        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum)
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 4 or input_shape[1] != self.num_features:
+            raise ValueError(f"{self!r} expects input (N, {self.num_features}, H, W), got {tuple(input_shape)}")
+        return tuple(input_shape)
+
+
+class _DropoutPlan(Plan):
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self.fwd = kernels.get("dropout_forward", device)
+        self.bwd = kernels.get("dropout_backward", device)
+        self.step = None  # the mask of the last forward: None when it was the identity
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        self.y = self.device.empty(self.out_shape, self.dtype)
+
+    def forward(self, x):
+        L = self.layer
+        if not L.training or L.p == 0.0:
+            self.step = None
+            return x
+        L.state[1] += 1  # a new mask for every training forward
+        self.step = int(L.state[1])
+        self.fwd.run(self.y, x, int(L.state[0]), self.step, L.p)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        if not need_dx:
+            return None
+        if self.step is None:
+            return dy
+        L = self.layer
+        dx = self._dx()
+        self.bwd.run(dx, dy, int(L.state[0]), self.step, L.p)
+        return dx
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training each value is zeroed with probability ``p`` and the others are
+    scaled by 1 / (1 - p); in evaluation, the identity. The masks come from a seed drawn when the
+    layer is made (``set_seed`` makes them reproducible) and a count of training forwards, both in
+    the buffer ``state``, so save, load and resume carry them."""
+
+    Plan = _DropoutPlan
+
+    def __init__(self, p=0.5):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be a number in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.state = np.array([_rng.integers(0, 2**31), 0], np.int64)  # seed, training forwards so far
+
+    def buffers(self):
+        return {"state": self.state}
+
+    def config(self):
+        return dict(p=self.p)
+
+
+class _GlobalAvgPool2DPlan(Plan):
+    masks = True
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self.fwd = kernels.get("global_avgpool2d_forward", device)
+        self.bwd = kernels.get("global_avgpool2d_backward", device)
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        self.y = self.device.empty(self.out_shape, self.dtype)
+
+    def forward(self, x):
+        self.x = x
+        self.fwd.run(self.y, x)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        if not need_dx:
+            return None
+        dx = self._dx()
+        self.bwd.run(dx, dy, self.x, self.mask)
+        return dx
+
+
+class GlobalAvgPool2D(Layer):
+    """(N, C, H, W) -> (N, C): the mean of each channel's plane, whatever its size."""
+
+    Plan = _GlobalAvgPool2DPlan
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(f"GlobalAvgPool2D expects input (N, C, H, W), got {tuple(input_shape)}")
+        return tuple(input_shape[:2])
+
+
+LAYERS = {cls.__name__: cls for cls in (Conv2D, MaxPool2D, AvgPool2D, ReLU, Flatten, Dense, BatchNorm2D, Dropout,
+                                        GlobalAvgPool2D)}
+
+__all__ = ["Parameter", "Layer", "Plan", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Dense", "BatchNorm2D",
+           "Dropout", "GlobalAvgPool2D", "LAYERS", "set_seed"]

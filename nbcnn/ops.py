@@ -22,7 +22,7 @@ does what two did, which matters most on a GPU, where a step is bound by launche
 import numpy as np
 
 from nbcnn.device import device_of, resolve_device
-from nbcnn.kernels import activation, conv2d, dense, gather, optim, pool2d, softmax_xent
+from nbcnn.kernels import activation, batchnorm, conv2d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
 from nbcnn.kernels._checks import is_c_contiguous, output_size
 from nbcnn.kernels.conv2d import cpu as conv_cpu
 from nbcnn.kernels.conv2d import cuda as conv_cuda
@@ -78,6 +78,17 @@ COSTS = {
     "sgd_update": lambda p, v, g, *_: (6 * _n(p), _bytes(p, v, g) + _bytes(p, v)),
     # m (3), v (4), the step (sqrt, two divides, add, multiply-subtract: 6); reads p, m, v, g, writes p, m, v
     "adam_update": lambda p, m, v, g, *_: (13 * _n(p), _bytes(p, m, v, g) + _bytes(p, m, v)),
+    # AdamW: Adam's 13 and the decay's multiply
+    "adamw_update": lambda p, m, v, g, *_: (14 * _n(p), _bytes(p, m, v, g) + _bytes(p, m, v)),
+    # statistics (two passes: 3 per value), normalise (multiply-add, and the ReLU's max: 3)
+    "batchnorm2d_forward": lambda y, mean, invstd, rm, rv, x, *_: (6 * _n(x), 2 * _bytes(x) + _bytes(y)),
+    # the two sums (4 per value), dx (5 per value)
+    "batchnorm2d_backward": lambda dx, dg, db, dy, x, *_: (9 * _n(x), 2 * _bytes(dy, x) + _bytes(dx)),
+    # a hash of about 10 integer operations and a multiply per element
+    "dropout_forward": lambda y, x, *_: (_n(x), _bytes(y, x)),
+    "dropout_backward": lambda dx, dy, *_: (_n(dy), _bytes(dx, dy)),
+    "global_avgpool2d_forward": lambda y, x: (_n(x), _bytes(y, x)),
+    "global_avgpool2d_backward": lambda dx, dy, x, mask: (_n(dx), _bytes(dx, dy)),
     "fill": lambda a, value: (0, _bytes(a)),
     "gather_rows": lambda out, x, idx: (0, 2 * _bytes(out) + _bytes(idx)),
     "gather_batch": lambda xb, yb, x, y, idx: (0, 2 * _bytes(xb, yb) + _bytes(idx)),
@@ -172,7 +183,10 @@ for _device in ("cpu", "cuda"):
                          ("avgpool2d_forward", pool2d), ("avgpool2d_backward", pool2d),
                          ("relu_forward", activation), ("relu_backward", activation),
                          ("softmax_xent_step", softmax_xent), ("gather_batch", gather),
-                         ("sgd_update", optim), ("adam_update", optim), ("fill", optim)]:
+                         ("sgd_update", optim), ("adam_update", optim), ("adamw_update", optim),
+                         ("fill", optim), ("batchnorm2d_forward", batchnorm), ("batchnorm2d_backward", batchnorm),
+                         ("dropout_forward", dropout), ("dropout_backward", dropout),
+                         ("global_avgpool2d_forward", global_pool), ("global_avgpool2d_backward", global_pool)]:
         _add(_op, _device, _algorithm, getattr(_module, f"{_op}_core{_mod}"))
     # Dense layers: BLAS products on the CPU, one tiled product with fused epilogues on a GPU.
     _algorithm = "blas" if _device == "cpu" else "tiled"
@@ -222,7 +236,7 @@ def gather_rows(x, idx, out=None):
 def public_kernel(name):
     """A kernel's public, checked entry point by its name (``conv2d_forward_cpu`` ...), for tools
     that time the kernels as a user calls them (nbcnn bench)."""
-    for module in (conv2d, pool2d, activation, dense, softmax_xent, optim, gather):
+    for module in (conv2d, pool2d, activation, dense, softmax_xent, optim, gather, batchnorm, dropout, global_pool):
         if hasattr(module, name):
             return getattr(module, name)
     raise ValueError(f"no kernel named {name}")

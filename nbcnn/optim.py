@@ -132,3 +132,21 @@ class Adam(Optimizer):
         # the bias corrections 1 - beta**t, once per step on the host
         self.update.run(b.data, self.state["m"], self.state["v"], b.grad, self.lr, beta1, beta2, self.eps,
                         1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov and Hutter), as PyTorch's ``AdamW``: each step
+    first multiplies every parameter by 1 - lr * weight_decay, then takes Adam's step; one kernel."""
+
+    op = "adamw_update"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, kernels=ops.REGISTRY):
+        self.weight_decay = _real("weight_decay", weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, kernels=kernels)
+
+    def step(self):
+        b = self._current()
+        self.t += 1
+        beta1, beta2 = self.betas
+        self.update.run(b.data, self.state["m"], self.state["v"], b.grad, self.lr, beta1, beta2, self.eps,
+                        1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t, self.weight_decay)

@@ -40,7 +40,7 @@ def launch_types(dtype):
         (dense._matmul_kernel, (A(2), A(2), A(2), A(1), A(2), A(1)) + (B,) * 6),
         (dense._dense_backward_bias_kernel, (A(1), A(2))),
         (optim._sgd_update_kernel, (A(1), A(1), A(1), F, F, F)),
-        (optim._adam_update_kernel, (A(1),) * 4 + (F,) * 7),
+        (optim._adam_update_kernel, (A(1),) * 4 + (F,) * 8),
         (optim._fill_kernel, (A(1), F)),
         (conv1d._conv1d_forward_kernel, (A(1), A(1), A(1))),
         (conv1d._conv1d_backward_kernel, (A(1),) * 5),
