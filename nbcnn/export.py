@@ -10,6 +10,9 @@ operator per layer, each the exact counterpart of nbcnn's:
     AvgPool2D   AveragePool with count_include_pad=1 (padding counted as zeros, as in nbcnn)
     Flatten     Flatten(axis=1): C-order, the same as nbcnn's view
     Dense       Gemm with transB=1 (nbcnn's weight is (out, in))
+    BatchNorm2D BatchNormalization with the running statistics (the evaluation form)
+    Dropout     nothing (the identity in evaluation)
+    GlobalAvgPool2D  GlobalAveragePool, then Flatten(axis=1)
 
 The output is the logits, (N, classes). Needs the ``onnx`` extra (``pip install -e ".[onnx]"``).
 """
@@ -81,6 +84,15 @@ def _add_layer(graph, layer, x, to_numpy):
         inputs = [x, graph.const(f"dense{n}.weight", to_numpy(layer.weight.data)),
                   graph.const(f"dense{n}.bias", to_numpy(bias))]
         return graph.node("Gemm", inputs, "dense", transB=1)
+    if isinstance(layer, L.BatchNorm2D):  # the evaluation form: the running statistics
+        inputs = [x] + [graph.const(f"bn{n}.{name}", to_numpy(a).astype(np.float32))
+                        for name, a in (("scale", layer.weight.data), ("bias", layer.bias.data),
+                                        ("mean", layer.running_mean), ("var", layer.running_var))]
+        return graph.node("BatchNormalization", inputs, "batchnorm", epsilon=layer.eps)
+    if isinstance(layer, L.Dropout):  # the identity in evaluation
+        return x
+    if isinstance(layer, L.GlobalAvgPool2D):  # (N, C, 1, 1), then (N, C) as nbcnn's
+        return graph.node("Flatten", [graph.node("GlobalAveragePool", [x], "gap")], "flatten", axis=1)
     raise ValueError(f"cannot export layer {layer!r} to ONNX: no ONNX counterpart written for {type(layer).__name__}")
 
 

@@ -108,7 +108,57 @@ def cases(rng, dtype=np.float64):
     want_p, want_m, want_v = ref.adam(p, m, v, g, 1e-2, 0.9, 0.999, 1e-8, 3)
     out.append(("adam update", "adam_update", [p.copy(), m.copy(), v.copy(), g, 1e-2, 0.9, 0.999, 1e-8,
                                                1 - 0.9**3, 1 - 0.999**3], [0, 1, 2], [want_p, want_m, want_v]))
+    want_p, want_m, want_v = ref.adam(p * (1 - 1e-2 * 0.1), m, v, g, 1e-2, 0.9, 0.999, 1e-8, 3)
+    out.append(("adamw update", "adamw_update", [p.copy(), m.copy(), v.copy(), g, 1e-2, 0.9, 0.999, 1e-8,
+                                                 1 - 0.9**3, 1 - 0.999**3, 0.1], [0, 1, 2], [want_p, want_m, want_v]))
     out.append(("fill", "fill", [nan(3, 5), 2.5], [0], [np.full((3, 5), 2.5)]))
+    out += _normalisation_cases(arr, nan, rng, dtype)
+    return out
+
+
+def _normalisation_cases(arr, nan, rng, dtype):
+    """Batch norm, dropout and global average pooling; 70 channels' worth of values per channel on the
+    first shape (more than a simulated GPU block's threads), one value per channel in evaluation."""
+    out = []
+    for shape in ((3, 2, 5, 7), (1, 3, 1, 1)):
+        N, C, H, W = shape
+        x = 2 * arr(*shape) + 1
+        gamma, beta, dy = arr(C), arr(C), arr(*shape)
+        rm, rv = arr(C), np.abs(arr(C)) + 0.5
+        for training in ((True, False) if N * H * W > 1 else (False,)):
+            mean = x.mean(axis=(0, 2, 3)) if training else rm
+            var = x.var(axis=(0, 2, 3)) if training else rv
+            invstd = 1 / np.sqrt(var + 1e-5)
+            xhat = (x - mean[None, :, None, None]) * invstd[None, :, None, None]
+            y = gamma[None, :, None, None] * xhat + beta[None, :, None, None]
+            M = N * H * W
+            want_rm = 0.9 * rm + 0.1 * mean if training else rm
+            want_rv = 0.9 * rv + 0.1 * var * M / (M - 1) if training else rv
+            for relu in (False, True):
+                out.append((f"batchnorm {shape} forward training={training} relu={relu}", "batchnorm2d_forward",
+                            [nan(*shape), nan(C), nan(C), rm.copy(), rv.copy(), x, gamma, beta, 1e-5, 0.1, training,
+                             relu], [0, 1, 2, 3, 4], [_relu(y) if relu else y, mean, invstd, want_rm, want_rv]))
+            dbeta = dy.sum(axis=(0, 2, 3))
+            dgamma = (dy * xhat).sum(axis=(0, 2, 3))
+            k = (gamma * invstd)[None, :, None, None]
+            dx = k * (dy - dbeta[None, :, None, None] / M - xhat * dgamma[None, :, None, None] / M) if training \
+                else k * dy
+            out.append((f"batchnorm {shape} backward training={training}", "batchnorm2d_backward",
+                        [nan(*shape), nan(C), nan(C), dy, x, mean.astype(dtype), invstd.astype(dtype), gamma,
+                         training], [0, 1, 2], [dx, dgamma, dbeta]))
+    x = arr(4, 3, 6, 5)
+    from nbcnn.kernels.dropout import keep_bits, threshold
+    keep = np.array([keep_bits(77, 5, i) >= threshold(0.3) for i in range(x.size)]).reshape(x.shape)
+    out.append(("dropout forward", "dropout_forward", [nan(*x.shape), x, 77, 5, 0.3], [0],
+                [np.where(keep, x / (1 - 0.3), 0)]))
+    out.append(("dropout backward", "dropout_backward", [nan(*x.shape), x, 77, 5, 0.3], [0],
+                [np.where(keep, x / (1 - 0.3), 0)]))
+    out.append(("global avgpool forward", "global_avgpool2d_forward", [nan(4, 3), x], [0], [x.mean(axis=(2, 3))]))
+    dy = arr(4, 3)
+    for mask in (False, True):
+        spread = np.broadcast_to((dy / 30)[:, :, None, None], x.shape)
+        out.append((f"global avgpool backward mask={mask}", "global_avgpool2d_backward", [nan(*x.shape), dy, x, mask],
+                    [0], [spread * (x > 0) if mask else spread]))
     return out
 
 

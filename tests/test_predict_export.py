@@ -162,6 +162,21 @@ def test_every_layer_exports_and_onnxruntime_agrees(tmp_path, capsys):
         np.testing.assert_allclose(onnx_logits(tmp_path / "model.onnx", pixels), ours, rtol=1e-4, atol=1e-5)
 
 
+def test_batchnorm_dropout_and_global_pooling_export_in_their_evaluation_form(tmp_path):
+    pytest.importorskip("onnx")
+    L.set_seed(4)
+    model = Sequential([L.Conv2D(1, 4, 3, padding=1), L.BatchNorm2D(4), L.ReLU(), L.Dropout(0.3),
+                        L.Conv2D(4, 6, 3), L.BatchNorm2D(6, eps=1e-3), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(6, 3)])
+    rng = np.random.default_rng(5)
+    for _ in range(3):  # running statistics away from their initial zeros and ones
+        model.forward(rng.standard_normal((8, 1, 9, 9)).astype(np.float32) * 2 + 1)
+    model.eval().save(tmp_path / "bn.npz", input_shape=[1, 9, 9])
+    assert run_cli("export", "--checkpoint", tmp_path / "bn.npz", "--output", tmp_path / "bn.onnx") == 0
+    pixels = rng.random((5, 1, 9, 9), dtype=np.float32)
+    np.testing.assert_allclose(onnx_logits(tmp_path / "bn.onnx", pixels), np.asarray(model.forward(pixels)),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_a_trained_checkpoint_exports(trained, tmp_path):
     pytest.importorskip("onnx")
     checkpoint, images, _ = trained

@@ -12,13 +12,13 @@ import pytest
 from numba import cuda, types
 from numba.np.numpy_support import from_dtype
 
-from nbcnn.kernels import activation, conv1d, dense, gather, optim, pool2d, softmax_xent
+from nbcnn.kernels import activation, batchnorm, conv1d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
 from nbcnn.kernels._cuda import SIMULATOR
 from nbcnn.kernels.conv2d import cuda as conv2d
 
 pytestmark = pytest.mark.skipif(SIMULATOR, reason="compiling PTX needs the real CUDA target, not the simulator")
 
-MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather]
+MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout, global_pool]
 I, F, B = types.int64, types.float64, types.boolean  # what Python ints, floats and bools are typed as
 
 
@@ -26,6 +26,8 @@ def launch_types(dtype):
     """(kernel, argument types) for every kernel, as its launcher calls it with ``dtype`` arrays."""
     def A(ndim, dt=dtype):  # a C-contiguous array, as every launcher requires
         return types.Array(from_dtype(np.dtype(dt)), ndim, "C")
+
+    S = from_dtype(np.dtype(dtype))  # a scalar the launcher converts to the arrays' dtype
 
     pairs = [
         (conv2d._conv2d_forward_kernel, (A(4), A(4), A(4), A(1), I, I, I, I, B)),
@@ -45,6 +47,13 @@ def launch_types(dtype):
         (conv1d._conv1d_forward_kernel, (A(1), A(1), A(1))),
         (conv1d._conv1d_backward_kernel, (A(1),) * 5),
         (conv1d._toeplitz_matrix_kernel, (A(2), A(1))),
+        (batchnorm._batchnorm2d_stats_kernel, (A(1),) * 4 + (A(4), S, S, B)),
+        (batchnorm._batchnorm2d_normalize_kernel, (A(1),) * 6 + (I, I, B)),
+        (batchnorm._batchnorm2d_backward_reduce_kernel, (A(1), A(1), A(4), A(4), A(1), A(1))),
+        (batchnorm._batchnorm2d_backward_input_kernel, (A(1),) * 8 + (I, I, B)),
+        (dropout._dropout_kernel, (A(1), A(1), I, I, I, S)),
+        (global_pool._global_avgpool_forward_kernel, (A(1), A(1), I)),
+        (global_pool._global_avgpool_backward_kernel, (A(1), A(1), A(1), I, B)),
     ]
     for it in (np.int32, np.int64):  # argmax and labels come as either
         pairs += [
