@@ -51,25 +51,29 @@ def _check_hyper(fn, eps, momentum):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
-@njit(parallel=True, cache=True)
+# The CPU kernels see x as (N, C, H*W), so that the innermost loop runs over a whole contiguous
+# plane. ``fastmath={"reassoc"}`` lets LLVM split each sum into several partial sums (vector lanes
+# and independent adds, instead of one add waiting for the previous); the split is fixed when the
+# kernel is compiled, so every run still adds in the same order and gets the same bits.
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _batchnorm2d_forward_cpu(y, mean, invstd, running_mean, running_var, x, gamma, beta, eps, momentum, training,
                              relu):
-    N, C, H, W = x.shape
-    M = N * H * W
+    N, C, HW = x.shape
+    M = N * HW
     for c in prange(C):
         if training:
             total = 0.0
             for n in range(N):
-                for i in range(H):
-                    for j in range(W):
-                        total += x[n, c, i, j]
+                for k in range(HW):
+                    total += x[n, c, k]
             mu = total / M
             squares = 0.0
             for n in range(N):
-                for i in range(H):
-                    for j in range(W):
-                        d = x[n, c, i, j] - mu
-                        squares += d * d
+                for k in range(HW):
+                    d = x[n, c, k] - mu
+                    squares += d * d
             var = squares / M
             unbiased = squares / (M - 1) if M > 1 else var
             running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mu
@@ -80,44 +84,51 @@ def _batchnorm2d_forward_cpu(y, mean, invstd, running_mean, running_var, x, gamm
         inv = 1.0 / math.sqrt(var + eps)
         mean[c] = mu
         invstd[c] = inv
-        scale = gamma[c] * inv  # y = x * scale + shift
-        shift = beta[c] - mu * scale
+        scale = x.dtype.type(gamma[c] * inv)  # y = x * scale + shift, in x's precision
+        shift = x.dtype.type(beta[c] - mu * gamma[c] * inv)
         for n in range(N):
-            for i in range(H):
-                for j in range(W):
-                    v = x[n, c, i, j] * scale + shift
-                    y[n, c, i, j] = v if (v > 0 or not relu) else 0
+            for k in range(HW):
+                v = x[n, c, k] * scale + shift
+                y[n, c, k] = v if (v > 0 or not relu) else 0
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _batchnorm2d_backward_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, training):
-    N, C, H, W = x.shape
-    M = N * H * W
+    N, C, HW = x.shape
+    M = N * HW
     for c in prange(C):
         mu, inv = float(mean[c]), float(invstd[c])
         sum_g = 0.0
         sum_gx = 0.0
         for n in range(N):
-            for i in range(H):
-                for j in range(W):
-                    g = float(dy[n, c, i, j])
-                    sum_g += g
-                    sum_gx += g * (x[n, c, i, j] - mu) * inv
+            for k in range(HW):
+                g = float(dy[n, c, k])
+                sum_g += g
+                sum_gx += g * x[n, c, k]
+        sum_gx = (sum_gx - mu * sum_g) * inv  # sum(g * xhat), xhat = (x - mu) * inv
         dbeta[c] = sum_g
         dgamma[c] = sum_gx
-        k = gamma[c] * inv
+        k_ = gamma[c] * inv
         if training:
+            # dx = k * (g - a - (x - mu) * inv * b) = k * g - k * inv * b * x + k * (inv * b * mu - a)
             a = sum_g / M
             b = sum_gx / M
+            p = x.dtype.type(k_)
+            q = x.dtype.type(-k_ * inv * b)
+            r = x.dtype.type(k_ * (inv * b * mu - a))
             for n in range(N):
-                for i in range(H):
-                    for j in range(W):
-                        dx[n, c, i, j] = k * (dy[n, c, i, j] - a - (x[n, c, i, j] - mu) * inv * b)
+                for k in range(HW):
+                    dx[n, c, k] = p * dy[n, c, k] + q * x[n, c, k] + r
         else:
+            p = x.dtype.type(k_)
             for n in range(N):
-                for i in range(H):
-                    for j in range(W):
-                        dx[n, c, i, j] = k * dy[n, c, i, j]
+                for k in range(HW):
+                    dx[n, c, k] = p * dy[n, c, k]
+
+
+def _planes(*arrays):
+    """(N, C, H, W) arrays as (N, C, H*W) views (None stays None)."""
+    return [a.reshape(a.shape[0], a.shape[1], -1) for a in arrays]
 
 
 # ---------------------------------------------------------------- public entry points
@@ -135,8 +146,8 @@ def batchnorm2d_forward_cpu(y, mean, invstd, running_mean, running_var, x, gamma
                     {"gamma": gamma, "beta": beta})
     if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"{fn}: training needs more than one value per channel, got x of shape {x.shape}")
-    _batchnorm2d_forward_cpu(y, mean, invstd, running_mean, running_var, x, gamma, beta, float(eps),
-                             float(momentum), bool(training), bool(relu))
+    batchnorm2d_forward_core_cpu(y, mean, invstd, running_mean, running_var, x, gamma, beta, float(eps),
+                                 float(momentum), bool(training), bool(relu))
     return y
 
 
@@ -145,20 +156,22 @@ def batchnorm2d_backward_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, trai
     check_batchnorm("batchnorm2d_backward_cpu", on_host, ("dx", dx), ("x", x),
                     {"mean": mean, "invstd": invstd, "dgamma": dgamma, "dbeta": dbeta}, {"gamma": gamma})
     check_shape("batchnorm2d_backward_cpu", "dy", dy, x.shape, ("N", "C", "H", "W"))
-    _batchnorm2d_backward_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, bool(training))
+    batchnorm2d_backward_core_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, bool(training))
     return dx
 
 
 def batchnorm2d_forward_core_cpu(y, mean, invstd, running_mean, running_var, x, gamma, beta, eps, momentum,
                                  training, relu):
     """``batchnorm2d_forward_cpu`` without the checks."""
-    _batchnorm2d_forward_cpu(y, mean, invstd, running_mean, running_var, x, gamma, beta, eps, momentum, training,
+    y3, x3 = _planes(y, x)
+    _batchnorm2d_forward_cpu(y3, mean, invstd, running_mean, running_var, x3, gamma, beta, eps, momentum, training,
                              relu)
 
 
 def batchnorm2d_backward_core_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, training):
     """``batchnorm2d_backward_cpu`` without the checks."""
-    _batchnorm2d_backward_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, training)
+    dx3, dy3, x3 = _planes(dx, dy, x)
+    _batchnorm2d_backward_cpu(dx3, dgamma, dbeta, dy3, x3, mean, invstd, gamma, training)
 
 
 # ---------------------------------------------------------------------------- CUDA kernels

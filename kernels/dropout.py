@@ -6,13 +6,11 @@ expected output equals the input and evaluation needs no rescaling (it is the id
     y[i] = x[i] * scale   if keep(seed, step, i)   else 0,      scale = 1 / (1 - p)
     dx[i] = dy[i] * scale if keep(seed, step, i)   else 0
 
-``keep`` hashes (seed, step, i) to 32 bits and compares them with p * 2**32: a counter-based
-generator, so the CPU and the GPU draw the same mask, the backward recomputes the forward's
-mask from the same three integers instead of reading one from memory, and a run is
-reproducible from the seed (the layer counts its steps; resume restores the count).
-The hash is a multiply-xorshift mixer of the kind used for hash tables (its constants are
-odd 32-bit numbers with well-spread bits); its low 32 bits are the same under int64
-wraparound, so Python, NumPy, Numba and CUDA all compute the same value.
+``keep`` hashes (seed, step, i) to 32 bits (``_random.hash32``) and compares them with
+p * 2**32: a counter-based generator, so the CPU and the GPU draw the same mask, the backward
+recomputes the forward's mask from the same three integers instead of reading one from
+memory, and a run is reproducible from the seed (the layer counts its steps; resume
+restores the count).
 """
 
 from numba import cuda, njit, prange
@@ -20,23 +18,9 @@ from numba import cuda, njit, prange
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu
-from ._index import compile_twice
+from ._random import hash32, hash32_cpu, hash32_cuda
 
-MASK32 = 0xFFFFFFFF
-
-
-def keep_bits(seed, step, i):
-    """A 32-bit hash of (seed, step, i), as a non-negative integer below 2**32."""
-    h = (seed * 0x9E3779B1 + step * 0x85EBCA77 + i * 0xC2B2AE3D) & MASK32
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & MASK32
-    h ^= h >> 15
-    h = (h * 0x846CA68B) & MASK32
-    h ^= h >> 16
-    return h
-
-
-keep_bits_cpu, keep_bits_cuda = compile_twice(keep_bits)
+keep_bits, keep_bits_cpu, keep_bits_cuda = hash32, hash32_cpu, hash32_cuda  # see _random.py
 
 
 def threshold(p):

@@ -28,6 +28,7 @@ def _number(kind, convert, valid):
 _positive_int = _number("a positive integer", int, lambda v: v >= 1)
 _non_negative_int = _number("a non-negative integer", int, lambda v: v >= 0)
 _positive_float = _number("a positive finite number", float, lambda v: 0 < v < float("inf"))
+_non_negative_float = _number("a non-negative finite number", float, lambda v: 0 <= v < float("inf"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,18 +47,30 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a CNN on MNIST (or any MNIST-format data set)")
     t.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu or cuda")
-    t.add_argument("--epochs", type=_positive_int, default=4)
-    t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate of the first epoch (default 1e-3)")
-    t.add_argument("--lr-decay", type=_positive_float, default=0.5,
-                   help="factor applied to the learning rate after each epoch (default 0.5; 1 keeps it constant)")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: the model's, else 4)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="default: the model's, else 64")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate: the step schedule's first, the others' peak (default: the model's, else 1e-3)")
+    t.add_argument("--lr-decay", type=_positive_float, default=None,
+                   help="with --schedule step: factor applied after each epoch (default 0.5; 1 keeps it constant)")
+    t.add_argument("--schedule", default=None, choices=["step", "cosine", "onecycle"],
+                   help="learning-rate schedule (default: the model's, else step)")
+    t.add_argument("--warmup", type=_non_negative_float, default=None,
+                   help="epochs of linear warm-up before a step or cosine schedule (default 0)")
+    t.add_argument("--augment", action="store_true",
+                   help="shift every training image at random by up to 2 pixels (and mirror colour images)")
     t.add_argument("--seed", type=_non_negative_int, default=0)
-    t.add_argument("--data-dir", default=None, help="folder with the four MNIST-format IDX files "
-                                                   "(default: the MNIST shipped with nbcnn)")
+    t.add_argument("--data-dir", default=None, help="folder with the four MNIST-format IDX files, or with one "
+                                                   "sub-folder of images per class (default: the shipped MNIST)")
+    t.add_argument("--image-size", type=_positive_int, default=None,
+                   help="with a folder of images: the side they are resized to (default: their most common size)")
     t.add_argument("--out", default="runs/mnist", help="where metrics.json, model.npz and curves.png go")
     t.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --out")
     t.add_argument("--model", default="lenet", choices=sorted(MODELS))
-    t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    t.add_argument("--optimizer", default=None, choices=["adam", "adamw", "sgd"],
+                   help="default: the model's, else adam")
+    t.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                   help="AdamW's decoupled decay, SGD's L2 term (default: the model's, else 0)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("evaluate", help="test accuracy of a saved model")
@@ -128,9 +141,10 @@ def cmd_train(args):
     from nbcnn.train import Config, train
 
     cfg = Config(device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                 lr_decay=args.lr_decay, seed=args.seed,
-                 data_dir=args.data_dir, out=args.out, resume=args.resume, model=args.model,
-                 optimizer=args.optimizer, progress=not args.no_progress)
+                 lr_decay=args.lr_decay, seed=args.seed, data_dir=args.data_dir, out=args.out, resume=args.resume,
+                 model=args.model, optimizer=args.optimizer, progress=not args.no_progress, schedule=args.schedule,
+                 warmup=args.warmup, augment=args.augment, weight_decay=args.weight_decay,
+                 image_size=args.image_size)
     metrics = train(cfg)
     if metrics:
         last = metrics[-1]

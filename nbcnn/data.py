@@ -120,11 +120,105 @@ def shipped_mnist_folder():
     return str(resources.files("nbcnn") / "_data" / "mnist")
 
 
-def load_dataset(data_dir=None):
-    """MNIST (shipped, verified by SHA-256) when ``data_dir`` is None, else that folder."""
+def load_dataset(data_dir=None, image_size=None):
+    """MNIST (shipped, verified by SHA-256) when ``data_dir`` is None, else that folder: four IDX
+    files, or one sub-folder of images per class (``load_image_folder``; ``image_size`` is then
+    the side they are resized to)."""
     if data_dir is None:
-        return load_idx_folder(shipped_mnist_folder(), verify=MNIST_SHA256)
-    return load_idx_folder(data_dir)
+        folder, verify = shipped_mnist_folder(), MNIST_SHA256
+    else:
+        folder, verify = os.fspath(data_dir), None
+    if not os.path.isdir(folder):
+        raise DataError(f"data folder {folder} does not exist")
+    if any(_find(folder, name) for name in FILES.values()) or not _subfolders(folder):
+        if image_size is not None and data_dir is not None:
+            raise DataError(f"{folder}: --image-size applies to a folder of images, not to IDX files")
+        return load_idx_folder(folder, verify=verify)
+    return load_image_folder(folder, image_size)
+
+
+def _subfolders(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(folder):
+    return sorted(os.path.join(folder, e.name) for e in os.scandir(folder)
+                  if e.is_file() and not e.name.startswith("."))
+
+
+HELD_OUT = 1 / 6  # the share of each class kept for testing when a folder has no test split (MNIST's)
+
+
+def load_image_folder(folder, image_size=None):
+    """A data set from a folder of images, one sub-folder per class (the sub-folder's name is the
+    class's; classes in sorted order), either directly (``folder/cat/*.png``: a sixth of each class
+    is held out for testing, always the same files) or split (``folder/train/cat/*``,
+    ``folder/test/cat/*``).
+
+    Every image is read with Pillow; the data set is grey when every image is (R = G = B), else
+    colour; each image is padded to a square with its border's colour and resized to
+    ``image_size`` (default: the most common longer side). Returns the dict of ``load_idx_folder``
+    (grey images (N, H, W), colour (N, 3, H, W), uint8) with ``class_names`` added."""
+    from nbcnn.images import ImageError, fit_to_profile, read_image
+
+    folder = os.fspath(folder)
+    subs = _subfolders(folder)
+    if set(subs) >= {"train", "test"}:
+        classes = _subfolders(os.path.join(folder, "train"))
+        splits = {split: {c: _image_files(os.path.join(folder, split, c)) for c in classes} for split in
+                  ("train", "test")}
+        unknown = sorted(set(_subfolders(os.path.join(folder, "test"))) - set(classes))
+        if unknown:
+            raise DataError(f"{folder}/test has classes that {folder}/train lacks: {', '.join(unknown)}")
+    else:
+        classes = subs
+        splits = {"train": {}, "test": {}}
+        rng = np.random.default_rng(0)  # the split is the data's, the same whatever the training seed
+        for c in classes:
+            files = _image_files(os.path.join(folder, c))
+            order = rng.permutation(len(files))
+            held = int(round(len(files) * HELD_OUT)) if len(files) > 1 else 0
+            splits["test"][c] = [files[i] for i in sorted(order[:held])]
+            splits["train"][c] = [files[i] for i in sorted(order[held:])]
+    if len(classes) < 2:
+        raise DataError(f"{folder}: found {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
+                        f"a classifier needs at least two sub-folders of images")
+    for c in classes:
+        if not splits["train"][c]:
+            raise DataError(f"{os.path.join(folder, 'train' if 'train' in subs else '', c)}: the class holds no images")
+    if not any(splits["test"].values()):
+        raise DataError(f"{folder}: too few images to hold any out for testing (give each class two or more)")
+
+    pictures = {}
+    for split in ("train", "test"):
+        for c in classes:
+            for path in splits[split][c]:
+                try:
+                    pictures[path] = read_image(path, 3)
+                except ImageError as exc:
+                    raise DataError(f"{exc} (in the data folder; remove it or fix it)") from None
+    grey = all(np.array_equal(p[0], p[1]) and np.array_equal(p[0], p[2]) for p in pictures.values())
+    shapes = [p.shape[1:] for p in pictures.values()]
+    for path, (h, w) in zip(pictures, shapes):
+        if max(h, w) > 4 * min(h, w):
+            raise DataError(f"{path} is {w}x{h}: too far from square to be resized with the others "
+                            f"(crop it to at most 4:1)")
+    if image_size is None:
+        sides, counts = np.unique([max(h, w) for h, w in shapes], return_counts=True)
+        image_size = int(sides[np.argmax(counts)])
+    data = {"class_names": list(classes)}
+    for split in ("train", "test"):
+        arrays, labels = [], []
+        for label, c in enumerate(classes):
+            for path in splits[split][c]:
+                pixels = pictures[path][:1] if grey else pictures[path]
+                square = fit_to_profile(pixels, image_size, None)
+                arrays.append(np.round(square * 255).astype(np.uint8))
+                labels.append(label)
+        stacked = np.stack(arrays) if arrays else np.zeros((0, 1 if grey else 3, image_size, image_size), np.uint8)
+        data[f"{split}_images"] = stacked[:, 0] if grey else stacked
+        data[f"{split}_labels"] = np.array(labels, np.int32)
+    return data
 
 
 def normalization(train_images):
@@ -145,13 +239,14 @@ def normalization(train_images):
 
 
 def prepare(images, mean, std):
-    """uint8 (N, H, W) -> float32 (N, 1, H, W), scaled to [0, 1] and normalized.
+    """uint8 (N, H, W) or (N, C, H, W) -> float32 (N, C, H, W) (C = 1 for the first), scaled to [0, 1]
+    and normalized.
 
     Through a table of the 256 possible results, computed with the float32 operations
     ``(v / 255 - mean) / std``, so each pixel gets exactly what that formula gives it."""
     table = (np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(mean)) / np.float32(std)
     x = table[np.asarray(images, np.uint8)]
-    return x.reshape(images.shape[0], 1, *images.shape[1:])
+    return x if x.ndim == 4 else x.reshape(images.shape[0], 1, *images.shape[1:])
 
 
 def write_idx(path, array, magic):

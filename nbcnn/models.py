@@ -45,4 +45,23 @@ def tiny(channels=1, classes=10, size=28):
     return _with_head(features, channels, size, lambda n: [L.Dense(n, classes)])
 
 
-MODELS = {"lenet": lenet, "lenet5": lenet5, "mnist-example": mnist_example, "tiny": tiny}
+def bn(channels=1, classes=10, size=28):
+    """Beyond the lecture: blocks of 3x3 convolution, batch normalisation and ReLU (the convolutions
+    without a bias, which the normalisation's beta replaces): 32 filters, 2x2 max pooling, 64,
+    pooling, 128, pooling, 128 again on what is left (3x3 for MNIST), then global average pooling,
+    dropout and one dense layer. Any image of at least 8x8: global pooling makes the head
+    independent of the size."""
+    def block(cin, cout):
+        return [L.Conv2D(cin, cout, 3, padding=1, bias=False), L.BatchNorm2D(cout), L.ReLU()]
+
+    return Sequential(block(channels, 32) + [L.MaxPool2D(2)] + block(32, 64) + [L.MaxPool2D(2)] + block(64, 128)
+                      + [L.MaxPool2D(2)] + block(128, 128) + [L.GlobalAvgPool2D(), L.Dropout(0.2), L.Dense(128, classes)])
+
+
+MODELS = {"lenet": lenet, "lenet5": lenet5, "mnist-example": mnist_example, "tiny": tiny, "bn": bn}
+
+# Each model's own training defaults, where they differ from nbcnn.train.BASE_DEFAULTS (what
+# `nbcnn train --model NAME` uses when an option is not given).
+DEFAULTS = {
+    "bn": dict(epochs=12, batch_size=128, lr=1e-2, schedule="onecycle", optimizer="adamw", weight_decay=5e-4),
+}

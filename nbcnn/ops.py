@@ -22,7 +22,7 @@ does what two did, which matters most on a GPU, where a step is bound by launche
 import numpy as np
 
 from nbcnn.device import device_of, resolve_device
-from nbcnn.kernels import activation, batchnorm, conv2d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
+from nbcnn.kernels import activation, augment, batchnorm, conv2d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
 from nbcnn.kernels._checks import is_c_contiguous, output_size
 from nbcnn.kernels.conv2d import cpu as conv_cpu
 from nbcnn.kernels.conv2d import cuda as conv_cuda
@@ -89,6 +89,7 @@ COSTS = {
     "dropout_backward": lambda dx, dy, *_: (_n(dy), _bytes(dx, dy)),
     "global_avgpool2d_forward": lambda y, x: (_n(x), _bytes(y, x)),
     "global_avgpool2d_backward": lambda dx, dy, x, mask: (_n(dx), _bytes(dx, dy)),
+    "shift_flip": lambda out, x, *_: (0, _bytes(out, x)),
     "fill": lambda a, value: (0, _bytes(a)),
     "gather_rows": lambda out, x, idx: (0, 2 * _bytes(out) + _bytes(idx)),
     "gather_batch": lambda xb, yb, x, y, idx: (0, 2 * _bytes(xb, yb) + _bytes(idx)),
@@ -186,7 +187,8 @@ for _device in ("cpu", "cuda"):
                          ("sgd_update", optim), ("adam_update", optim), ("adamw_update", optim),
                          ("fill", optim), ("batchnorm2d_forward", batchnorm), ("batchnorm2d_backward", batchnorm),
                          ("dropout_forward", dropout), ("dropout_backward", dropout),
-                         ("global_avgpool2d_forward", global_pool), ("global_avgpool2d_backward", global_pool)]:
+                         ("global_avgpool2d_forward", global_pool), ("global_avgpool2d_backward", global_pool),
+                         ("shift_flip", augment)]:
         _add(_op, _device, _algorithm, getattr(_module, f"{_op}_core{_mod}"))
     # Dense layers: BLAS products on the CPU, one tiled product with fused epilogues on a GPU.
     _algorithm = "blas" if _device == "cpu" else "tiled"
@@ -236,7 +238,7 @@ def gather_rows(x, idx, out=None):
 def public_kernel(name):
     """A kernel's public, checked entry point by its name (``conv2d_forward_cpu`` ...), for tools
     that time the kernels as a user calls them (nbcnn bench)."""
-    for module in (conv2d, pool2d, activation, dense, softmax_xent, optim, gather, batchnorm, dropout, global_pool):
+    for module in (conv2d, pool2d, activation, dense, softmax_xent, optim, gather, batchnorm, dropout, global_pool, augment):
         if hasattr(module, name):
             return getattr(module, name)
     raise ValueError(f"no kernel named {name}")

@@ -63,8 +63,9 @@ def softmax(logits):
 
 def predict(checkpoint, paths, device="auto", top=1, fit=True):
     """One dict per image: ``path``, ``class`` (the most probable), ``probability`` (its),
-    ``top`` (the ``top`` most probable as [class, probability] pairs) and ``probabilities``
-    (every class, summing to 1)."""
+    ``top`` (the ``top`` most probable as [class, probability] pairs), ``probabilities``
+    (every class, summing to 1) and, for a model trained on a folder of images, ``name`` (the
+    class's folder name)."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
     if not paths:
@@ -74,17 +75,23 @@ def predict(checkpoint, paths, device="auto", top=1, fit=True):
     x = prepare_images([str(p) for p in paths], model, fit)
     probs = np.concatenate([softmax(to_numpy(model.forward(to_device(x[i:i + BATCH], device))))
                             for i in range(0, x.shape[0], BATCH)])
+    names = model.metadata.get("class_names")  # a model trained on a folder of images knows them
     results = []
     for path, p in zip(paths, probs):
         order = np.argsort(-p, kind="stable")[:min(top, p.size)]
-        results.append({"path": str(path), "class": int(order[0]), "probability": float(p[order[0]]),
-                        "top": [[int(k), float(p[k])] for k in order],
-                        "probabilities": [float(v) for v in p]})
+        result = {"path": str(path), "class": int(order[0]), "probability": float(p[order[0]]),
+                  "top": [[int(k), float(p[k])] for k in order], "probabilities": [float(v) for v in p]}
+        if names and len(names) == p.size:
+            result["name"] = str(names[order[0]])
+        results.append(result)
     return results
 
 
 def format_predictions(results):
     """One line per image: the path, then the top classes with their probabilities."""
     width = max(len(r["path"]) for r in results)
-    return "\n".join(f"{r['path']:<{width}}  " + "  ".join(f"{k} ({100 * p:.1f}%)" for k, p in r["top"])
-                     for r in results)
+    lines = []
+    for r in results:
+        head = f"{r['path']:<{width}}  " + (f"{r['name']}: " if "name" in r else "")
+        lines.append(head + "  ".join(f"{k} ({100 * p:.1f}%)" for k, p in r["top"]))
+    return "\n".join(lines)

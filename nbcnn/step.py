@@ -1,6 +1,8 @@
 """One training step, the same for ``nbcnn train``, ``nbcnn profile``, ``nbcnn bench`` and the notebooks.
 
     batch    xb, yb = x[idx], y[idx]               one gather, into the trainer's own buffers
+             (augment: each image shifted, maybe mirrored, at random: one more kernel)
+    rate     optimizer.lr = schedule(steps)         a function of the step count alone
     forward  logits = model.forward(xb)            the model's plan: fused layers, its own buffers
     loss     sums += (loss, correct), dlogits      one kernel; nothing comes back to the host
     backward model.backward(dlogits)               gradients into the flat gradient buffer
@@ -35,16 +37,36 @@ def _no_span(layer, phase):
     return _NO_SPAN
 
 
+class Augment:
+    """Random shifts of every training image by up to ``shift`` pixels each way (a crop of the
+    image padded by ``shift``), and horizontal flips with ``flip`` (not for digits: a mirrored 2
+    is no 2). ``fill`` is the value shifted in (the normalised background), ``seed`` the draws'."""
+
+    def __init__(self, shift=2, flip=False, fill=0.0, seed=0):
+        for name, value in (("shift", shift), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Augment: {name} must be a non-negative integer, got {value!r}")
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
+            raise ValueError(f"Augment: fill must be a finite number, got {fill!r}")
+        self.shift, self.flip, self.fill, self.seed = shift, bool(flip), float(fill), seed
+
+    def __repr__(self):
+        return f"Augment(shift={self.shift}, flip={self.flip}, fill={self.fill:.4g}, seed={self.seed})"
+
+
 class Trainer:
     """Runs training steps of ``model`` with ``loss_fn`` and ``optimizer`` on the model's device.
 
     ``hooks``: functions called with the trainer after backward and before the update
     (where a data-parallel allreduce of ``optimizer.buffer.grad`` or gradient clipping go).
     ``kernels`` and ``spans``: a profiler's wrapper of the kernel registry and its labelled
-    spans; the default runs the registry's kernels as they are.
+    spans; the default runs the registry's kernels as they are. ``schedule``: a function of
+    the number of steps taken (``steps``) giving each step's learning rate. ``augment``: an
+    ``Augment`` applied to every batch ``batch`` gathers.
     """
 
-    def __init__(self, model, loss_fn, optimizer, hooks=(), read_every=25, kernels=ops.REGISTRY, spans=None):
+    def __init__(self, model, loss_fn, optimizer, hooks=(), read_every=25, kernels=ops.REGISTRY, spans=None,
+                 schedule=None, augment=None):
         if isinstance(read_every, bool) or not isinstance(read_every, int) or read_every < 1:
             raise ValueError(f"read_every must be a positive integer, got {read_every!r}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
@@ -61,11 +83,20 @@ class Trainer:
         self.eval_sums = self.device.zeros(2, np.float64)
         self.host = np.zeros(2, np.float64)
         self._batches = {}
+        self.schedule = schedule
+        self.steps = 0  # training steps taken: the schedule's and the augmentation's clock
+        if augment is not None and not isinstance(augment, Augment):
+            raise TypeError(f"augment must be an nbcnn.step.Augment, got {type(augment).__name__}")
+        self.augment = augment
+        self.shift_flip = kernels.get("shift_flip", self.device) if augment is not None else None
 
     # ----------------------------------------------------------------------------- steps
 
     def step(self, xb, yb):
         """One training step on a batch already on the device; its loss is added to ``sums``."""
+        if self.schedule is not None:
+            self.optimizer.lr = self.schedule(self.steps)
+        self.steps += 1
         logits = self.model.forward(xb)
         with self.span("loss", "forward"):
             self.loss_fn.accumulate(logits, yb, self.sums)  # the loss's gradient too: backward has nothing to launch
@@ -77,16 +108,22 @@ class Trainer:
 
     def batch(self, x, y, idx):
         """The rows ``idx`` of the data set (x, y), gathered into this trainer's batch buffers
-        (one pair per batch size, allocated the first time)."""
+        (one pair per batch size, allocated the first time), augmented when the trainer augments."""
         key = (idx.shape[0], tuple(x.shape[1:]), np.dtype(x.dtype), np.dtype(y.dtype))
         buffers = self._batches.get(key)
         if buffers is None:
-            buffers = (self.device.empty((idx.shape[0],) + tuple(x.shape[1:]), x.dtype),
-                       self.device.empty(idx.shape[0], y.dtype))
+            shape = (idx.shape[0],) + tuple(x.shape[1:])
+            buffers = (self.device.empty(shape, x.dtype), self.device.empty(idx.shape[0], y.dtype),
+                       self.device.empty(shape, x.dtype) if self.augment is not None else None)
             self._batches[key] = buffers
         with self.span("batch", "gather"):
             self.gather.run(buffers[0], buffers[1], x, y, idx)
-        return buffers
+        if self.augment is None:
+            return buffers[0], buffers[1]
+        a = self.augment
+        with self.span("batch", "augment"):
+            self.shift_flip.run(buffers[2], buffers[0], a.seed, self.steps, a.shift, a.flip, a.fill)
+        return buffers[2], buffers[1]
 
     def read(self, sums=None):
         """(summed loss, correct count) so far: on a GPU, the one place the host waits for it."""

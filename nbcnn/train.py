@@ -24,33 +24,65 @@ from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.images import ink_profile
 from nbcnn.losses import SoftmaxCrossEntropy
 from nbcnn.model import Sequential, atomic_write, read_npz
-from nbcnn.models import MODELS
-from nbcnn.optim import SGD, Adam
-from nbcnn.step import Trainer
+from nbcnn.models import DEFAULTS, MODELS
+from nbcnn.optim import SGD, Adam, AdamW
+from nbcnn.schedules import KINDS, Schedule
+from nbcnn.step import Augment, Trainer
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+BASE_DEFAULTS = dict(epochs=4, batch_size=64, lr=1e-3, lr_decay=0.5, schedule="step", warmup=0.0,
+                     optimizer="adam", weight_decay=0.0)
 
 
 class Config:
-    """Training settings, checked at once."""
+    """Training settings, checked at once. A setting left at None takes the model's default
+    (``nbcnn.models.DEFAULTS``), else ``BASE_DEFAULTS``.
 
-    def __init__(self, device="auto", epochs=4, batch_size=64, lr=1e-3, lr_decay=0.5, seed=0, data_dir=None,
-                 out="runs/mnist", resume=False, model="lenet", optimizer="adam", progress=True):
+    ``schedule``: "step" (``lr * lr_decay**epoch``), "cosine" or "onecycle" (``nbcnn.schedules``);
+    ``warmup``: epochs of linear warm-up (step and cosine); ``augment``: random shifts of up to
+    2 pixels (and mirror images for colour data) of every training batch; ``weight_decay``: SGD's
+    L2 term or AdamW's decoupled decay."""
+
+    def __init__(self, device="auto", epochs=None, batch_size=None, lr=None, lr_decay=None, seed=0, data_dir=None,
+                 out="runs/mnist", resume=False, model="lenet", optimizer=None, progress=True, schedule=None,
+                 warmup=None, augment=False, weight_decay=None, image_size=None):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer {optimizer!r}: choose 'adam' or 'sgd'")
+        given = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, schedule=schedule,
+                     warmup=warmup, optimizer=optimizer, weight_decay=weight_decay)
+        for name, value in given.items():
+            if value is None:
+                given[name] = DEFAULTS.get(model, {}).get(name, BASE_DEFAULTS[name])
+        epochs, batch_size, lr, lr_decay = given["epochs"], given["batch_size"], given["lr"], given["lr_decay"]
+        schedule, warmup, optimizer, weight_decay = (given["schedule"], given["warmup"], given["optimizer"],
+                                                     given["weight_decay"])
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if schedule not in KINDS:
+            raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(KINDS)}")
         for name, value in (("epochs", epochs), ("batch size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"learning rate must be a positive number, got {lr!r}")
-        if not isinstance(lr_decay, (int, float)) or not 0 < lr_decay <= 1:
+        if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)) or not 0 < lr_decay <= 1:
             raise ValueError(f"lr decay must be a number in (0, 1], got {lr_decay!r}")
-        self.lr_decay = float(lr_decay)
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < epochs:
+            raise ValueError(f"warm-up must be a number of epochs in [0, {epochs}), got {warmup!r}")
+        if warmup and schedule == "onecycle":
+            raise ValueError("--warmup: onecycle rises from a low rate by itself; give no warm-up")
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or \
+                not 0 <= weight_decay < math.inf:
+            raise ValueError(f"weight decay must be a non-negative number, got {weight_decay!r}")
         self.device, self.epochs, self.batch_size, self.lr, self.seed = device, epochs, batch_size, float(lr), seed
-        self.data_dir, self.out, self.resume, self.model, self.optimizer = data_dir, out, resume, model, optimizer
-        self.progress = progress
+        self.lr_decay, self.schedule, self.warmup = float(lr_decay), schedule, float(warmup)
+        self.optimizer, self.weight_decay, self.augment = optimizer, float(weight_decay), bool(augment)
+        self.data_dir, self.out, self.resume, self.model = data_dir, out, resume, model
+        self.progress, self.image_size = progress, image_size
 
 
 def _labels_int32(labels):
@@ -96,7 +128,9 @@ def plot_curves(metrics, path):
 def _make_optimizer(cfg, params):
     if cfg.optimizer == "adam":
         return Adam(params, lr=cfg.lr)
-    return SGD(params, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "adamw":
+        return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 def _save_resume_state(path, model, optimizer, epoch):
@@ -133,7 +167,7 @@ def _load_resume_state(path, model, optimizer_factory, device):
     return optimizer, epoch
 
 
-def _compile_kernels(cfg, model, x, y, log):
+def _compile_kernels(cfg, model, x, y, augment, log):
     """Make Numba compile every kernel of the run (or load it from its on-disk cache) before the
     first real step, and say so: a first run on a machine spends most of a minute here, with
     nothing on the screen but a progress bar at zero otherwise.
@@ -145,7 +179,7 @@ def _compile_kernels(cfg, model, x, y, log):
         "loaded from the cache after ...")
     started = time.perf_counter()
     copy = Sequential.from_config(model.config()).to(model.device)
-    trainer = Trainer(copy, SoftmaxCrossEntropy(), _make_optimizer(cfg, copy.parameters()))
+    trainer = Trainer(copy, SoftmaxCrossEntropy(), _make_optimizer(cfg, copy.parameters()), augment=augment)
     rows = to_device(np.arange(min(cfg.batch_size, x.shape[0]), dtype=np.int32), model.device)
     trainer.step(*trainer.batch(x, y, rows))
     trainer.read()
@@ -176,10 +210,11 @@ def _check_out(out, model):
 def train(cfg, log=print):
     """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json)."""
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data_dir)
+    data = load_dataset(cfg.data_dir, cfg.image_size)
     mean, std = normalization(data["train_images"])
     classes = int(max(data["train_labels"].max(), data["test_labels"].max())) + 1
-    size = data["train_images"].shape[1]
+    images = data["train_images"]  # (N, H, W) grey, or (N, C, H, W) from a folder of colour images
+    channels, size = (1 if images.ndim == 3 else images.shape[1]), images.shape[-1]
     train_x = to_device(prepare(data["train_images"], mean, std), device)
     train_y = to_device(_labels_int32(data["train_labels"]), device)
     test_x = to_device(prepare(data["test_images"], mean, std), device)
@@ -187,19 +222,27 @@ def train(cfg, log=print):
     n = train_x.shape[0]
 
     L.set_seed(cfg.seed)
-    model = MODELS[cfg.model](1, classes, size)
+    model = MODELS[cfg.model](channels, classes, size)
     model.to(device)
-    model.output_shape((1, 1, size, size))  # a model that does not fit the images fails here, clearly
+    model.output_shape((1, channels, size, size))  # a model that does not fit the images fails here, clearly
     optimizer = _make_optimizer(cfg, model.parameters())
     loss_fn = SoftmaxCrossEntropy()
-    trainer = Trainer(model, loss_fn, optimizer)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    schedule = Schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch,
+                        warmup=int(round(cfg.warmup * steps_per_epoch)), decay=cfg.lr_decay)
+    # shifts of up to 2 pixels, a black pixel's value shifted in; mirror images only for colour
+    # pictures (a mirrored digit is no digit)
+    augment = Augment(2, flip=channels == 3, fill=(0.0 - mean) / std, seed=cfg.seed) if cfg.augment else None
+    trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment)
     _check_out(cfg.out, model)
     checkpoint = os.path.join(cfg.out, "model.npz")
     resume_path = os.path.join(cfg.out, "resume.npz")
     metrics_path = os.path.join(cfg.out, "metrics.json")
     # what `nbcnn predict` needs to treat a new image as the training images were treated
-    metadata = dict(mean=mean, std=std, classes=classes, model=cfg.model, input_shape=[1, size, size],
-                    profile=ink_profile(data["train_images"]))
+    metadata = dict(mean=mean, std=std, classes=classes, model=cfg.model, input_shape=[channels, size, size],
+                    profile=ink_profile(images) if channels == 1 else None)
+    if "class_names" in data:
+        metadata["class_names"] = data["class_names"]
 
     metrics, start_epoch = [], 0
     startup = {}
@@ -207,19 +250,18 @@ def train(cfg, log=print):
         if not os.path.exists(resume_path):
             raise FileNotFoundError(f"--resume: nothing to resume from in {cfg.out} (no resume.npz)")
         optimizer, start_epoch = _load_resume_state(resume_path, model, lambda p: _make_optimizer(cfg, p), device)
-        trainer = Trainer(model, loss_fn, optimizer)
+        trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment)
+        trainer.steps = start_epoch * steps_per_epoch  # the schedule and the augmentation go on from there
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
         log(f"resuming after epoch {start_epoch} from {cfg.out}")
 
-    compile_seconds = _compile_kernels(cfg, model, train_x, train_y, log)
-    log(f"training {cfg.model} on {device}: {n} images, {classes} classes, batch {cfg.batch_size}, "
-        f"{cfg.optimizer} lr {cfg.lr} (x{cfg.lr_decay} per epoch), epochs {start_epoch + 1}..{cfg.epochs}")
+    compile_seconds = _compile_kernels(cfg, model, train_x, train_y, augment, log)
+    log(f"training {cfg.model} on {device}: {n} images of {channels}x{size}x{size}, {classes} classes, batch "
+        f"{cfg.batch_size}, {cfg.optimizer}, {schedule.describe()}{', augmented' if augment else ''}, "
+        f"epochs {start_epoch + 1}..{cfg.epochs}")
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        # Step decay: each epoch runs at lr * decay**(epoch - 1), a function of the epoch alone, so a
-        # resumed run follows the same schedule.
-        optimizer.lr = cfg.lr * cfg.lr_decay ** (epoch - 1)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
         order = to_device(order, device)  # the only transfer of the epoch: n indices
         bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
@@ -268,6 +310,8 @@ def evaluate_checkpoint(path, device="auto", data_dir=None, log=print):
     model = Sequential.load(path, device=device)
     meta = model.metadata
     data = load_dataset(data_dir)
+    if "class_names" in data:  # a folder of images: resized to the model's input
+        data = load_dataset(data_dir, image_size=int(meta.get("input_shape", [0, 28])[-1]))
     if "mean" in meta:
         mean, std = meta["mean"], meta["std"]
     else:

@@ -191,8 +191,12 @@ WRONG = {
     "--lr": not_a_positive_float(),
     "--lr-decay": st.one_of(not_a_positive_float(), st.floats(1.0, 1e6, exclude_min=True).map(repr)),
     "--seed": not_a_non_negative_int(),
-    "--model": not_one_of("lenet", "lenet5", "mnist-example", "tiny"),
-    "--optimizer": not_one_of("adam", "sgd"),
+    "--model": not_one_of("lenet", "lenet5", "mnist-example", "tiny", "bn"),
+    "--optimizer": not_one_of("adam", "adamw", "sgd"),
+    "--schedule": not_one_of("step", "cosine", "onecycle"),
+    "--warmup": st.one_of(st.sampled_from(["-1", "nan", "inf", "", "x", "1", "5"])),  # 1 epoch is no warm-up of 1
+    "--weight-decay": st.sampled_from(["-0.1", "nan", "inf", "", "1e400", "w"]),
+    "--image-size": not_a_positive_int(),
     "--device": not_one_of("auto", "cpu", "cuda"),
 }
 

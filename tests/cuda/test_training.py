@@ -70,3 +70,32 @@ def test_predict_on_cuda_matches_cpu(tmp_path):
     for c, g in zip(on_cpu, on_gpu):
         assert c["class"] == g["class"]
         np.testing.assert_allclose(g["probabilities"], c["probabilities"], rtol=1e-5)
+
+
+def run_bn(device, steps=3, batch=4):
+    """A conv-BN-ReLU, dropout, global pooling network with AdamW and augmented batches, through the Trainer."""
+    from nbcnn.step import Augment, Trainer
+
+    rng = np.random.default_rng(12)
+    images = rng.standard_normal((steps * batch, 2, 6, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, steps * batch).astype(np.int32)
+    L.set_seed(1)
+    model = nbcnn.Sequential([L.Conv2D(2, 3, 3, padding=1, bias=False), L.BatchNorm2D(3), L.ReLU(),
+                              L.Dropout(0.3), L.GlobalAvgPool2D(), L.Dense(3, 3)]).to(device)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), nbcnn.optim.AdamW(model.parameters(), lr=0.01),
+                      augment=Augment(1, flip=True, fill=-0.5, seed=4))
+    x, y = nbcnn.to_device(images, device), nbcnn.to_device(labels, device)
+    order = nbcnn.to_device(np.arange(steps * batch, dtype=np.int32), device)
+    loss = trainer.run_epoch(x, y, order, batch)
+    return loss, [nbcnn.to_numpy(p.data) for p in model.parameters()], {
+        k: nbcnn.to_numpy(v) for k, v in model.buffers().items()}
+
+
+def test_cuda_bn_dropout_augment_training_matches_cpu():
+    cpu_loss, cpu_params, cpu_buffers = run_bn("cpu")
+    gpu_loss, gpu_params, gpu_buffers = run_bn("cuda")
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+    for g, c in zip(gpu_params, cpu_params):
+        np.testing.assert_allclose(g, c, rtol=1e-4, atol=1e-5)
+    for name in cpu_buffers:
+        np.testing.assert_allclose(gpu_buffers[name], cpu_buffers[name], rtol=1e-5, atol=1e-6, err_msg=name)

@@ -12,13 +12,13 @@ import pytest
 from numba import cuda, types
 from numba.np.numpy_support import from_dtype
 
-from nbcnn.kernels import activation, batchnorm, conv1d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
+from nbcnn.kernels import activation, augment, batchnorm, conv1d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
 from nbcnn.kernels._cuda import SIMULATOR
 from nbcnn.kernels.conv2d import cuda as conv2d
 
 pytestmark = pytest.mark.skipif(SIMULATOR, reason="compiling PTX needs the real CUDA target, not the simulator")
 
-MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout, global_pool]
+MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout, global_pool, augment]
 I, F, B = types.int64, types.float64, types.boolean  # what Python ints, floats and bools are typed as
 
 
@@ -54,6 +54,7 @@ def launch_types(dtype):
         (dropout._dropout_kernel, (A(1), A(1), I, I, I, S)),
         (global_pool._global_avgpool_forward_kernel, (A(1), A(1), I)),
         (global_pool._global_avgpool_backward_kernel, (A(1), A(1), A(1), I, B)),
+        (augment._shift_flip_kernel, (A(1), A(1)) + (I,) * 7 + (B, S)),
     ]
     for it in (np.int32, np.int64):  # argmax and labels come as either
         pairs += [
