@@ -146,7 +146,7 @@ def _image_files(folder):
                   if e.is_file() and not e.name.startswith("."))
 
 
-HELD_OUT = 1 / 6  # the share of each class kept for testing when a folder has no test split (MNIST's)
+HELD_OUT = 1 / 6  # the share of each class kept for testing when a folder has no test split (MNIST's), at least one
 
 
 def load_image_folder(folder, image_size=None):
@@ -177,7 +177,7 @@ def load_image_folder(folder, image_size=None):
         for c in classes:
             files = _image_files(os.path.join(folder, c))
             order = rng.permutation(len(files))
-            held = int(round(len(files) * HELD_OUT)) if len(files) > 1 else 0
+            held = max(1, int(round(len(files) * HELD_OUT))) if len(files) > 1 else 0
             splits["test"][c] = [files[i] for i in sorted(order[:held])]
             splits["train"][c] = [files[i] for i in sorted(order[held:])]
     if len(classes) < 2:

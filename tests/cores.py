@@ -159,11 +159,11 @@ def _normalisation_cases(arr, nan, rng, dtype):
         want = np.full_like(x, -0.25)
         for n in range(x.shape[0]):
             dy_, dx_, mirrored = draw(hash32(3, 11, n), 2, flip)
-            src = x[n, :, :, ::-1] if mirrored else x[n]
             for i in range(x.shape[2]):
                 for j in range(x.shape[3]):
-                    if 0 <= i - dy_ < x.shape[2] and 0 <= j - dx_ < x.shape[3]:
-                        want[n, :, i, j] = src[:, i - dy_, j - dx_]
+                    sj = (x.shape[3] - 1 - j if mirrored else j) - dx_
+                    if 0 <= i - dy_ < x.shape[2] and 0 <= sj < x.shape[3]:
+                        want[n, :, i, j] = x[n, :, i - dy_, sj]
         out.append((f"shift flip={flip}", "shift_flip", [nan(*x.shape), x, 3, 11, 2, flip, -0.25], [0], [want]))
     out.append(("global avgpool forward", "global_avgpool2d_forward", [nan(4, 3), x], [0], [x.mean(axis=(2, 3))]))
     dy = arr(4, 3)

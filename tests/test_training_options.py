@@ -70,7 +70,7 @@ def test_onecycle_endpoints():
     (dict(decay=0), "lr decay must be"),
 ])
 def test_schedule_mistakes(kwargs, message):
-    args = dict(kind="cosine", lr=0.1, total_steps=100, steps_per_epoch=10, **kwargs)
+    args = {**dict(kind="cosine", lr=0.1, total_steps=100, steps_per_epoch=10), **kwargs}
     with pytest.raises(ValueError, match=message):
         Schedule(args.pop("kind"), args.pop("lr"), **args)
 
@@ -83,12 +83,11 @@ def shift_flip_reference(x, seed, step, max_shift, flip, fill):
     N, C, H, W = x.shape
     for n in range(N):
         dy, dx, mirrored = draw(hash32(seed, step, n), max_shift, flip)
-        src = x[n, :, :, ::-1] if mirrored else x[n]
         for i in range(H):
             for j in range(W):
-                si, sj = i - dy, j - dx
+                si, sj = i - dy, (W - 1 - j if mirrored else j) - dx
                 if 0 <= si < H and 0 <= sj < W:
-                    out[n, :, i, j] = src[:, si, sj]
+                    out[n, :, i, j] = x[n, :, si, sj]
     return out
 
 

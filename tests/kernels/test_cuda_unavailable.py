@@ -5,12 +5,16 @@ import inspect
 import numpy as np
 import pytest
 
-from nbcnn.kernels import activation, conv1d, conv2d, dense, gather, optim, pool2d, softmax_xent
+from nbcnn.kernels import (activation, augment, batchnorm, conv1d, conv2d, dense, dropout, gather, global_pool, optim,
+                           pool2d, softmax_xent)
+
+MODULES = (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout, global_pool,
+           augment)
 from nbcnn.kernels._cuda import CudaUnavailableError, cuda_unavailable_reason
 
 LAUNCHERS = [
     obj
-    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather)
+    for m in MODULES
     for name, obj in vars(m).items()
     if name.endswith("_cuda") and inspect.isfunction(obj) and obj.__module__.startswith(m.__name__)
     and "_core_" not in name and "_workspace_" not in name  # the unchecked cores a planned step calls
@@ -19,8 +23,8 @@ LAUNCHERS = [
 
 def test_every_op_has_a_cuda_launcher():
     names = {f.__name__ for f in LAUNCHERS}
-    assert len(names) == 24
-    for m in (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather):
+    assert len(names) == 32
+    for m in MODULES:
         cpu = {
             name[: -len("_cpu")]
             for name, obj in vars(m).items()

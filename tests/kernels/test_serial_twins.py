@@ -23,7 +23,7 @@ def test_adam_twins_agree_and_match_numpy(rng, size):
     results = []
     for kernel in (optim._adam_update_cpu, optim._adam_update_serial_cpu):
         pp, mm, vv = p.copy(), m.copy(), v.copy()
-        kernel(pp, mm, vv, g, 1e-3, 0.9, 0.999, 1e-8, 1 - 0.9**3, 1 - 0.999**3)
+        kernel(pp, mm, vv, g, 1e-3, 0.9, 0.999, 1e-8, 1 - 0.9**3, 1 - 0.999**3, 1.0)  # decay 1: Adam
         results.append((pp, mm, vv))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
