@@ -70,7 +70,15 @@ def huge_batch_calls():
         ("gather_batch", (x, labels, x, labels, labels)),
         ("sgd_update", (flat, flat, flat, 0.1, 0.9, 0.0)),
         ("adam_update", (flat, flat, flat, flat, 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001)),
+        ("adamw_update", (flat, flat, flat, flat, 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.01)),
         ("fill", (flat, 0.0)),
+        ("batchnorm2d_forward", (y, b, b, b, b, y, b, b, 1e-5, 0.1, True, True)),
+        ("batchnorm2d_backward", (y, b, b, y, y, b, b, b, True)),
+        ("dropout_forward", (y, y, 7, 3, 0.5)),
+        ("dropout_backward", (y, y, 7, 3, 0.5)),
+        ("global_avgpool2d_forward", (empty(N, 5), y)),
+        ("global_avgpool2d_backward", (y, empty(N, 5), y, True)),
+        ("shift_flip", (x, x, 1, 2, 2, True, 0.0)),
     ]
 
 
