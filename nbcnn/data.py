@@ -130,11 +130,18 @@ def load_dataset(data_dir=None, image_size=None):
         folder, verify = os.fspath(data_dir), None
     if not os.path.isdir(folder):
         raise DataError(f"data folder {folder} does not exist")
-    if any(_find(folder, name) for name in FILES.values()) or not _subfolders(folder):
+    if not is_image_folder(folder):
         if image_size is not None and data_dir is not None:
             raise DataError(f"{folder}: --image-size applies to a folder of images, not to IDX files")
         return load_idx_folder(folder, verify=verify)
     return load_image_folder(folder, image_size)
+
+
+def is_image_folder(folder):
+    """Whether ``folder`` holds sub-folders of images rather than the four IDX files."""
+    folder = os.fspath(folder)
+    return (os.path.isdir(folder) and not any(_find(folder, name) for name in FILES.values())
+            and bool(_subfolders(folder)))
 
 
 def _subfolders(folder):

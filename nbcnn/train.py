@@ -19,7 +19,7 @@ import numpy as np
 
 from nbcnn import STARTED
 from nbcnn import layers as L
-from nbcnn.data import load_dataset, normalization, prepare
+from nbcnn.data import is_image_folder, load_dataset, normalization, prepare
 from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.images import ink_profile
 from nbcnn.losses import SoftmaxCrossEntropy
@@ -309,9 +309,10 @@ def evaluate_checkpoint(path, device="auto", data_dir=None, log=print):
     device = resolve_device(device)
     model = Sequential.load(path, device=device)
     meta = model.metadata
-    data = load_dataset(data_dir)
-    if "class_names" in data:  # a folder of images: resized to the model's input
-        data = load_dataset(data_dir, image_size=int(meta.get("input_shape", [0, 28])[-1]))
+    size = None
+    if data_dir is not None and is_image_folder(data_dir):  # pictures: resized to the model's input
+        size = int(meta.get("input_shape", [0, 28])[-1])
+    data = load_dataset(data_dir, size)
     if "mean" in meta:
         mean, std = meta["mean"], meta["std"]
     else:
