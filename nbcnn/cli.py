@@ -71,6 +71,8 @@ def build_parser():
                    help="default: the model's, else adam")
     t.add_argument("--weight-decay", type=_non_negative_float, default=None,
                    help="AdamW's decoupled decay, SGD's L2 term (default: the model's, else 0)")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks of an MPI job: mpiexec -n R nbcnn train --distributed ...")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("evaluate", help="test accuracy of a saved model")
@@ -144,9 +146,11 @@ def cmd_train(args):
                  lr_decay=args.lr_decay, seed=args.seed, data_dir=args.data_dir, out=args.out, resume=args.resume,
                  model=args.model, optimizer=args.optimizer, progress=not args.no_progress, schedule=args.schedule,
                  warmup=args.warmup, augment=args.augment, weight_decay=args.weight_decay,
-                 image_size=args.image_size)
+                 image_size=args.image_size, distributed=args.distributed)
     metrics = train(cfg)
-    if metrics:
+    from nbcnn.distributed import environment_rank
+
+    if metrics and environment_rank() == 0:
         last = metrics[-1]
         print(f"done: test accuracy {100 * last['test_accuracy']:.2f}% after {last['epoch']} epochs; "
               f"model in {os.path.join(args.out, 'model.npz')}")
@@ -236,17 +240,38 @@ def main(argv=None):
                     "bench": cmd_bench, "predict": cmd_predict, "export": cmd_export}
         return commands[args.command](args)
     except CudaUnavailableError as exc:
-        print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, exc, EXIT_USAGE)
     except (DataError, FileNotFoundError, ValueError, TypeError, FloatingPointError) as exc:
-        print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, exc, EXIT_USAGE)
     except WriteError as exc:  # a disk that filled up during training: the last good files are kept
-        print(f"nbcnn {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, exc, 1)
     except KeyboardInterrupt:
-        print(f"nbcnn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, "interrupted", 130)
+    except Exception:  # a bug, not a mistake: its traceback, but in an MPI job also the end of the job
+        from nbcnn import distributed
+
+        if distributed.ACTIVE is not None:
+            import traceback
+
+            traceback.print_exc()
+            return _fail(args, "the error above", 1)
+        raise
+
+
+def _fail(args, problem, code):
+    """Say what went wrong in one line on stderr, and return the exit status. In an MPI job whose ranks
+    already work together (``distributed.ACTIVE``), the failing rank says it and ends the job (the
+    others would wait for it forever); before that every rank fails alike and rank 0 alone says it."""
+    from nbcnn import distributed
+
+    text = f"nbcnn {args.command}: {'error: ' if code != 130 else ''}{problem}"
+    group = distributed.ACTIVE
+    if group is not None:
+        print(f"{text} (rank {group.rank} of {group.size}; ending the job)", file=sys.stderr, flush=True)
+        group.abort(code)
+    if distributed.environment_rank() == 0:
+        print(text, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

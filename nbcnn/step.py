@@ -62,11 +62,13 @@ class Trainer:
     ``kernels`` and ``spans``: a profiler's wrapper of the kernel registry and its labelled
     spans; the default runs the registry's kernels as they are. ``schedule``: a function of
     the number of steps taken (``steps``) giving each step's learning rate. ``augment``: an
-    ``Augment`` applied to every batch ``batch`` gathers.
+    ``Augment`` applied to every batch ``batch`` gathers. ``group``: a ``distributed.Group``:
+    each global batch is split between its ranks, and the epoch's and evaluation's sums are
+    summed over them (the gradient's sum is a hook, ``distributed.gradient_hook``).
     """
 
     def __init__(self, model, loss_fn, optimizer, hooks=(), read_every=25, kernels=ops.REGISTRY, spans=None,
-                 schedule=None, augment=None):
+                 schedule=None, augment=None, group=None):
         if isinstance(read_every, bool) or not isinstance(read_every, int) or read_every < 1:
             raise ValueError(f"read_every must be a positive integer, got {read_every!r}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
@@ -89,6 +91,8 @@ class Trainer:
             raise TypeError(f"augment must be an nbcnn.step.Augment, got {type(augment).__name__}")
         self.augment = augment
         self.shift_flip = kernels.get("shift_flip", self.device) if augment is not None else None
+        self.group = group
+        self.batch_share = 1.0  # this rank's rows over the global batch's, for the gradient's sum
 
     # ----------------------------------------------------------------------------- steps
 
@@ -148,34 +152,55 @@ class Trainer:
         started = time.perf_counter()
         steps = 0
         loss_sum = 0.0
+        group = self.group
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            xb, yb = self.batch(x, y, order[start:stop])
-            self.step(xb, yb)
+            lo, hi = (start, stop) if group is None else group.shard(start, stop)
+            self.batch_share = (hi - lo) / (stop - start)
+            if hi > lo:
+                xb, yb = self.batch(x, y, order[lo:hi])
+                self.step(xb, yb)
+            else:  # a last batch with fewer rows than ranks: this rank adds nothing, but takes the step
+                self._empty_step()
             steps += 1
             if steps == 1 and after_first_step is not None:
                 self.read()
                 after_first_step()
             if steps % self.read_every == 0 or stop == n:
                 loss_sum, _ = self.read()
+                if group is not None:
+                    loss_sum = float(group.sum([loss_sum])[0])
                 if not math.isfinite(loss_sum):
                     raise FloatingPointError(f"the loss became {loss_sum} by step {steps}")
                 if progress is not None:
                     progress(stop, loss_sum / stop, stop / (time.perf_counter() - started))
         return loss_sum / n
 
+    def _empty_step(self):
+        if self.schedule is not None:
+            self.optimizer.lr = self.schedule(self.steps)
+        self.steps += 1
+        self.fill.run(self.optimizer.buffer.grad, 0.0)
+        for hook in self.hooks:
+            hook(self)
+        self.optimizer.step()
+
     def evaluate(self, x, y, batch_size=250):
-        """(mean loss, accuracy) of the model on (x, y), in evaluation mode; one read at the end."""
+        """(mean loss, accuracy) of the model on (x, y), in evaluation mode; one read at the end.
+        In a group each rank evaluates its share of the rows and the sums are added."""
         n = x.shape[0]
+        first, last = (0, n) if self.group is None else self.group.shard(0, n)
         was_training = self.model.training
         self.model.eval()
         self.reset(self.eval_sums)
         try:
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
+            for start in range(first, last, batch_size):
+                stop = min(start + batch_size, last)
                 logits = self.model.forward(x[start:stop])
                 self.loss_fn.accumulate(logits, y[start:stop], self.eval_sums)
         finally:
             self.model.train(was_training)
         loss_sum, correct = self.read(self.eval_sums)
+        if self.group is not None:
+            loss_sum, correct = (float(v) for v in self.group.sum([loss_sum, correct]))
         return loss_sum / n, correct / n

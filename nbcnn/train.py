@@ -20,7 +20,9 @@ import numpy as np
 from nbcnn import STARTED
 from nbcnn import layers as L
 from nbcnn.data import is_image_folder, load_dataset, normalization, prepare
+from nbcnn import distributed
 from nbcnn.device import resolve_device, to_device, to_numpy
+from nbcnn.distributed import DistributedError, Group, gradient_hook
 from nbcnn.images import ink_profile
 from nbcnn.losses import SoftmaxCrossEntropy
 from nbcnn.model import Sequential, atomic_write, read_npz
@@ -47,7 +49,7 @@ class Config:
 
     def __init__(self, device="auto", epochs=None, batch_size=None, lr=None, lr_decay=None, seed=0, data_dir=None,
                  out="runs/mnist", resume=False, model="lenet", optimizer=None, progress=True, schedule=None,
-                 warmup=None, augment=False, weight_decay=None, image_size=None):
+                 warmup=None, augment=False, weight_decay=None, image_size=None, distributed=False):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
         given = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, schedule=schedule,
@@ -82,7 +84,11 @@ class Config:
         self.lr_decay, self.schedule, self.warmup = float(lr_decay), schedule, float(warmup)
         self.optimizer, self.weight_decay, self.augment = optimizer, float(weight_decay), bool(augment)
         self.data_dir, self.out, self.resume, self.model = data_dir, out, resume, model
-        self.progress, self.image_size = progress, image_size
+        self.progress, self.image_size, self.distributed = progress, image_size, bool(distributed)
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 def _labels_int32(labels):
@@ -208,7 +214,21 @@ def _check_out(out, model):
 
 
 def train(cfg, log=print):
-    """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json)."""
+    """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json).
+
+    With ``cfg.distributed``, one rank of an MPI job (``nbcnn.distributed``): every rank runs this
+    with the same settings; rank 0 alone prints and writes files."""
+    group = None
+    if cfg.distributed:
+        group = Group.world()
+        if group.size > cfg.batch_size:
+            raise DistributedError(f"--distributed: {group.size} ranks share a global batch of {cfg.batch_size}; "
+                                   f"give --batch-size {group.size} or more, or fewer ranks")
+        if not group.is_root:
+            log = _quiet
+            cfg.progress = False
+        if cfg.device != "cpu":
+            group.select_gpu_if_any()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data_dir, cfg.image_size)
     mean, std = normalization(data["train_images"])
@@ -233,7 +253,8 @@ def train(cfg, log=print):
     # shifts of up to 2 pixels, a black pixel's value shifted in; mirror images only for colour
     # pictures (a mirrored digit is no digit)
     augment = Augment(2, flip=channels == 3, fill=(0.0 - mean) / std, seed=cfg.seed) if cfg.augment else None
-    trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment)
+    hooks = [gradient_hook(group)] if group is not None else []
+    trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment, hooks=hooks, group=group)
     _check_out(cfg.out, model)
     checkpoint = os.path.join(cfg.out, "model.npz")
     resume_path = os.path.join(cfg.out, "resume.npz")
@@ -250,16 +271,24 @@ def train(cfg, log=print):
         if not os.path.exists(resume_path):
             raise FileNotFoundError(f"--resume: nothing to resume from in {cfg.out} (no resume.npz)")
         optimizer, start_epoch = _load_resume_state(resume_path, model, lambda p: _make_optimizer(cfg, p), device)
-        trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment)
+        trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment, hooks=hooks, group=group)
         trainer.steps = start_epoch * steps_per_epoch  # the schedule and the augmentation go on from there
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
         log(f"resuming after epoch {start_epoch} from {cfg.out}")
 
+    if group is not None:
+        # From here the ranks work together: the same weights and buffers everywhere (rank 0's),
+        # and a failure on one rank ends the job (see distributed.ACTIVE).
+        distributed.ACTIVE = group
+        group.broadcast_(model.buffer.data)
+        for array in model.buffers().values():
+            group.broadcast_(array)
     compile_seconds = _compile_kernels(cfg, model, train_x, train_y, augment, log)
     log(f"training {cfg.model} on {device}: {n} images of {channels}x{size}x{size}, {classes} classes, batch "
-        f"{cfg.batch_size}, {cfg.optimizer}, {schedule.describe()}{', augmented' if augment else ''}, "
+        f"{cfg.batch_size}{f' over {group.size} ranks' if group else ''}, {cfg.optimizer}, {schedule.describe()}"
+        f"{', augmented' if augment else ''}, "
         f"epochs {start_epoch + 1}..{cfg.epochs}")
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
@@ -286,17 +315,19 @@ def train(cfg, log=print):
         test_loss, test_accuracy = trainer.evaluate(test_x, test_y)
         record = dict(epoch=epoch, train_loss=mean_loss, test_loss=test_loss, test_accuracy=test_accuracy,
                       seconds=train_seconds, samples_per_second=n / train_seconds, device=device,
-                      model=cfg.model, batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed)
+                      model=cfg.model, batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed,
+                      ranks=group.size if group else 1)
         if first_step is not None:
             # from the import of nbcnn to the end of this run's first step: with Numba's cache warm,
             # mostly loading the data; on a first run, compiling the kernels
             record["first_step_seconds"] = startup["seconds"]
             record["compile_seconds"] = compile_seconds
         metrics.append(record)
-        model.save(checkpoint, **metadata)
-        _save_resume_state(resume_path, model, optimizer, epoch)
-        atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-        plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
+        if group is None or group.is_root:  # one writer
+            model.save(checkpoint, **metadata)
+            _save_resume_state(resume_path, model, optimizer, epoch)
+            atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+            plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
         if first_step is not None:
             log(f"first step finished {startup['seconds']:.2f} s after nbcnn was imported")
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test_loss:.4f}, "
