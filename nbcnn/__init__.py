@@ -4,7 +4,28 @@ The raw kernels are in ``nbcnn.kernels``; ``nbcnn.layers``, ``nbcnn.Sequential``
 ``nbcnn.losses`` and ``nbcnn.optim`` build and train networks on either device.
 """
 
+import os
 import time
+
+
+def _share_cores_between_ranks():
+    """Under mpiexec, the ranks on one machine share its cores: unless the user chose, each takes
+    its share of threads for Numba and for the BLAS, set here before NumPy starts OpenBLAS.
+    Measured on 2 cores, default model, one epoch: 2 ranks with the default threads (2 OpenBLAS
+    threads each) took 42 and 136 s; with one thread each, 8 s (one process of 2 threads: 12-16 s)."""
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if not (local or "").isdigit() or int(local) <= 1:
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    threads = str(max(1, cores // int(local)))
+    for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, threads)
+
+
+_share_cores_between_ranks()
 
 # When nbcnn was first imported: `nbcnn train` reports how long after this its first step ended
 # (imports, the data, Numba's compilation or cache loads, the step itself).
