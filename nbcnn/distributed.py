@@ -52,10 +52,11 @@ def _mpi():
     return MPI
 
 
-def local_rank(comm):
-    """This rank's index among the ranks on its own machine (which GPU it takes)."""
+def local_ranks(comm):
+    """(this rank's index among the ranks on its own machine, how many there are)."""
     MPI = _mpi()
-    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank()).Get_rank()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    return node.Get_rank(), node.Get_size()
 
 
 class Group:
@@ -66,6 +67,7 @@ class Group:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._nccl = None
         self._host = None  # a host copy of the gradient, for the MPI path on a GPU
+        self.gpu_shared = False  # more ranks than GPUs on this machine: NCCL cannot serve them
 
     @classmethod
     def world(cls):
@@ -95,7 +97,11 @@ class Group:
 
         count = len(cuda.gpus)
         if count:
-            cuda.select_device(local_rank(self.comm) % count)
+            index, ranks_here = local_ranks(self.comm)
+            cuda.select_device(index % count)
+            # NCCL wants one rank per GPU; ranks sharing one sum on the host instead (every rank must
+            # choose alike, so the decision is the job's)
+            self.gpu_shared = bool(self.comm.allreduce(ranks_here > count, op=_mpi().LOR))
 
     # --------------------------------------------------------------------- collectives
 
@@ -126,7 +132,7 @@ class Group:
             self.comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
             return
         if self._nccl is None:
-            self._nccl = _Nccl.start(self) or False
+            self._nccl = (not self.gpu_shared and _Nccl.start(self)) or False
         if self._nccl:
             self._nccl.sum_(grad, scale)
             return
@@ -151,10 +157,14 @@ class _Nccl:
 
     @classmethod
     def start(cls, group):
+        """The NCCL communicator of the group, or None where any rank lacks CuPy (all ranks agree)."""
         try:
             import cupy as cp
             from cupy.cuda import nccl
+            have = True
         except ImportError:
+            have = False
+        if not group.comm.allreduce(have, op=_mpi().LAND):
             return None
         uid = nccl.get_unique_id() if group.is_root else None
         uid = group.comm.bcast(uid, root=0)
