@@ -99,3 +99,20 @@ def test_cuda_bn_dropout_augment_training_matches_cpu():
         np.testing.assert_allclose(g, c, rtol=1e-4, atol=1e-5)
     for name in cpu_buffers:
         np.testing.assert_allclose(gpu_buffers[name], cpu_buffers[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_the_gradient_sum_of_a_gpu_rank_goes_through_the_host():
+    """A group of one (MPI's COMM_SELF): a GPU gradient is scaled and summed through a host copy,
+    the path ranks take where CuPy's NCCL is missing or several ranks share a GPU."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from nbcnn.distributed import Group
+
+    group = Group(MPI.COMM_SELF)
+    group.gpu_shared = True  # no NCCL
+    values = np.arange(6, dtype=np.float32)
+    grad = nbcnn.to_device(values.copy(), "cuda")
+    group.sum_gradient_(grad, 0.25)
+    np.testing.assert_array_equal(nbcnn.to_numpy(grad), values * np.float32(0.25))
+    weights = nbcnn.to_device(values + 1, "cuda")
+    group.broadcast_(weights)
+    np.testing.assert_array_equal(nbcnn.to_numpy(weights), values + 1)
