@@ -219,6 +219,7 @@ def train(cfg, log=print):
     With ``cfg.distributed``, one rank of an MPI job (``nbcnn.distributed``): every rank runs this
     with the same settings; rank 0 alone prints and writes files."""
     group = None
+    show_progress = cfg.progress
     if cfg.distributed:
         group = Group.world()
         if group.size > cfg.batch_size:
@@ -226,7 +227,7 @@ def train(cfg, log=print):
                                    f"give --batch-size {group.size} or more, or fewer ranks")
         if not group.is_root:
             log = _quiet
-            cfg.progress = False
+            show_progress = False
         if cfg.device != "cpu":
             group.select_gpu_if_any()
     device = resolve_device(cfg.device)
@@ -274,8 +275,12 @@ def train(cfg, log=print):
         trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment, hooks=hooks, group=group)
         trainer.steps = start_epoch * steps_per_epoch  # the schedule and the augmentation go on from there
         if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
+            try:
+                with open(metrics_path) as f:
+                    metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"--resume: {metrics_path} is not the metrics nbcnn wrote "
+                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
         log(f"resuming after epoch {start_epoch} from {cfg.out}")
 
     if group is not None:
@@ -293,7 +298,7 @@ def train(cfg, log=print):
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
         order = to_device(order, device)  # the only transfer of the epoch: n indices
-        bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+        bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", show_progress)
         progress = None
         if bar is not None:
             def progress(done, mean_loss, images_per_second, bar=bar):
@@ -332,6 +337,7 @@ def train(cfg, log=print):
             log(f"first step finished {startup['seconds']:.2f} s after nbcnn was imported")
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test_loss:.4f}, "
             f"test accuracy {100 * test_accuracy:.2f}%, {train_seconds:.1f} s ({record['samples_per_second']:,.0f} img/s)")
+    distributed.ACTIVE = None  # the ranks are done working together
     return metrics
 
 

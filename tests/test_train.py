@@ -227,3 +227,16 @@ def test_preparing_the_kernels_leaves_the_model_as_it_was(data_dir, tmp_path, mo
     for name in a.files:
         if name != "__model__":
             np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("content", ["{not json", "[{\"no_epoch\": 1}]", "7"])
+def test_a_damaged_metrics_file_is_refused_in_one_line_on_resume(data_dir, tmp_path, capsys, content):
+    out = tmp_path / "run"
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 1,
+                   "--out", out, "--no-progress") == 0
+    (out / "metrics.json").write_text(content)
+    capsys.readouterr()
+    assert run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--model", "tiny", "--epochs", 2,
+                   "--out", out, "--resume", "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the metrics nbcnn wrote" in err[0]
