@@ -43,9 +43,24 @@ def check_batchnorm(fn, on_device, y, x, stats, params):
     return shape
 
 
-def _check_hyper(fn, eps, momentum):
+def _check_forward(fn, on_device, y, mean, invstd, running_mean, running_var, x, gamma, beta, eps, momentum,
+                   training):
+    """The checks of both devices' forward entry points."""
     check_real(fn, "eps", eps, minimum=0, open_min=True)
     check_real(fn, "momentum", momentum, minimum=0, maximum=1)
+    N, C, H, W = check_batchnorm(
+        fn, on_device, ("y", y), ("x", x),
+        {"mean": mean, "invstd": invstd, "running_mean": running_mean, "running_var": running_var},
+        {"gamma": gamma, "beta": beta})
+    if training and N * H * W < 2:
+        raise ValueError(f"{fn}: training needs more than one value per channel, got x of shape {tuple(x.shape)}")
+
+
+def _check_backward(fn, on_device, dx, dgamma, dbeta, dy, x, mean, invstd, gamma):
+    """The checks of both devices' backward entry points."""
+    shape = check_batchnorm(fn, on_device, ("dx", dx), ("x", x),
+                            {"mean": mean, "invstd": invstd, "dgamma": dgamma, "dbeta": dbeta}, {"gamma": gamma})
+    check_shape(fn, "dy", dy, shape, ("N", "C", "H", "W"))
 
 
 # ----------------------------------------------------------------------------- CPU kernels
@@ -139,13 +154,8 @@ def batchnorm2d_forward_cpu(y, mean, invstd, running_mean, running_var, x, gamma
     """``y`` = batch norm of ``x`` (N, C, H, W) with ``gamma``, ``beta`` (C,); writes the batch's ``mean`` and
     ``invstd`` (C,) for the backward and, in training, updates ``running_mean`` and ``running_var`` in place.
     Returns ``y``."""
-    fn = "batchnorm2d_forward_cpu"
-    _check_hyper(fn, eps, momentum)
-    check_batchnorm(fn, on_host, ("y", y), ("x", x),
-                    {"mean": mean, "invstd": invstd, "running_mean": running_mean, "running_var": running_var},
-                    {"gamma": gamma, "beta": beta})
-    if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-        raise ValueError(f"{fn}: training needs more than one value per channel, got x of shape {x.shape}")
+    _check_forward("batchnorm2d_forward_cpu", on_host, y, mean, invstd, running_mean, running_var, x, gamma, beta,
+                   eps, momentum, training)
     batchnorm2d_forward_core_cpu(y, mean, invstd, running_mean, running_var, x, gamma, beta, float(eps),
                                  float(momentum), bool(training), bool(relu))
     return y
@@ -153,9 +163,7 @@ def batchnorm2d_forward_cpu(y, mean, invstd, running_mean, running_var, x, gamma
 
 def batchnorm2d_backward_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, training=True):
     """``dx``, ``dgamma`` and ``dbeta`` (overwritten) from ``dy``, the forward's ``x``, ``mean`` and ``invstd``."""
-    check_batchnorm("batchnorm2d_backward_cpu", on_host, ("dx", dx), ("x", x),
-                    {"mean": mean, "invstd": invstd, "dgamma": dgamma, "dbeta": dbeta}, {"gamma": gamma})
-    check_shape("batchnorm2d_backward_cpu", "dy", dy, x.shape, ("N", "C", "H", "W"))
+    _check_backward("batchnorm2d_backward_cpu", on_host, dx, dgamma, dbeta, dy, x, mean, invstd, gamma)
     batchnorm2d_backward_core_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, bool(training))
     return dx
 
@@ -296,15 +304,10 @@ def batchnorm2d_forward_cuda(y, mean, invstd, running_mean, running_var, x, gamm
                              training=True, relu=False):
     """``batchnorm2d_forward_cpu`` on the GPU."""
     fn = "batchnorm2d_forward_cuda"
-    _check_hyper(fn, eps, momentum)
     y, mean, invstd, running_mean, running_var, x, gamma, beta = gpu_arrays(
         fn, y=y, mean=mean, invstd=invstd, running_mean=running_mean, running_var=running_var, x=x, gamma=gamma,
         beta=beta)
-    check_batchnorm(fn, on_gpu, ("y", y), ("x", x),
-                    {"mean": mean, "invstd": invstd, "running_mean": running_mean, "running_var": running_var},
-                    {"gamma": gamma, "beta": beta})
-    if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-        raise ValueError(f"{fn}: training needs more than one value per channel, got x of shape {x.shape}")
+    _check_forward(fn, on_gpu, y, mean, invstd, running_mean, running_var, x, gamma, beta, eps, momentum, training)
     batchnorm2d_forward_core_cuda(y, mean, invstd, running_mean, running_var, x, gamma, beta, float(eps),
                                   float(momentum), bool(training), bool(relu))
     return y
@@ -315,8 +318,6 @@ def batchnorm2d_backward_cuda(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, tra
     fn = "batchnorm2d_backward_cuda"
     dx, dgamma, dbeta, dy, x, mean, invstd, gamma = gpu_arrays(
         fn, dx=dx, dgamma=dgamma, dbeta=dbeta, dy=dy, x=x, mean=mean, invstd=invstd, gamma=gamma)
-    check_batchnorm(fn, on_gpu, ("dx", dx), ("x", x),
-                    {"mean": mean, "invstd": invstd, "dgamma": dgamma, "dbeta": dbeta}, {"gamma": gamma})
-    check_shape(fn, "dy", dy, x.shape, ("N", "C", "H", "W"))
+    _check_backward(fn, on_gpu, dx, dgamma, dbeta, dy, x, mean, invstd, gamma)
     batchnorm2d_backward_core_cuda(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, bool(training))
     return dx

@@ -18,10 +18,7 @@ from numba import cuda, njit, prange
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu
-from ._random import hash32, hash32_cpu, hash32_cuda
-
-keep_bits, keep_bits_cpu, keep_bits_cuda = hash32, hash32_cpu, hash32_cuda  # see _random.py
-
+from ._random import hash32_cpu, hash32_cuda
 
 def threshold(p):
     """Elements whose hash is below this are dropped: round(p * 2**32)."""
@@ -35,13 +32,13 @@ def threshold(p):
 def _dropout_cpu(out, a, seed, step, cut, scale):
     """out = a * scale where the hash is at least ``cut``, else 0 (the forward and the backward alike)."""
     for i in prange(a.size):
-        out[i] = a[i] * scale if keep_bits_cpu(seed, step, i) >= cut else 0
+        out[i] = a[i] * scale if hash32_cpu(seed, step, i) >= cut else 0
 
 
 @njit(cache=True)
 def _dropout_serial_cpu(out, a, seed, step, cut, scale):
     for i in range(a.size):
-        out[i] = a[i] * scale if keep_bits_cpu(seed, step, i) >= cut else 0
+        out[i] = a[i] * scale if hash32_cpu(seed, step, i) >= cut else 0
 
 
 def _check(fn, on_device, out, a, seed, step, p):
@@ -85,7 +82,7 @@ def _dropout_kernel(out, a, seed, step, cut, scale):
     """One thread per element of the flat vectors."""
     i = cuda.grid(1)
     if i < a.size:
-        out[i] = a[i] * scale if keep_bits_cuda(seed, step, i) >= cut else 0
+        out[i] = a[i] * scale if hash32_cuda(seed, step, i) >= cut else 0
 
 
 def dropout_forward_core_cuda(y, x, seed, step, p):

@@ -38,6 +38,11 @@ class DataError(ValueError):
     """A data file is missing, unreadable, or not what it should be."""
 
 
+def describe(exc, limit=200):
+    """``Type: message`` of an exception on one line (whatever newlines its message holds), cut to ``limit``."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
 def _read_bytes(path):
     try:
         with open(path, "rb") as f:

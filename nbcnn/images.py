@@ -13,7 +13,7 @@ the digits it was trained on.
 
 import numpy as np
 
-from nbcnn.data import DataError
+from nbcnn.data import DataError, describe
 
 
 class ImageError(DataError):
@@ -44,8 +44,7 @@ def read_image(path, channels):
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageError(f"{path}: cannot be read as an image ({detail})") from None
+        raise ImageError(f"{path}: cannot be read as an image ({describe(exc)})") from None
     if pixels.size == 0:
         raise ImageError(f"{path}: the image is empty")
     return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))

@@ -23,6 +23,7 @@ import tempfile
 import numpy as np
 
 from nbcnn import ops
+from nbcnn.data import describe
 from nbcnn.device import CPU, resolve_device, to_device, to_numpy
 from nbcnn.layers import LAYERS, Layer, _ReLUPlan
 from nbcnn.parameter import Parameter, ParameterBuffer
@@ -55,8 +56,7 @@ def read_npz(path, what):
     except PermissionError:
         raise ValueError(f"{path}: permission denied") from None
     except Exception as exc:  # noqa: BLE001 (any failure to parse the bytes: see above)
-        detail = " ".join(str(exc).split())[:200]  # one line, whatever the exception wrote
-        raise ValueError(f"{path} is not {what}, or is cut short ({type(exc).__name__}: {detail})") from None
+        raise ValueError(f"{path} is not {what}, or is cut short ({describe(exc)})") from None
 
 
 def _umask():
@@ -350,8 +350,7 @@ class Sequential(Layer):
             if not isinstance(meta, dict):
                 raise ValueError("its description is not a JSON object")
         except (KeyError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-            detail = " ".join(str(exc).split())[:200]
-            raise ValueError(f"{path} is not {what}, or is cut short ({type(exc).__name__}: {detail})") from None
+            raise ValueError(f"{path} is not {what}, or is cut short ({describe(exc)})") from None
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         model = cls.from_config(meta)

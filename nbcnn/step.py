@@ -98,9 +98,7 @@ class Trainer:
 
     def step(self, xb, yb):
         """One training step on a batch already on the device; its loss is added to ``sums``."""
-        if self.schedule is not None:
-            self.optimizer.lr = self.schedule(self.steps)
-        self.steps += 1
+        self._tick()
         logits = self.model.forward(xb)
         with self.span("loss", "forward"):
             self.loss_fn.accumulate(logits, yb, self.sums)  # the loss's gradient too: backward has nothing to launch
@@ -176,10 +174,14 @@ class Trainer:
                     progress(stop, loss_sum / stop, stop / (time.perf_counter() - started))
         return loss_sum / n
 
-    def _empty_step(self):
+    def _tick(self):
+        """Set this step's learning rate from the schedule, and count the step."""
         if self.schedule is not None:
             self.optimizer.lr = self.schedule(self.steps)
         self.steps += 1
+
+    def _empty_step(self):
+        self._tick()
         self.fill.run(self.optimizer.buffer.grad, 0.0)
         for hook in self.hooks:
             hook(self)

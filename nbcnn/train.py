@@ -19,7 +19,7 @@ import numpy as np
 
 from nbcnn import STARTED
 from nbcnn import layers as L
-from nbcnn.data import is_image_folder, load_dataset, normalization, prepare
+from nbcnn.data import describe, is_image_folder, load_dataset, normalization, prepare
 from nbcnn import distributed
 from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.distributed import DistributedError, Group, gradient_hook
@@ -57,9 +57,7 @@ class Config:
         for name, value in given.items():
             if value is None:
                 given[name] = DEFAULTS.get(model, {}).get(name, BASE_DEFAULTS[name])
-        epochs, batch_size, lr, lr_decay = given["epochs"], given["batch_size"], given["lr"], given["lr_decay"]
-        schedule, warmup, optimizer, weight_decay = (given["schedule"], given["warmup"], given["optimizer"],
-                                                     given["weight_decay"])
+        epochs, batch_size, lr, lr_decay, schedule, warmup, optimizer, weight_decay = given.values()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if schedule not in KINDS:
@@ -157,8 +155,7 @@ def _load_resume_state(path, model, optimizer_factory, device):
         config = json.loads(str(data["model_config"]))
         epoch, step = int(data["epoch"]), int(data["step"])
     except (KeyError, ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
-        detail = " ".join(str(exc).split())[:200]
-        raise ValueError(f"--resume: {path} is not {what} ({type(exc).__name__}: {detail})") from None
+        raise ValueError(f"--resume: {path} is not {what} ({describe(exc)})") from None
     if config != json.loads(json.dumps(model.config())):
         raise ValueError(f"--resume: {path} holds a different model than the one asked for")
     if epoch < 0 or step < 0:
@@ -232,11 +229,11 @@ def train(cfg, log=print):
             group.select_gpu_if_any()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data_dir, cfg.image_size)
-    mean, std = normalization(data["train_images"])
-    classes = int(max(data["train_labels"].max(), data["test_labels"].max())) + 1
     images = data["train_images"]  # (N, H, W) grey, or (N, C, H, W) from a folder of colour images
+    mean, std = normalization(images)
+    classes = int(max(data["train_labels"].max(), data["test_labels"].max())) + 1
     channels, size = (1 if images.ndim == 3 else images.shape[1]), images.shape[-1]
-    train_x = to_device(prepare(data["train_images"], mean, std), device)
+    train_x = to_device(prepare(images, mean, std), device)
     train_y = to_device(_labels_int32(data["train_labels"]), device)
     test_x = to_device(prepare(data["test_images"], mean, std), device)
     test_y = to_device(_labels_int32(data["test_labels"]), device)
@@ -279,8 +276,7 @@ def train(cfg, log=print):
                 with open(metrics_path) as f:
                     metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
             except (OSError, ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"--resume: {metrics_path} is not the metrics nbcnn wrote "
-                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                raise ValueError(f"--resume: {metrics_path} is not the metrics nbcnn wrote ({describe(exc)})") from None
         log(f"resuming after epoch {start_epoch} from {cfg.out}")
 
     if group is not None:

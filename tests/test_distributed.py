@@ -98,7 +98,7 @@ def test_user_mistakes_exit_2_with_one_line(data_dir, tmp_path, capsys, monkeypa
 
 def test_a_rank_that_dies_ends_the_job_and_the_checkpoint_survives(data_dir, tmp_path):
     script = tmp_path / "dying.py"
-    script.write_text(f"""
+    script.write_text("""
 import sys
 from mpi4py import MPI
 from nbcnn import cli

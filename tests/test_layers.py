@@ -10,7 +10,7 @@ import nbcnn
 from nbcnn import layers as L
 from nbcnn.losses import SoftmaxCrossEntropy
 from nbcnn.model import atomic_write
-from tests.gradcheck import assert_grad_close, numerical_grad
+from tests.gradcheck import assert_network_grads_close
 
 
 def small_net():
@@ -38,12 +38,8 @@ def test_whole_network_gradients_match_finite_differences():
     def loss():
         return loss_fn.forward(model.forward(x), labels)
 
-    loss()
-    dx = model.backward(loss_fn.backward())
-    analytic = [p.grad.copy() for p in model.parameters()]
-    assert_grad_close(dx, numerical_grad(loss, x), rtol=1e-5, atol=1e-7)
-    for p, g in zip(model.parameters(), analytic):
-        assert_grad_close(g, numerical_grad(loss, p.data), rtol=1e-5, atol=1e-7)
+    loss.x, loss.loss_fn = x, loss_fn
+    assert_network_grads_close(model, loss, rtol=1e-5, atol=1e-7)
 
 
 def test_backward_without_input_gradient_gives_the_same_parameter_gradients():

@@ -7,10 +7,11 @@ import pytest
 
 import nbcnn
 from nbcnn import layers as L
-from nbcnn.kernels.dropout import keep_bits, threshold
+from nbcnn.kernels._random import hash32
+from nbcnn.kernels.dropout import threshold
 from nbcnn.losses import SoftmaxCrossEntropy
 from nbcnn.optim import AdamW
-from tests.gradcheck import assert_grad_close, numerical_grad
+from tests.gradcheck import assert_grad_close, assert_network_grads_close, numerical_grad
 
 # ------------------------------------------------------------------------------ references
 
@@ -128,19 +129,19 @@ def test_conv_batchnorm_relu_fused_equals_unfused():
 
 def test_dropout_hash_matches_python_integers():
     """The kernels' hash (int64 arithmetic that wraps) against Python's unbounded integers."""
-    from nbcnn.kernels.dropout import keep_bits_cpu
+    from nbcnn.kernels._random import hash32_cpu
     from numba import njit
 
     @njit
     def many(seed, step, n):
         out = np.empty(n, np.int64)
         for i in range(n):
-            out[i] = keep_bits_cpu(seed, step, i)
+            out[i] = hash32_cpu(seed, step, i)
         return out
 
     for seed, step in [(0, 0), (1, 1), (2**31 - 1, 10**6), (123456789, 7)]:
         got = many(seed, step, 300)
-        assert [int(v) for v in got] == [keep_bits(seed, step, i) for i in range(300)]
+        assert [int(v) for v in got] == [hash32(seed, step, i) for i in range(300)]
 
 
 def test_dropout_is_inverted_reproducible_and_masks_backward():
@@ -159,7 +160,7 @@ def test_dropout_is_inverted_reproducible_and_masks_backward():
     # the mask of element i is the hash of (seed, step, i) against p * 2**32
     seed, step = int(d.state[0]), int(d.state[1])
     flat_kept = kept.reshape(-1)
-    assert all(flat_kept[i] == (keep_bits(seed, step, i) >= threshold(0.3)) for i in range(0, x.size, 997))
+    assert all(flat_kept[i] == (hash32(seed, step, i) >= threshold(0.3)) for i in range(0, x.size, 997))
     # a new mask each step, and the same masks again from the same seed
     assert not np.array_equal(d.forward(x) != 0, kept)
     L.set_seed(9)
@@ -230,12 +231,8 @@ def test_a_whole_bn_network_matches_finite_differences():
         dropout.state[1] = step - 1  # the same dropout mask at every evaluation
         return loss_fn.forward(model.forward(x), labels)
 
-    loss()
-    dx = model.backward(loss_fn.backward())
-    analytic = [p.grad.copy() for p in model.parameters()]
-    assert_grad_close(dx, numerical_grad(loss, x), rtol=1e-5, atol=1e-7)
-    for p, g in zip(model.parameters(), analytic):
-        assert_grad_close(g, numerical_grad(loss, p.data), rtol=1e-5, atol=1e-7)
+    loss.x, loss.loss_fn = x, loss_fn
+    assert_network_grads_close(model, loss, rtol=1e-5, atol=1e-7)
 
 
 def test_save_and_load_carry_buffers_and_the_mode(tmp_path):

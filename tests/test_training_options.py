@@ -1,14 +1,13 @@
 """Schedules, augmentation, AdamW and the bn model in `nbcnn train`; training on a folder of images."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from nbcnn import cli
-from nbcnn.data import DataError, load_dataset
+from nbcnn.data import load_dataset
 from nbcnn.kernels.augment import draw, shift_flip_cpu
 from nbcnn.kernels._random import hash32
 from nbcnn.optim import AdamW
