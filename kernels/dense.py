@@ -14,16 +14,20 @@ vectorize (a float sum may not be reordered), so BLAS is about ten times faster.
 
 Backward kernels overwrite their outputs. On the CPU each task owns whole rows of its
 output (a row of dx per sample, a row of dw per output feature): no races. On the GPU
-all three products are one tiled shared-memory matrix product, ``C = op(A) op(B) + bias``
-with op a transpose or not, and each thread owns one element of C.
+all three are register-blocked matrix products ``C = op(A) op(B) + bias`` with op a transpose
+or not (``_tiles.py``: a thread computes 4 x 4 elements of C), one kernel per pair of
+transpositions; ``_matmul_kernel``, one element of C per thread, is the simpler version,
+kept as a reference.
 """
 
+import numba
 import numpy as np
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
 from ._cpu import serial
-from ._cuda import blocks, gpu_arrays, on_gpu
+from ._cuda import blocks, flat, gpu_arrays, on_gpu
+from ._tiles import ACC, GEMM_THREADS, LOADS, SPAN, STAGED, SUB, TILE_K, TILE_M, TILE_N, tile_product, zero_acc
 from .activation import relu_backward_core_cpu
 
 # ------------------------------------------------------------------------ argument checks
@@ -282,6 +286,98 @@ def _matmul_kernel(c, a, b, bias, mask, extra, trans_a, trans_b, has_bias, relu,
         extra[m] = acc
 
 
+def _gemm_kernel_for(trans_a, trans_b):
+    """The register-blocked product c = op(a) op(b) for one pair of transpositions, fixed when the
+    kernel is compiled so that the staging code has no branches on them (see ``_tiles.py``).
+
+    ``_gemm_<ab>_kernel(c, a, b, Q, bias, mask, extra, has_bias, relu, has_mask, ones_col)``: the
+    arguments and epilogues of ``_matmul_kernel``; ``a`` and ``b`` are flat views of the operands
+    (op(a) is M x Q, op(b) is Q x P). Each of the GEMM_THREADS threads computes 4 x 4 elements of
+    a TILE_M x TILE_N tile of c (M, P). Grid (ceil(P' / TILE_N), ceil(M / TILE_M)), P' = P + 1
+    with ``ones_col``.
+
+    Staging is coalesced: for each operand, consecutive threads take consecutive elements along
+    the array's contiguous axis (16 along q when it is contiguous along q, 64 along m or p
+    otherwise). A thread works out once where its 4 elements of each operand are (unsigned
+    flat indices, so nothing wraps around) and which of their rows exist; per step it checks q
+    and adds a constant.
+    """
+    # This thread stages op(a)[m0 + i + r * a_di, q0 + a_k + r * a_dk] for r < LOADS, and
+    # op(b)[q0 + b_k + r * b_dk, p0 + j + r * b_dj]: along q (dk) when 64 threads cover a row
+    # of the tile, along m or p (di, dj) when 16 do.
+    a_dk, a_di = (GEMM_THREADS // TILE_M, 0) if trans_a else (0, GEMM_THREADS // TILE_K)
+    b_dk, b_dj = (0, GEMM_THREADS // TILE_K) if trans_b else (GEMM_THREADS // TILE_N, 0)
+
+    def gemm(c, a, b, Q, bias, mask, extra, has_bias, relu, has_mask, ones_col):
+        M, P = c.shape
+        t = cuda.threadIdx.x
+        m0, p0 = cuda.blockIdx.y * TILE_M, cuda.blockIdx.x * TILE_N
+        sa = cuda.shared.array(STAGED, dtype=c.dtype)  # sa[k * TILE_M + i] = op(a)[m0 + i, q0 + k]
+        sb = cuda.shared.array(STAGED, dtype=c.dtype)  # sb[k * TILE_N + j] = op(b)[q0 + k, p0 + j]
+        acc = cuda.local.array(ACC, dtype=c.dtype)
+        zero_acc(acc)
+        zero, one = c.dtype.type(0), c.dtype.type(1)
+        a_k, i = (t // TILE_M, t % TILE_M) if trans_a else (t % TILE_K, t // TILE_K)
+        b_k, j = (t % TILE_K, t // TILE_K) if trans_b else (t // TILE_N, t % TILE_N)
+        # Flat index of the thread's first element of a and b, between its elements, per step.
+        if trans_a:  # a is Q x M
+            a_at, a_dr, a_step = a_k * M + m0 + i, a_dk * M, TILE_K * M
+        else:  # a is M x Q
+            a_at, a_dr, a_step = (m0 + i) * Q + a_k, a_di * Q, TILE_K
+        if trans_b:  # b is P x Q
+            b_at, b_dr, b_step = (p0 + j) * Q + b_k, b_dj * Q, TILE_K
+        else:  # b is Q x P
+            b_at, b_dr, b_step = b_k * P + p0 + j, b_dk * P, TILE_K * P
+        a_at, a_dr, a_step = numba.uint64(a_at), numba.uint64(a_dr), numba.uint64(a_step)
+        b_at, b_dr, b_step = numba.uint64(b_at), numba.uint64(b_dr), numba.uint64(b_step)
+        s_a = a_k * TILE_M + i  # where the first element goes in the shared tiles
+        s_b = b_k * TILE_N + j
+        # Elements past the last column of b are 0, or 1 in the column of ones. (Untransposed, a
+        # thread's 4 elements of b share one column; transposed, each has its own.)
+        b_fill = one if ones_col and p0 + j == P else zero
+        for q0 in range(0, Q, TILE_K):
+            for r in range(LOADS):
+                v = zero
+                if m0 + i + r * a_di < M and q0 + a_k + r * a_dk < Q:
+                    v = a[a_at + numba.uint64(r) * a_dr]
+                sa[s_a + r * (a_dk * TILE_M + a_di)] = v
+                v = zero
+                if q0 + b_k + r * b_dk < Q:
+                    v = b_fill if not trans_b else (one if ones_col and p0 + j + r * b_dj == P else zero)
+                    if p0 + j + r * b_dj < P:
+                        v = b[b_at + numba.uint64(r) * b_dr]
+                sb[s_b + r * (b_dk * TILE_N + b_dj)] = v
+            a_at += a_step
+            b_at += b_step
+            cuda.syncthreads()  # wait until both tiles are staged
+            tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+            cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+        tx, ty = t % SPAN, t // SPAN
+        for i in range(SUB):
+            m = m0 + ty + SPAN * i
+            if m >= M:
+                continue
+            for j in range(SUB):
+                p = p0 + tx + SPAN * j
+                v = acc[i * SUB + j]
+                if p < P:
+                    if has_bias:
+                        v += bias[p]
+                    if (relu and not v > 0) or (has_mask and not mask[m, p] > 0):
+                        v = zero
+                    c[m, p] = v
+                elif ones_col and p == P:
+                    extra[m] = v
+
+    gemm.__name__ = gemm.__qualname__ = f"_gemm_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}_kernel"
+    return cuda.jit(gemm)
+
+
+_gemm_nt_kernel = _gemm_kernel_for(False, True)  # y = x w^T
+_gemm_nn_kernel = _gemm_kernel_for(False, False)  # dx = dy w
+_gemm_tn_kernel = _gemm_kernel_for(True, False)  # dw = dy^T x (and db, as the column of ones)
+
+
 @cuda.jit
 def _dense_backward_bias_kernel(db, dy):
     """db[o] = sum_n dy[n, o]; one thread per output feature, threads along o (coalesced rows of dy)."""
@@ -297,13 +393,24 @@ def _dense_backward_bias_kernel(db, dy):
 # --------------------------------------------------------------------------- CUDA launchers
 
 
-def _matmul(c, a, b, bias, trans_a, trans_b):
+_GEMM = {(False, True): _gemm_nt_kernel, (False, False): _gemm_nn_kernel, (True, False): _gemm_tn_kernel}
+
+
+def _gemm(c, a, b, bias, mask, extra, trans_a, trans_b, has_bias, relu, has_mask, ones_col):
+    """c = op(a) op(b) with the register-blocked kernel for these transpositions; the flags as
+    ``_matmul_kernel`` takes them."""
     M, P = c.shape
+    Q = a.shape[0] if trans_a else a.shape[1]
+    columns = P + 1 if ones_col else P
+    _GEMM[(trans_a, trans_b)][(blocks(columns, TILE_N), blocks(M, TILE_M)), GEMM_THREADS](
+        c, flat(a), flat(b), Q, bias, mask, extra, has_bias, relu, has_mask, ones_col)
+
+
+def _matmul(c, a, b, bias, trans_a, trans_b):
     has_bias = bias is not None
     if not has_bias:
         bias = cuda.device_array(1, c.dtype)  # never read; a public call may allocate, a planned step does not
-    grid = (blocks(P, TILE), blocks(M, TILE))
-    _matmul_kernel[grid, (TILE, TILE)](c, a, b, bias, c, bias, trans_a, trans_b, has_bias, False, False, False)
+    _gemm(c, a, b, bias, c, bias, trans_a, trans_b, has_bias, False, False, False)
 
 
 def dense_forward_cuda(y, x, w, b=None):
@@ -343,12 +450,26 @@ def dense_backward_bias_cuda(db, dy):
 
 
 def dense_forward_core_cuda(y, x, w, b, relu, ws):
+    _gemm(y, x, w, b, y, b, False, True, True, relu, False, False)
+
+
+def dense_backward_core_cuda(dx, dw, db, dy, x, w, mask, ws):
+    if dx is not None:
+        _gemm(dx, dy, w, ws.one, x, ws.one, False, False, False, False, mask, False)
+    with_bias = db is not None  # the bias gradient is the product's extra column of ones
+    _gemm(dw, dy, x, ws.one, dw, db if with_bias else ws.one, True, False, False, False, False, with_bias)
+
+
+# The simpler product, one output a thread (registry algorithm "tiled"): kept as a reference.
+
+
+def dense_forward_tiled_core_cuda(y, x, w, b, relu, ws):
     M, P = y.shape
     _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE)](y, x, w, b, y, b, False, True, True, relu,
                                                                      False, False)
 
 
-def dense_backward_core_cuda(dx, dw, db, dy, x, w, mask, ws):
+def dense_backward_tiled_core_cuda(dx, dw, db, dy, x, w, mask, ws):
     if dx is not None:
         M, P = dx.shape
         _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE)](dx, dy, w, ws.one, x, ws.one, False, False,

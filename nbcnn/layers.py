@@ -302,7 +302,9 @@ class Conv2D(Layer):
 
     ``OH = (H + 2*P - FH) // S + 1`` and likewise OW. Each filter has C*FH*FW + 1
     parameters with its bias (the lecture's 5*5*3 + 1 = 76). ``algorithm`` picks the
-    kernels (on the CPU "gemm", im2col and BLAS, or "direct", the loops of the definition).
+    kernels: "gemm" (the default on both devices: im2col and BLAS on the CPU, implicit
+    register-blocked products on a GPU), "direct" (CPU: the loops of the definition) or
+    "tiled" (GPU: the simpler shared-memory kernels).
     """
 
     Plan = _Conv2DPlan

@@ -167,15 +167,20 @@ _add = REGISTRY.add
 
 # On the CPU, convolution goes through im2col and one BLAS product (conv2d/gemm.py), several
 # times faster than the direct loops of the definition (conv2d/cpu.py), which stay available
-# as "direct". On a GPU, shared-memory tiles (conv2d/cuda.py).
+# as "direct". On a GPU, implicit matrix products in register-blocked tiles (conv2d/cuda.py); the
+# simpler shared-memory kernels they replaced stay available as "tiled".
 _add("conv2d_forward", "cpu", "gemm", conv_gemm.conv2d_forward_core_cpu, conv_gemm.conv2d_workspace_cpu)
 _add("conv2d_backward", "cpu", "gemm", conv_gemm.conv2d_backward_core_cpu, conv_gemm.conv2d_workspace_cpu)
 _add("conv2d_forward", "cpu", "direct", conv_cpu.conv2d_forward_direct_core_cpu,
      conv_cpu.conv2d_workspace_direct_cpu, default=False)
 _add("conv2d_backward", "cpu", "direct", conv_cpu.conv2d_backward_direct_core_cpu,
      conv_cpu.conv2d_workspace_direct_cpu, default=False)
-_add("conv2d_forward", "cuda", "tiled", conv_cuda.conv2d_forward_core_cuda, conv_cuda.conv2d_workspace_cuda)
-_add("conv2d_backward", "cuda", "tiled", conv_cuda.conv2d_backward_core_cuda, conv_cuda.conv2d_workspace_cuda)
+_add("conv2d_forward", "cuda", "gemm", conv_cuda.conv2d_forward_core_cuda, conv_cuda.conv2d_workspace_cuda)
+_add("conv2d_backward", "cuda", "gemm", conv_cuda.conv2d_backward_core_cuda, conv_cuda.conv2d_workspace_cuda)
+_add("conv2d_forward", "cuda", "tiled", conv_cuda.conv2d_forward_direct_core_cuda,
+     conv_cuda.conv2d_workspace_direct_cuda, default=False)
+_add("conv2d_backward", "cuda", "tiled", conv_cuda.conv2d_backward_direct_core_cuda,
+     conv_cuda.conv2d_workspace_direct_cuda, default=False)
 
 for _device in ("cpu", "cuda"):
     _algorithm = "loops" if _device == "cpu" else "threads"
@@ -190,11 +195,15 @@ for _device in ("cpu", "cuda"):
                          ("global_avgpool2d_forward", global_pool), ("global_avgpool2d_backward", global_pool),
                          ("shift_flip", augment)]:
         _add(_op, _device, _algorithm, getattr(_module, f"{_op}_core{_mod}"))
-    # Dense layers: BLAS products on the CPU, one tiled product with fused epilogues on a GPU.
-    _algorithm = "blas" if _device == "cpu" else "tiled"
+    # Dense layers: BLAS products on the CPU, register-blocked products with fused epilogues on a
+    # GPU (the simpler one-output-a-thread product stays available as "tiled").
+    _algorithm = "blas" if _device == "cpu" else "gemm"
     _add("dense_forward", _device, _algorithm, getattr(dense, f"dense_forward_core{_mod}"))
     _add("dense_backward", _device, _algorithm, getattr(dense, f"dense_backward_core{_mod}"),
          lambda *shapes: {"one": (1,)})
+_add("dense_forward", "cuda", "tiled", dense.dense_forward_tiled_core_cuda, default=False)
+_add("dense_backward", "cuda", "tiled", dense.dense_backward_tiled_core_cuda, lambda *shapes: {"one": (1,)},
+     default=False)
 
 
 # ------------------------------------------------------------------------ checks, used once

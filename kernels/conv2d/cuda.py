@@ -22,10 +22,12 @@ the convolution), ``mask`` in the backward to the input zeroes dx where x is not
 Every kernel overwrites its output.
 """
 
+import numba
 import numpy as np
 from numba import cuda
 
-from .._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, grid_z, on_gpu
+from .._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, grid_z, on_gpu
+from .._tiles import ACC, GEMM_THREADS, LOADS, SPAN, STAGED, SUB, TILE_K, TILE_M, TILE_N, tile_product, zero_acc
 from .._index import in_coord_cuda, out_coord_cuda
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 
@@ -221,6 +223,258 @@ def _conv2d_backward_bias_kernel(db, dy):
         db[k] = total
 
 
+# ------------------------------------------------------- implicit matrix products (the fast path)
+#
+# Each convolution pass is a matrix product whose operands are read straight from the arrays,
+# never written out as an im2col matrix: C (M x P) = A (M x Q) B (Q x P), computed by the
+# register-blocked tiles of ``_tiles.py`` (64 x 64 outputs a block, 4 x 4 a thread).
+#
+#   forward          M = K filters, Q = C*FH*FW taps (c, fh, fw), P = N*OH*OW outputs (n, oh, ow);
+#                    A = w, B[(c, fh, fw), (n, oh, ow)] = x[n, c, oh*sh - ph + fh, ow*sw - pw + fw]
+#   backward, input  (stride 1) M = C, Q = K*FH*FW (k, fh, fw), P = N*H*W (n, ih, iw);
+#                    A[c, (k, fh, fw)] = w[k, c, fh, fw], B = dy[n, k, ih + ph - fh, iw + pw - fw]
+#   backward, weight M = K, Q = N*OH*OW (n, oh, ow), P = C*FH*FW + 1 (the bias as a column of ones);
+#                    A = dy, B[(n, oh, ow), (c, fh, fw)] = x[n, c, ...]; the batch split in chunks,
+#                    one partial product each, added in a fixed order (no atomics)
+#
+# Where a tap's (c, fh, fw) decomposition is needed in the staging loop, the block first builds a
+# table of it in shared memory (divisions once per block, none per step). Positions outside the
+# input (padding) and rows or columns past the end read as 0.
+
+TABLE_LIMIT = MAX_SHARED_BYTES - 2 * STAGED * 8  # shared bytes left for tables beside float64 tiles
+GEMM_BLOCKS = 264  # blocks the weight gradient aims for: two for each of an H100's 132 SMs
+
+
+def gemm_table_bytes(taps, tables=2):
+    """Dynamic shared memory of an implicit-product kernel: ``tables`` int32 entries per tap."""
+    return 4 * tables * taps
+
+
+@cuda.jit
+def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
+    """y = conv(x, w) + b (then max(., 0) with ``relu``) as the implicit product W (K x Q) X (Q x P).
+
+    Each array comes twice, as itself (its shape) and flat (``yf``, ``xf``, ``wf``: what is
+    indexed). Grid (ceil(P / TILE_N), ceil(K / TILE_M)), GEMM_THREADS threads; dynamic shared
+    memory ``gemm_table_bytes(Q)``: per tap q = (c, fh, fw), where it reads relative to an
+    output's top-left input (c*H*W + fh*W + fw), and fh and fw (packed as fh * 65536 + fw).
+    """
+    N, C, H, W = x.shape
+    K, _, FH, FW = w.shape
+    OH, OW = y.shape[2], y.shape[3]
+    Q, P, OHW = C * FH * FW, N * OH * OW, OH * OW
+    t = cuda.threadIdx.x
+    m0, p0 = cuda.blockIdx.y * TILE_M, cuda.blockIdx.x * TILE_N
+    table = cuda.shared.array(0, dtype=numba.int32)
+    for q in range(t, Q, GEMM_THREADS):
+        c, fh, fw = q // (FH * FW), (q // FW) % FH, q % FW
+        table[q] = c * H * W + fh * W + fw
+        table[Q + q] = fh * 65536 + fw
+    sa = cuda.shared.array(STAGED, dtype=y.dtype)  # sa[k * TILE_M + i] = w[m0 + i, q0 + k]
+    sb = cuda.shared.array(STAGED, dtype=y.dtype)  # sb[k * TILE_N + j] = X[q0 + k, p0 + j]
+    acc = cuda.local.array(ACC, dtype=y.dtype)
+    zero_acc(acc)
+    zero = y.dtype.type(0)
+    # A (w, K x Q, contiguous along q): 16 threads along q, rows i, i + 16, i + 32, i + 48.
+    a_k, i = t % TILE_K, t // TILE_K
+    a_at, a_dr = numba.uint64((m0 + i) * Q + a_k), numba.uint64(SPAN * Q)
+    # B (the input's patches): one output column p = (n, oh, ow) a thread, rows b_k + 4 r.
+    b_k, j = t // TILE_N, t % TILE_N
+    p = p0 + j
+    n = p // OHW
+    ih0 = (p % OHW) // OW * sh - ph
+    iw0 = p % OW * sw - pw
+    column = p < P
+    x_at = n * C * H * W + ih0 * W + iw0  # where this output's window starts (may be outside x)
+    cuda.syncthreads()  # wait until the table is built
+    for q0 in range(0, Q, TILE_K):
+        for r in range(LOADS):
+            v = zero
+            if m0 + i + r * SPAN < K and q0 + a_k < Q:
+                v = wf[a_at + numba.uint64(r) * a_dr]
+            sa[a_k * TILE_M + i + r * SPAN] = v
+            q = q0 + b_k + r * (GEMM_THREADS // TILE_N)
+            v = zero
+            if column and q < Q:
+                packed = table[Q + q]
+                ih, iw = ih0 + (packed >> 16), iw0 + (packed & 65535)
+                if 0 <= ih < H and 0 <= iw < W:
+                    v = xf[numba.uint64(x_at + table[q])]
+            sb[(b_k + r * (GEMM_THREADS // TILE_N)) * TILE_N + j] = v
+        a_at += numba.uint64(TILE_K)
+        cuda.syncthreads()  # wait until both tiles are staged
+        tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+        cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+    tx, ty = t % SPAN, t // SPAN
+    for jj in range(SUB):
+        p = p0 + tx + SPAN * jj
+        if p >= P:
+            continue
+        n, s = p // OHW, p % OHW
+        for ii in range(SUB):
+            k = m0 + ty + SPAN * ii
+            if k < K:
+                v = acc[ii * SUB + jj] + b[k]
+                if relu and not v > 0:
+                    v = zero
+                yf[(n * K + k) * OHW + s] = v
+
+
+@cuda.jit
+def _conv2d_backward_input_gemm_kernel(dx, dxf, dy, dyf, w, wf, x, xf, ph, pw, mask):
+    """dx = the gradient to the input of a stride-1 convolution, as the implicit product
+    A (C x Q) DY (Q x P), Q = K*FH*FW, P = N*H*W; zero where ``mask`` and x is not positive.
+
+    Arrays twice, as for the forward kernel. Grid (ceil(P / TILE_N), ceil(C / TILE_M)); dynamic
+    shared memory ``gemm_table_bytes(Q, 3)``: per tap q = (k, fh, fw), where A's element is in w
+    relative to channel c's first tap (k*C*FH*FW + fh*FW + fw), where DY's element is in dy
+    relative to the pixel's own (n, ih + ph, iw + pw) (k*OH*OW - fh*OW - fw), and fh, fw packed.
+    """
+    N, C, H, W = dx.shape
+    K, _, FH, FW = w.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    Q, P, HW, TAPS = K * FH * FW, N * H * W, H * W, FH * FW
+    t = cuda.threadIdx.x
+    m0, p0 = cuda.blockIdx.y * TILE_M, cuda.blockIdx.x * TILE_N
+    table = cuda.shared.array(0, dtype=numba.int32)
+    for q in range(t, Q, GEMM_THREADS):
+        k, fh, fw = q // TAPS, (q // FW) % FH, q % FW
+        table[q] = k * C * TAPS + fh * FW + fw
+        table[Q + q] = k * OH * OW - fh * OW - fw
+        table[2 * Q + q] = fh * 65536 + fw
+    sa = cuda.shared.array(STAGED, dtype=dx.dtype)
+    sb = cuda.shared.array(STAGED, dtype=dx.dtype)
+    acc = cuda.local.array(ACC, dtype=dx.dtype)
+    zero_acc(acc)
+    zero = dx.dtype.type(0)
+    # A: 16 threads along q, channel rows i, i + 16, ... (w[k, c, fh, fw] at c*TAPS + table[q]).
+    a_k, i = t % TILE_K, t // TILE_K
+    # B: one input pixel p = (n, ih, iw) a thread; its taps read dy at (ih + ph - fh, iw + pw - fw).
+    b_k, j = t // TILE_N, t % TILE_N
+    p = p0 + j
+    n = p // HW
+    oh0 = (p % HW) // W + ph
+    ow0 = p % W + pw
+    column = p < P
+    dy_at = n * K * OH * OW + oh0 * OW + ow0
+    cuda.syncthreads()  # wait until the table is built
+    for q0 in range(0, Q, TILE_K):
+        q = q0 + a_k
+        for r in range(LOADS):
+            c = m0 + i + r * SPAN
+            v = zero
+            if c < C and q < Q:
+                v = wf[numba.uint64(c * TAPS + table[q])]
+            sa[a_k * TILE_M + i + r * SPAN] = v
+        for r in range(LOADS):
+            q = q0 + b_k + r * (GEMM_THREADS // TILE_N)
+            v = zero
+            if column and q < Q:
+                packed = table[2 * Q + q]
+                oh, ow = oh0 - (packed >> 16), ow0 - (packed & 65535)
+                if 0 <= oh < OH and 0 <= ow < OW:
+                    v = dyf[numba.uint64(dy_at + table[Q + q])]
+            sb[(b_k + r * (GEMM_THREADS // TILE_N)) * TILE_N + j] = v
+        cuda.syncthreads()  # wait until both tiles are staged
+        tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+        cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+    tx, ty = t % SPAN, t // SPAN
+    for jj in range(SUB):
+        p = p0 + tx + SPAN * jj
+        if p >= P:
+            continue
+        n, s = p // HW, p % HW
+        for ii in range(SUB):
+            c = m0 + ty + SPAN * ii
+            if c < C:
+                at = (n * C + c) * HW + s
+                v = acc[ii * SUB + jj]
+                if mask and not xf[at] > 0:
+                    v = zero
+                dxf[at] = v
+
+
+@cuda.jit
+def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, sh, sw, ph, pw):
+    """One batch chunk's share of dw and db as the implicit product DY (K x Q) X (Q x P+1),
+    Q = the chunk's (n, oh, ow), P = C*FH*FW taps (c, fh, fw), the last column all ones (db).
+
+    ``partial`` (G, K, C, FH, FW), flat ``pf``, and ``partial_b`` (G, K) receive chunk
+    g = blockIdx.z's sums (with G = 1, dw and db themselves); chunk g is images g*N//G to
+    (g+1)*N//G - 1. Grid (ceil((P + 1) / TILE_N), ceil(K / TILE_M), G). No table: each thread
+    follows the output positions (oh, ow) of its 4 rows as they advance 16 a step.
+    """
+    G, K, C, FH, FW = partial.shape
+    N, _, H, W = x.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    OHW, TAPS = OH * OW, FH * FW
+    P = C * TAPS
+    t = cuda.threadIdx.x
+    g = cuda.blockIdx.z
+    m0, p0 = cuda.blockIdx.y * TILE_M, cuda.blockIdx.x * TILE_N
+    sa = cuda.shared.array(STAGED, dtype=pf.dtype)
+    sb = cuda.shared.array(STAGED, dtype=pf.dtype)
+    acc = cuda.local.array(ACC, dtype=pf.dtype)
+    zero_acc(acc)
+    zero, one = pf.dtype.type(0), pf.dtype.type(1)
+    # A (dy[n] as K x OH*OW, contiguous along q): 16 threads along q, rows i, i + 16, ...
+    a_k, i = t % TILE_K, t // TILE_K
+    # B: one tap column p = (c, fh, fw) a thread (or the column of ones), rows b_k + 4 r.
+    b_k, j = t // TILE_N, t % TILE_N
+    p = p0 + j
+    c, fh, fw = p // TAPS, (p // FW) % FH, p % FW
+    tap, ones = p < P, p == P
+    # Row r's output position (oh, ow) at the start of an image, and how far 16 steps move it.
+    oh_start = cuda.local.array(LOADS, dtype=numba.int64)
+    ow_start = cuda.local.array(LOADS, dtype=numba.int64)
+    oh = cuda.local.array(LOADS, dtype=numba.int64)
+    ow = cuda.local.array(LOADS, dtype=numba.int64)
+    for r in range(LOADS):
+        q = b_k + r * (GEMM_THREADS // TILE_N)
+        oh_start[r], ow_start[r] = q // OW, q % OW
+    d_oh, d_ow = TILE_K // OW, TILE_K % OW
+    for n in range(g * N // G, (g + 1) * N // G):
+        dy_at = n * K * OHW
+        x_at = (n * C + c) * H * W + (fh - ph) * W + fw - pw  # x[n, c, oh*sh - ph + fh, ow*sw - pw + fw] - oh*sh*W - ow*sw
+        for r in range(LOADS):
+            oh[r], ow[r] = oh_start[r], ow_start[r]
+        for q0 in range(0, OHW, TILE_K):
+            for r in range(LOADS):
+                k = m0 + i + r * SPAN
+                v = zero
+                if k < K and q0 + a_k < OHW:
+                    v = dyf[numba.uint64(dy_at + k * OHW + q0 + a_k)]
+                sa[a_k * TILE_M + i + r * SPAN] = v
+                v = zero
+                if q0 + b_k + r * (GEMM_THREADS // TILE_N) < OHW:
+                    if tap:
+                        ih, iw = oh[r] * sh - ph + fh, ow[r] * sw - pw + fw
+                        if 0 <= ih < H and 0 <= iw < W:
+                            v = xf[numba.uint64(x_at + oh[r] * sh * W + ow[r] * sw)]
+                    elif ones:
+                        v = one
+                sb[(b_k + r * (GEMM_THREADS // TILE_N)) * TILE_N + j] = v
+                ow[r] += d_ow  # advance row r by TILE_K positions
+                oh[r] += d_oh
+                if ow[r] >= OW:
+                    ow[r] -= OW
+                    oh[r] += 1
+            cuda.syncthreads()  # wait until both tiles are staged
+            tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+            cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+    tx, ty = t % SPAN, t // SPAN
+    for ii in range(SUB):
+        k = m0 + ty + SPAN * ii
+        if k >= K:
+            continue
+        for jj in range(SUB):
+            p = p0 + tx + SPAN * jj
+            if p < P:
+                pf[(g * K + k) * P + p] = acc[ii * SUB + jj]
+            elif p == P:
+                partial_b[g, k] = acc[ii * SUB + jj]
+
+
 # --------------------------------------------------------------------------- CUDA launchers
 
 
@@ -230,9 +484,23 @@ def forward_shared_bytes(FH, FW, sh, sw, itemsize):
     return (tile + K_PER_BLOCK * FH * FW) * itemsize
 
 
+def forward_gemm_fits(w_shape, dtype=None):
+    """Whether the implicit-product forward kernel can take this filter: its tap table in shared memory."""
+    K, C, FH, FW = w_shape
+    return gemm_table_bytes(C * FH * FW) <= TABLE_LIMIT
+
+
+def backward_input_gemm_fits(w_shape, stride):
+    """Whether the implicit-product backward-input kernel applies: stride 1, its tables in shared memory."""
+    K, C, FH, FW = w_shape
+    return tuple(stride) == (1, 1) and gemm_table_bytes(K * FH * FW, 3) <= TABLE_LIMIT
+
+
 def check_forward_fits(fn, w_shape, stride, dtype):
-    """The forward kernel stages a filter group and an input region in shared memory: refuse, with a
-    clear message, a filter and stride whose region does not fit in MAX_SHARED_BYTES."""
+    """Refuse, with a clear message, a filter and stride that neither forward kernel can stage in
+    shared memory (the implicit product's tap table, or the direct kernel's input region)."""
+    if forward_gemm_fits(w_shape):
+        return
     FH, FW = w_shape[2], w_shape[3]
     shared = forward_shared_bytes(FH, FW, *stride, np.dtype(dtype).itemsize)
     if shared > MAX_SHARED_BYTES:
@@ -262,12 +530,13 @@ def conv2d_backward_input_cuda(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, pad_w
     dx, dy, w = gpu_arrays(fn, dx=dx, dy=dy, w=w)
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     N, C, H, W, *_ = check_conv2d(fn, on_gpu, ("dx", dx), ("w", w), ("dy", dy), None, stride, padding)
-    _backward_input(dx, dy, w, dx, *stride, *padding, False)
+    _backward_input_gemm(dx, dy, w, dx, *stride, *padding, False)
     return dx
 
 
 def weight_chunks(N, taps):
-    """How many chunks to split the batch into so that about MIN_REDUCE_BLOCKS blocks run."""
+    """How many chunks the direct weight-gradient kernel splits the batch into: about
+    MIN_REDUCE_BLOCKS blocks in all."""
     return max(1, min(N, blocks(MIN_REDUCE_BLOCKS, taps)))
 
 
@@ -280,7 +549,7 @@ def conv2d_backward_weight_cuda(dw, dy, x, stride_h=1, stride_w=1, pad_h=0, pad_
                                                  padding)
     ws = conv2d_workspace_cuda(x.shape, dw.shape, dy.shape, stride, padding, True, x.dtype)
     arrays = {name: cuda.device_array(shape, x.dtype) for name, shape in ws.items()}
-    _weight_and_bias(dw, arrays["db"], dy, x, *stride, *padding, arrays.get("partial"), arrays.get("partial_b"))
+    _weight_and_bias_gemm(dw, arrays["db"], dy, x, *stride, *padding, arrays.get("partial"), arrays.get("partial_b"))
     return dw
 
 
@@ -300,38 +569,93 @@ def conv2d_backward_bias_cuda(db, dy):
 # skips that gradient; ``ws`` holds the scratch ``conv2d_workspace_cuda`` asked for.
 
 
-def conv2d_workspace_cuda(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
-    """{name: shape} of the scratch the backward core needs: the weight gradient's partial sums per
-    batch chunk (none when the batch is one chunk), and a bias gradient for a layer without bias.
-    Refuses a filter the forward kernel cannot stage (the plan calls this once)."""
+def gemm_chunks(N, K, P):
+    """How many batch chunks the weight gradient's implicit product is split into: enough blocks
+    for about GEMM_BLOCKS in all, at most one chunk per image."""
+    tiles = blocks(P + 1, TILE_N) * blocks(K, TILE_M)
+    return max(1, min(N, blocks(GEMM_BLOCKS, tiles)))
+
+
+# ------------------------------------------------------------ unchecked cores (planned steps)
+#
+# What nbcnn's planned step calls once a plan has checked the shapes; the same arguments as the
+# CPU cores in gemm.py. ``b`` is always an array (zeros without a bias); ``dx`` or ``db`` None
+# skips that gradient; ``ws`` holds the scratch the workspace function asked for.
+#
+# Two algorithms, chosen in the registry (nbcnn.ops): "gemm", the implicit products (the
+# default; a shape they cannot take falls back to the simpler kernel for that pass), and
+# "tiled", the simpler kernels, kept as references (*_direct_* here).
+
+
+def _workspace(x_shape, w_shape, stride, dtype, chunks):
     check_forward_fits("Conv2D on cuda", w_shape, stride, dtype)
-    N = x_shape[0]
     K, C, FH, FW = w_shape
-    G = weight_chunks(N, K * C * FH * FW + K)
+    G = chunks(x_shape[0], K, C * FH * FW)
     shapes = {"db": (K,)}
     if G > 1:
         shapes.update(partial=(G, K, C, FH, FW), partial_b=(G, K))
     return shapes
 
 
-def _backward_input(dx, dy, w, x, sh, sw, ph, pw, mask):
+def conv2d_workspace_cuda(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
+    """{name: shape} of the scratch the backward core needs: the weight gradient's partial sums per
+    batch chunk (none when the batch is one chunk), and a bias gradient for a layer without bias.
+    Refuses a filter the forward kernels cannot stage (the plan calls this once)."""
+    return _workspace(x_shape, w_shape, stride, dtype, gemm_chunks)
+
+
+def conv2d_workspace_direct_cuda(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
+    """``conv2d_workspace_cuda`` for the direct kernels (their own number of chunks)."""
+    return _workspace(x_shape, w_shape, stride, dtype, lambda N, K, taps: weight_chunks(N, K * taps + K))
+
+
+def _backward_input_direct(dx, dy, w, x, sh, sw, ph, pw, mask):
     N, C, H, W = dx.shape
     grid = (blocks(W, GATHER_W), blocks(H, GATHER_H), grid_z(N * C))
     _conv2d_backward_input_kernel[grid, (GATHER_W, GATHER_H)](dx, dy, w, x, sh, sw, ph, pw, mask)
 
 
-def _weight_and_bias(dw, db, dy, x, sh, sw, ph, pw, partial, partial_b):
+def _backward_input_gemm(dx, dy, w, x, sh, sw, ph, pw, mask):
+    if not backward_input_gemm_fits(w.shape, (sh, sw)):
+        _backward_input_direct(dx, dy, w, x, sh, sw, ph, pw, mask)
+        return
+    N, C, H, W = dx.shape
+    K, _, FH, FW = w.shape
+    grid = (blocks(N * H * W, TILE_N), blocks(C, TILE_M))
+    _conv2d_backward_input_gemm_kernel[grid, GEMM_THREADS, 0, gemm_table_bytes(K * FH * FW, 3)](
+        dx, flat(dx), dy, flat(dy), w, flat(w), x, flat(x), ph, pw, mask)
+
+
+def _chunks_or_gradients(dw, db, partial, partial_b):
+    if partial is None:  # one chunk: the first pass writes the gradients themselves
+        K, C, FH, FW = dw.shape
+        return dw.reshape(1, K, C, FH, FW), db.reshape(1, K)
+    return partial, partial_b
+
+
+def _weight_and_bias_direct(dw, db, dy, x, sh, sw, ph, pw, partial, partial_b):
     K, C, FH, FW = dw.shape
     taps = K * C * FH * FW
-    if partial is None:  # one chunk: pass 1 writes the gradients themselves
-        partial, partial_b = dw.reshape(1, K, C, FH, FW), db.reshape(1, K)
+    partial, partial_b = _chunks_or_gradients(dw, db, partial, partial_b)
     G = partial.shape[0]
     _conv2d_backward_weight_partial_kernel[(taps + K, G), REDUCE_THREADS](partial, partial_b, dy, x, sh, sw, ph, pw)
     if G > 1:
         _conv2d_backward_weight_reduce_kernel[blocks(taps + K, 256), 256](dw, db, partial, partial_b)
 
 
-def conv2d_forward_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
+def _weight_and_bias_gemm(dw, db, dy, x, sh, sw, ph, pw, partial, partial_b):
+    K, C, FH, FW = dw.shape
+    P = C * FH * FW
+    partial, partial_b = _chunks_or_gradients(dw, db, partial, partial_b)
+    G = partial.shape[0]
+    grid = (blocks(P + 1, TILE_N), blocks(K, TILE_M), G)
+    _conv2d_backward_weight_gemm_kernel[grid, GEMM_THREADS](partial, flat(partial), partial_b, dy, flat(dy), x,
+                                                           flat(x), sh, sw, ph, pw)
+    if G > 1:
+        _conv2d_backward_weight_reduce_kernel[blocks(K * P + K, 256), 256](dw, db, partial, partial_b)
+
+
+def conv2d_forward_direct_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
     N, K, OH, OW = y.shape
     FH, FW = w.shape[2], w.shape[3]
     shared = forward_shared_bytes(FH, FW, sh, sw, x.dtype.itemsize)
@@ -339,8 +663,26 @@ def conv2d_forward_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
     _conv2d_forward_kernel[grid, (TILE_W, TILE_H), 0, shared](y, x, w, b, sh, sw, ph, pw, relu)
 
 
+def conv2d_forward_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
+    if not forward_gemm_fits(w.shape):
+        conv2d_forward_direct_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws)
+        return
+    N, K, OH, OW = y.shape
+    _, C, FH, FW = w.shape
+    grid = (blocks(N * OH * OW, TILE_N), blocks(K, TILE_M))
+    _conv2d_forward_gemm_kernel[grid, GEMM_THREADS, 0, gemm_table_bytes(C * FH * FW)](
+        y, flat(y), x, flat(x), w, flat(w), b, sh, sw, ph, pw, relu)
+
+
+def conv2d_backward_direct_core_cuda(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
+    if dx is not None:
+        _backward_input_direct(dx, dy, w, x, sh, sw, ph, pw, mask)
+    _weight_and_bias_direct(dw, ws.db if db is None else db, dy, x, sh, sw, ph, pw, getattr(ws, "partial", None),
+                            getattr(ws, "partial_b", None))
+
+
 def conv2d_backward_core_cuda(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
     if dx is not None:
-        _backward_input(dx, dy, w, x, sh, sw, ph, pw, mask)
-    _weight_and_bias(dw, ws.db if db is None else db, dy, x, sh, sw, ph, pw, getattr(ws, "partial", None),
-                     getattr(ws, "partial_b", None))
+        _backward_input_gemm(dx, dy, w, x, sh, sw, ph, pw, mask)
+    _weight_and_bias_gemm(dw, ws.db if db is None else db, dy, x, sh, sw, ph, pw, getattr(ws, "partial", None),
+                          getattr(ws, "partial_b", None))
