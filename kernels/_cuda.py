@@ -37,7 +37,7 @@ def cuda_unavailable_reason():
             if not nvvm.is_available():
                 return ("a GPU is present but NVVM, the CUDA compiler, is not installed: "
                         "pip install 'nbcnn[cuda13]' (or 'nbcnn[cuda12]', to match the driver)")
-            return numpy_incompatibility()
+            return numpy_incompatibility() or probe_failure()
 
     except Exception as exc:  # the driver bindings raise many kinds of errors
         return f"the CUDA driver failed to start ({type(exc).__name__}: {exc})".replace("\n", " ")
@@ -62,6 +62,43 @@ def numpy_incompatibility():
         return None
     return (f"NumPy {np.__version__} removed np.row_stack, which numba-cuda {version('numba-cuda')} needs to "
             f"compile kernels: pip install 'numpy<2.5' (the nbcnn[cuda12], [cuda13] and [dev] extras pin it)")
+
+
+@cuda.jit(cache=True)
+def _probe_kernel(out):
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = 3 * i
+
+
+_PROBED = []  # the probe's answer, once per process
+
+
+def probe_failure():
+    """None when a tiny kernel compiles, launches and gives the right answer on this GPU; else one
+    line saying what failed. A GPU and a compiler can both be present and still not work together
+    (a toolkit newer than the driver, a GPU the toolkit no longer supports): this is how
+    ``--device auto`` finds out before choosing CUDA. Run once per process."""
+    if not _PROBED:
+        try:
+            out = cuda.device_array(64, np.int32)
+            _probe_kernel[1, 64](out)
+            ok = (out.copy_to_host() == 3 * np.arange(64)).all()
+            _PROBED.append(None if ok else "a test kernel ran but returned wrong values")
+        except Exception as exc:  # the driver, the linker and the compiler raise many kinds of errors
+            detail = " ".join(str(exc).split())[:200]
+            _PROBED.append(f"a test kernel failed to compile or run ({type(exc).__name__}: {detail})")
+    return _PROBED[0]
+
+
+def gpu_present():
+    """Whether the driver sees a GPU (usable or not)."""
+    if SIMULATOR:
+        return True
+    try:
+        return bool(cuda.is_available())
+    except Exception:
+        return False
 
 
 def require_cuda(fn):

@@ -93,7 +93,7 @@ def relu_backward_core_cpu(dx, dy, y):
 THREADS = 256
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _relu_forward_kernel(y, x):
     """One thread per element of the flat vectors."""
     i = cuda.grid(1)
@@ -102,7 +102,7 @@ def _relu_forward_kernel(y, x):
         y[i] = v if v > 0 else 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _relu_backward_kernel(dx, dy, y):
     """One thread per element of the flat vectors."""
     i = cuda.grid(1)

@@ -66,7 +66,7 @@ def shift_flip_core_cpu(out, x, seed, step, max_shift, flip, fill):
 THREADS = 256
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _shift_flip_kernel(out, x, N, C, H, W, seed, step, max_shift, flip, fill):
     """One thread per element of the flat output; each recomputes its image's draw."""
     k = cuda.grid(1)

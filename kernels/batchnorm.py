@@ -187,7 +187,7 @@ def batchnorm2d_backward_core_cpu(dx, dgamma, dbeta, dy, x, mean, invstd, gamma,
 THREADS = 256
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _batchnorm2d_stats_kernel(mean, invstd, running_mean, running_var, x, eps, momentum, training):
     """One block per channel: its threads sum the channel's values in a fixed order (mean, then
     squared deviations); thread 0 writes mean and invstd and updates the running estimates."""
@@ -226,7 +226,7 @@ def _batchnorm2d_stats_kernel(mean, invstd, running_mean, running_var, x, eps, m
             running_var[c] = (one - momentum) * running_var[c] + momentum * unbiased
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _batchnorm2d_normalize_kernel(y, x, mean, invstd, gamma, beta, C, HW, relu):
     """One thread per element of the flat x: y = (x - mean[c]) * invstd[c] * gamma[c] + beta[c]."""
     i = cuda.grid(1)
@@ -237,7 +237,7 @@ def _batchnorm2d_normalize_kernel(y, x, mean, invstd, gamma, beta, C, HW, relu):
         y[i] = v if (v > 0 or not relu) else 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _batchnorm2d_backward_reduce_kernel(dgamma, dbeta, dy, x, mean, invstd):
     """One block per channel: dbeta = sum(dy), dgamma = sum(dy * xhat), in a fixed order."""
     c = cuda.blockIdx.x
@@ -263,7 +263,7 @@ def _batchnorm2d_backward_reduce_kernel(dgamma, dbeta, dy, x, mean, invstd):
         dgamma[c] = total_gx
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _batchnorm2d_backward_input_kernel(dx, dy, x, mean, invstd, gamma, dgamma, dbeta, C, HW, training):
     """One thread per element of the flat dx."""
     i = cuda.grid(1)

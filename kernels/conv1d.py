@@ -132,7 +132,7 @@ def toeplitz_matrix_cpu(t, a):
 THREADS = 128
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv1d_forward_kernel(d, a, b):
     """d[j] = sum_i a[i] * b[j - i]; one thread per coefficient j."""
     la, lb = a.shape[0], b.shape[0]
@@ -145,7 +145,7 @@ def _conv1d_forward_kernel(d, a, b):
     d[j] = acc
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv1d_backward_kernel(da, db, dd, a, b):
     """Threads 0 .. la-1 compute da[i], threads la .. la+lb-1 compute db[i - la]."""
     la, lb = a.shape[0], b.shape[0]
@@ -163,7 +163,7 @@ def _conv1d_backward_kernel(da, db, dd, a, b):
         db[r] = acc
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _toeplitz_matrix_kernel(t, a):
     """t[j, i] = a[j - i] inside the band, else 0; one thread per element, threads along a row."""
     la = a.shape[0]

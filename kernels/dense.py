@@ -27,7 +27,8 @@ from numba import cuda, njit, prange
 from ._checks import check_arrays, check_ndim, check_shape, on_host
 from ._cpu import serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu
-from ._tiles import ACC, GEMM_THREADS, LOADS, SPAN, STAGED, SUB, TILE_K, TILE_M, TILE_N, tile_product, zero_acc
+from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
+                     tile_kernel, tile_product, zero_acc)
 from .activation import relu_backward_core_cpu
 
 # ------------------------------------------------------------------------ argument checks
@@ -229,7 +230,7 @@ TILE = 16  # a TILE x TILE block of threads computes a TILE x TILE tile of C
 TILE_PAD = 17  # shared-memory row length: TILE + 1, so a column's elements fall in different banks
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _matmul_kernel(c, a, b, bias, mask, extra, trans_a, trans_b, has_bias, relu, has_mask, ones_col):
     """c (M, P) = op(a) (M, Q) @ op(b) (Q, P) + bias (P,), op a transpose when trans_a / trans_b.
 
@@ -292,28 +293,27 @@ def _gemm_kernel_for(trans_a, trans_b):
 
     ``_gemm_<ab>_kernel(c, a, b, Q, bias, mask, extra, has_bias, relu, has_mask, ones_col)``: the
     arguments and epilogues of ``_matmul_kernel``; ``a`` and ``b`` are flat views of the operands
-    (op(a) is M x Q, op(b) is Q x P). Each of the GEMM_THREADS threads computes 4 x 4 elements of
-    a TILE_M x TILE_N tile of c (M, P). Grid (ceil(P' / TILE_N), ceil(M / TILE_M)), P' = P + 1
-    with ``ones_col``.
+    (op(a) is M x Q, op(b) is Q x P). Each of the GEMM_THREADS threads computes SUB_M x SUB_N
+    elements of a TILE_M x TILE_N tile of c (M, P). Grid (ceil(P' / TILE_N), ceil(M / TILE_M)),
+    P' = P + 1 with ``ones_col`` (which only the "tn" kernel, the weight gradient, takes).
 
     Staging is coalesced: for each operand, consecutive threads take consecutive elements along
-    the array's contiguous axis (16 along q when it is contiguous along q, 64 along m or p
-    otherwise). A thread works out once where its 4 elements of each operand are (unsigned
-    flat indices, so nothing wraps around) and which of their rows exist; per step it checks q
-    and adds a constant.
+    the array's contiguous axis (16 threads along q when it is contiguous along q, a whole row
+    of the tile along m or p otherwise). A thread works out once where its elements are
+    (unsigned flat indices, so nothing wraps around); per step it checks q and adds a constant.
     """
-    # This thread stages op(a)[m0 + i + r * a_di, q0 + a_k + r * a_dk] for r < LOADS, and
-    # op(b)[q0 + b_k + r * b_dk, p0 + j + r * b_dj]: along q (dk) when 64 threads cover a row
-    # of the tile, along m or p (di, dj) when 16 do.
+    # This thread stages op(a)[m0 + i + r * a_di, q0 + a_k + r * a_dk] for r < LOADS_A, and
+    # op(b)[q0 + b_k + r * b_dk, p0 + j + r * b_dj] for r < LOADS_B.
     a_dk, a_di = (GEMM_THREADS // TILE_M, 0) if trans_a else (0, GEMM_THREADS // TILE_K)
     b_dk, b_dj = (0, GEMM_THREADS // TILE_K) if trans_b else (GEMM_THREADS // TILE_N, 0)
+    with_ones = trans_a and not trans_b  # the weight gradient: its bias as a column of ones
 
     def gemm(c, a, b, Q, bias, mask, extra, has_bias, relu, has_mask, ones_col):
         M, P = c.shape
         t = cuda.threadIdx.x
         m0, p0 = cuda.blockIdx.y * TILE_M, cuda.blockIdx.x * TILE_N
-        sa = cuda.shared.array(STAGED, dtype=c.dtype)  # sa[k * TILE_M + i] = op(a)[m0 + i, q0 + k]
-        sb = cuda.shared.array(STAGED, dtype=c.dtype)  # sb[k * TILE_N + j] = op(b)[q0 + k, p0 + j]
+        sa = cuda.shared.array(STAGED_A, dtype=c.dtype)  # sa[k * TILE_M + i] = op(a)[m0 + i, q0 + k]
+        sb = cuda.shared.array(STAGED_B, dtype=c.dtype)  # sb[k * TILE_N + j] = op(b)[q0 + k, p0 + j]
         acc = cuda.local.array(ACC, dtype=c.dtype)
         zero_acc(acc)
         zero, one = c.dtype.type(0), c.dtype.type(1)
@@ -332,45 +332,45 @@ def _gemm_kernel_for(trans_a, trans_b):
         b_at, b_dr, b_step = numba.uint64(b_at), numba.uint64(b_dr), numba.uint64(b_step)
         s_a = a_k * TILE_M + i  # where the first element goes in the shared tiles
         s_b = b_k * TILE_N + j
-        # Elements past the last column of b are 0, or 1 in the column of ones. (Untransposed, a
-        # thread's 4 elements of b share one column; transposed, each has its own.)
-        b_fill = one if ones_col and p0 + j == P else zero
+        # Past the last column of b: 0, or 1 in the column of ones.
+        b_fill = one if with_ones and ones_col and p0 + j == P else zero
         for q0 in range(0, Q, TILE_K):
-            for r in range(LOADS):
+            for r in range(LOADS_A):
                 v = zero
                 if m0 + i + r * a_di < M and q0 + a_k + r * a_dk < Q:
                     v = a[a_at + numba.uint64(r) * a_dr]
                 sa[s_a + r * (a_dk * TILE_M + a_di)] = v
+            for r in range(LOADS_B):
                 v = zero
                 if q0 + b_k + r * b_dk < Q:
-                    v = b_fill if not trans_b else (one if ones_col and p0 + j + r * b_dj == P else zero)
+                    v = b_fill
                     if p0 + j + r * b_dj < P:
                         v = b[b_at + numba.uint64(r) * b_dr]
                 sb[s_b + r * (b_dk * TILE_N + b_dj)] = v
             a_at += a_step
             b_at += b_step
             cuda.syncthreads()  # wait until both tiles are staged
-            tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+            tile_product(acc, sa, sb, t)
             cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
         tx, ty = t % SPAN, t // SPAN
-        for i in range(SUB):
-            m = m0 + ty + SPAN * i
+        for ii in range(SUB_M):
+            m = m0 + ty + SPAN * ii
             if m >= M:
                 continue
-            for j in range(SUB):
-                p = p0 + tx + SPAN * j
-                v = acc[i * SUB + j]
+            for jj in range(SUB_N):
+                p = p0 + tx + SPAN * jj
+                v = acc[ii * SUB_N + jj]
                 if p < P:
                     if has_bias:
                         v += bias[p]
                     if (relu and not v > 0) or (has_mask and not mask[m, p] > 0):
                         v = zero
                     c[m, p] = v
-                elif ones_col and p == P:
+                elif with_ones and ones_col and p == P:
                     extra[m] = v
 
     gemm.__name__ = gemm.__qualname__ = f"_gemm_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}_kernel"
-    return cuda.jit(gemm)
+    return tile_kernel(gemm)
 
 
 _gemm_nt_kernel = _gemm_kernel_for(False, True)  # y = x w^T
@@ -378,7 +378,7 @@ _gemm_nn_kernel = _gemm_kernel_for(False, False)  # dx = dy w
 _gemm_tn_kernel = _gemm_kernel_for(True, False)  # dw = dy^T x (and db, as the column of ones)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _dense_backward_bias_kernel(db, dy):
     """db[o] = sum_n dy[n, o]; one thread per output feature, threads along o (coalesced rows of dy)."""
     o = cuda.grid(1)
@@ -401,7 +401,7 @@ def _gemm(c, a, b, bias, mask, extra, trans_a, trans_b, has_bias, relu, has_mask
     ``_matmul_kernel`` takes them."""
     M, P = c.shape
     Q = a.shape[0] if trans_a else a.shape[1]
-    columns = P + 1 if ones_col else P
+    columns = P + 1 if ones_col else P  # (only the "tn" kernel has a column of ones)
     _GEMM[(trans_a, trans_b)][(blocks(columns, TILE_N), blocks(M, TILE_M)), GEMM_THREADS](
         c, flat(a), flat(b), Q, bias, mask, extra, has_bias, relu, has_mask, ones_col)
 

@@ -77,7 +77,7 @@ dropout_backward_core_cpu = dropout_forward_core_cpu  # the same mask, applied t
 THREADS = 256
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _dropout_kernel(out, a, seed, step, cut, scale):
     """One thread per element of the flat vectors."""
     i = cuda.grid(1)

@@ -92,7 +92,7 @@ def gather_rows_cuda(out, x, idx):
     return out
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _gather_batch_kernel(xb, yb, x, y, idx, with_labels):
     """xb[i] = x[idx[i]], and with ``with_labels`` yb[i] = y[idx[i]]: a minibatch and its labels in one
     launch. One thread per element of xb (B, D), threads along D, so each row is read and written

@@ -69,7 +69,7 @@ def global_avgpool2d_backward_core_cpu(dx, dy, x, mask):
 THREADS = 256
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _global_avgpool_forward_kernel(y, x, size):
     """One thread per plane (planes are small: 7x7, 4x4 in the networks this serves)."""
     k = cuda.grid(1)
@@ -80,7 +80,7 @@ def _global_avgpool_forward_kernel(y, x, size):
         y[k] = total / x.dtype.type(size)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _global_avgpool_backward_kernel(dx, dy, x, size, mask):
     """One thread per element of dx."""
     i = cuda.grid(1)

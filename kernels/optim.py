@@ -190,7 +190,7 @@ def adamw_update_core_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2
 THREADS = 256
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _sgd_update_kernel(param, velocity, grad, lr, momentum, weight_decay):
     """One SGD step; one thread per element of the flat vectors. The hyperparameters arrive as
     float64 and are rounded once to the parameters' dtype, so a float32 model does float32
@@ -205,7 +205,7 @@ def _sgd_update_kernel(param, velocity, grad, lr, momentum, weight_decay):
         param[i] -= rate * vel
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _adam_update_kernel(param, m, v, grad, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, root_bias2,
                         decay):
     """One Adam step; one thread per element of the flat vectors. The launcher computes the step's
@@ -227,7 +227,7 @@ def _adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2):
     return lr / bias1, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, math.sqrt(bias2)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _fill_kernel(a, value):
     """a[:] = value; one thread per element of the flat vector."""
     i = cuda.grid(1)

@@ -330,7 +330,7 @@ def _plane_position():
     return cuda.blockIdx.y * POOL_H + cuda.threadIdx.y, cuda.blockIdx.x * POOL_W + cuda.threadIdx.x
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _maxpool2d_forward_kernel(y, argmax, x, fh, fw, sh, sw, ph, pw):
     """One thread per output position (oh, ow), threadIdx.x along OW, for every plane (n, c) in turn;
     grid (ceil(OW/32), ceil(OH/8), min(N*C, MAX_GRID_Z))."""
@@ -346,7 +346,7 @@ def _maxpool2d_forward_kernel(y, argmax, x, fh, fw, sh, sw, ph, pw):
         y[n, c, oh, ow], argmax[n, c, oh, ow] = window_max_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _maxpool2d_backward_kernel(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
     """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs whose
     argmax is this input, zeroed where ``mask`` and x is not positive; every plane in turn, grid
@@ -366,7 +366,7 @@ def _maxpool2d_backward_kernel(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
         dx[n, c, ih, iw] = v
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _avgpool2d_forward_kernel(y, x, fh, fw, sh, sw, ph, pw):
     """One thread per output position (oh, ow): the window's sum / (FH*FW). Grid as max pooling's."""
     N, C, H, W = x.shape
@@ -382,7 +382,7 @@ def _avgpool2d_forward_kernel(y, x, fh, fw, sh, sw, ph, pw):
         y[n, c, oh, ow] = window_sum_cuda(x, n, c, ih_lo, ih_hi, iw_lo, iw_hi) * scale
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _avgpool2d_backward_kernel(dx, dy, x, fh, fw, sh, sw, ph, pw, mask):
     """One thread per input (n, c, ih, iw): the sum of dy over the covering outputs / (FH*FW),
     zeroed where ``mask`` and x is not positive; every plane in turn."""

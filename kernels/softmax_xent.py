@@ -207,7 +207,7 @@ def softmax_xent_step_core_cpu(sums, probs, dlogits, logits, labels, accumulate)
 # ---------------------------------------------------------------------------- CUDA kernels
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _softmax_xent_forward_kernel(loss, probs, logits, labels):
     """A single block of REDUCE_THREADS threads; thread t takes rows t, t + REDUCE_THREADS, ...
 
@@ -224,7 +224,7 @@ def _softmax_xent_forward_kernel(loss, probs, logits, labels):
         loss[0] = total / N
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _softmax_xent_backward_kernel(dlogits, probs, labels):
     """dlogits[n, j] = (probs[n, j] - [j == labels[n]]) / N; one thread per element."""
     N, M = probs.shape
@@ -236,7 +236,7 @@ def _softmax_xent_backward_kernel(dlogits, probs, labels):
     dlogits[n, j] = (probs[n, j] - onehot) / N
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _count_correct_kernel(count, logits, labels):
     """A single block of REDUCE_THREADS threads, thread t taking rows t, t + REDUCE_THREADS, ...;
     block_sum adds the threads' counts (exact in float64 for any realistic N)."""
@@ -250,7 +250,7 @@ def _count_correct_kernel(count, logits, labels):
         count[0] = int(total)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate):
     """The CUDA twin of ``_softmax_xent_step_cpu``. A single block of REDUCE_THREADS threads; thread t
     takes rows t, t + REDUCE_THREADS, ...; block_sum adds the threads' losses and counts in a fixed

@@ -31,6 +31,21 @@ _positive_float = _number("a positive finite number", float, lambda v: 0 < v < f
 _non_negative_float = _number("a non-negative finite number", float, lambda v: 0 <= v < float("inf"))
 
 
+def _compute_capability(text):
+    """'9.0' -> (9, 0), for the compute capabilities the static profile knows."""
+    from nbcnn.static import SM_LIMITS
+
+    parts = text.split(".")
+    known = ", ".join(f"{a}.{b}" for a, b in sorted(SM_LIMITS))
+    try:
+        cc = (int(parts[0]), int(parts[1])) if len(parts) == 2 else None
+    except ValueError:
+        cc = None
+    if cc not in SM_LIMITS:
+        raise argparse.ArgumentTypeError(f"expected a compute capability, one of {known}; got {text!r}")
+    return cc
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors in one line (what was wrong, and where the help is) and exit 2."""
 
@@ -101,6 +116,13 @@ def build_parser():
     p.add_argument("--json", default=None, help="write the figures as JSON here")
     p.add_argument("--trace", default="runs/profile/trace.json",
                    help="Chrome trace of one step (chrome://tracing, ui.perfetto.dev)")
+    p.add_argument("--static", action="store_true",
+                   help="no timing and no GPU: compile every CUDA kernel for --cc and report registers, spills, "
+                        "shared memory, occupancy and SASS instructions per FMA of its hottest loop")
+    p.add_argument("--cc", type=_compute_capability, default=(9, 0),
+                   help="with --static: the compute capability, MAJOR.MINOR (default 9.0, the H100)")
+    p.add_argument("--kernel", action="append", default=None, metavar="NAME",
+                   help="with --static: only this kernel (repeat for several; default: all)")
 
     b = sub.add_parser("bench", help="a fixed suite of kernels and training epochs, optionally against PyTorch")
     b.add_argument("--device", default="auto")
@@ -115,6 +137,8 @@ def build_parser():
 
 
 def cmd_profile(args):
+    if args.static:
+        return _static_profile(args)
     from nbcnn.profile import format_profile, profile_step, write_json
 
     report = profile_step(args.model, args.device, args.batch_size, args.repeats)
@@ -123,6 +147,20 @@ def cmd_profile(args):
     print(f"\nChrome trace of the step: {args.trace}")
     if args.json:
         write_json(args.json, report)
+        print(f"figures: {args.json}")
+    return 0
+
+
+def _static_profile(args):
+    from nbcnn.static import StaticProfileError, format_rows, static_profile, write_json
+
+    try:
+        rows = static_profile(args.cc, names=args.kernel)
+    except StaticProfileError as exc:
+        return _fail(args, exc, EXIT_USAGE)
+    print(format_rows(rows, args.cc))
+    if args.json:
+        write_json(rows, args.json)
         print(f"figures: {args.json}")
     return 0
 

@@ -1,7 +1,8 @@
 """Where arrays live and computations run: the CPU (NumPy arrays) or a GPU (Numba device arrays).
 
 A device is resolved once into a ``Device``: ``resolve_device("auto")`` picks CUDA when a
-usable GPU is present, else the CPU; the environment variable ``NBCNN_DEVICE`` ("cpu" or
+usable GPU is present (one that compiles, launches and returns a test kernel), else the CPU,
+saying why in one line where a GPU is present but cannot be used; the environment variable ``NBCNN_DEVICE`` ("cpu" or
 "cuda") overrides "auto". Asking for CUDA where it cannot run raises
 ``DeviceUnavailableError`` with the reason and what to do instead. A model carries its
 ``Device``; everything it allocates, it allocates through it (``empty``, ``zeros``), so the
@@ -12,11 +13,12 @@ A ``Device`` is a ``str`` ("cpu" or "cuda") with a GPU ``index`` (None on the CP
 """
 
 import os
+import sys
 
 import numpy as np
 
 # The one probe of CUDA's availability lives beside the kernels that need it.
-from nbcnn.kernels._cuda import SIMULATOR, CudaUnavailableError, cuda_unavailable_reason
+from nbcnn.kernels._cuda import SIMULATOR, CudaUnavailableError, cuda_unavailable_reason, gpu_present
 
 DEVICES = ("cpu", "cuda")
 
@@ -99,7 +101,7 @@ def resolve_device(device="auto"):
                 raise ValueError(f"NBCNN_DEVICE must be 'cpu' or 'cuda', got {override!r}")
             name = override
         else:
-            name = "cuda" if cuda_available() else "cpu"
+            name = "cuda" if cuda_available() else _fall_back_to_cpu()
     if name not in DEVICES:
         raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu' or 'cuda'")
     if name == "cpu":
@@ -108,6 +110,19 @@ def resolve_device(device="auto"):
     if reason is not None:
         raise DeviceUnavailableError(f"CUDA is not usable here: {reason}; use --device cpu (or device='cpu')")
     return Device("cuda", _current_gpu())
+
+
+_SAID = set()
+
+
+def _fall_back_to_cpu():
+    """"cpu", saying why in one line on stderr (once a process) where a GPU is present but unusable."""
+    if gpu_present():
+        line = f"nbcnn: a GPU is present but CUDA is not usable ({cuda_unavailable_reason()}); running on the CPU"
+        if line not in _SAID:
+            _SAID.add(line)
+            print(line, file=sys.stderr)
+    return "cpu"
 
 
 def _current_gpu():

@@ -178,8 +178,8 @@ def _opcode(text):
     return words[0] if words else ""
 
 
-def hottest_loop(sass, entry):
-    """(instructions, FFMAs) of ``entry``'s innermost loop with the most FFMAs, or None without one."""
+def loops_with_ffma(sass, entry):
+    """[(start, end, instructions, FFMAs, texts)] of ``entry``'s loops that contain FFMAs."""
     funcs, labels = functions(sass)
     body = funcs.get(entry)
     if body is None:
@@ -198,23 +198,31 @@ def hottest_loop(sass, entry):
     counted = []
     for start, end in loops:
         count = ffma = 0
+        texts = []
         for address, text in body:
             if start <= address <= end:
                 op = _opcode(text)
                 if op == "NOP":
                     continue
+                texts.append(text)
                 count += 1
                 ffma += op.startswith("FFMA")
                 call = _CALL.search(text)
                 if call:
                     count += size(call.group(1))
         if ffma:
-            counted.append((start, end, count, ffma))
+            counted.append((start, end, count, ffma, texts))
+    return counted
+
+
+def hottest_loop(sass, entry):
+    """(instructions, FFMAs) of ``entry``'s hottest loop (see the module's docstring), or None."""
+    counted = loops_with_ffma(sass, entry)
     # The innermost of the loops that do FMAs (a loop inside them that does none, such as an
     # index update, is part of their cost), and of those the one with the most FMAs.
     best = None
-    for start, end, count, ffma in counted:
-        if any((s2, e2) != (start, end) and start <= s2 and e2 <= end for s2, e2, _, _ in counted):
+    for start, end, count, ffma, _ in counted:
+        if any((s2, e2) != (start, end) and start <= s2 and e2 <= end for s2, e2, *_ in counted):
             continue
         if best is None or ffma > best[1]:
             best = (count, ffma)
@@ -240,7 +248,8 @@ def analyse(launch, cc, dtype=np.float32):
     """The row of the static profile for one ``catalogue.Launch``."""
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(launch.kernel.py_func, launch.sig, cc=tuple(cc))
+    bounds = getattr(launch.kernel, "targetoptions", {}).get("launch_bounds")
+    ptx, _ = cuda.compile_ptx(launch.kernel.py_func, launch.sig, cc=tuple(cc), launch_bounds=bounds)
     cubin, log = link(ptx, cc)
     figures = parse_ptxas_log(log)
     shared = max(figures["static_shared"], static_shared_bytes(ptx)) + launch.shared
@@ -259,8 +268,13 @@ def static_profile(cc=(9, 0), dtype=np.float32, names=None):
         raise StaticProfileError("the static profile compiles for a real GPU: unset NUMBA_ENABLE_CUDASIM")
     from nbcnn.kernels.catalogue import launches
 
+    catalogue = launches(dtype)
+    unknown = sorted(set(names or ()) - {launch.name for launch in catalogue})
+    if unknown:
+        raise StaticProfileError(f"no CUDA kernel named {', '.join(unknown)}; the kernels: "
+                                 + ", ".join(sorted({launch.name for launch in catalogue})))
     rows, seen = [], set()
-    for launch in launches(dtype):
+    for launch in catalogue:
         if launch.name in seen or (names and launch.name not in names):
             continue
         seen.add(launch.name)

@@ -21,9 +21,12 @@ def _relu(a):
 def conv_cases():
     # (N, C, H, W, K, (FH, FW), stride, padding): stride 1 with padding (the unit-stride kernels),
     # stride 2 (the general ones); on a GPU the weight-gradient reduction of the first two is split
-    # into batch chunks, that of the third (a batch of one) is a single pass.
+    # into batch chunks, that of the third (a batch of one) is a single pass. The last two cross
+    # the GPU's matrix-product tiles (64 x 128 outputs, 16 deep) on every axis without filling them:
+    # 65 filters, 18 and 130 taps deep (forward, backward to the input), 270 output pixels.
     return [(2, 2, 7, 6, 3, (3, 2), (1, 1), (1, 0)), (2, 2, 7, 6, 3, (3, 3), (2, 1), (1, 1)),
-            (1, 2, 5, 4, 3, (2, 2), (1, 1), (0, 1))]
+            (1, 2, 5, 4, 3, (2, 2), (1, 1), (0, 1)), (2, 9, 6, 7, 65, (1, 2), (1, 1), (0, 1)),
+            (3, 1, 9, 10, 3, (3, 3), (1, 1), (1, 1))]
 
 
 def cases(rng, dtype=np.float64):
@@ -69,7 +72,9 @@ def cases(rng, dtype=np.float64):
                         [ref.maxpool2d_grad(dy, x, f, s, p) * keep]))
             out.append((f"avgpool {f}{s}{p} backward mask={mask}", "avgpool2d_backward",
                         [nan(*x.shape), dy, x, *f, *s, *p, mask], [0], [ref.avgpool2d_grad(dy, x, f, s, p) * keep]))
-    for N, IN, OUT in ((5, 17, 3), (18, 33, 20)):  # the second spans two GPU tiles on every axis
+    # The second spans two GPU tiles of the simple product (16 x 16) on every axis; the third
+    # crosses the register-blocked product's (64 x 128, 16 deep) on every axis.
+    for N, IN, OUT in ((5, 17, 3), (18, 33, 20), (70, 131, 19)):
         x, w, b, dy = arr(N, IN), arr(OUT, IN), arr(OUT), arr(N, OUT)
         for relu in (False, True):
             y = x @ w.T + b
@@ -193,13 +198,14 @@ def _padding(op, args):
     return (args[6], args[7]) if op == "conv2d_forward" else (args[8], args[9])
 
 
-def run(op, args, device):
-    """Call ``op``'s core on ``device`` with copies of ``args``; return every argument back on the host.
+def run(op, args, device, algorithm=None):
+    """Call ``op``'s core on ``device`` (its ``algorithm``, or the default) with copies of ``args``;
+    return every argument back on the host.
 
     Before a convolution's backward on the CPU the matching forward runs (the core reuses its
     im2col matrix); before max pooling's backward, the forward that gives the argmax."""
     device = resolve_device(device)
-    kernel = REGISTRY.get(op, device)
+    kernel = REGISTRY.get(op, device, algorithm)
     moved = [device.put(a.copy()) if isinstance(a, np.ndarray) else a for a in args]
     marks = [i for i, a in enumerate(args) if isinstance(a, str)]
     for i in marks:

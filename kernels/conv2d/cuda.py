@@ -27,7 +27,8 @@ import numpy as np
 from numba import cuda
 
 from .._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, grid_z, on_gpu
-from .._tiles import ACC, GEMM_THREADS, LOADS, SPAN, STAGED, SUB, TILE_K, TILE_M, TILE_N, tile_product, zero_acc
+from .._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M,
+                      TILE_N, tile_kernel, tile_product, zero_acc)
 from .._index import in_coord_cuda, out_coord_cuda
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 
@@ -41,7 +42,7 @@ MIN_REDUCE_BLOCKS = 1024  # split the weight-gradient reduction until about this
 # ---------------------------------------------------------------------------- CUDA kernels
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw, relu):
     """y = conv(x, w) + b, or max(that, 0) with ``relu``. Threads (TILE_W, TILE_H): one per output
     pixel (oh, ow) of a tile, each computing K_PER_BLOCK filters. Grid: (ceil(OW / TILE_W), ceil(OH / TILE_H), Z) with
@@ -108,7 +109,7 @@ def _conv2d_forward_kernel(y, x, w, b, sh, sw, ph, pw, relu):
                     y[n, k, oh, ow] = v
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv2d_backward_input_kernel(dx, dy, w, x, sh, sw, ph, pw, mask):
     """dx[n, c, ih, iw] = sum over k, fh, fw of w[k, c, fh, fw] * dy[n, k, oh, ow], over the taps
     whose output (oh, ow) = out_coord(...) exists; 0 where ``mask`` and x[n, c, ih, iw] is not
@@ -140,7 +141,7 @@ def _conv2d_backward_input_kernel(dx, dy, w, x, sh, sw, ph, pw, mask):
         dx[n, c, ih, iw] = acc
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv2d_backward_weight_partial_kernel(partial, partial_b, dy, x, sh, sw, ph, pw):
     """Pass 1: partial[g, k, c, fh, fw] = the chunk g's share of dw[k, c, fh, fw], and
     partial_b[g, k] its share of db[k].
@@ -184,7 +185,7 @@ def _conv2d_backward_weight_partial_kernel(partial, partial_b, dy, x, sh, sw, ph
             partial[g, k, c, fh, fw] = total
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv2d_backward_weight_reduce_kernel(dw, db, partial, partial_b):
     """Pass 2: dw = sum over g of partial[g], db = sum over g of partial_b[g], chunks added in
     order. One thread per element of dw, then of db."""
@@ -209,7 +210,7 @@ def _conv2d_backward_weight_reduce_kernel(dw, db, partial, partial_b):
     dw[k, c, fh, fw] = acc
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv2d_backward_bias_kernel(db, dy):
     """db[k] = sum of dy[:, k]. One block of REDUCE_THREADS threads per filter k (blockIdx.x)."""
     N, K, OH, OW = dy.shape
@@ -241,8 +242,9 @@ def _conv2d_backward_bias_kernel(db, dy):
 # table of it in shared memory (divisions once per block, none per step). Positions outside the
 # input (padding) and rows or columns past the end read as 0.
 
-TABLE_LIMIT = MAX_SHARED_BYTES - 2 * STAGED * 8  # shared bytes left for tables beside float64 tiles
+TABLE_LIMIT = MAX_SHARED_BYTES - (STAGED_A + STAGED_B) * 8  # shared bytes left for tables beside float64 tiles
 GEMM_BLOCKS = 264  # blocks the weight gradient aims for: two for each of an H100's 132 SMs
+ROWS = GEMM_THREADS // TILE_N  # rows of B between a thread's staged elements, when it stages one column
 
 
 def gemm_table_bytes(taps, tables=2):
@@ -250,7 +252,7 @@ def gemm_table_bytes(taps, tables=2):
     return 4 * tables * taps
 
 
-@cuda.jit
+@tile_kernel
 def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
     """y = conv(x, w) + b (then max(., 0) with ``relu``) as the implicit product W (K x Q) X (Q x P).
 
@@ -270,8 +272,8 @@ def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
         c, fh, fw = q // (FH * FW), (q // FW) % FH, q % FW
         table[q] = c * H * W + fh * W + fw
         table[Q + q] = fh * 65536 + fw
-    sa = cuda.shared.array(STAGED, dtype=y.dtype)  # sa[k * TILE_M + i] = w[m0 + i, q0 + k]
-    sb = cuda.shared.array(STAGED, dtype=y.dtype)  # sb[k * TILE_N + j] = X[q0 + k, p0 + j]
+    sa = cuda.shared.array(STAGED_A, dtype=y.dtype)  # sa[k * TILE_M + i] = w[m0 + i, q0 + k]
+    sb = cuda.shared.array(STAGED_B, dtype=y.dtype)  # sb[k * TILE_N + j] = X[q0 + k, p0 + j]
     acc = cuda.local.array(ACC, dtype=y.dtype)
     zero_acc(acc)
     zero = y.dtype.type(0)
@@ -284,43 +286,49 @@ def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
     n = p // OHW
     ih0 = (p % OHW) // OW * sh - ph
     iw0 = p % OW * sw - pw
-    column = p < P
+    q_end = Q if p < P else 0  # a column past the end reads nothing
     x_at = n * C * H * W + ih0 * W + iw0  # where this output's window starts (may be outside x)
+    # Unsigned, so that nothing wraps around: the table index of row b_k this step, and the
+    # bounds that one unsigned comparison checks (a negative coordinate becomes a huge one).
+    tq, tq_packed = numba.uint64(b_k), numba.uint64(Q + b_k)
+    H_u, W_u = numba.uint32(H), numba.uint32(W)
     cuda.syncthreads()  # wait until the table is built
     for q0 in range(0, Q, TILE_K):
-        for r in range(LOADS):
+        for r in range(LOADS_A):
             v = zero
             if m0 + i + r * SPAN < K and q0 + a_k < Q:
                 v = wf[a_at + numba.uint64(r) * a_dr]
             sa[a_k * TILE_M + i + r * SPAN] = v
-            q = q0 + b_k + r * (GEMM_THREADS // TILE_N)
+        for r in range(LOADS_B):
             v = zero
-            if column and q < Q:
-                packed = table[Q + q]
+            if q0 + b_k + r * ROWS < q_end:
+                packed = table[tq_packed + numba.uint64(r * ROWS)]
                 ih, iw = ih0 + (packed >> 16), iw0 + (packed & 65535)
-                if 0 <= ih < H and 0 <= iw < W:
-                    v = xf[numba.uint64(x_at + table[q])]
-            sb[(b_k + r * (GEMM_THREADS // TILE_N)) * TILE_N + j] = v
+                if numba.uint32(ih) < H_u and numba.uint32(iw) < W_u:
+                    v = xf[numba.uint64(x_at + table[tq + numba.uint64(r * ROWS)])]
+            sb[(b_k + r * ROWS) * TILE_N + j] = v
+        tq += numba.uint64(TILE_K)
+        tq_packed += numba.uint64(TILE_K)
         a_at += numba.uint64(TILE_K)
         cuda.syncthreads()  # wait until both tiles are staged
-        tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+        tile_product(acc, sa, sb, t)
         cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
     tx, ty = t % SPAN, t // SPAN
-    for jj in range(SUB):
+    for jj in range(SUB_N):
         p = p0 + tx + SPAN * jj
         if p >= P:
             continue
         n, s = p // OHW, p % OHW
-        for ii in range(SUB):
+        for ii in range(SUB_M):
             k = m0 + ty + SPAN * ii
             if k < K:
-                v = acc[ii * SUB + jj] + b[k]
+                v = acc[ii * SUB_N + jj] + b[k]
                 if relu and not v > 0:
                     v = zero
                 yf[(n * K + k) * OHW + s] = v
 
 
-@cuda.jit
+@tile_kernel
 def _conv2d_backward_input_gemm_kernel(dx, dxf, dy, dyf, w, wf, x, xf, ph, pw, mask):
     """dx = the gradient to the input of a stride-1 convolution, as the implicit product
     A (C x Q) DY (Q x P), Q = K*FH*FW, P = N*H*W; zero where ``mask`` and x is not positive.
@@ -342,8 +350,8 @@ def _conv2d_backward_input_gemm_kernel(dx, dxf, dy, dyf, w, wf, x, xf, ph, pw, m
         table[q] = k * C * TAPS + fh * FW + fw
         table[Q + q] = k * OH * OW - fh * OW - fw
         table[2 * Q + q] = fh * 65536 + fw
-    sa = cuda.shared.array(STAGED, dtype=dx.dtype)
-    sb = cuda.shared.array(STAGED, dtype=dx.dtype)
+    sa = cuda.shared.array(STAGED_A, dtype=dx.dtype)
+    sb = cuda.shared.array(STAGED_B, dtype=dx.dtype)
     acc = cuda.local.array(ACC, dtype=dx.dtype)
     zero_acc(acc)
     zero = dx.dtype.type(0)
@@ -360,41 +368,41 @@ def _conv2d_backward_input_gemm_kernel(dx, dxf, dy, dyf, w, wf, x, xf, ph, pw, m
     cuda.syncthreads()  # wait until the table is built
     for q0 in range(0, Q, TILE_K):
         q = q0 + a_k
-        for r in range(LOADS):
+        for r in range(LOADS_A):
             c = m0 + i + r * SPAN
             v = zero
             if c < C and q < Q:
                 v = wf[numba.uint64(c * TAPS + table[q])]
             sa[a_k * TILE_M + i + r * SPAN] = v
-        for r in range(LOADS):
-            q = q0 + b_k + r * (GEMM_THREADS // TILE_N)
+        for r in range(LOADS_B):
+            q = q0 + b_k + r * ROWS
             v = zero
             if column and q < Q:
                 packed = table[2 * Q + q]
                 oh, ow = oh0 - (packed >> 16), ow0 - (packed & 65535)
                 if 0 <= oh < OH and 0 <= ow < OW:
                     v = dyf[numba.uint64(dy_at + table[Q + q])]
-            sb[(b_k + r * (GEMM_THREADS // TILE_N)) * TILE_N + j] = v
+            sb[(b_k + r * ROWS) * TILE_N + j] = v
         cuda.syncthreads()  # wait until both tiles are staged
-        tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+        tile_product(acc, sa, sb, t)
         cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
     tx, ty = t % SPAN, t // SPAN
-    for jj in range(SUB):
+    for jj in range(SUB_N):
         p = p0 + tx + SPAN * jj
         if p >= P:
             continue
         n, s = p // HW, p % HW
-        for ii in range(SUB):
+        for ii in range(SUB_M):
             c = m0 + ty + SPAN * ii
             if c < C:
                 at = (n * C + c) * HW + s
-                v = acc[ii * SUB + jj]
+                v = acc[ii * SUB_N + jj]
                 if mask and not xf[at] > 0:
                     v = zero
                 dxf[at] = v
 
 
-@cuda.jit
+@tile_kernel
 def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, sh, sw, ph, pw):
     """One batch chunk's share of dw and db as the implicit product DY (K x Q) X (Q x P+1),
     Q = the chunk's (n, oh, ow), P = C*FH*FW taps (c, fh, fw), the last column all ones (db).
@@ -412,67 +420,68 @@ def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, 
     t = cuda.threadIdx.x
     g = cuda.blockIdx.z
     m0, p0 = cuda.blockIdx.y * TILE_M, cuda.blockIdx.x * TILE_N
-    sa = cuda.shared.array(STAGED, dtype=pf.dtype)
-    sb = cuda.shared.array(STAGED, dtype=pf.dtype)
+    sa = cuda.shared.array(STAGED_A, dtype=pf.dtype)
+    sb = cuda.shared.array(STAGED_B, dtype=pf.dtype)
     acc = cuda.local.array(ACC, dtype=pf.dtype)
     zero_acc(acc)
     zero, one = pf.dtype.type(0), pf.dtype.type(1)
     # A (dy[n] as K x OH*OW, contiguous along q): 16 threads along q, rows i, i + 16, ...
     a_k, i = t % TILE_K, t // TILE_K
-    # B: one tap column p = (c, fh, fw) a thread (or the column of ones), rows b_k + 4 r.
+    # B: one tap column p = (c, fh, fw) a thread (or the column of ones), rows b_k + ROWS r.
     b_k, j = t // TILE_N, t % TILE_N
     p = p0 + j
     c, fh, fw = p // TAPS, (p // FW) % FH, p % FW
-    tap, ones = p < P, p == P
-    # Row r's output position (oh, ow) at the start of an image, and how far 16 steps move it.
-    oh_start = cuda.local.array(LOADS, dtype=numba.int64)
-    ow_start = cuda.local.array(LOADS, dtype=numba.int64)
-    oh = cuda.local.array(LOADS, dtype=numba.int64)
-    ow = cuda.local.array(LOADS, dtype=numba.int64)
-    for r in range(LOADS):
-        q = b_k + r * (GEMM_THREADS // TILE_N)
-        oh_start[r], ow_start[r] = q // OW, q % OW
-    d_oh, d_ow = TILE_K // OW, TILE_K % OW
+    fill = one if p == P else zero  # what a row reads where the tap is not in x: 1 in the column of ones
+    never = -(1 << 30)  # an input row no step reaches: columns that are not taps read no x
+    # Row r's input position (ih, iw) = (oh*sh - ph + fh, ow*sw - pw + fw) for its output position
+    # (oh, ow), followed as the row advances TILE_K positions a step: across by d_iw, down by
+    # d_ih, and one more row down (and OW positions back) when it passes the right edge.
+    ih = cuda.local.array(LOADS_B, dtype=numba.int32)
+    iw = cuda.local.array(LOADS_B, dtype=numba.int32)
+    d_ih, d_iw = TILE_K // OW * sh, TILE_K % OW * sw
+    iw_end, back = OW * sw - pw + fw, OW * sw
+    H_u, W_u = numba.uint32(H), numba.uint32(W)
+    a_dr = numba.uint64(SPAN * OHW)  # between a thread's rows of A
     for n in range(g * N // G, (g + 1) * N // G):
-        dy_at = n * K * OHW
-        x_at = (n * C + c) * H * W + (fh - ph) * W + fw - pw  # x[n, c, oh*sh - ph + fh, ow*sw - pw + fw] - oh*sh*W - ow*sw
-        for r in range(LOADS):
-            oh[r], ow[r] = oh_start[r], ow_start[r]
+        a_at = numba.uint64((n * K + m0 + i) * OHW + a_k)  # dy[n, m0 + i, a_k], the thread's first element
+        x_at = (n * C + c) * H * W
+        for r in range(LOADS_B):  # (a division per row and image, outside the steps)
+            q = b_k + r * ROWS
+            ih[r] = q // OW * sh - ph + fh if p < P else never
+            iw[r] = q % OW * sw - pw + fw
         for q0 in range(0, OHW, TILE_K):
-            for r in range(LOADS):
-                k = m0 + i + r * SPAN
+            for r in range(LOADS_A):
                 v = zero
-                if k < K and q0 + a_k < OHW:
-                    v = dyf[numba.uint64(dy_at + k * OHW + q0 + a_k)]
+                if m0 + i + r * SPAN < K and q0 + a_k < OHW:
+                    v = dyf[a_at + numba.uint64(r) * a_dr]
                 sa[a_k * TILE_M + i + r * SPAN] = v
+            a_at += numba.uint64(TILE_K)
+            for r in range(LOADS_B):
                 v = zero
-                if q0 + b_k + r * (GEMM_THREADS // TILE_N) < OHW:
-                    if tap:
-                        ih, iw = oh[r] * sh - ph + fh, ow[r] * sw - pw + fw
-                        if 0 <= ih < H and 0 <= iw < W:
-                            v = xf[numba.uint64(x_at + oh[r] * sh * W + ow[r] * sw)]
-                    elif ones:
-                        v = one
-                sb[(b_k + r * (GEMM_THREADS // TILE_N)) * TILE_N + j] = v
-                ow[r] += d_ow  # advance row r by TILE_K positions
-                oh[r] += d_oh
-                if ow[r] >= OW:
-                    ow[r] -= OW
-                    oh[r] += 1
+                if q0 + b_k + r * ROWS < OHW:
+                    v = fill
+                    if numba.uint32(ih[r]) < H_u and numba.uint32(iw[r]) < W_u:
+                        v = xf[numba.uint64(x_at + ih[r] * W + iw[r])]
+                sb[(b_k + r * ROWS) * TILE_N + j] = v
+                ih[r] += d_ih  # advance row r by TILE_K positions
+                iw[r] += d_iw
+                if iw[r] >= iw_end:
+                    iw[r] -= back
+                    ih[r] += sh
             cuda.syncthreads()  # wait until both tiles are staged
-            tile_product(acc, sa, sb, t % SPAN, t // SPAN)
+            tile_product(acc, sa, sb, t)
             cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
     tx, ty = t % SPAN, t // SPAN
-    for ii in range(SUB):
+    for ii in range(SUB_M):
         k = m0 + ty + SPAN * ii
         if k >= K:
             continue
-        for jj in range(SUB):
+        for jj in range(SUB_N):
             p = p0 + tx + SPAN * jj
             if p < P:
-                pf[(g * K + k) * P + p] = acc[ii * SUB + jj]
+                pf[(g * K + k) * P + p] = acc[ii * SUB_N + jj]
             elif p == P:
-                partial_b[g, k] = acc[ii * SUB + jj]
+                partial_b[g, k] = acc[ii * SUB_N + jj]
 
 
 # --------------------------------------------------------------------------- CUDA launchers

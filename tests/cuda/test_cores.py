@@ -5,20 +5,26 @@ several), the loss step, the batch gather, the optimizers."""
 import numpy as np
 import pytest
 
+from nbcnn.ops import REGISTRY
 from tests import cores
 from tests.cuda.conftest import assert_close
 
 # Every case in float64 (tight tolerance); in float32 too where the simulator runs it quickly (the
 # convolutions' float32 kernels are the same code, and tests/cuda/test_training.py runs them).
-CASES = [(dtype, *case) for dtype in (np.float32, np.float64) for case in cores.cases(np.random.default_rng(1), dtype)
-         if dtype == np.float64 or not case[1].startswith("conv2d")]
+# Convolutions and dense layers have two CUDA algorithms: the register-blocked products (the
+# default, "gemm") and the simpler kernels kept as references ("tiled"); both run every case.
+CASES = [(dtype, *case, algorithm)
+         for dtype in (np.float32, np.float64)
+         for case in cores.cases(np.random.default_rng(1), dtype)
+         if dtype == np.float64 or not case[1].startswith("conv2d")
+         for algorithm in REGISTRY.algorithms(case[1], "cuda")]
 
 
-@pytest.mark.parametrize("dtype, name, op, args, outputs, expected", CASES,
-                         ids=[f"{c[1]}-{np.dtype(c[0]).name}" for c in CASES])
-def test_cuda_core_matches_cpu_core(dtype, name, op, args, outputs, expected):
+@pytest.mark.parametrize("dtype, name, op, args, outputs, expected, algorithm", CASES,
+                         ids=[f"{c[1]}-{np.dtype(c[0]).name}-{c[-1]}" for c in CASES])
+def test_cuda_core_matches_cpu_core(dtype, name, op, args, outputs, expected, algorithm):
     want = cores.run(op, args, "cpu")
-    got = cores.run(op, args, "cuda")
+    got = cores.run(op, args, "cuda", algorithm)
     for i in outputs:
         if want[i] is None:
             assert got[i] is None
