@@ -10,6 +10,9 @@ Numba's CUDA simulator (Python, on the CPU, slow): that is how they are tested
 without a GPU.
 """
 
+import threading
+from contextlib import contextmanager
+
 import numba
 import numpy as np
 from numba import cuda
@@ -118,8 +121,8 @@ def gpu_arrays(fn, **arrays):
     for name, a in arrays.items():
         if a is None or isinstance(a, _DeviceArray):
             views.append(a)
-        elif not SIMULATOR and hasattr(a, "__cuda_array_interface__"):
-            views.append(cuda.as_cuda_array(a))
+        elif not SIMULATOR and hasattr(type(a), "__cuda_array_interface__"):
+            views.append(foreign_view(fn, name, a))
         elif isinstance(a, np.ndarray):
             raise TypeError(
                 f"{fn}: {name} is a NumPy array in host memory; CUDA kernels take GPU arrays "
@@ -128,6 +131,80 @@ def gpu_arrays(fn, **arrays):
         else:
             raise TypeError(f"{fn}: {name} must be a GPU array, got {type(a).__name__}")
     return views
+
+
+# ---------------------------------------------------------------------------------- streams
+#
+# Every launch goes to ``stream()``: the default stream, unless the caller opened ``on_stream``.
+# Work another library queued on one of its streams is then ordered with nbcnn's: PyTorch and
+# CuPy launch on their current stream, which is often not the default one.
+
+_local = threading.local()
+
+
+def stream():
+    """The stream this thread's launches go to (0, the default stream, outside ``on_stream``)."""
+    stack = getattr(_local, "streams", None)
+    return stack[-1] if stack else 0
+
+
+def as_numba_stream(s):
+    """A Numba stream for ``s``: a Numba stream as it is, a PyTorch stream (``.cuda_stream``), a CuPy
+    stream (``.ptr``) or a raw CUstream handle (int) wrapped with ``cuda.external_stream``."""
+    if s is None:
+        return 0
+    if SIMULATOR:  # the simulator's streams do nothing; the stream is only passed on
+        return s
+    if isinstance(s, int) and not isinstance(s, bool):
+        return cuda.external_stream(s) if s else 0
+    if hasattr(s, "handle") and type(s).__module__.startswith("numba"):
+        return s
+    for attr in ("cuda_stream", "ptr"):
+        handle = getattr(s, attr, None)
+        if isinstance(handle, int):
+            return cuda.external_stream(handle) if handle else 0
+    raise TypeError(f"expected a CUDA stream (Numba, PyTorch, CuPy or a handle), got {type(s).__name__}")
+
+
+@contextmanager
+def on_stream(s):
+    """Launch nbcnn's CUDA kernels on stream ``s`` inside the block, for this thread::
+
+        with nbcnn.on_stream(torch.cuda.current_stream()):
+            y = model.forward(x)      # ordered after what PyTorch queued on that stream
+
+    ``s``: a Numba stream, a PyTorch or CuPy stream, or a raw handle. The kernels are queued,
+    not waited for: synchronise the stream before reading results on the host."""
+    numba_stream = as_numba_stream(s)
+    stack = getattr(_local, "streams", None)
+    if stack is None:
+        stack = _local.streams = []
+    stack.append(numba_stream)
+    try:
+        yield numba_stream
+    finally:
+        stack.pop()
+
+
+def foreign_view(fn, name, a):
+    """A Numba view of another library's GPU array (PyTorch, CuPy: ``__cuda_array_interface__``),
+    refused in one line where it cannot be used as it is: a tensor that requires grad (autograd
+    would not see nbcnn's writes), or one on a GPU other than the one nbcnn runs on."""
+    if getattr(a, "requires_grad", False):
+        raise TypeError(f"{fn}: {name} is a tensor that requires grad; pass {name}.detach() (nbcnn computes "
+                        f"its own gradients, autograd would not see them)")
+    device = getattr(a, "device", None)
+    index = getattr(device, "index", getattr(device, "id", None))
+    if isinstance(index, int) and not isinstance(index, bool):
+        current = cuda.get_current_device().id
+        if index != current:
+            raise ValueError(f"{fn}: {name} is on GPU {index} but nbcnn runs on GPU {current}; move it with "
+                             f".to('cuda:{current}') or select GPU {index} first (numba.cuda.select_device)")
+    try:
+        return cuda.as_cuda_array(a)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())
+        raise TypeError(f"{fn}: {name} cannot be viewed as a GPU array ({type(exc).__name__}: {detail})") from None
 
 
 def on_gpu(a):

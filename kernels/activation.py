@@ -11,7 +11,7 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_shape, on_host
 from ._cpu import serial
-from ._cuda import blocks, flat, gpu_arrays, on_gpu
+from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -118,7 +118,7 @@ def relu_forward_cuda(y, x):
     fn = "relu_forward_cuda"
     y, x = gpu_arrays(fn, y=y, x=x)
     check_same_shape(fn, on_gpu, {"y": y, "x": x})
-    _relu_forward_kernel[blocks(x.size, THREADS), THREADS](flat(y), flat(x))
+    _relu_forward_kernel[blocks(x.size, THREADS), THREADS, stream()](flat(y), flat(x))
     return y
 
 
@@ -127,15 +127,15 @@ def relu_backward_cuda(dx, dy, y):
     fn = "relu_backward_cuda"
     dx, dy, y = gpu_arrays(fn, dx=dx, dy=dy, y=y)
     check_same_shape(fn, on_gpu, {"dx": dx, "dy": dy, "y": y})
-    _relu_backward_kernel[blocks(y.size, THREADS), THREADS](flat(dx), flat(dy), flat(y))
+    _relu_backward_kernel[blocks(y.size, THREADS), THREADS, stream()](flat(dx), flat(dy), flat(y))
     return dx
 
 
 def relu_forward_core_cuda(y, x):
     """``relu_forward_cuda`` without the checks: GPU arrays of one shape, as a plan checked them."""
-    _relu_forward_kernel[blocks(x.size, THREADS), THREADS](flat(y), flat(x))
+    _relu_forward_kernel[blocks(x.size, THREADS), THREADS, stream()](flat(y), flat(x))
 
 
 def relu_backward_core_cuda(dx, dy, y):
     """``relu_backward_cuda`` without the checks."""
-    _relu_backward_kernel[blocks(y.size, THREADS), THREADS](flat(dx), flat(dy), flat(y))
+    _relu_backward_kernel[blocks(y.size, THREADS), THREADS, stream()](flat(dx), flat(dy), flat(y))

@@ -13,7 +13,7 @@ image take the value ``fill`` (the data's background: the normalised value of a 
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_ndim, check_real, check_shape, on_host
-from ._cuda import blocks, flat, gpu_arrays, on_gpu
+from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 from ._index import compile_twice
 from ._random import hash32_cpu, hash32_cuda
 
@@ -83,7 +83,7 @@ def _shift_flip_kernel(out, x, N, C, H, W, seed, step, max_shift, flip, fill):
 
 def shift_flip_core_cuda(out, x, seed, step, max_shift, flip, fill):
     N, C, H, W = x.shape
-    _shift_flip_kernel[blocks(out.size, THREADS), THREADS](flat(out), flat(x), N, C, H, W, seed, step, max_shift,
+    _shift_flip_kernel[blocks(out.size, THREADS), THREADS, stream()](flat(out), flat(x), N, C, H, W, seed, step, max_shift,
                                                            flip, x.dtype.type(fill))
 
 

@@ -27,7 +27,7 @@ import math
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_real, check_shape, on_host
-from ._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, on_gpu
+from ._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, on_gpu, stream
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -286,17 +286,17 @@ def batchnorm2d_forward_core_cuda(y, mean, invstd, running_mean, running_var, x,
     """Two launches: the statistics (a block per channel), then the normalisation (a thread per element)."""
     dt = x.dtype.type  # eps and momentum in the arrays' precision, so that the kernel computes in it
     N, C, H, W = x.shape
-    _batchnorm2d_stats_kernel[C, REDUCE_THREADS](mean, invstd, running_mean, running_var, x, dt(eps), dt(momentum),
+    _batchnorm2d_stats_kernel[C, REDUCE_THREADS, stream()](mean, invstd, running_mean, running_var, x, dt(eps), dt(momentum),
                                                  training)
-    _batchnorm2d_normalize_kernel[blocks(x.size, THREADS), THREADS](flat(y), flat(x), mean, invstd, gamma, beta, C,
+    _batchnorm2d_normalize_kernel[blocks(x.size, THREADS), THREADS, stream()](flat(y), flat(x), mean, invstd, gamma, beta, C,
                                                                     H * W, relu)
 
 
 def batchnorm2d_backward_core_cuda(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, training):
     """Two launches: the sums (a block per channel), then dx (a thread per element)."""
     N, C, H, W = x.shape
-    _batchnorm2d_backward_reduce_kernel[C, REDUCE_THREADS](dgamma, dbeta, dy, x, mean, invstd)
-    _batchnorm2d_backward_input_kernel[blocks(x.size, THREADS), THREADS](flat(dx), flat(dy), flat(x), mean, invstd,
+    _batchnorm2d_backward_reduce_kernel[C, REDUCE_THREADS, stream()](dgamma, dbeta, dy, x, mean, invstd)
+    _batchnorm2d_backward_input_kernel[blocks(x.size, THREADS), THREADS, stream()](flat(dx), flat(dy), flat(x), mean, invstd,
                                                                          gamma, dgamma, dbeta, C, H * W, training)
 
 

@@ -19,7 +19,7 @@ which slides dd against the other factor without the flip. Backward overwrites d
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
-from ._cuda import blocks, gpu_arrays, on_gpu
+from ._cuda import blocks, gpu_arrays, on_gpu, stream
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -183,7 +183,7 @@ def conv1d_forward_cuda(d, a, b):
     fn = "conv1d_forward_cuda"
     d, a, b = gpu_arrays(fn, d=d, a=a, b=b)
     check_conv1d(fn, on_gpu, ("d", d), ("a", a), ("b", b))
-    _conv1d_forward_kernel[blocks(d.shape[0], THREADS), THREADS](d, a, b)
+    _conv1d_forward_kernel[blocks(d.shape[0], THREADS), THREADS, stream()](d, a, b)
     return d
 
 
@@ -192,7 +192,7 @@ def conv1d_backward_cuda(da, db, dd, a, b):
     fn = "conv1d_backward_cuda"
     da, db, dd, a, b = gpu_arrays(fn, da=da, db=db, dd=dd, a=a, b=b)
     check_conv1d_backward(fn, on_gpu, da, db, dd, a, b)
-    _conv1d_backward_kernel[blocks(a.shape[0] + b.shape[0], THREADS), THREADS](da, db, dd, a, b)
+    _conv1d_backward_kernel[blocks(a.shape[0] + b.shape[0], THREADS), THREADS, stream()](da, db, dd, a, b)
     return da, db
 
 
@@ -201,5 +201,5 @@ def toeplitz_matrix_cuda(t, a):
     fn = "toeplitz_matrix_cuda"
     t, a = gpu_arrays(fn, t=t, a=a)
     check_toeplitz(fn, on_gpu, t, a)
-    _toeplitz_matrix_kernel[blocks(t.size, THREADS), THREADS](t, a)
+    _toeplitz_matrix_kernel[blocks(t.size, THREADS), THREADS, stream()](t, a)
     return t

@@ -26,7 +26,7 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
 from ._cpu import serial
-from ._cuda import blocks, flat, gpu_arrays, on_gpu
+from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
                      tile_kernel, tile_product, zero_acc)
 from .activation import relu_backward_core_cpu
@@ -402,7 +402,7 @@ def _gemm(c, a, b, bias, mask, extra, trans_a, trans_b, has_bias, relu, has_mask
     M, P = c.shape
     Q = a.shape[0] if trans_a else a.shape[1]
     columns = P + 1 if ones_col else P  # (only the "tn" kernel has a column of ones)
-    _GEMM[(trans_a, trans_b)][(blocks(columns, TILE_N), blocks(M, TILE_M)), GEMM_THREADS](
+    _GEMM[(trans_a, trans_b)][(blocks(columns, TILE_N), blocks(M, TILE_M)), GEMM_THREADS, stream()](
         c, flat(a), flat(b), Q, bias, mask, extra, has_bias, relu, has_mask, ones_col)
 
 
@@ -445,7 +445,7 @@ def dense_backward_bias_cuda(db, dy):
     fn = "dense_backward_bias_cuda"
     db, dy = gpu_arrays(fn, db=db, dy=dy)
     check_dense_bias(fn, on_gpu, db, dy)
-    _dense_backward_bias_kernel[blocks(db.size, 128), 128](db, dy)
+    _dense_backward_bias_kernel[blocks(db.size, 128), 128, stream()](db, dy)
     return db
 
 
@@ -465,17 +465,17 @@ def dense_backward_core_cuda(dx, dw, db, dy, x, w, mask, ws):
 
 def dense_forward_tiled_core_cuda(y, x, w, b, relu, ws):
     M, P = y.shape
-    _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE)](y, x, w, b, y, b, False, True, True, relu,
+    _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE), stream()](y, x, w, b, y, b, False, True, True, relu,
                                                                      False, False)
 
 
 def dense_backward_tiled_core_cuda(dx, dw, db, dy, x, w, mask, ws):
     if dx is not None:
         M, P = dx.shape
-        _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE)](dx, dy, w, ws.one, x, ws.one, False, False,
+        _matmul_kernel[(blocks(P, TILE), blocks(M, TILE)), (TILE, TILE), stream()](dx, dy, w, ws.one, x, ws.one, False, False,
                                                                          False, False, mask, False)
     OUT, IN = dw.shape
     with_bias = db is not None
     columns = IN + 1 if with_bias else IN  # the bias gradient is the product's extra column of ones
-    _matmul_kernel[(blocks(columns, TILE), blocks(OUT, TILE)), (TILE, TILE)](
+    _matmul_kernel[(blocks(columns, TILE), blocks(OUT, TILE)), (TILE, TILE), stream()](
         dw, dy, x, ws.one, dw, db if with_bias else ws.one, True, False, False, False, False, with_bias)

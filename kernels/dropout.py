@@ -17,7 +17,7 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import serial
-from ._cuda import blocks, flat, gpu_arrays, on_gpu
+from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 from ._random import hash32_cpu, hash32_cuda
 
 def threshold(p):
@@ -86,7 +86,7 @@ def _dropout_kernel(out, a, seed, step, cut, scale):
 
 
 def dropout_forward_core_cuda(y, x, seed, step, p):
-    _dropout_kernel[blocks(x.size, THREADS), THREADS](flat(y), flat(x), seed, step, threshold(p),
+    _dropout_kernel[blocks(x.size, THREADS), THREADS, stream()](flat(y), flat(x), seed, step, threshold(p),
                                                       x.dtype.type(1.0 / (1.0 - p)))
 
 

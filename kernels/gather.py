@@ -14,7 +14,7 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_shape, is_c_contiguous, on_host
 from ._cpu import serial
-from ._cuda import blocks, gpu_arrays, on_gpu
+from ._cuda import blocks, gpu_arrays, on_gpu, stream
 
 INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -88,7 +88,7 @@ def gather_rows_cuda(out, x, idx):
     fn = "gather_rows_cuda"
     out, x, idx = gpu_arrays(fn, out=out, x=x, idx=idx)
     B, R, D = check_gather(fn, on_gpu, out, x, idx)
-    _gather_batch_kernel[blocks(B * D, THREADS), THREADS](out.reshape(B, D), idx, x.reshape(R, D), idx, idx, False)
+    _gather_batch_kernel[blocks(B * D, THREADS), THREADS, stream()](out.reshape(B, D), idx, x.reshape(R, D), idx, idx, False)
     return out
 
 
@@ -113,4 +113,4 @@ def gather_batch_core_cuda(xb, yb, x, y, idx):
     """Unchecked twin of ``gather_batch_core_cpu`` (2-D views of the images: (B, D) and (R, D))."""
     B, R = xb.shape[0], x.shape[0]
     D = xb.size // B
-    _gather_batch_kernel[blocks(B * D, THREADS), THREADS](xb.reshape(B, D), yb, x.reshape(R, D), y, idx, True)
+    _gather_batch_kernel[blocks(B * D, THREADS), THREADS, stream()](xb.reshape(B, D), yb, x.reshape(R, D), y, idx, True)

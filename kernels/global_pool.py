@@ -8,7 +8,7 @@ With ``mask`` the backward also applies the ReLU before the layer: dx is zero wh
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
-from ._cuda import blocks, flat, gpu_arrays, on_gpu
+from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 
 
 def _check(fn, on_device, y, x):
@@ -91,12 +91,12 @@ def _global_avgpool_backward_kernel(dx, dy, x, size, mask):
 
 def global_avgpool2d_forward_core_cuda(y, x):
     N, C, H, W = x.shape
-    _global_avgpool_forward_kernel[blocks(N * C, THREADS), THREADS](flat(y), flat(x), H * W)
+    _global_avgpool_forward_kernel[blocks(N * C, THREADS), THREADS, stream()](flat(y), flat(x), H * W)
 
 
 def global_avgpool2d_backward_core_cuda(dx, dy, x, mask):
     N, C, H, W = dx.shape
-    _global_avgpool_backward_kernel[blocks(dx.size, THREADS), THREADS](flat(dx), flat(dy), flat(x), H * W, mask)
+    _global_avgpool_backward_kernel[blocks(dx.size, THREADS), THREADS, stream()](flat(dx), flat(dy), flat(x), H * W, mask)
 
 
 def global_avgpool2d_forward_cuda(y, x):

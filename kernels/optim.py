@@ -27,7 +27,7 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import serial
-from ._cuda import blocks, flat, gpu_arrays, on_gpu
+from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -243,7 +243,7 @@ def fill_cuda(a, value):
     fn = "fill_cuda"
     (a,) = gpu_arrays(fn, a=a)
     check_arrays(fn, on_gpu, {"a": a})
-    _fill_kernel[blocks(a.size, THREADS), THREADS](flat(a), check_real(fn, "value", value))
+    _fill_kernel[blocks(a.size, THREADS), THREADS, stream()](flat(a), check_real(fn, "value", value))
     return a
 
 
@@ -254,7 +254,7 @@ def sgd_update_cuda(param, velocity, grad, lr, momentum=0.0, weight_decay=0.0):
     param, velocity, grad = gpu_arrays(fn, param=param, velocity=velocity, grad=grad)
     check_update(fn, on_gpu, {"param": param, "velocity": velocity, "grad": grad})
     hyper = check_sgd_hyper(fn, lr, momentum, weight_decay)
-    _sgd_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(velocity), flat(grad), *hyper)
+    _sgd_update_kernel[blocks(param.size, THREADS), THREADS, stream()](flat(param), flat(velocity), flat(grad), *hyper)
     return param
 
 
@@ -264,7 +264,7 @@ def adam_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step):
     param, m, v, grad = gpu_arrays(fn, param=param, m=m, v=v, grad=grad)
     check_update(fn, on_gpu, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
-    _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad),
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS, stream()](flat(param), flat(m), flat(v), flat(grad),
                                                               *_adam_kernel_constants(*consts), 1.0)
     return param
 
@@ -276,26 +276,26 @@ def adamw_update_cuda(param, m, v, grad, lr, beta1, beta2, eps, step, weight_dec
     check_update(fn, on_gpu, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
     decay = 1.0 - consts[0] * check_real(fn, "weight_decay", weight_decay, minimum=0.0)
-    _adam_update_kernel[blocks(param.size, THREADS), THREADS](flat(param), flat(m), flat(v), flat(grad),
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS, stream()](flat(param), flat(m), flat(v), flat(grad),
                                                               *_adam_kernel_constants(*consts), decay)
     return param
 
 
 def fill_core_cuda(a, value):
-    _fill_kernel[blocks(a.size, THREADS), THREADS](flat(a), value)
+    _fill_kernel[blocks(a.size, THREADS), THREADS, stream()](flat(a), value)
 
 
 def sgd_update_core_cuda(param, velocity, grad, lr, momentum, weight_decay):
-    _sgd_update_kernel[blocks(param.size, THREADS), THREADS](param, velocity, grad, lr, momentum, weight_decay)
+    _sgd_update_kernel[blocks(param.size, THREADS), THREADS, stream()](param, velocity, grad, lr, momentum, weight_decay)
 
 
 def adam_update_core_cuda(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
-    _adam_update_kernel[blocks(param.size, THREADS), THREADS](param, m, v, grad,
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS, stream()](param, m, v, grad,
                                                               *_adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2),
                                                               1.0)
 
 
 def adamw_update_core_cuda(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, weight_decay):
-    _adam_update_kernel[blocks(param.size, THREADS), THREADS](param, m, v, grad,
+    _adam_update_kernel[blocks(param.size, THREADS), THREADS, stream()](param, m, v, grad,
                                                               *_adam_kernel_constants(lr, beta1, beta2, eps, bias1, bias2),
                                                               1.0 - lr * weight_decay)

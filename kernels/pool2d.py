@@ -27,7 +27,7 @@ covers it (``covering_outputs``). Either way no two workers write the same eleme
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_ndim, check_shape, on_host, output_size
-from ._cuda import blocks, gpu_arrays, grid_z, on_gpu
+from ._cuda import blocks, gpu_arrays, grid_z, on_gpu, stream
 from ._index import compile_twice, covering_outputs_cpu, covering_outputs_cuda, window_cpu, window_cuda
 from .activation import relu_backward_core_cpu
 
@@ -416,7 +416,7 @@ def maxpool2d_forward_cuda(y, argmax, x, kernel_h, kernel_w, stride_h=None, stri
     stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     N, C, H, W, OH, OW = check_pool2d(fn, on_gpu, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
                                       (pad_h, pad_w), ("argmax", argmax))
-    _maxpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](
+    _maxpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H), stream()](
         y, argmax, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
     return y
 
@@ -431,7 +431,7 @@ def maxpool2d_backward_cuda(dx, dy, argmax, kernel_h, kernel_w, stride_h=None, s
     check_maxpool2d_backward(fn, on_gpu, dx, dy, argmax)
     N, C, H, W, _, _ = check_pool2d(fn, on_gpu, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
                                     (pad_h, pad_w))
-    _maxpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](
+    _maxpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H), stream()](
         dx, dy, argmax, dx, kernel_h, kernel_w, *stride, pad_h, pad_w, False)
     return dx
 
@@ -443,7 +443,7 @@ def avgpool2d_forward_cuda(y, x, kernel_h, kernel_w, stride_h=None, stride_w=Non
     stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     N, C, H, W, OH, OW = check_pool2d(fn, on_gpu, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
                                       (pad_h, pad_w))
-    _avgpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](y, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
+    _avgpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H), stream()](y, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
     return y
 
 
@@ -454,26 +454,26 @@ def avgpool2d_backward_cuda(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=
     stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     N, C, H, W, _, _ = check_pool2d(fn, on_gpu, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride,
                                     (pad_h, pad_w))
-    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, dx, kernel_h, kernel_w, *stride, pad_h,
+    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H), stream()](dx, dy, dx, kernel_h, kernel_w, *stride, pad_h,
                                                                     pad_w, False)
     return dx
 
 
 def maxpool2d_forward_core_cuda(y, argmax, x, fh, fw, sh, sw, ph, pw):
     N, C, OH, OW = y.shape
-    _maxpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](y, argmax, x, fh, fw, sh, sw, ph, pw)
+    _maxpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H), stream()](y, argmax, x, fh, fw, sh, sw, ph, pw)
 
 
 def maxpool2d_backward_core_cuda(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
     N, C, H, W = dx.shape
-    _maxpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask)
+    _maxpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H), stream()](dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask)
 
 
 def avgpool2d_forward_core_cuda(y, x, fh, fw, sh, sw, ph, pw):
     N, C, OH, OW = y.shape
-    _avgpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H)](y, x, fh, fw, sh, sw, ph, pw)
+    _avgpool2d_forward_kernel[_grid(N, C, OH, OW), (POOL_W, POOL_H), stream()](y, x, fh, fw, sh, sw, ph, pw)
 
 
 def avgpool2d_backward_core_cuda(dx, dy, x, fh, fw, sh, sw, ph, pw, mask):
     N, C, H, W = dx.shape
-    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H)](dx, dy, x, fh, fw, sh, sw, ph, pw, mask)
+    _avgpool2d_backward_kernel[_grid(N, C, H, W), (POOL_W, POOL_H), stream()](dx, dy, x, fh, fw, sh, sw, ph, pw, mask)

@@ -25,7 +25,7 @@ from numba import cuda, njit, prange
 from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
-from ._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu
+from ._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu, stream
 from ._index import compile_twice
 
 # ------------------------------------------------------------------------ argument checks
@@ -278,7 +278,7 @@ def count_correct_cuda(count, logits, labels):
     fn = "count_correct_cuda"
     count, logits, labels = gpu_arrays(fn, count=count, logits=logits, labels=labels)
     check_count_correct(fn, on_gpu, count, logits, labels)
-    _count_correct_kernel[1, REDUCE_THREADS](count, logits, labels)
+    _count_correct_kernel[1, REDUCE_THREADS, stream()](count, logits, labels)
     return count
 
 
@@ -290,7 +290,7 @@ def softmax_xent_forward_cuda(loss, probs, logits, labels):
     fn = "softmax_xent_forward_cuda"
     loss, probs, logits, labels = gpu_arrays(fn, loss=loss, probs=probs, logits=logits, labels=labels)
     check_softmax_xent(fn, on_gpu, {"logits": logits, "probs": probs}, labels, loss)
-    _softmax_xent_forward_kernel[1, REDUCE_THREADS](loss, probs, logits, labels)
+    _softmax_xent_forward_kernel[1, REDUCE_THREADS, stream()](loss, probs, logits, labels)
     return loss
 
 
@@ -299,10 +299,10 @@ def softmax_xent_backward_cuda(dlogits, probs, labels):
     fn = "softmax_xent_backward_cuda"
     dlogits, probs, labels = gpu_arrays(fn, dlogits=dlogits, probs=probs, labels=labels)
     check_softmax_xent(fn, on_gpu, {"probs": probs, "dlogits": dlogits}, labels)
-    _softmax_xent_backward_kernel[blocks(probs.size, 256), 256](dlogits, probs, labels)
+    _softmax_xent_backward_kernel[blocks(probs.size, 256), 256, stream()](dlogits, probs, labels)
     return dlogits
 
 
 def softmax_xent_step_core_cuda(sums, probs, dlogits, logits, labels, accumulate):
     """Unchecked twin of ``softmax_xent_step_core_cpu``: one launch, nothing read back."""
-    _softmax_xent_step_kernel[1, REDUCE_THREADS](sums, probs, dlogits, logits, labels, accumulate)
+    _softmax_xent_step_kernel[1, REDUCE_THREADS, stream()](sums, probs, dlogits, logits, labels, accumulate)

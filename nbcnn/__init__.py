@@ -35,8 +35,10 @@ __version__ = "0.1.0"
 
 from nbcnn import layers, losses, optim  # noqa: E402  (usable as nbcnn.optim.SGD after import nbcnn)
 from nbcnn.device import Device, resolve_device, to_device, to_numpy  # noqa: E402
+from nbcnn.kernels._cuda import on_stream  # noqa: E402
 from nbcnn.model import Sequential  # noqa: E402
 from nbcnn.step import Trainer  # noqa: E402
 
-__all__ = ["Device", "Sequential", "Trainer", "layers", "losses", "optim", "resolve_device", "to_device", "to_numpy",
+__all__ = ["Device", "Sequential", "Trainer", "layers", "losses", "optim", "on_stream", "resolve_device", "to_device",
+           "to_numpy",
            "__version__"]

@@ -137,6 +137,8 @@ def device_of(array):
     """"cpu" for a NumPy array, "cuda" for a GPU array (anything with ``__cuda_array_interface__``)."""
     if isinstance(array, np.ndarray):
         return "cpu"
+    if getattr(array, "requires_grad", False):  # PyTorch refuses its interface then: say why here
+        raise TypeError("a tensor that requires grad: pass x.detach() (nbcnn computes its own gradients)")
     if hasattr(array, "__cuda_array_interface__") or (SIMULATOR and hasattr(array, "copy_to_host")):
         return "cuda"
     raise TypeError(f"expected a NumPy or GPU array, got {type(array).__name__}")

@@ -88,3 +88,75 @@ def test_the_probe_reports_a_failing_launch(monkeypatch):
     assert reason == "a test kernel failed to compile or run (RuntimeError: driver too old for this toolkit)"
     monkeypatch.setattr(cuda, "device_array", lambda *a: pytest.fail("probed twice"))
     assert _cuda.probe_failure() == reason
+
+
+class _ForeignTensor:
+    """Stands in for a PyTorch CUDA tensor: the interface, ``requires_grad`` and ``device.index``."""
+
+    def __init__(self, requires_grad=False, index=0):
+        from types import SimpleNamespace
+
+        self.requires_grad = requires_grad
+        self.device = SimpleNamespace(index=index)
+
+    @property
+    def __cuda_array_interface__(self):
+        if self.requires_grad:  # what PyTorch does
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+        raise AttributeError("no GPU here")
+
+
+def test_a_tensor_that_requires_grad_is_one_clear_type_error():
+    from nbcnn.kernels._cuda import foreign_view
+
+    with pytest.raises(TypeError, match=r"x is a tensor that requires grad; pass x.detach\(\)"):
+        foreign_view("conv2d_forward_cuda", "x", _ForeignTensor(requires_grad=True))
+    with pytest.raises(TypeError, match="requires grad"):
+        device_of(_ForeignTensor(requires_grad=True))
+
+
+def test_a_tensor_on_another_gpu_is_one_clear_value_error(monkeypatch):
+    from types import SimpleNamespace
+
+    from numba import cuda
+
+    from nbcnn.kernels._cuda import foreign_view
+
+    monkeypatch.setattr(cuda, "get_current_device", lambda: SimpleNamespace(id=0))
+    with pytest.raises(ValueError, match=r"w is on GPU 1 but nbcnn runs on GPU 0; move it with .to\('cuda:0'\)"):
+        foreign_view("dense_forward_cuda", "w", _ForeignTensor(index=1))
+
+
+def test_streams_are_per_thread_and_nest(monkeypatch):
+    import threading
+
+    from numba import cuda
+
+    from nbcnn import on_stream
+    from nbcnn.kernels import _cuda
+
+    monkeypatch.setattr(_cuda, "SIMULATOR", False)
+    monkeypatch.setattr(cuda, "external_stream", lambda handle: ("external", handle))
+
+    class TorchStream:  # PyTorch's stream: .cuda_stream is the CUstream handle
+        cuda_stream = 1234
+
+    class CupyStream:  # CuPy's: .ptr
+        ptr = 99
+
+    assert _cuda.stream() == 0
+    seen = []
+    with on_stream(TorchStream()) as outer:
+        assert outer == ("external", 1234) and _cuda.stream() == outer
+        with on_stream(CupyStream()):
+            assert _cuda.stream() == ("external", 99)
+            worker = threading.Thread(target=lambda: seen.append(_cuda.stream()))
+            worker.start()
+            worker.join()
+        assert _cuda.stream() == outer
+        with on_stream(0):  # a null handle is the default stream
+            assert _cuda.stream() == 0
+    assert _cuda.stream() == 0 and seen == [0]  # another thread keeps the default stream
+    with pytest.raises(TypeError, match="expected a CUDA stream .* got str"):
+        with on_stream("fast"):
+            pass

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, grid_z, on_gpu
+from .._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, grid_z, on_gpu, stream
 from .._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M,
                       TILE_N, tile_kernel, tile_product, zero_acc)
 from .._index import in_coord_cuda, out_coord_cuda
@@ -244,7 +244,8 @@ def _conv2d_backward_bias_kernel(db, dy):
 
 TABLE_LIMIT = MAX_SHARED_BYTES - (STAGED_A + STAGED_B) * 8  # shared bytes left for tables beside float64 tiles
 GEMM_BLOCKS = 264  # blocks the weight gradient aims for: two for each of an H100's 132 SMs
-ROWS = GEMM_THREADS // TILE_N  # rows of B between a thread's staged elements, when it stages one column
+A_ROWS = GEMM_THREADS // TILE_K  # rows of A between a thread's staged elements (16 threads along q)
+ROWS = GEMM_THREADS // TILE_N  # rows of B between a thread's staged elements (one column a thread)
 
 
 def gemm_table_bytes(taps, tables=2):
@@ -277,9 +278,9 @@ def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
     acc = cuda.local.array(ACC, dtype=y.dtype)
     zero_acc(acc)
     zero = y.dtype.type(0)
-    # A (w, K x Q, contiguous along q): 16 threads along q, rows i, i + 16, i + 32, i + 48.
+    # A (w, K x Q, contiguous along q): 16 threads along q, rows i, i + A_ROWS, ...
     a_k, i = t % TILE_K, t // TILE_K
-    a_at, a_dr = numba.uint64((m0 + i) * Q + a_k), numba.uint64(SPAN * Q)
+    a_at, a_dr = numba.uint64((m0 + i) * Q + a_k), numba.uint64(A_ROWS * Q)
     # B (the input's patches): one output column p = (n, oh, ow) a thread, rows b_k + 4 r.
     b_k, j = t // TILE_N, t % TILE_N
     p = p0 + j
@@ -296,9 +297,9 @@ def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
     for q0 in range(0, Q, TILE_K):
         for r in range(LOADS_A):
             v = zero
-            if m0 + i + r * SPAN < K and q0 + a_k < Q:
+            if m0 + i + r * A_ROWS < K and q0 + a_k < Q:
                 v = wf[a_at + numba.uint64(r) * a_dr]
-            sa[a_k * TILE_M + i + r * SPAN] = v
+            sa[a_k * TILE_M + i + r * A_ROWS] = v
         for r in range(LOADS_B):
             v = zero
             if q0 + b_k + r * ROWS < q_end:
@@ -355,7 +356,7 @@ def _conv2d_backward_input_gemm_kernel(dx, dxf, dy, dyf, w, wf, x, xf, ph, pw, m
     acc = cuda.local.array(ACC, dtype=dx.dtype)
     zero_acc(acc)
     zero = dx.dtype.type(0)
-    # A: 16 threads along q, channel rows i, i + 16, ... (w[k, c, fh, fw] at c*TAPS + table[q]).
+    # A: 16 threads along q, channel rows A_ROWS apart (w[k, c, fh, fw] at c*TAPS + table[q]).
     a_k, i = t % TILE_K, t // TILE_K
     # B: one input pixel p = (n, ih, iw) a thread; its taps read dy at (ih + ph - fh, iw + pw - fw).
     b_k, j = t // TILE_N, t % TILE_N
@@ -363,26 +364,32 @@ def _conv2d_backward_input_gemm_kernel(dx, dxf, dy, dyf, w, wf, x, xf, ph, pw, m
     n = p // HW
     oh0 = (p % HW) // W + ph
     ow0 = p % W + pw
-    column = p < P
+    q_end = Q if p < P else 0  # a column past the end reads nothing
     dy_at = n * K * OH * OW + oh0 * OW + ow0
+    # Unsigned indices, advanced a step at a time: nothing to wrap around, no multiplication.
+    a_row, a_dr = numba.uint64((m0 + i) * TAPS), numba.uint64(A_ROWS * TAPS)  # w[., c, ...] of the first row
+    t_a, t_dy, t_hw = numba.uint64(a_k), numba.uint64(Q + b_k), numba.uint64(2 * Q + b_k)  # table indices
+    OH_u, OW_u = numba.uint32(OH), numba.uint32(OW)
     cuda.syncthreads()  # wait until the table is built
     for q0 in range(0, Q, TILE_K):
-        q = q0 + a_k
+        tap_ok = q0 + a_k < Q
+        w_tap = numba.uint64(table[t_a]) if tap_ok else numba.uint64(0)
         for r in range(LOADS_A):
-            c = m0 + i + r * SPAN
             v = zero
-            if c < C and q < Q:
-                v = wf[numba.uint64(c * TAPS + table[q])]
-            sa[a_k * TILE_M + i + r * SPAN] = v
+            if m0 + i + r * A_ROWS < C and tap_ok:
+                v = wf[a_row + numba.uint64(r) * a_dr + w_tap]
+            sa[a_k * TILE_M + i + r * A_ROWS] = v
         for r in range(LOADS_B):
-            q = q0 + b_k + r * ROWS
             v = zero
-            if column and q < Q:
-                packed = table[2 * Q + q]
+            if q0 + b_k + r * ROWS < q_end:
+                packed = table[t_hw + numba.uint64(r * ROWS)]
                 oh, ow = oh0 - (packed >> 16), ow0 - (packed & 65535)
-                if 0 <= oh < OH and 0 <= ow < OW:
-                    v = dyf[numba.uint64(dy_at + table[Q + q])]
+                if numba.uint32(oh) < OH_u and numba.uint32(ow) < OW_u:
+                    v = dyf[numba.uint64(dy_at + table[t_dy + numba.uint64(r * ROWS)])]
             sb[(b_k + r * ROWS) * TILE_N + j] = v
+        t_a += numba.uint64(TILE_K)
+        t_dy += numba.uint64(TILE_K)
+        t_hw += numba.uint64(TILE_K)
         cuda.syncthreads()  # wait until both tiles are staged
         tile_product(acc, sa, sb, t)
         cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
@@ -425,49 +432,61 @@ def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, 
     acc = cuda.local.array(ACC, dtype=pf.dtype)
     zero_acc(acc)
     zero, one = pf.dtype.type(0), pf.dtype.type(1)
-    # A (dy[n] as K x OH*OW, contiguous along q): 16 threads along q, rows i, i + 16, ...
+    # A (dy[n] as K x OH*OW, contiguous along q): 16 threads along q, rows A_ROWS apart.
     a_k, i = t % TILE_K, t // TILE_K
-    # B: one tap column p = (c, fh, fw) a thread (or the column of ones), rows b_k + ROWS r.
+    # B: one tap column p = (c, fh, fw) a thread (or the column of ones), LOADS_B consecutive rows
+    # b_k * LOADS_B + r, so that one input position serves them all.
     b_k, j = t // TILE_N, t % TILE_N
     p = p0 + j
     c, fh, fw = p // TAPS, (p // FW) % FH, p % FW
-    fill = one if p == P else zero  # what a row reads where the tap is not in x: 1 in the column of ones
-    never = -(1 << 30)  # an input row no step reaches: columns that are not taps read no x
-    # Row r's input position (ih, iw) = (oh*sh - ph + fh, ow*sw - pw + fw) for its output position
-    # (oh, ow), followed as the row advances TILE_K positions a step: across by d_iw, down by
-    # d_ih, and one more row down (and OW positions back) when it passes the right edge.
-    ih = cuda.local.array(LOADS_B, dtype=numba.int32)
-    iw = cuda.local.array(LOADS_B, dtype=numba.int32)
-    d_ih, d_iw = TILE_K // OW * sh, TILE_K % OW * sw
-    iw_end, back = OW * sw - pw + fw, OW * sw
-    H_u, W_u = numba.uint32(H), numba.uint32(W)
-    a_dr = numba.uint64(SPAN * OHW)  # between a thread's rows of A
+    ones = p == P  # the column of ones: its rows read 1 (a column that is no tap reads no x)
+    never = -(1 << 30)  # an offset no step brings into the plane: columns that are not taps read no x
+    # The input position (ih, iw) = (oh*sh - ph + fh, ow*sw - pw + fw) of the thread's first row's
+    # output position (oh, ow), kept as ih * W (in [0, H*W) exactly when ih is in [0, H): the
+    # offset in the plane is one addition, each bound one unsigned comparison). Row r is r output
+    # positions further on; a step moves all of them TILE_K positions. Passing the right edge
+    # means OW positions back and one output row down.
+    # (The positions are int32, each update wrapped in int32(): Numba computes in 64 bits, and
+    # the truncation lets the compiler use 32-bit instructions, half as many.)
+    i32 = numba.int32
+    d_ihw, d_iw = i32(TILE_K // OW * sh * W), i32(TILE_K % OW * sw)
+    iw_end, back, down, step_w = i32(OW * sw - pw + fw), i32(OW * sw), i32(sh * W), i32(sw)
+    HW_u, W_u = numba.uint32(H * W), numba.uint32(W)
+    first = b_k * LOADS_B  # the thread's first row in a step
+    a_dr = numba.uint64(A_ROWS * OHW)  # between a thread's rows of A
+    a_rows = i32(K - m0 - i)  # rows r * A_ROWS below this are filters
     for n in range(g * N // G, (g + 1) * N // G):
         a_at = numba.uint64((n * K + m0 + i) * OHW + a_k)  # dy[n, m0 + i, a_k], the thread's first element
         x_at = (n * C + c) * H * W
-        for r in range(LOADS_B):  # (a division per row and image, outside the steps)
-            q = b_k + r * ROWS
-            ih[r] = q // OW * sh - ph + fh if p < P else never
-            iw[r] = q % OW * sw - pw + fw
+        ihw = i32((first // OW * sh - ph + fh) * W if p < P else never)
+        iw = i32(first % OW * sw - pw + fw)
+        a_left, b_left = i32(OHW - a_k), i32(OHW - first)  # positions left from this step's first row on
         for q0 in range(0, OHW, TILE_K):
             for r in range(LOADS_A):
                 v = zero
-                if m0 + i + r * SPAN < K and q0 + a_k < OHW:
+                if r * A_ROWS < a_rows and 0 < a_left:
                     v = dyf[a_at + numba.uint64(r) * a_dr]
-                sa[a_k * TILE_M + i + r * SPAN] = v
+                sa[a_k * TILE_M + i + r * A_ROWS] = v
             a_at += numba.uint64(TILE_K)
             for r in range(LOADS_B):
                 v = zero
-                if q0 + b_k + r * ROWS < OHW:
-                    v = fill
-                    if numba.uint32(ih[r]) < H_u and numba.uint32(iw[r]) < W_u:
-                        v = xf[numba.uint64(x_at + ih[r] * W + iw[r])]
-                sb[(b_k + r * ROWS) * TILE_N + j] = v
-                ih[r] += d_ih  # advance row r by TILE_K positions
-                iw[r] += d_iw
-                if iw[r] >= iw_end:
-                    iw[r] -= back
-                    ih[r] += sh
+                if r < b_left:
+                    row, col = ihw, i32(iw + r * step_w)
+                    while col >= iw_end:  # past the right edge: once at most where OW >= LOADS_B
+                        col = i32(col - back)
+                        row = i32(row + down)
+                    if numba.uint32(row) < HW_u and numba.uint32(col) < W_u:
+                        v = xf[numba.uint64(x_at + i32(row + col))]
+                    elif ones:
+                        v = one
+                sb[(first + r) * TILE_N + j] = v
+            ihw = i32(ihw + d_ihw)  # advance TILE_K positions
+            iw = i32(iw + d_iw)
+            if iw >= iw_end:
+                iw = i32(iw - back)
+                ihw = i32(ihw + down)
+            a_left = i32(a_left - TILE_K)
+            b_left = i32(b_left - TILE_K)
             cuda.syncthreads()  # wait until both tiles are staged
             tile_product(acc, sa, sb, t)
             cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
@@ -567,7 +586,7 @@ def conv2d_backward_bias_cuda(db, dy):
     fn = "conv2d_backward_bias_cuda"
     db, dy = gpu_arrays(fn, db=db, dy=dy)
     check_conv2d_bias(fn, on_gpu, db, dy)
-    _conv2d_backward_bias_kernel[dy.shape[1], REDUCE_THREADS](db, dy)
+    _conv2d_backward_bias_kernel[dy.shape[1], REDUCE_THREADS, stream()](db, dy)
     return db
 
 
@@ -621,7 +640,7 @@ def conv2d_workspace_direct_cuda(x_shape, w_shape, y_shape, stride, padding, nee
 def _backward_input_direct(dx, dy, w, x, sh, sw, ph, pw, mask):
     N, C, H, W = dx.shape
     grid = (blocks(W, GATHER_W), blocks(H, GATHER_H), grid_z(N * C))
-    _conv2d_backward_input_kernel[grid, (GATHER_W, GATHER_H)](dx, dy, w, x, sh, sw, ph, pw, mask)
+    _conv2d_backward_input_kernel[grid, (GATHER_W, GATHER_H), stream()](dx, dy, w, x, sh, sw, ph, pw, mask)
 
 
 def _backward_input_gemm(dx, dy, w, x, sh, sw, ph, pw, mask):
@@ -631,7 +650,7 @@ def _backward_input_gemm(dx, dy, w, x, sh, sw, ph, pw, mask):
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     grid = (blocks(N * H * W, TILE_N), blocks(C, TILE_M))
-    _conv2d_backward_input_gemm_kernel[grid, GEMM_THREADS, 0, gemm_table_bytes(K * FH * FW, 3)](
+    _conv2d_backward_input_gemm_kernel[grid, GEMM_THREADS, stream(), gemm_table_bytes(K * FH * FW, 3)](
         dx, flat(dx), dy, flat(dy), w, flat(w), x, flat(x), ph, pw, mask)
 
 
@@ -647,9 +666,9 @@ def _weight_and_bias_direct(dw, db, dy, x, sh, sw, ph, pw, partial, partial_b):
     taps = K * C * FH * FW
     partial, partial_b = _chunks_or_gradients(dw, db, partial, partial_b)
     G = partial.shape[0]
-    _conv2d_backward_weight_partial_kernel[(taps + K, G), REDUCE_THREADS](partial, partial_b, dy, x, sh, sw, ph, pw)
+    _conv2d_backward_weight_partial_kernel[(taps + K, G), REDUCE_THREADS, stream()](partial, partial_b, dy, x, sh, sw, ph, pw)
     if G > 1:
-        _conv2d_backward_weight_reduce_kernel[blocks(taps + K, 256), 256](dw, db, partial, partial_b)
+        _conv2d_backward_weight_reduce_kernel[blocks(taps + K, 256), 256, stream()](dw, db, partial, partial_b)
 
 
 def _weight_and_bias_gemm(dw, db, dy, x, sh, sw, ph, pw, partial, partial_b):
@@ -658,10 +677,10 @@ def _weight_and_bias_gemm(dw, db, dy, x, sh, sw, ph, pw, partial, partial_b):
     partial, partial_b = _chunks_or_gradients(dw, db, partial, partial_b)
     G = partial.shape[0]
     grid = (blocks(P + 1, TILE_N), blocks(K, TILE_M), G)
-    _conv2d_backward_weight_gemm_kernel[grid, GEMM_THREADS](partial, flat(partial), partial_b, dy, flat(dy), x,
+    _conv2d_backward_weight_gemm_kernel[grid, GEMM_THREADS, stream()](partial, flat(partial), partial_b, dy, flat(dy), x,
                                                            flat(x), sh, sw, ph, pw)
     if G > 1:
-        _conv2d_backward_weight_reduce_kernel[blocks(K * P + K, 256), 256](dw, db, partial, partial_b)
+        _conv2d_backward_weight_reduce_kernel[blocks(K * P + K, 256), 256, stream()](dw, db, partial, partial_b)
 
 
 def conv2d_forward_direct_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
@@ -669,7 +688,7 @@ def conv2d_forward_direct_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
     FH, FW = w.shape[2], w.shape[3]
     shared = forward_shared_bytes(FH, FW, sh, sw, x.dtype.itemsize)
     grid = (blocks(OW, TILE_W), blocks(OH, TILE_H), grid_z(N * blocks(K, K_PER_BLOCK)))
-    _conv2d_forward_kernel[grid, (TILE_W, TILE_H), 0, shared](y, x, w, b, sh, sw, ph, pw, relu)
+    _conv2d_forward_kernel[grid, (TILE_W, TILE_H), stream(), shared](y, x, w, b, sh, sw, ph, pw, relu)
 
 
 def conv2d_forward_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
@@ -679,7 +698,7 @@ def conv2d_forward_core_cuda(y, x, w, b, sh, sw, ph, pw, relu, ws):
     N, K, OH, OW = y.shape
     _, C, FH, FW = w.shape
     grid = (blocks(N * OH * OW, TILE_N), blocks(K, TILE_M))
-    _conv2d_forward_gemm_kernel[grid, GEMM_THREADS, 0, gemm_table_bytes(C * FH * FW)](
+    _conv2d_forward_gemm_kernel[grid, GEMM_THREADS, stream(), gemm_table_bytes(C * FH * FW)](
         y, flat(y), x, flat(x), w, flat(w), b, sh, sw, ph, pw, relu)
 
 

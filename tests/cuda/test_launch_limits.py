@@ -25,14 +25,20 @@ def launches(monkeypatch):
 
     seen = []
     real_call = simulated.FakeCUDAKernel.__call__
+    real_configure = simulated.FakeCUDAKernel.__getitem__
+
+    def configure(self, configuration):
+        self.nbcnn_stream = configuration[2] if len(configuration) > 2 else None
+        return real_configure(self, configuration)
 
     def launch(self, *args):
         if self._device or simulated._kernel_context:
             return real_call(self, *args)
         grid = tuple(self.grid_dim) + (1,) * (3 - len(self.grid_dim))
         block = tuple(self.block_dim) + (1,) * (3 - len(self.block_dim))
-        seen.append((self.fn.__name__, grid, block))
+        seen.append((self.fn.__name__, grid, block, self.nbcnn_stream))
 
+    monkeypatch.setattr(simulated.FakeCUDAKernel, "__getitem__", configure)
     monkeypatch.setattr(simulated.FakeCUDAKernel, "__call__", launch)
     return seen
 
@@ -41,14 +47,15 @@ def empty(*shape, dtype=np.float32):
     return cuda.device_array(shape, dtype)  # never written: the launches are skipped
 
 
-def huge_batch_calls():
-    """(op, arguments) of every CUDA core at a batch of N, small images so the arrays stay small."""
+def huge_batch_calls(algorithm=None):
+    """(op, arguments) of every CUDA core at a batch of N, small images so the arrays stay small
+    (the convolution's scratch sized for ``algorithm``, its default if None)."""
     from types import SimpleNamespace
 
     x, w, b = empty(N, 2, 3, 3), empty(5, 2, 3, 3), empty(5)
     y = empty(N, 5, 3, 3)
     conv_ws = SimpleNamespace(**{k: empty(*s) for k, s in
-                                 REGISTRY.get("conv2d_backward", "cuda").workspace(
+                                 REGISTRY.get("conv2d_backward", "cuda", algorithm).workspace(
                                      x.shape, w.shape, y.shape, (1, 1), (1, 1), True, np.float32).items()})
     p, am = empty(N, 2, 1, 1), empty(N, 2, 1, 1, dtype=np.int32)
     d_in, d_out = empty(N, 7), empty(N, 3)
@@ -83,16 +90,38 @@ def huge_batch_calls():
 
 
 def test_every_core_launch_fits_the_grid_limits_at_a_million_images(launches):
-    calls = huge_batch_calls()
-    assert {op for op, _ in calls} == {op for op, device, _ in REGISTRY.entries if device == "cuda"}
-    for op, args in calls:
-        REGISTRY.get(op, "cuda").run(*args)
-    assert len(launches) >= len(calls)
-    for name, grid, block in launches:
+    entries = [(op, algorithm) for op, device, algorithm in REGISTRY.entries if device == "cuda"]
+    for algorithm in ("gemm", "tiled"):  # the convolution's and dense layer's two algorithms
+        calls = dict(huge_batch_calls(algorithm))
+        assert set(calls) == {op for op, _ in entries}
+        for op, args in calls.items():
+            if (op, algorithm) in entries or algorithm == "gemm" and len(REGISTRY.algorithms(op, "cuda")) == 1:
+                REGISTRY.get(op, "cuda", None if (op, algorithm) not in entries else algorithm).run(*args)
+    assert len(launches) >= len(entries)
+    for name, grid, block, _ in launches:
         assert grid[0] < 2**31 and grid[1] <= 65535 and grid[2] <= 65535, (name, grid)
         assert block[0] * block[1] * block[2] <= 1024, (name, block)
     # the batch-sized dimension really was capped, not small by luck
-    assert max(g[2] for _, g, _ in launches) == 65535
+    assert max(g[2] for _, g, _, _ in launches) == 65535
+    assert any(name == "_conv2d_forward_kernel" for name, *_ in launches)  # the "tiled" kernels ran too
+    assert any(name == "_conv2d_forward_gemm_kernel" for name, *_ in launches)
+
+
+def test_every_launch_goes_to_the_callers_stream(launches):
+    """Inside ``on_stream(s)`` every core launches on s (PyTorch's or CuPy's stream in real use);
+    outside, on the default stream."""
+    from nbcnn import on_stream
+
+    s = cuda.stream()
+    with on_stream(s):
+        for op, args in huge_batch_calls():
+            REGISTRY.get(op, "cuda").run(*args)
+    inside = len(launches)
+    op, args = huge_batch_calls()[0]
+    REGISTRY.get(op, "cuda").run(*args)
+    assert inside >= len(huge_batch_calls())
+    assert [stream is s for *_, stream in launches[:inside]] == [True] * inside
+    assert [stream for *_, stream in launches[inside:]] == [0] * (len(launches) - inside)
 
 
 def test_the_public_launchers_fit_too(launches):
@@ -104,7 +133,11 @@ def test_the_public_launchers_fit_too(launches):
     conv2d_backward_input_cuda(x, y, w, 1, 1, 1, 1)
     maxpool2d_forward_cuda(empty(N, 2, 1, 1), empty(N, 2, 1, 1, dtype=np.int32), x, 3, 3)
     avgpool2d_backward_cuda(x, empty(N, 2, 1, 1), 3, 3)
-    assert [g[2] for _, g, _ in launches] == [65535] * 4
+    for name, grid, block, _ in launches:
+        assert grid[0] < 2**31 and grid[1] <= 65535 and grid[2] <= 65535, (name, grid)
+    # the convolutions are matrix products over N*H*W columns along x; the pooling strides along z
+    assert [g[0] > 65535 for _, g, _, _ in launches[:2]] == [True, True]
+    assert [g[2] for _, g, _, _ in launches[2:]] == [65535] * 2
 
 
 STRIDED = [c for c in cores.cases(np.random.default_rng(2)) if c[1].startswith(("conv2d", "maxpool2d", "avgpool2d"))
@@ -115,7 +148,8 @@ STRIDED = [c for c in cores.cases(np.random.default_rng(2)) if c[1].startswith((
 def test_kernels_stride_over_a_capped_grid(name, op, args, outputs, expected, monkeypatch):
     monkeypatch.setattr(_cuda, "MAX_GRID_Z", 1)  # one block along z: it takes every plane in turn
     want = cores.run(op, args, "cpu")
-    got = cores.run(op, args, "cuda")
+    # the convolution's kernels that use gridDim.z are the "tiled" ones (the products use x and y)
+    got = cores.run(op, args, "cuda", "tiled" if op.startswith("conv2d") else None)
     for i in outputs:
         if want[i] is not None:
             assert_close(got[i], want[i], np.float64)
