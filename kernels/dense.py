@@ -15,7 +15,7 @@ vectorize (a float sum may not be reordered), so BLAS is about ten times faster.
 Backward kernels overwrite their outputs. On the CPU each task owns whole rows of its
 output (a row of dx per sample, a row of dw per output feature): no races. On the GPU
 all three are register-blocked matrix products ``C = op(A) op(B) + bias`` with op a transpose
-or not (``_tiles.py``: a thread computes 4 x 4 elements of C), one kernel per pair of
+or not (``_tiles.py``: a thread computes 4 x 8 elements of C), one kernel per pair of
 transpositions; ``_matmul_kernel``, one element of C per thread, is the simpler version,
 kept as a reference.
 """

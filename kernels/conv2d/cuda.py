@@ -228,7 +228,7 @@ def _conv2d_backward_bias_kernel(db, dy):
 #
 # Each convolution pass is a matrix product whose operands are read straight from the arrays,
 # never written out as an im2col matrix: C (M x P) = A (M x Q) B (Q x P), computed by the
-# register-blocked tiles of ``_tiles.py`` (64 x 64 outputs a block, 4 x 4 a thread).
+# register-blocked tiles of ``_tiles.py`` (64 x 128 outputs a block, 4 x 8 a thread).
 #
 #   forward          M = K filters, Q = C*FH*FW taps (c, fh, fw), P = N*OH*OW outputs (n, oh, ow);
 #                    A = w, B[(c, fh, fw), (n, oh, ow)] = x[n, c, oh*sh - ph + fh, ow*sw - pw + fw]
@@ -243,7 +243,7 @@ def _conv2d_backward_bias_kernel(db, dy):
 # input (padding) and rows or columns past the end read as 0.
 
 TABLE_LIMIT = MAX_SHARED_BYTES - (STAGED_A + STAGED_B) * 8  # shared bytes left for tables beside float64 tiles
-GEMM_BLOCKS = 264  # blocks the weight gradient aims for: two for each of an H100's 132 SMs
+GEMM_BLOCKS = 264  # blocks the weight gradient aims for (batch chunks): two for each of an H100's 132 SMs
 A_ROWS = GEMM_THREADS // TILE_K  # rows of A between a thread's staged elements (16 threads along q)
 ROWS = GEMM_THREADS // TILE_N  # rows of B between a thread's staged elements (one column a thread)
 
@@ -281,7 +281,7 @@ def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
     # A (w, K x Q, contiguous along q): 16 threads along q, rows i, i + A_ROWS, ...
     a_k, i = t % TILE_K, t // TILE_K
     a_at, a_dr = numba.uint64((m0 + i) * Q + a_k), numba.uint64(A_ROWS * Q)
-    # B (the input's patches): one output column p = (n, oh, ow) a thread, rows b_k + 4 r.
+    # B (the input's patches): one output column p = (n, oh, ow) a thread, rows b_k + ROWS r.
     b_k, j = t // TILE_N, t % TILE_N
     p = p0 + j
     n = p // OHW
@@ -439,7 +439,8 @@ def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, 
     b_k, j = t // TILE_N, t % TILE_N
     p = p0 + j
     c, fh, fw = p // TAPS, (p // FW) % FH, p % FW
-    ones = p == P  # the column of ones: its rows read 1 (a column that is no tap reads no x)
+    fill = one if p == P else zero  # what a row reads outside x: 1 in the column of ones (a column that
+    # is no tap reads no x: ``never`` below keeps it outside)
     never = -(1 << 30)  # an offset no step brings into the plane: columns that are not taps read no x
     # The input position (ih, iw) = (oh*sh - ph + fh, ow*sw - pw + fw) of the thread's first row's
     # output position (oh, ow), kept as ih * W (in [0, H*W) exactly when ih is in [0, H): the
@@ -469,7 +470,7 @@ def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, 
                 sa[a_k * TILE_M + i + r * A_ROWS] = v
             a_at += numba.uint64(TILE_K)
             for r in range(LOADS_B):
-                v = zero
+                v = fill  # (past the last position A is 0: the column of ones may stay 1 there)
                 if r < b_left:
                     row, col = ihw, i32(iw + r * step_w)
                     while col >= iw_end:  # past the right edge: once at most where OW >= LOADS_B
@@ -477,8 +478,6 @@ def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, 
                         row = i32(row + down)
                     if numba.uint32(row) < HW_u and numba.uint32(col) < W_u:
                         v = xf[numba.uint64(x_at + i32(row + col))]
-                    elif ones:
-                        v = one
                 sb[(first + r) * TILE_N + j] = v
             ihw = i32(ihw + d_ihw)  # advance TILE_K positions
             iw = i32(iw + d_iw)
