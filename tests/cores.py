@@ -73,8 +73,9 @@ def cases(rng, dtype=np.float64):
             out.append((f"avgpool {f}{s}{p} backward mask={mask}", "avgpool2d_backward",
                         [nan(*x.shape), dy, x, *f, *s, *p, mask], [0], [ref.avgpool2d_grad(dy, x, f, s, p) * keep]))
     # The second spans two GPU tiles of the simple product (16 x 16) on every axis; the third
-    # crosses the register-blocked product's (64 x 128, 16 deep) on every axis.
-    for N, IN, OUT in ((5, 17, 3), (18, 33, 20), (70, 131, 19)):
+    # crosses the register-blocked product's (64 x 128, 16 deep; 32 x 64 in the simulator) on
+    # every axis.
+    for N, IN, OUT in ((5, 17, 3), (18, 33, 20), (70, 131, 19), (1, 9, 4)):  # and a batch of one
         x, w, b, dy = arr(N, IN), arr(OUT, IN), arr(OUT), arr(N, OUT)
         for relu in (False, True):
             y = x @ w.T + b

@@ -47,10 +47,23 @@ def test_model_and_input_on_different_devices():
         model.forward(np.zeros((1, 2), np.float32))
 
 
-def test_a_filter_too_large_for_the_gpu_kernel_is_refused_when_planned():
-    model = nbcnn.Sequential([L.Conv2D(1, 1, 31, stride=8)]).to("cuda")
+def test_a_filter_too_large_for_the_gpu_kernels_is_refused_when_planned():
+    # 64 x 31 x 31 taps: neither the implicit product's tap table nor the direct kernel's input
+    # region fits in a block's 48 KiB of shared memory
+    model = nbcnn.Sequential([L.Conv2D(64, 1, 31, stride=8)]).to("cuda")
     with pytest.raises(ValueError, match=r"a 31x31 filter at stride \(8, 8\) needs \d+ bytes of shared memory"):
-        model.forward(nbcnn.to_device(np.zeros((1, 1, 64, 64), np.float32), "cuda"))
+        model.forward(nbcnn.to_device(np.zeros((1, 64, 64, 64), np.float32), "cuda"))
+
+
+def test_a_large_filter_the_direct_kernel_could_not_stage_runs_as_a_product():
+    """One channel, 31 x 31 at stride 8: too large for the direct kernel's shared memory, and what
+    the implicit product takes (961 taps in its table); the same answer as the CPU."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 1, 64, 64)).astype(np.float32)
+    cpu = nbcnn.Sequential([L.Conv2D(1, 2, 31, stride=8)])
+    want = cpu.forward(x)
+    got = nbcnn.to_numpy(cpu.to("cuda").forward(nbcnn.to_device(x, "cuda")))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_predict_on_cuda_matches_cpu(tmp_path):

@@ -20,6 +20,12 @@ pytestmark = pytest.mark.skipif(SIMULATOR, reason="compiling PTX needs the real 
 CASES = [(k, sig, dt) for dt in (np.float32, np.float64) for k, sig in launch_types(dt)]
 
 
+def test_every_kernel_is_cached_on_disk():
+    """``cuda.jit(cache=True)`` on every kernel: a second run on a GPU loads them instead of compiling."""
+    uncached = sorted({k.py_func.__name__ for k, _, _ in CASES if type(k._cache).__name__ == "NullCache"})
+    assert uncached == []
+
+
 def test_every_kernel_is_listed():
     found = {
         (m.__name__, name)
