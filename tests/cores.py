@@ -29,6 +29,11 @@ def conv_cases():
             (3, 1, 9, 10, 3, (3, 3), (1, 1), (1, 1))]
 
 
+# The cases made to cross the GPU matrix products' tiles: the simpler kernels take minutes on them
+# in the simulator, so the tests of those run the other cases.
+CROSSING_TILES = ("conv3 ", "conv4 ", "dense 70x")
+
+
 def cases(rng, dtype=np.float64):
     """[(name, op, args, outputs, expected)]: ``args`` as the core takes them with host arrays (outputs
     filled with NaN), ``ws`` as the string "ws" to be allocated per device; ``outputs`` the positions

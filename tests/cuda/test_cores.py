@@ -13,14 +13,13 @@ from tests.cuda.conftest import assert_close
 # convolutions' float32 kernels are the same code, and tests/cuda/test_training.py runs them).
 # Convolutions and dense layers have two CUDA algorithms: the register-blocked products (the
 # default, "gemm") and the simpler kernels kept as references ("tiled"). Both run every case but
-# the ones made to cross the products' tiles (the simple kernels take minutes there in the simulator).
-CROSSING = ("conv3 ", "conv4 ", "dense 70x")
+# the ones made to cross the products' tiles (cores.CROSSING_TILES).
 CASES = [(dtype, *case, algorithm)
          for dtype in (np.float32, np.float64)
          for case in cores.cases(np.random.default_rng(1), dtype)
          if dtype == np.float64 or not case[1].startswith("conv2d")
          for algorithm in REGISTRY.algorithms(case[1], "cuda")
-         if algorithm != "tiled" or not case[0].startswith(CROSSING)]
+         if algorithm != "tiled" or not case[0].startswith(cores.CROSSING_TILES)]
 
 
 @pytest.mark.parametrize("dtype, name, op, args, outputs, expected, algorithm", CASES,

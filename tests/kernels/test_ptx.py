@@ -5,6 +5,7 @@ reject (an unsupported call, a type that does not unify). Compiling here, with N
 and no GPU, catches that in the ordinary test run.
 """
 
+import functools
 import re
 
 import numpy as np
@@ -18,6 +19,12 @@ pytestmark = pytest.mark.skipif(SIMULATOR, reason="compiling PTX needs the real 
 
 
 CASES = [(k, sig, dt) for dt in (np.float32, np.float64) for k, sig in launch_types(dt)]
+
+
+@functools.lru_cache(maxsize=None)
+def ptx_of(kernel, sig):
+    """The PTX of ``kernel`` for these argument types, compiled once for all the tests here."""
+    return cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))[0]
 
 
 def test_every_kernel_is_cached_on_disk():
@@ -40,7 +47,7 @@ def test_every_kernel_is_listed():
 @pytest.mark.parametrize("kernel, sig, dtype", CASES,
                          ids=[f"{k.py_func.__name__}-{np.dtype(d).name}-{i}" for i, (k, _, d) in enumerate(CASES)])
 def test_compiles_to_ptx_for_sm90(kernel, sig, dtype):
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    ptx = ptx_of(kernel, sig)
     assert ".target sm_90" in ptx
     assert ".entry" in ptx  # a kernel, not just device functions
 
@@ -55,5 +62,5 @@ def test_float32_kernels_do_float32_arithmetic(kernel, sig):
     """A float64 operation is many times slower than a float32 one on most GPUs; a stray Python
     float or a plain 0 in a float32 kernel turns its arithmetic into float64 silently. At most a
     constant or two computed once per thread (a pooling window's 1 / (FH*FW)) may remain."""
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    ptx = ptx_of(kernel, sig)
     assert sum(1 for line in ptx.splitlines() if F64_ARITHMETIC.match(line)) <= 1
