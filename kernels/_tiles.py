@@ -97,3 +97,11 @@ def tile_product(acc, sa, sb, t):
     _four_steps(acc, sa, sb, ai + four_a, bi + four_b)
     _four_steps(acc, sa, sb, ai + four_a + four_a, bi + four_b + four_b)
     _four_steps(acc, sa, sb, ai + four_a + four_a + four_a, bi + four_b + four_b + four_b)
+
+
+@cuda.jit(device=True, inline="always")
+def multiply_staged(acc, sa, sb, t):
+    """``tile_product`` of the step the block just staged, between the two barriers every step needs."""
+    cuda.syncthreads()  # wait until both tiles are staged
+    tile_product(acc, sa, sb, t)
+    cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them

@@ -28,7 +28,7 @@ from ._checks import check_arrays, check_ndim, check_shape, on_host
 from ._cpu import serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
-                     tile_kernel, tile_product, zero_acc)
+                     multiply_staged, tile_kernel, zero_acc)
 from .activation import relu_backward_core_cpu
 
 # ------------------------------------------------------------------------ argument checks
@@ -349,9 +349,7 @@ def _gemm_kernel_for(trans_a, trans_b):
                 sb[s_b + r * (b_dk * TILE_N + b_dj)] = v
             a_at += a_step
             b_at += b_step
-            cuda.syncthreads()  # wait until both tiles are staged
-            tile_product(acc, sa, sb, t)
-            cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+            multiply_staged(acc, sa, sb, t)
         tx, ty = t % SPAN, t // SPAN
         for ii in range(SUB_M):
             m = m0 + ty + SPAN * ii

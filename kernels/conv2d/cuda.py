@@ -28,7 +28,7 @@ from numba import cuda
 
 from .._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, grid_z, on_gpu, stream
 from .._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M,
-                      TILE_N, tile_kernel, tile_product, zero_acc)
+                      TILE_N, multiply_staged, tile_kernel, zero_acc)
 from .._index import in_coord_cuda, out_coord_cuda
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 
@@ -253,6 +253,23 @@ def gemm_table_bytes(taps, tables=2):
     return 4 * tables * taps
 
 
+@cuda.jit(device=True, inline="always")
+def _stage_patch_column(sb, src, table, t_off, t_packed, at, row0, col0, sign, rows_u, cols_u, q_left, b_k, j,
+                        zero):
+    """Stage this thread's LOADS_B rows (b_k + ROWS r) of column j of B, gathered from ``src``: row
+    r's tap has its offset from ``at`` at table[t_off + ROWS r], and (fh, fw) packed at
+    table[t_packed + ROWS r]; the position read is (row0 + sign fh, col0 + sign fw), 0 outside
+    [0, rows) x [0, cols) (one unsigned comparison each) and past the last tap (q_left)."""
+    for r in range(LOADS_B):
+        v = zero
+        if r * ROWS < q_left:
+            packed = table[t_packed + numba.uint64(r * ROWS)]
+            row, col = row0 + sign * (packed >> 16), col0 + sign * (packed & 65535)
+            if numba.uint32(row) < rows_u and numba.uint32(col) < cols_u:
+                v = src[numba.uint64(at + table[t_off + numba.uint64(r * ROWS)])]
+        sb[(b_k + r * ROWS) * TILE_N + j] = v
+
+
 @tile_kernel
 def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
     """y = conv(x, w) + b (then max(., 0) with ``relu``) as the implicit product W (K x Q) X (Q x P).
@@ -300,20 +317,12 @@ def _conv2d_forward_gemm_kernel(y, yf, x, xf, w, wf, b, sh, sw, ph, pw, relu):
             if m0 + i + r * A_ROWS < K and q0 + a_k < Q:
                 v = wf[a_at + numba.uint64(r) * a_dr]
             sa[a_k * TILE_M + i + r * A_ROWS] = v
-        for r in range(LOADS_B):
-            v = zero
-            if q0 + b_k + r * ROWS < q_end:
-                packed = table[tq_packed + numba.uint64(r * ROWS)]
-                ih, iw = ih0 + (packed >> 16), iw0 + (packed & 65535)
-                if numba.uint32(ih) < H_u and numba.uint32(iw) < W_u:
-                    v = xf[numba.uint64(x_at + table[tq + numba.uint64(r * ROWS)])]
-            sb[(b_k + r * ROWS) * TILE_N + j] = v
+        _stage_patch_column(sb, xf, table, tq, tq_packed, x_at, ih0, iw0, 1, H_u, W_u, q_end - q0 - b_k, b_k, j,
+                            zero)
         tq += numba.uint64(TILE_K)
         tq_packed += numba.uint64(TILE_K)
         a_at += numba.uint64(TILE_K)
-        cuda.syncthreads()  # wait until both tiles are staged
-        tile_product(acc, sa, sb, t)
-        cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+        multiply_staged(acc, sa, sb, t)
     tx, ty = t % SPAN, t // SPAN
     for jj in range(SUB_N):
         p = p0 + tx + SPAN * jj
@@ -379,20 +388,12 @@ def _conv2d_backward_input_gemm_kernel(dx, dxf, dy, dyf, w, wf, x, xf, ph, pw, m
             if m0 + i + r * A_ROWS < C and tap_ok:
                 v = wf[a_row + numba.uint64(r) * a_dr + w_tap]
             sa[a_k * TILE_M + i + r * A_ROWS] = v
-        for r in range(LOADS_B):
-            v = zero
-            if q0 + b_k + r * ROWS < q_end:
-                packed = table[t_hw + numba.uint64(r * ROWS)]
-                oh, ow = oh0 - (packed >> 16), ow0 - (packed & 65535)
-                if numba.uint32(oh) < OH_u and numba.uint32(ow) < OW_u:
-                    v = dyf[numba.uint64(dy_at + table[t_dy + numba.uint64(r * ROWS)])]
-            sb[(b_k + r * ROWS) * TILE_N + j] = v
+        _stage_patch_column(sb, dyf, table, t_dy, t_hw, dy_at, oh0, ow0, -1, OH_u, OW_u, q_end - q0 - b_k, b_k, j,
+                            zero)
         t_a += numba.uint64(TILE_K)
         t_dy += numba.uint64(TILE_K)
         t_hw += numba.uint64(TILE_K)
-        cuda.syncthreads()  # wait until both tiles are staged
-        tile_product(acc, sa, sb, t)
-        cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+        multiply_staged(acc, sa, sb, t)
     tx, ty = t % SPAN, t // SPAN
     for jj in range(SUB_N):
         p = p0 + tx + SPAN * jj
@@ -486,9 +487,7 @@ def _conv2d_backward_weight_gemm_kernel(partial, pf, partial_b, dy, dyf, x, xf, 
                 ihw = i32(ihw + down)
             a_left = i32(a_left - TILE_K)
             b_left = i32(b_left - TILE_K)
-            cuda.syncthreads()  # wait until both tiles are staged
-            tile_product(acc, sa, sb, t)
-            cuda.syncthreads()  # wait until every thread is done with the tiles before the next ones overwrite them
+            multiply_staged(acc, sa, sb, t)
     tx, ty = t % SPAN, t // SPAN
     for ii in range(SUB_M):
         k = m0 + ty + SPAN * ii
