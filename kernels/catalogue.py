@@ -38,9 +38,6 @@ class Launch:
     def name(self):
         return self.kernel.py_func.__name__
 
-    def __iter__(self):  # (kernel, sig), as compile_ptx takes them
-        return iter((self.kernel, self.sig))
-
 
 def launches(dtype):
     """A ``Launch`` for every kernel, as its launcher calls it with ``dtype`` arrays."""
