@@ -249,7 +249,12 @@ def analyse(launch, cc, dtype=np.float32):
     from numba import cuda
 
     bounds = getattr(launch.kernel, "targetoptions", {}).get("launch_bounds")
-    ptx, _ = cuda.compile_ptx(launch.kernel.py_func, launch.sig, cc=tuple(cc), launch_bounds=bounds)
+    try:
+        ptx, _ = cuda.compile_ptx(launch.kernel.py_func, launch.sig, cc=tuple(cc), launch_bounds=bounds)
+    except Exception as exc:  # NVVM refuses a compute capability it no longer supports, for one
+        detail = " ".join(str(exc).split())[:300]
+        raise StaticProfileError(f"{launch.name} did not compile for sm_{cc[0]}{cc[1]} ({type(exc).__name__}: "
+                                 f"{detail})") from None
     cubin, log = link(ptx, cc)
     figures = parse_ptxas_log(log)
     shared = max(figures["static_shared"], static_shared_bytes(ptx)) + launch.shared

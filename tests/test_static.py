@@ -124,3 +124,17 @@ def test_cli_refuses_an_unknown_capability(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "compute capability" in err and err.count("\n") == 1
+
+
+@needs_compiler
+def test_a_kernel_that_does_not_compile_is_one_line(monkeypatch, capsys):
+    from numba import cuda
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("GPU compute capability 7.0 is not supported\n(requires >=7.5)")
+
+    monkeypatch.setattr(cuda, "compile_ptx", refuse)
+    assert main(["profile", "--static", "--cc", "7.0", "--kernel", "_relu_forward_kernel"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "_relu_forward_kernel did not compile for sm_70 (RuntimeError: GPU compute capability 7.0" in err
