@@ -152,7 +152,8 @@ def cmd_profile(args):
 
 
 def _static_profile(args):
-    from nbcnn.static import StaticProfileError, format_rows, static_profile, write_json
+    from nbcnn.profile import write_json
+    from nbcnn.static import StaticProfileError, format_rows, static_profile
 
     try:
         rows = static_profile(args.cc, names=args.kernel)
@@ -160,7 +161,7 @@ def _static_profile(args):
         return _fail(args, exc, EXIT_USAGE)
     print(format_rows(rows, args.cc))
     if args.json:
-        write_json(rows, args.json)
+        write_json(args.json, rows)
         print(f"figures: {args.json}")
     return 0
 

@@ -11,7 +11,8 @@ For every kernel in ``nbcnn.kernels.catalogue`` (the argument types its launcher
    resident, limited by registers, shared memory, threads and blocks per SM.
 4. nvdisasm (pip ``nvidia-cuda-nvdisasm``) disassembles the machine code (SASS). Loops are the
    backward branches; the hottest loop is taken to be the innermost of the loops that contain
-   FFMA (fused float32 multiply-add) instructions, the one with the most if there are several, and ``sass_per_ffma`` is its instruction count
+   FFMA (fused float32 multiply-add) instructions, the one with the most if there are several,
+   and ``sass_per_ffma`` is its instruction count
    (NOPs excluded, a called function's instructions included) over its FFMAs: 1 would be
    pure arithmetic; a register-blocked product does about 1.5 (one shared-memory load per two
    FMAs); a kernel dominated by index arithmetic, 10 or more.
@@ -20,7 +21,6 @@ Nothing here runs a kernel; the figures are properties of the code, the same on 
 """
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -28,6 +28,8 @@ import subprocess
 import tempfile
 
 import numpy as np
+
+from nbcnn.data import describe
 
 # Per compute capability: registers per SM, the most warps, blocks and shared bytes per SM, the
 # shared memory the hardware reserves per block, and the register allocation unit (per warp).
@@ -89,7 +91,8 @@ def link(ptx, cc):
             size = nvjitlink.get_error_log_size(handle)
             log = bytearray(size)
             nvjitlink.get_error_log(handle, log)
-            raise StaticProfileError("nvJitLink failed: " + " ".join(log.decode(errors="replace").split())) from None
+            detail = " ".join(log.decode(errors="replace").split())[:300]
+            raise StaticProfileError(f"nvJitLink failed: {detail}") from None
         size = nvjitlink.get_info_log_size(handle)
         log = bytearray(size)
         nvjitlink.get_info_log(handle, log)
@@ -252,9 +255,8 @@ def analyse(launch, cc, dtype=np.float32):
     try:
         ptx, _ = cuda.compile_ptx(launch.kernel.py_func, launch.sig, cc=tuple(cc), launch_bounds=bounds)
     except Exception as exc:  # NVVM refuses a compute capability it no longer supports, for one
-        detail = " ".join(str(exc).split())[:300]
-        raise StaticProfileError(f"{launch.name} did not compile for sm_{cc[0]}{cc[1]} ({type(exc).__name__}: "
-                                 f"{detail})") from None
+        where = f"sm_{cc[0]}{cc[1]}"
+        raise StaticProfileError(f"{launch.name} did not compile for {where} ({describe(exc, 300)})") from None
     cubin, log = link(ptx, cc)
     figures = parse_ptxas_log(log)
     shared = max(figures["static_shared"], static_shared_bytes(ptx)) + launch.shared
@@ -303,19 +305,3 @@ def format_rows(rows, cc):
                      f"{r['occupancy']:>6.0%} {per:>9}")
     return "\n".join(lines)
 
-
-def write_json(rows, path):
-    """The rows as a JSON list, written atomically (a temporary file in the same folder, renamed)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".static-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rows, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
