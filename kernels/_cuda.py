@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
-from numba import cuda
+from numba import cuda, uint32
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -257,3 +257,61 @@ def block_sum(scratch, value):
     total = scratch[0]
     cuda.syncthreads()  # wait until every thread has read the sum before scratch can be reused
     return total
+
+
+# ------------------------------------------------------------------ sums over the whole grid
+#
+# One block can keep one SM busy; a sum over many items uses many blocks, in one launch:
+#
+#   1. each block sums its share (block_sum) and writes the total to partials[row, blockIdx.x];
+#   2. each block then takes a ticket (an atomic counter per row); the block whose ticket says it
+#      is the last of its row to finish adds the row's partials, in index order, and writes the
+#      result.
+#
+# Which block finishes last changes from run to run; the order of the additions does not, so the
+# result is the same on every run, as with one block. The counter wraps back to 0 as the last
+# block takes its ticket, ready for the next launch: tickets start at zero once, when allocated.
+
+# Blocks of a grid-wide sum, all rows together: a few for each SM of the largest GPUs (132 on an
+# H100); beyond that each thread takes more items. Fixed, so the order of a sum depends only on
+# the shape, never on the GPU.
+REDUCE_BLOCKS = 64 if SIMULATOR else 528
+
+
+def reduce_parts(items, rows=1):
+    """Blocks for each of ``rows`` grid-wide sums of ``items`` values: one per REDUCE_THREADS values,
+    at most REDUCE_BLOCKS in all."""
+    return max(1, min(blocks(items, REDUCE_THREADS), REDUCE_BLOCKS // rows))
+
+
+def reduce_scratch(rows, parts, dtype):
+    """(partials (rows, parts) of ``dtype``, tickets (rows,) uint32 zeros) for a public launcher's
+    grid-wide sum; a planned step allocates its own once."""
+    tickets = cuda.to_device(np.zeros(rows, np.uint32), stream=stream())
+    return cuda.device_array((rows, parts), dtype), tickets
+
+
+@cuda.jit(device=True, inline="always")
+def finished_last(flag, tickets, row):
+    """True in every thread of the block that is the last of row ``row``'s gridDim.x blocks to get
+    here, False in the others. Every thread of every block calls it once, after its block wrote its
+    partial sums; ``flag`` is a shared int32 array of one element."""
+    cuda.threadfence()  # this thread's writes reach global memory before its block is counted done
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        last = uint32(cuda.gridDim.x - 1)
+        flag[0] = 1 if cuda.atomic.inc(tickets, row, last) == last else 0  # wraps to 0 at the last
+    cuda.syncthreads()
+    return flag[0] != 0
+
+
+@cuda.jit(device=True, inline="always")
+def sum_of_parts(scratch, partials, row):
+    """In the last block (see ``finished_last``): the sum of partials[row, :gridDim.x], in index
+    order, returned to every thread. Each partial is read with an atomic add of zero, which goes
+    to the L2 cache, where the other blocks' writes are, never to a stale line of this SM's L1."""
+    zero = partials.dtype.type(0)
+    acc = zero
+    for part in range(cuda.threadIdx.x, cuda.gridDim.x, REDUCE_THREADS):
+        acc += cuda.atomic.add(partials, (row, part), zero)
+    return block_sum(scratch, acc)

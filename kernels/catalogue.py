@@ -55,7 +55,7 @@ def launches(dtype):
                conv2d.GATHER_W * conv2d.GATHER_H),
         Launch(conv2d._conv2d_backward_weight_partial_kernel, (A(5), A(2), A(4), A(4), I, I, I, I), REDUCE_THREADS),
         Launch(conv2d._conv2d_backward_weight_reduce_kernel, (A(4), A(1), A(5), A(2))),
-        Launch(conv2d._conv2d_backward_bias_kernel, (A(1), A(4)), REDUCE_THREADS),
+        Launch(conv2d._conv2d_backward_bias_kernel, (A(1), A(4), A(2), A(1, np.uint32)), REDUCE_THREADS),
         Launch(conv2d._conv2d_forward_gemm_kernel, (A(4), A(1), A(4), A(1), A(4), A(1), A(1), I, I, I, I, B), gemm,
                conv2d.gemm_table_bytes(16 * 5 * 5)),
         Launch(conv2d._conv2d_backward_input_gemm_kernel, (A(4), A(1), A(4), A(1), A(4), A(1), A(4), A(1), I, I, B),
@@ -70,7 +70,7 @@ def launches(dtype):
         Launch(dense._gemm_nt_kernel, (A(2), A(1), A(1), I, A(1), A(2), A(1)) + (B,) * 4, dense.GEMM_THREADS),
         Launch(dense._gemm_nn_kernel, (A(2), A(1), A(1), I, A(1), A(2), A(1)) + (B,) * 4, dense.GEMM_THREADS),
         Launch(dense._gemm_tn_kernel, (A(2), A(1), A(1), I, A(1), A(2), A(1)) + (B,) * 4, dense.GEMM_THREADS),
-        Launch(dense._dense_backward_bias_kernel, (A(1), A(2)), 128),
+        Launch(dense._dense_backward_bias_kernel, (A(1), A(2), A(2), A(1, np.uint32)), REDUCE_THREADS),
         Launch(optim._sgd_update_kernel, (A(1), A(1), A(1), F, F, F)),
         Launch(optim._adam_update_kernel, (A(1),) * 4 + (F,) * 8),
         Launch(optim._fill_kernel, (A(1), F)),
@@ -86,14 +86,15 @@ def launches(dtype):
         Launch(global_pool._global_avgpool_backward_kernel, (A(1), A(1), A(1), I, B)),
         Launch(augment._shift_flip_kernel, (A(1), A(1)) + (I,) * 7 + (B, S)),
     ]
+    sums = (A(2, np.float64), A(1, np.uint32))  # a grid-wide sum's partials and tickets
     for it in (np.int32, np.int64):  # argmax and labels come as either
         out += [
             Launch(pool2d._maxpool2d_forward_kernel, (A(4), A(4, it), A(4)) + (I,) * 6, pool),
             Launch(pool2d._maxpool2d_backward_kernel, (A(4), A(4), A(4, it), A(4)) + (I,) * 6 + (B,), pool),
-            Launch(softmax_xent._softmax_xent_forward_kernel, (A(1), A(2), A(2), A(1, it)), REDUCE_THREADS),
+            Launch(softmax_xent._softmax_xent_forward_kernel, (A(1), A(2), A(2), A(1, it)) + sums, REDUCE_THREADS),
             Launch(softmax_xent._softmax_xent_backward_kernel, (A(2), A(2), A(1, it))),
-            Launch(softmax_xent._count_correct_kernel, (A(1, np.int64), A(2), A(1, it)), REDUCE_THREADS),
-            Launch(softmax_xent._softmax_xent_step_kernel, (A(1, np.float64), A(2), A(2), A(2), A(1, it), B),
+            Launch(softmax_xent._count_correct_kernel, (A(1, np.int64), A(2), A(1, it)) + sums, REDUCE_THREADS),
+            Launch(softmax_xent._softmax_xent_step_kernel, (A(1, np.float64), A(2), A(2), A(2), A(1, it), B) + sums,
                    REDUCE_THREADS),
             Launch(gather._gather_batch_kernel, (A(2), A(1, it), A(2), A(1, it), A(1, it), B)),  # public gather_rows
             Launch(gather._gather_batch_kernel, (A(2, np.int32), A(1, it), A(2, np.int32), A(1, it), A(1, it), B)),

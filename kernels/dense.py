@@ -26,7 +26,7 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
 from ._cpu import serial
-from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
+from ._cuda import REDUCE_THREADS, blocks, finished_last, flat, gpu_arrays, on_gpu, reduce_parts, reduce_scratch, stream
 from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
                      multiply_staged, tile_kernel, zero_acc)
 from .activation import relu_backward_core_cpu
@@ -376,16 +376,41 @@ _gemm_nn_kernel = _gemm_kernel_for(False, False)  # dx = dy w
 _gemm_tn_kernel = _gemm_kernel_for(True, False)  # dw = dy^T x (and db, as the column of ones)
 
 
+# The bias gradient's blocks: BIAS_COLUMNS adjacent features (a warp reads 32 adjacent floats of a
+# row of dy, one transaction) by BIAS_LANES rows at a time.
+BIAS_COLUMNS = 32
+BIAS_LANES = REDUCE_THREADS // BIAS_COLUMNS
+
+
 @cuda.jit(cache=True)
-def _dense_backward_bias_kernel(db, dy):
-    """db[o] = sum_n dy[n, o]; one thread per output feature, threads along o (coalesced rows of dy)."""
-    o = cuda.grid(1)
-    if o >= db.size:
-        return
+def _dense_backward_bias_kernel(db, dy, partials, tickets):
+    """db[o] = sum_n dy[n, o]. Block (part, column block) sums features o of its column block
+    over rows n = part * BIAS_LANES + lane, stepping by all parts' lanes; the lanes' sums are
+    added in order into partials[o, part], and the last part to finish adds those in order
+    (see ``_cuda.finished_last``). No atomics on values: the same result on every run."""
+    N, OUT = dy.shape
+    column = cuda.threadIdx.x % BIAS_COLUMNS
+    lane = cuda.threadIdx.x // BIAS_COLUMNS
+    o = cuda.blockIdx.y * BIAS_COLUMNS + column
+    part = cuda.blockIdx.x
     acc = db.dtype.type(0)
-    for n in range(dy.shape[0]):
-        acc += dy[n, o]
-    db[o] = acc
+    if o < OUT:
+        for n in range(part * BIAS_LANES + lane, N, cuda.gridDim.x * BIAS_LANES):
+            acc += dy[n, o]
+    lanes = cuda.shared.array(REDUCE_THREADS, dtype=db.dtype)
+    flag = cuda.shared.array(1, dtype=numba.int32)
+    lanes[cuda.threadIdx.x] = acc
+    cuda.syncthreads()
+    if lane == 0 and o < OUT:
+        for other in range(1, BIAS_LANES):
+            acc += lanes[other * BIAS_COLUMNS + column]
+        partials[o, part] = acc
+    if finished_last(flag, tickets, cuda.blockIdx.y):
+        if lane == 0 and o < OUT:
+            total = db.dtype.type(0)
+            for other in range(cuda.gridDim.x):  # read through L2, as in sum_of_parts
+                total += cuda.atomic.add(partials, (o, other), db.dtype.type(0))
+            db[o] = total
 
 
 # --------------------------------------------------------------------------- CUDA launchers
@@ -443,7 +468,11 @@ def dense_backward_bias_cuda(db, dy):
     fn = "dense_backward_bias_cuda"
     db, dy = gpu_arrays(fn, db=db, dy=dy)
     check_dense_bias(fn, on_gpu, db, dy)
-    _dense_backward_bias_kernel[blocks(db.size, 128), 128, stream()](db, dy)
+    N, OUT = dy.shape
+    columns = blocks(OUT, BIAS_COLUMNS)
+    parts = reduce_parts(N * BIAS_COLUMNS, columns)  # a block sums REDUCE_THREADS values a pass
+    partials, tickets = reduce_scratch(OUT, parts, db.dtype)
+    _dense_backward_bias_kernel[(parts, columns), REDUCE_THREADS, stream()](db, dy, partials, tickets)
     return db
 
 

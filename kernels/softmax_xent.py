@@ -21,11 +21,13 @@ overwrites dlogits.
 
 import math
 
-from numba import cuda, njit, prange
+import numpy as np
+from numba import cuda, int32, njit, prange
 from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
-from ._cuda import REDUCE_THREADS, block_sum, blocks, gpu_arrays, on_gpu, stream
+from ._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, gpu_arrays, on_gpu, reduce_parts, reduce_scratch,
+                    stream, sum_of_parts)
 from ._index import compile_twice
 
 # ------------------------------------------------------------------------ argument checks
@@ -199,8 +201,14 @@ def softmax_xent_backward_cpu(dlogits, probs, labels):
     return dlogits
 
 
-def softmax_xent_step_core_cpu(sums, probs, dlogits, logits, labels, accumulate):
-    """Unchecked (labels are not range-checked: a bad one gives a NaN loss): see ``_softmax_xent_step_cpu``."""
+def softmax_xent_step_workspace_cpu(n):
+    """The CPU step needs no scratch (see ``softmax_xent_step_workspace_cuda``)."""
+    return {}
+
+
+def softmax_xent_step_core_cpu(sums, probs, dlogits, logits, labels, accumulate, ws=None):
+    """Unchecked (labels are not range-checked: a bad one gives a NaN loss): see
+    ``_softmax_xent_step_cpu``. ``ws`` is unused: the CPU needs no scratch."""
     _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate)
 
 
@@ -208,20 +216,24 @@ def softmax_xent_step_core_cpu(sums, probs, dlogits, logits, labels, accumulate)
 
 
 @cuda.jit(cache=True)
-def _softmax_xent_forward_kernel(loss, probs, logits, labels):
-    """A single block of REDUCE_THREADS threads; thread t takes rows t, t + REDUCE_THREADS, ...
-
-    Each thread writes its rows' softmax and sums their losses in float64; block_sum
-    adds the threads' sums in a fixed order, so the loss is the same on every run.
-    """
+def _softmax_xent_forward_kernel(loss, probs, logits, labels, partials, tickets):
+    """Thread i of the grid takes rows i, i + gridsize, ...: their softmax into probs, their losses
+    summed in float64. Each block adds its threads' sums (block_sum) into partials[0, block]; the
+    last block to finish adds the partials in order (see ``_cuda.finished_last``): the loss is the
+    same on every run."""
     N = logits.shape[0]
     total = 0.0
-    for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
+    for n in range(cuda.grid(1), N, cuda.gridsize(1)):
         total += softmax_row_cuda(probs, logits, labels, n)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
+    flag = cuda.shared.array(1, dtype=int32)
     total = block_sum(scratch, total)
     if cuda.threadIdx.x == 0:
-        loss[0] = total / N
+        partials[0, cuda.blockIdx.x] = total
+    if finished_last(flag, tickets, 0):
+        total = sum_of_parts(scratch, partials, 0)
+        if cuda.threadIdx.x == 0:
+            loss[0] = total / N
 
 
 @cuda.jit(cache=True)
@@ -237,37 +249,49 @@ def _softmax_xent_backward_kernel(dlogits, probs, labels):
 
 
 @cuda.jit(cache=True)
-def _count_correct_kernel(count, logits, labels):
-    """A single block of REDUCE_THREADS threads, thread t taking rows t, t + REDUCE_THREADS, ...;
-    block_sum adds the threads' counts (exact in float64 for any realistic N)."""
+def _count_correct_kernel(count, logits, labels, partials, tickets):
+    """Rows shared out as in ``_softmax_xent_forward_kernel``, the counts summed the same way (exact
+    in float64 for any realistic N)."""
     N = logits.shape[0]
     total = 0.0
-    for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
+    for n in range(cuda.grid(1), N, cuda.gridsize(1)):
         total += row_correct_cuda(logits, labels, n)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
+    flag = cuda.shared.array(1, dtype=int32)
     total = block_sum(scratch, total)
     if cuda.threadIdx.x == 0:
-        count[0] = int(total)
+        partials[0, cuda.blockIdx.x] = total
+    if finished_last(flag, tickets, 0):
+        total = sum_of_parts(scratch, partials, 0)
+        if cuda.threadIdx.x == 0:
+            count[0] = int(total)
 
 
 @cuda.jit(cache=True)
-def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate):
-    """The CUDA twin of ``_softmax_xent_step_cpu``. A single block of REDUCE_THREADS threads; thread t
-    takes rows t, t + REDUCE_THREADS, ...; block_sum adds the threads' losses and counts in a fixed
-    order (the count is exact in float64), and thread 0 alone writes sums: no atomics, the same
-    result on every run."""
+def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate, partials, tickets):
+    """The CUDA twin of ``_softmax_xent_step_cpu``. Thread i of the grid takes rows i, i + gridsize,
+    ...; each block adds its threads' losses and counts into partials[0 and 1, block], and the last
+    block to finish adds those in order and alone writes sums (see ``_cuda.finished_last``): the
+    same result on every run, however the blocks are scheduled."""
     N = logits.shape[0]
     total = 0.0
     correct = 0.0
-    for n in range(cuda.threadIdx.x, N, REDUCE_THREADS):
+    for n in range(cuda.grid(1), N, cuda.gridsize(1)):
         total += softmax_row_cuda(probs, logits, labels, n)
         correct += row_correct_cuda(logits, labels, n)
         gradient_row_cuda(dlogits, probs, labels, n, N)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
+    flag = cuda.shared.array(1, dtype=int32)
     total = block_sum(scratch, total)
     correct = block_sum(scratch, correct)  # block_sum's last barrier makes scratch free again
     if cuda.threadIdx.x == 0:
-        store_sums_cuda(sums, total, correct, accumulate)
+        partials[0, cuda.blockIdx.x] = total
+        partials[1, cuda.blockIdx.x] = correct
+    if finished_last(flag, tickets, 0):
+        total = sum_of_parts(scratch, partials, 0)
+        correct = sum_of_parts(scratch, partials, 1)
+        if cuda.threadIdx.x == 0:
+            store_sums_cuda(sums, total, correct, accumulate)
 
 
 # --------------------------------------------------------------------------- CUDA launchers
@@ -278,7 +302,9 @@ def count_correct_cuda(count, logits, labels):
     fn = "count_correct_cuda"
     count, logits, labels = gpu_arrays(fn, count=count, logits=logits, labels=labels)
     check_count_correct(fn, on_gpu, count, logits, labels)
-    _count_correct_kernel[1, REDUCE_THREADS, stream()](count, logits, labels)
+    parts = reduce_parts(logits.shape[0])
+    partials, tickets = reduce_scratch(1, parts, np.float64)
+    _count_correct_kernel[parts, REDUCE_THREADS, stream()](count, logits, labels, partials, tickets)
     return count
 
 
@@ -290,7 +316,9 @@ def softmax_xent_forward_cuda(loss, probs, logits, labels):
     fn = "softmax_xent_forward_cuda"
     loss, probs, logits, labels = gpu_arrays(fn, loss=loss, probs=probs, logits=logits, labels=labels)
     check_softmax_xent(fn, on_gpu, {"logits": logits, "probs": probs}, labels, loss)
-    _softmax_xent_forward_kernel[1, REDUCE_THREADS, stream()](loss, probs, logits, labels)
+    parts = reduce_parts(logits.shape[0])
+    partials, tickets = reduce_scratch(1, parts, np.float64)
+    _softmax_xent_forward_kernel[parts, REDUCE_THREADS, stream()](loss, probs, logits, labels, partials, tickets)
     return loss
 
 
@@ -303,6 +331,15 @@ def softmax_xent_backward_cuda(dlogits, probs, labels):
     return dlogits
 
 
-def softmax_xent_step_core_cuda(sums, probs, dlogits, logits, labels, accumulate):
-    """Unchecked twin of ``softmax_xent_step_core_cpu``: one launch, nothing read back."""
-    _softmax_xent_step_kernel[1, REDUCE_THREADS, stream()](sums, probs, dlogits, logits, labels, accumulate)
+def softmax_xent_step_core_cuda(sums, probs, dlogits, logits, labels, accumulate, ws):
+    """Unchecked twin of ``softmax_xent_step_core_cpu``: one launch, nothing read back. ``ws`` holds
+    the scratch of ``softmax_xent_step_workspace_cuda`` for these logits' rows."""
+    parts = ws.partials.shape[1]
+    _softmax_xent_step_kernel[parts, REDUCE_THREADS, stream()](sums, probs, dlogits, logits, labels, accumulate,
+                                                               ws.partials, ws.tickets)
+
+
+def softmax_xent_step_workspace_cuda(n):
+    """{name: (shape, dtype)} of the step's scratch for ``n`` rows, every array zeroed once when
+    allocated: the blocks' partial losses and counts, and the ticket of the last block to finish."""
+    return {"partials": ((2, reduce_parts(n)), np.float64), "tickets": ((1,), np.uint32)}

@@ -1,5 +1,7 @@
 """Losses. SoftmaxCrossEntropy: softmax and cross-entropy in one numerically stable step."""
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from nbcnn import ops
@@ -34,6 +36,9 @@ class _LossPlan:
         self.dlogits = device.empty(logits.shape, logits.dtype)
         self.sums = device.zeros(2, np.float64)
         self.host = np.zeros(2, np.float64)
+        # scratch of the kernel's sum over the batch (on a GPU: one partial sum a block), zeroed once
+        scratch = self.kernel.workspace(self.n).items()
+        self.ws = SimpleNamespace(**{name: device.zeros(shape, dtype) for name, (shape, dtype) in scratch})
 
 
 class SoftmaxCrossEntropy:
@@ -70,7 +75,7 @@ class SoftmaxCrossEntropy:
         """Add the batch's summed loss to ``sums[0]`` and its correct count to ``sums[1]`` ((2,) float64
         on the logits' device); compute dlogits for ``backward``. Reads nothing back."""
         plan = self._plan_for(logits, labels)
-        plan.kernel.run(sums, plan.probs, plan.dlogits, logits, labels, True)
+        plan.kernel.run(sums, plan.probs, plan.dlogits, logits, labels, True, plan.ws)
         self._ran = True
 
     def forward(self, logits, labels):
@@ -80,7 +85,7 @@ class SoftmaxCrossEntropy:
             if low < 0 or high >= logits.shape[1]:
                 raise ValueError(f"SoftmaxCrossEntropy: labels must be in [0, {logits.shape[1]}), "
                                  f"got {low if low < 0 else high}")
-        plan.kernel.run(plan.sums, plan.probs, plan.dlogits, logits, labels, False)
+        plan.kernel.run(plan.sums, plan.probs, plan.dlogits, logits, labels, False, plan.ws)
         self._ran = True
         if isinstance(plan.sums, np.ndarray):
             return float(plan.sums[0]) / plan.n

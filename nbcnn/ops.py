@@ -194,7 +194,8 @@ for _device in ("cpu", "cuda"):
                          ("dropout_forward", dropout), ("dropout_backward", dropout),
                          ("global_avgpool2d_forward", global_pool), ("global_avgpool2d_backward", global_pool),
                          ("shift_flip", augment)]:
-        _add(_op, _device, _algorithm, getattr(_module, f"{_op}_core{_mod}"))
+        _add(_op, _device, _algorithm, getattr(_module, f"{_op}_core{_mod}"),
+             getattr(_module, f"{_op}_workspace{_mod}", None))  # scratch, where a core needs it
     # Dense layers: BLAS products on the CPU, register-blocked products with fused epilogues on a
     # GPU (the simpler one-output-a-thread product stays available as "tiled").
     _algorithm = "blas" if _device == "cpu" else "gemm"

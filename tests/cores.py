@@ -96,7 +96,7 @@ def cases(rng, dtype=np.float64):
     out.append(("relu forward", "relu_forward", [nan(*x.shape), x], [0], [_relu(x)]))
     dy = arr(*x.shape)
     out.append(("relu backward", "relu_backward", [nan(*x.shape), dy, _relu(x)], [0], [dy * (x > 0)]))
-    for N, M in ((1, 3), (45, 10), (300, 7)):  # 300 rows: more than one GPU block's threads
+    for N, M in ((1, 3), (45, 10), (300, 7)):  # 45 and 300 rows: several GPU blocks, their sums added by the last
         logits = 4 * arr(N, M)
         labels = rng.integers(0, M, N).astype(np.int32)
         loss, probs = ref.softmax_xent(logits, labels)
@@ -105,7 +105,7 @@ def cases(rng, dtype=np.float64):
             sums = np.array([1.5, 2.0]) if accumulate else np.full(2, np.nan)
             want = np.array([loss * N, correct]) + (np.array([1.5, 2.0]) if accumulate else 0)
             out.append((f"softmax xent step {N}x{M} accumulate={accumulate}", "softmax_xent_step",
-                        [sums, nan(N, M), nan(N, M), logits, labels, accumulate], [0, 1, 2],
+                        [sums, nan(N, M), nan(N, M), logits, labels, accumulate, "ws"], [0, 1, 2],
                         [want, probs, ref.softmax_xent_grad(logits, labels)]))
     data, labels = arr(40, 1, 2, 3), rng.integers(0, 10, 40).astype(np.int32)
     idx = rng.permutation(40)[:9].astype(np.int32)
@@ -190,6 +190,9 @@ def _workspace(kernel, op, args, device):
         y_shape = args[3].shape if op == "conv2d_backward" else args[0].shape
         x, w = (args[4], args[5]) if op == "conv2d_backward" else (args[1], args[2])
         shapes = kernel.workspace(x.shape, w.shape, y_shape, _stride(op, args), _padding(op, args), True, x.dtype)
+    elif op == "softmax_xent_step":  # its own dtypes, zeroed (see softmax_xent_step_workspace_cuda)
+        scratch = kernel.workspace(args[3].shape[0]).items()
+        return SimpleNamespace(**{name: device.zeros(shape, dtype) for name, (shape, dtype) in scratch})
     else:
         shapes = kernel.workspace()
     dtype = next(a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f")

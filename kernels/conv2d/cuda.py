@@ -13,7 +13,7 @@ filter size, OH, OW output size, S stride, P padding (sh, sw, ph, pw).
   threads sum their share and add the shares in shared memory; pass 2 adds the chunks'
   partial sums in a fixed order (skipped when the batch is one chunk: pass 1 then writes
   dw and db). No float atomics, so the result is bitwise the same on every run.
-- backward to the bias alone (``conv2d_backward_bias_cuda``): one block per filter.
+- backward to the bias alone (``conv2d_backward_bias_cuda``): blocks per filter, as many as fill the GPU.
 
 Fused epilogues, switched by flags: ``relu`` in the forward writes max(y, 0) (the ReLU after
 the convolution), ``mask`` in the backward to the input zeroes dx where x is not positive
@@ -26,7 +26,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .._cuda import REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, grid_z, on_gpu, stream
+from .._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, flat, gpu_arrays, grid_z, on_gpu, reduce_parts,
+                     reduce_scratch, stream, sum_of_parts)
 from .._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M,
                       TILE_N, multiply_staged, tile_kernel, zero_acc)
 from .._index import in_coord_cuda, out_coord_cuda
@@ -211,17 +212,24 @@ def _conv2d_backward_weight_reduce_kernel(dw, db, partial, partial_b):
 
 
 @cuda.jit(cache=True)
-def _conv2d_backward_bias_kernel(db, dy):
-    """db[k] = sum of dy[:, k]. One block of REDUCE_THREADS threads per filter k (blockIdx.x)."""
+def _conv2d_backward_bias_kernel(db, dy, partials, tickets):
+    """db[k] = sum of dy[:, k]: gridDim.x blocks per filter k (blockIdx.y), each summing every
+    gridDim.x-th run of REDUCE_THREADS values of dy[:, k] into partials[k, blockIdx.x]; the last of
+    them to finish adds the partials in order (see ``_cuda.finished_last``)."""
     N, K, OH, OW = dy.shape
-    k = cuda.blockIdx.x
+    k = cuda.blockIdx.y
     acc = db.dtype.type(0)
-    for idx in range(cuda.threadIdx.x, N * OH * OW, REDUCE_THREADS):
+    for idx in range(cuda.blockIdx.x * REDUCE_THREADS + cuda.threadIdx.x, N * OH * OW, cuda.gridDim.x * REDUCE_THREADS):
         acc += dy[idx // (OH * OW), k, (idx // OW) % OH, idx % OW]
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=db.dtype)
+    flag = cuda.shared.array(1, dtype=numba.int32)
     total = block_sum(scratch, acc)
     if cuda.threadIdx.x == 0:
-        db[k] = total
+        partials[k, cuda.blockIdx.x] = total
+    if finished_last(flag, tickets, k):
+        total = sum_of_parts(scratch, partials, k)
+        if cuda.threadIdx.x == 0:
+            db[k] = total
 
 
 # ------------------------------------------------------- implicit matrix products (the fast path)
@@ -584,7 +592,10 @@ def conv2d_backward_bias_cuda(db, dy):
     fn = "conv2d_backward_bias_cuda"
     db, dy = gpu_arrays(fn, db=db, dy=dy)
     check_conv2d_bias(fn, on_gpu, db, dy)
-    _conv2d_backward_bias_kernel[dy.shape[1], REDUCE_THREADS, stream()](db, dy)
+    N, K, OH, OW = dy.shape
+    parts = reduce_parts(N * OH * OW, K)
+    partials, tickets = reduce_scratch(K, parts, db.dtype)
+    _conv2d_backward_bias_kernel[(parts, K), REDUCE_THREADS, stream()](db, dy, partials, tickets)
     return db
 
 

@@ -60,6 +60,8 @@ def huge_batch_calls(algorithm=None):
     p, am = empty(N, 2, 1, 1), empty(N, 2, 1, 1, dtype=np.int32)
     d_in, d_out = empty(N, 7), empty(N, 3)
     dense_ws = SimpleNamespace(one=empty(1))
+    loss_ws = SimpleNamespace(**{k: empty(*s, dtype=t) for k, (s, t) in
+                                 REGISTRY.get("softmax_xent_step", "cuda").workspace(N).items()})
     labels = empty(N, dtype=np.int32)
     flat = empty(10 * N)
     return [
@@ -73,7 +75,7 @@ def huge_batch_calls(algorithm=None):
         ("relu_backward", (y, y, y)),
         ("dense_forward", (d_out, d_in, empty(3, 7), empty(3), True, dense_ws)),
         ("dense_backward", (d_in, empty(3, 7), empty(3), d_out, d_in, empty(3, 7), True, dense_ws)),
-        ("softmax_xent_step", (empty(2, dtype=np.float64), d_out, d_out, d_out, labels, True)),
+        ("softmax_xent_step", (empty(2, dtype=np.float64), d_out, d_out, d_out, labels, True, loss_ws)),
         ("gather_batch", (x, labels, x, labels, labels)),
         ("sgd_update", (flat, flat, flat, 0.1, 0.9, 0.0)),
         ("adam_update", (flat, flat, flat, flat, 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001)),
