@@ -10,7 +10,8 @@ Models: ``default`` (nbcnn's zoo default: conv 16 5x5 p2, conv 32 5x5, dense 800
 ``lenet5`` (the classic: conv 6 and 16 filters 5x5, max pooling, dense 400-120-84-10, SGD momentum
 0.9). Prints one JSON line: the median step time over ``--repeats`` blocks of ``--steps`` steps.
 A benchmark, not a test: run each implementation in its own process for the separate-process
-comparison, or pass ``--import-torch-first`` to import PyTorch before nbcnn.
+comparison, or pass ``--import-torch-first`` to import PyTorch before nbcnn. The models and steps
+are ``nbcnn.stepbench``'s, which ``nbcnn bench`` runs; this script adds the host-only timings.
 """
 
 import argparse
@@ -20,30 +21,6 @@ import statistics
 import time
 
 import numpy as np
-
-
-def nbcnn_model(name):
-    import nbcnn
-    from nbcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
-
-    if name == "default":
-        layers = [Conv2D(1, 16, 5, padding=2), ReLU(), MaxPool2D(2), Conv2D(16, 32, 5), ReLU(), MaxPool2D(2),
-                  Flatten(), Dense(800, 128), ReLU(), Dense(128, 10)]
-    else:
-        layers = [Conv2D(1, 6, 5, padding=2), ReLU(), MaxPool2D(2), Conv2D(6, 16, 5), ReLU(), MaxPool2D(2),
-                  Flatten(), Dense(400, 120), ReLU(), Dense(120, 84), ReLU(), Dense(84, 10)]
-    return nbcnn.Sequential(layers)
-
-
-def torch_model(torch, name):
-    nn = torch.nn
-    if name == "default":
-        return nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5),
-                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 128), nn.ReLU(),
-                             nn.Linear(128, 10))
-    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84),
-                         nn.ReLU(), nn.Linear(84, 10))
 
 
 def make_noop():
@@ -76,49 +53,15 @@ def make_noop_launches():
 
 
 def nbcnn_steps(args, x, y):
-    import nbcnn
-    from nbcnn.losses import SoftmaxCrossEntropy
-    from nbcnn.optim import SGD, Adam
+    from nbcnn.stepbench import nbcnn_step
 
-    model = nbcnn_model(args.model).to(args.device)
-    loss_fn = SoftmaxCrossEntropy()
-    if args.model == "default":
-        opt = Adam(model.parameters(), lr=1e-3)
-    else:
-        opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = nbcnn.to_device(x, args.device), nbcnn.to_device(y, args.device)
-
-    def step():
-        loss = loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward(), need_dx=False)
-        opt.step()
-        return loss
-
+    step = nbcnn_step(args.model, x, y, args.device)
     if args.noop_launches:
         make_noop_launches()
     if args.noop:
         if args.device == "cpu":
             step()  # compile and allocate for real once (the simulator would take hours at this size)
         make_noop()  # then time the host's part alone
-    return step
-
-
-def torch_steps(torch, args, x, y):
-    model = torch_model(torch, args.model)
-    if args.model == "default":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-    F = torch.nn.functional
-
-    def step():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(xt), yt)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
     return step
 
 
@@ -147,7 +90,12 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, args.batch).astype(np.int32)
-    step = torch_steps(torch, args, x, y) if args.impl == "torch" else nbcnn_steps(args, x, y)
+    if args.impl == "torch":
+        from nbcnn.stepbench import torch_step
+
+        step = torch_step(torch, args.model, x, y)
+    else:
+        step = nbcnn_steps(args, x, y)
     for _ in range(3):
         step()
     times = []

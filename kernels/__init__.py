@@ -33,7 +33,8 @@ def _openmp_already_loaded():
 # call next (measured: a default-model step at batch 128 took 75 ms instead of 30). Numba's own
 # "workqueue" pool, whose threads sleep on a condition variable, does not care what was loaded
 # first (33 ms with PyTorch imported first). A layer the user chose (NUMBA_THREADING_LAYER) is kept.
-if "NUMBA_THREADING_LAYER" not in os.environ and _openmp_already_loaded():
+OPENMP_LOADED_FIRST = _openmp_already_loaded()
+if "NUMBA_THREADING_LAYER" not in os.environ and OPENMP_LOADED_FIRST:
     import numba
 
     numba.config.THREADING_LAYER = "workqueue"

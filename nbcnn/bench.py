@@ -5,6 +5,11 @@ else against nbcnn's reference kernels (the direct loops on the CPU, the CPU twi
 CUDA) on the same shape with a batch of 2. With PyTorch, both libraries run the same
 work in one process, on the same device and thread count, interleaved run by run, so
 that a slow moment of the machine hits both. Times are medians.
+
+On the CPU the suite ends with one training step through the public API (the README's loop) of
+two models at two batch sizes, each measurement in a fresh process (``nbcnn.stepbench``): alone,
+and with PyTorch imported first. Those rows time the training that the tests check; they are
+not compared with PyTorch's numbers (the two models start from different random weights).
 """
 
 import time
@@ -37,6 +42,9 @@ CONV_SHAPES = [
     ("N128 64->64 32x32 3x3 p1", 128, 64, 32, 32, 64, 3, 1),
 ]
 EPOCH_MODELS = ["lenet", "mnist-example"]
+# (model, batch) of the public-API step rows (``nbcnn.stepbench``), on the CPU, and steps per timed block.
+STEP_CASES = [("default", 128), ("default", 64), ("lenet5", 128), ("lenet5", 64)]
+STEP_STEPS = 20
 
 
 class TorchMissing(ValueError):
@@ -358,6 +366,29 @@ def _torch_epoch(torch, model, x_host, y_host, order, device):
     return time.perf_counter() - start
 
 
+def step_rows(vs, repeats):
+    """One training step through the public API, each measurement in a process of its own
+    (``nbcnn.stepbench``): nbcnn alone against PyTorch alone ("own processes"), and, with PyTorch,
+    both in one process that imported PyTorch first ("PyTorch imported first"), their runs
+    alternating. CPU only."""
+    from nbcnn.stepbench import measure
+
+    rows = []
+    for model, batch in STEP_CASES:
+        alone = measure("nbcnn", model, batch, STEP_STEPS, repeats)
+        shape = f"batch {batch}, {alone['threads']} threads"
+        entry = dict(name=f"step, {model}, own processes", shape=shape, flops=alone["flops"], bytes=0,
+                     nbcnn_seconds=alone["nbcnn_seconds"], threading_layer=alone["threading_layer"])
+        rows.append(entry)
+        if vs == "torch":
+            entry["torch_seconds"] = measure("torch", model, batch, STEP_STEPS, repeats)["torch_seconds"]
+            both = measure("both", model, batch, STEP_STEPS, repeats, torch_first=True)
+            rows.append(dict(name=f"step, {model}, PyTorch first", shape=shape, flops=both["flops"], bytes=0,
+                             nbcnn_seconds=both["nbcnn_seconds"], torch_seconds=both["torch_seconds"],
+                             threading_layer=both["threading_layer"]))
+    return rows
+
+
 # ------------------------------------------------------------------------------- report
 
 
@@ -375,6 +406,8 @@ def run_bench(device="auto", vs=None, repeats=7, epoch_images=60000, seed=0):
         raise ValueError(f"epoch images must be in [1, 60000], got {epoch_images}")
     rng = np.random.default_rng(seed)
     rows = kernel_rows(device, vs, repeats, rng) + epoch_rows(device, vs, epoch_images, rng)
+    if device == "cpu":
+        rows += step_rows(vs, repeats)
     for r in rows:
         r["nbcnn_gflops"] = r["flops"] / r["nbcnn_seconds"] / 1e9 if r["flops"] else None
         if "torch_seconds" in r:

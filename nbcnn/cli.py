@@ -124,7 +124,8 @@ def build_parser():
     p.add_argument("--kernel", action="append", default=None, metavar="NAME",
                    help="with --static: only this kernel (repeat for several; default: all)")
 
-    b = sub.add_parser("bench", help="a fixed suite of kernels and training epochs, optionally against PyTorch")
+    b = sub.add_parser("bench", help="a fixed suite of kernels, training epochs and (on the CPU) public-API steps, "
+                                         "optionally against PyTorch")
     b.add_argument("--device", default="auto")
     b.add_argument("--vs", choices=["torch"], default=None, help="time the same work in PyTorch, interleaved")
     b.add_argument("--json", default=None, help="write the table as JSON here")

@@ -86,6 +86,8 @@ def test_chrome_trace_puts_layers_and_kernels_on_two_rows():
 def small_suite(monkeypatch):
     monkeypatch.setattr(bench, "CONV_SHAPES", [("tiny", 2, 2, 8, 8, 3, 3, 1)])
     monkeypatch.setattr(bench, "EPOCH_MODELS", ["tiny"])
+    monkeypatch.setattr(bench, "STEP_CASES", [("lenet5", 8)])
+    monkeypatch.setattr(bench, "STEP_STEPS", 2)
 
 
 def test_bench_report_schema(small_suite, tmp_path, capsys):
@@ -95,11 +97,16 @@ def test_bench_report_schema(small_suite, tmp_path, capsys):
     assert report["device"] == "cpu" and report["threads"] >= 1 and report["machine"]["numba"]
     names = [r["name"] for r in report["rows"]]
     assert names == ["conv2d forward", "conv2d backward-input", "conv2d backward-weight", "maxpool2d 2x2 forward",
-                     "maxpool2d 2x2 backward", "conv2d forward + backward", "training epoch, tiny"]
+                     "maxpool2d 2x2 backward", "conv2d forward + backward", "training epoch, tiny",
+                     "step, lenet5, own processes"]
     for r in report["rows"]:
         assert r["nbcnn_seconds"] > 0 and "torch_seconds" not in r
     assert report["rows"][0]["flops"] == 2 * 2 * 3 * 8 * 8 * 2 * 9
     assert report["rows"][5]["flops"] == 3 * 2 * 2 * 3 * 8 * 8 * 2 * 9 + 2 * 3 * 8 * 8  # + the bias gradient
+    step = report["rows"][-1]
+    assert step["shape"].startswith("batch 8,") and step["threading_layer"] in ("omp", "tbb", "workqueue")
+    # LeNet-5's step at batch 8: conv1 forward alone is 2 * 8 * 6 * 25 * 28 * 28 FLOPs
+    assert step["flops"] > 2 * 8 * 6 * 25 * 28 * 28
     assert "conv2d forward" in capsys.readouterr().out
 
 
@@ -115,4 +122,8 @@ def test_bench_vs_torch(small_suite, capsys):
     report = bench.run_bench("cpu", vs="torch", repeats=2, epoch_images=128)
     for r in report["rows"]:
         assert r["torch_seconds"] > 0 and r["time_ratio"] > 0
-        assert r["check_error"] < 1e-3
+        assert r["name"].startswith("step, ") or r["check_error"] < 1e-3
+    steps = {r["name"]: r for r in report["rows"] if r["name"].startswith("step, ")}
+    assert list(steps) == ["step, lenet5, own processes", "step, lenet5, PyTorch first"]
+    # PyTorch imported first loaded its OpenMP runtime first: nbcnn then runs on Numba's own pool
+    assert steps["step, lenet5, PyTorch first"]["threading_layer"] == "workqueue"

@@ -1,0 +1,191 @@
+"""One training step through the public API, the README's loop, timed against PyTorch's.
+
+``nbcnn bench``'s step rows. Two models: ``default`` (nbcnn's zoo default: conv 16 5x5 p2,
+conv 32 5x5, dense 800-128-10, Adam) and ``lenet5`` (the classic: conv 6 and 16 filters 5x5,
+max pooling, dense 400-120-84-10, SGD with momentum 0.9); random 28x28 images.
+
+What else is in the process changes the result (PyTorch brings its own OpenMP runtime, whose
+threads compete with Numba's), so ``measure`` runs every measurement in a fresh process, with
+PyTorch imported before nbcnn or not imported at all::
+
+    measure("nbcnn", "default", 128)                    # nbcnn alone
+    measure("torch", "default", 128)                    # PyTorch alone
+    measure("both", "default", 128, torch_first=True)   # one process: PyTorch imported first, both timed
+
+Each prints one JSON line: per implementation the median step time over ``repeats`` blocks of
+``steps`` steps (with ``both``, the two implementations' blocks alternate), and the step's FLOPs
+from nbcnn's cost model. ``python -m nbcnn.stepbench --impl ...`` runs one by hand, with nbcnn
+imported first (``-m`` imports the package before the module).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+STEP_MODELS = ("default", "lenet5")
+
+
+def nbcnn_model(name):
+    import nbcnn
+    from nbcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+
+    if name == "default":
+        layers = [Conv2D(1, 16, 5, padding=2), ReLU(), MaxPool2D(2), Conv2D(16, 32, 5), ReLU(), MaxPool2D(2),
+                  Flatten(), Dense(800, 128), ReLU(), Dense(128, 10)]
+    else:
+        layers = [Conv2D(1, 6, 5, padding=2), ReLU(), MaxPool2D(2), Conv2D(6, 16, 5), ReLU(), MaxPool2D(2),
+                  Flatten(), Dense(400, 120), ReLU(), Dense(120, 84), ReLU(), Dense(84, 10)]
+    return nbcnn.Sequential(layers)
+
+
+def torch_model(torch, name):
+    nn = torch.nn
+    if name == "default":
+        return nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5),
+                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 128), nn.ReLU(),
+                             nn.Linear(128, 10))
+    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84),
+                         nn.ReLU(), nn.Linear(84, 10))
+
+
+def _optimizer(module, name, params):
+    """Adam for the default model, SGD with momentum for the classic LeNet-5 (the same in both libraries)."""
+    return module.Adam(params, lr=1e-3) if name == "default" else module.SGD(params, lr=0.01, momentum=0.9)
+
+
+def nbcnn_step(name, x, y, device="cpu"):
+    """The README's loop: forward, loss, backward, optimizer step. Returns the step function."""
+    import nbcnn
+    from nbcnn.losses import SoftmaxCrossEntropy
+
+    model = nbcnn_model(name).to(device)
+    loss_fn = SoftmaxCrossEntropy()
+    opt = _optimizer(nbcnn.optim, name, model.parameters())
+    x, y = nbcnn.to_device(x, device), nbcnn.to_device(y, device)
+
+    def step():
+        loss = loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward(), need_dx=False)
+        opt.step()
+        return loss
+
+    return step
+
+
+def torch_step(torch, name, x, y):
+    model = torch_model(torch, name)
+    opt = _optimizer(torch.optim, name, model.parameters())
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def step():
+        opt.zero_grad()
+        loss = cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def step_flops(name, batch):
+    """FLOPs of one training step of ``name`` at ``batch``, from the kernels' cost models (one step
+    run under the profiler's recorder)."""
+    import nbcnn
+    from nbcnn.losses import SoftmaxCrossEntropy
+    from nbcnn.profile import Recorder
+    from nbcnn.step import Trainer
+
+    model = nbcnn_model(name)
+    rec = Recorder("cpu")
+    opt = _optimizer(nbcnn.optim, name, model.parameters())
+    trainer = Trainer(model, SoftmaxCrossEntropy(kernels=rec), opt, kernels=rec, spans=rec)
+    trainer.step(np.zeros((batch, 1, 28, 28), np.float32), np.zeros(batch, np.int32))
+    return sum(e["flops"] for e in rec.take() if e["kind"] == "kernel")
+
+
+def time_steps(steps_by_impl, steps, repeats):
+    """{impl: median seconds a step}: after 3 warm-up steps each, ``repeats`` blocks of ``steps``
+    steps per implementation, the implementations' blocks alternating."""
+    for step in steps_by_impl.values():
+        for _ in range(3):
+            step()
+    times = {impl: [] for impl in steps_by_impl}
+    for _ in range(repeats):
+        for impl, step in steps_by_impl.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[impl].append((time.perf_counter() - start) / steps)
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
+def run_in_this_process(impl, model, batch, steps, repeats):
+    torch_first = _imported_before_nbcnn()
+    torch = None
+    if impl != "nbcnn":
+        import torch
+    import numba
+
+    threads = numba.get_num_threads()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    steps_by_impl = {}
+    if impl in ("nbcnn", "both"):
+        steps_by_impl["nbcnn"] = nbcnn_step(model, x, y)
+    if impl in ("torch", "both"):
+        steps_by_impl["torch"] = torch_step(torch, model, x, y)
+    medians = time_steps(steps_by_impl, steps, repeats)
+    out = dict(model=model, batch=batch, threads=threads, torch_first=torch_first,
+               threading_layer=numba.threading_layer() if "nbcnn" in medians else None,
+               flops=step_flops(model, batch) if "nbcnn" in medians else None)
+    out.update({f"{name}_seconds": seconds for name, seconds in medians.items()})
+    return out
+
+
+def _imported_before_nbcnn():
+    """Whether PyTorch was in this process before nbcnn: its OpenMP runtime was then loaded first,
+    which ``nbcnn.kernels`` notices (and answers with Numba's workqueue threads)."""
+    from nbcnn import kernels
+
+    return "torch" in sys.modules and kernels.OPENMP_LOADED_FIRST
+
+
+def measure(impl, model, batch, steps=20, repeats=7, torch_first=False):
+    """``run_in_this_process`` in a fresh Python process, PyTorch imported before nbcnn when
+    ``torch_first``; its JSON line as a dict."""
+    code = ("import torch\n" if torch_first else "") + "from nbcnn.stepbench import main\nmain()"
+    command = [sys.executable, "-c", code, "--impl", impl, "--model", model, "--batch", str(batch),
+               "--steps", str(steps), "--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the step benchmark's process failed ({impl} {model} batch {batch}): {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nbcnn.stepbench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--impl", choices=["nbcnn", "torch", "both"], default="nbcnn")
+    p.add_argument("--model", choices=STEP_MODELS, default="default")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+    for name in ("batch", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    print(json.dumps(run_in_this_process(args.impl, args.model, args.batch, args.steps, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
