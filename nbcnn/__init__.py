@@ -5,6 +5,7 @@ The raw kernels are in ``nbcnn.kernels``; ``nbcnn.layers``, ``nbcnn.Sequential``
 """
 
 import os
+import sys
 import time
 
 
@@ -26,6 +27,25 @@ def _share_cores_between_ranks():
 
 
 _share_cores_between_ranks()
+
+
+def _blas_threads_sleep_between_calls():
+    """OpenBLAS's threads spin for 2**28 cycles (about 0.1 s) after each product before they
+    sleep; a convolution's im2col and epilogues run on Numba's threads between products, on the same
+    cores, and lose to the spinning. 2**4 cycles (the least OpenBLAS takes): they sleep at once.
+    OpenBLAS reads the variable when it loads, with NumPy: this works when nbcnn is imported first
+    (the ``nbcnn`` command, ``python -m nbcnn``); otherwise export it. A value the user set is kept.
+    Returns the value OpenBLAS reads, or None when NumPy was loaded before it was set."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return os.environ["OPENBLAS_THREAD_TIMEOUT"]
+    if "numpy" in sys.modules:
+        return None
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+    return "4"
+
+
+# What OpenBLAS's threads do between products (``nbcnn info`` says it): None means they spin.
+BLAS_THREAD_TIMEOUT = _blas_threads_sleep_between_calls()
 
 # When nbcnn was first imported: `nbcnn train` reports how long after this its first step ended
 # (imports, the data, Numba's compilation or cache loads, the step itself).

@@ -252,6 +252,21 @@ def test_an_openmp_runtime_loaded_first_moves_numba_to_its_own_pool():
     assert layers["nbcnn-first"] != "workqueue"  # OpenMP (or TBB) with passive waiting, as before
 
 
+@pytest.mark.parametrize("first, exported, want", [
+    ("import nbcnn", None, "4"),  # nbcnn first: set before NumPy loads OpenBLAS
+    ("import numpy, nbcnn", None, "None"),  # too late, and said so (nbcnn info)
+    ("import numpy, nbcnn", "9", "9"),  # the user's value is kept, and read by OpenBLAS
+])
+def test_openblas_threads_are_told_to_sleep_between_products_when_nbcnn_can(first, exported, want):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if exported:
+        env["OPENBLAS_THREAD_TIMEOUT"] = exported
+    code = f"{first}; import os; print(nbcnn.BLAS_THREAD_TIMEOUT, os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [want, exported or ("4" if want == "4" else "None")]
+
+
 def test_a_sequential_inside_a_sequential_plans_too():
     L.set_seed(1)
     inner = nbcnn.Sequential([L.Conv2D(1, 2, 3), L.ReLU()])
