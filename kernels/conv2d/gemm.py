@@ -28,10 +28,15 @@ layer is 10 MB, written by im2col and read by BLAS. Two things keep it cheap:
 - The forward pass can leave its ``cols`` in an array the caller keeps (``cols=``), and
   the weight gradient can take it back, skipping the second im2col of the same input.
   ``conv2d_backward_gemm_cpu`` computes all three gradients with one transposition of dy.
+
+With few input channels (a first layer) the product is too thin for any of that to pay: the
+planned step's cores then run two direct kernels instead (``few_channels``), which write no
+im2col matrix at all. The public entry points here are always the matrix-product version.
 """
 
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -176,6 +181,90 @@ def _knp_from_nkp(out, db, src):
         db[k] = acc
 
 
+# Few input channels (a first layer: 1 for MNIST, 3 for colour): the product above is then thin
+# (C*FH*FW rows), and its time goes into copying: im2col's matrix is FH*FW times the input, and
+# the product's result is transposed into NCHW afterwards. The two kernels below write neither.
+#
+# They see a padded input plane (HP x WP) as one flat run of values. Tap (fh, fw) of output
+# (oh, ow) reads the input at flat index (oh*WP + ow) + (fh*WP + fw): an output plane kept with
+# the input's row length WP (its last FW - 1 columns are never used) is, tap by tap, a scaled copy
+# of the input shifted by fh*WP + fw. Each tap is then one loop over the whole plane (28 x 32
+# values for MNIST), which LLVM vectorizes; a loop over a 28-value row would spend more on
+# entering the loop than in it. Stride 1 only.
+
+FEW_CHANNELS = 3  # at most this many input channels take the direct kernels below (stride 1)
+
+
+def few_channels(x_shape, w_shape, stride):
+    """Whether a convolution takes the few-channel kernels (in a planned step)."""
+    return x_shape[1] <= FEW_CHANNELS and tuple(stride) == (1, 1)
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _few_channels_forward_cpu(y, xp, w, b, relu):
+    """y (N, K, OH, OW) = the stride-1 convolution of xp (N, C, HP*WP), the padded input with each
+    plane flat, with w, plus b, and max(., 0) with ``relu``. One task per output plane (n, k),
+    summed in a plane of its own. (``contract``: multiply-adds as FMA instructions.)"""
+    N, K, OH, OW = y.shape
+    C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
+    WP = OW + FW - 1
+    span = OH * WP - (FW - 1)  # through the last output used: (OH - 1)*WP + OW
+    for task in prange(N * K):
+        n = task // K
+        k = task % K
+        plane = np.zeros(span, y.dtype)
+        for c in range(C):
+            for fh in range(FH):
+                for fw in range(FW):
+                    wv = w[k, c, fh, fw]
+                    shift = fh * WP + fw
+                    src = xp[n, c, shift:shift + span]
+                    for i in range(span):
+                        plane[i] += wv * src[i]
+        bk = b[k]
+        for oh in range(OH):
+            for ow in range(OW):
+                v = plane[oh * WP + ow] + bk
+                y[n, k, oh, ow] = v if (v > 0 or not relu) else 0
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def _few_channels_backward_weight_cpu(dw, db, dy, xp):
+    """dw (K, C, FH, FW) and db (K,) from dy (N, K, OH, OW) and xp as ``_few_channels_forward_cpu``
+    takes it. One task per filter k, which alone writes dw[k] and db[k]: dy[n, k] is laid out with
+    row length WP in a plane of its own (zeros in the unused columns), and each tap's gradient is
+    the dot product of that plane with the input shifted by the tap. ``reassoc`` lets the dot
+    products use every vector lane; the order is fixed at compile time, so the result does not
+    vary run to run."""
+    N, K, OH, OW = dy.shape
+    C, FH, FW = dw.shape[1], dw.shape[2], dw.shape[3]
+    WP = OW + FW - 1
+    span = OH * WP - (FW - 1)
+    for k in prange(K):
+        plane = np.zeros(span, dy.dtype)  # the unused columns stay zero
+        for c in range(C):
+            for fh in range(FH):
+                for fw in range(FW):
+                    dw[k, c, fh, fw] = 0
+        bias = 0.0
+        for n in range(N):
+            for oh in range(OH):
+                for ow in range(OW):
+                    g = dy[n, k, oh, ow]
+                    plane[oh * WP + ow] = g
+                    bias += g
+            for c in range(C):
+                for fh in range(FH):
+                    for fw in range(FW):
+                        shift = fh * WP + fw
+                        src = xp[n, c, shift:shift + span]
+                        acc = dw.dtype.type(0)
+                        for i in range(span):
+                            acc += plane[i] * src[i]
+                        dw[k, c, fh, fw] += acc
+        db[k] = bias
+
+
 # ------------------------------------------------------------------- im2col, col2im on hosts
 
 
@@ -208,7 +297,27 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     """{name: shape} of the scratch the CPU cores need for these shapes: the im2col matrix ``cols``
     (kept from forward for backward), ``kt`` (K, N*OH*OW) for the products in their layout,
     ``padded`` for stride 1, ``dcols`` when the input gradient is needed, ``db`` for a layer
-    without bias."""
+    without bias; for few input channels (``few_channels``), ``direct`` (a marker) instead of ``cols``."""
+    N, C, H, W = x_shape
+    K, _, FH, FW = w_shape
+    OH, OW = y_shape[2], y_shape[3]
+    shapes = {"kt": (K, N * OH * OW), "db": (K,)}
+    if tuple(stride) == (1, 1):
+        shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
+    if few_channels(x_shape, w_shape, stride):  # the direct kernels: no im2col matrix to keep
+        shapes["direct"] = (1,)  # (a marker: the kernels keep their planes to themselves)
+        if not need_dx:
+            del shapes["kt"]
+    else:
+        shapes["cols"] = (C * FH * FW, N * OH * OW)
+    if need_dx:
+        shapes["dcols"] = (C * FH * FW, N * OH * OW)
+    return shapes
+
+
+def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
+    """Fresh scratch arrays for one call of a public entry point: always the im2col path (these are
+    the matrix-product entry points, whose ``cols`` a caller may keep)."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
@@ -217,12 +326,6 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
         shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
     if need_dx:
         shapes["dcols"] = shapes["cols"]
-    return shapes
-
-
-def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
-    """Fresh scratch arrays for one call of a public entry point."""
-    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype)
     return {name: np.empty(shape, dtype) for name, shape in shapes.items()}
 
 
@@ -315,10 +418,22 @@ def conv2d_backward_weight_gemm_cpu(dw, dy, x, stride_h=1, stride_w=1, pad_h=0, 
 # ``conv2d_workspace_cpu`` named; the backward core needs ``ws.cols`` as the forward core left it.
 
 
+def _padded(x, ph, pw, ws):
+    """x with its zero border (in ``ws.padded``), or x itself without padding."""
+    if ph or pw:
+        _pad_cpu(ws.padded, x, ph, pw)
+        return ws.padded
+    return x
+
+
 def conv2d_forward_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH, OW = y.shape[2], y.shape[3]
+    if getattr(ws, "direct", None) is not None:  # few input channels (see few_channels)
+        xp = _padded(x, ph, pw, ws)
+        _few_channels_forward_cpu(y, xp.reshape(N, C, -1), w, b, relu)
+        return
     im2col(ws.cols, x, FH, FW, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
     np.matmul(w.reshape(K, C * FH * FW), ws.cols, out=ws.kt)
     _nkp_from_knp(y.reshape(N, K, OH * OW), ws.kt.reshape(K, N, OH * OW), b, relu)
@@ -328,8 +443,14 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db if db is None else db, dy.reshape(N, K, OH * OW))
-    np.matmul(ws.kt, ws.cols.T, out=dw.reshape(K, C * FH * FW))
+    if getattr(ws, "direct", None) is not None:  # few input channels: the forward left ws.padded filled
+        xp = ws.padded if ph or pw else x
+        _few_channels_backward_weight_cpu(dw, ws.db if db is None else db, dy, xp.reshape(N, C, -1))
+        if dx is not None:
+            _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db, dy.reshape(N, K, OH * OW))
+    else:
+        _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db if db is None else db, dy.reshape(N, K, OH * OW))
+        np.matmul(ws.kt, ws.cols.T, out=dw.reshape(K, C * FH * FW))
     if dx is not None:
         np.matmul(w.reshape(K, C * FH * FW).T, ws.kt, out=ws.dcols)
         col2im(dx, ws.dcols, FH, FW, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
