@@ -200,27 +200,50 @@ def few_channels(x_shape, w_shape, stride):
     return x_shape[1] <= FEW_CHANNELS and tuple(stride) == (1, 1)
 
 
+@njit(inline="always", cache=True)
+def _tap(t, FH, FW, WP):
+    """Tap t of the flattened (c, fh, fw): its input channel, and how far its input is shifted in a
+    flat padded plane of row length WP."""
+    c = t // (FH * FW)
+    fh = (t // FW) % FH
+    fw = t % FW
+    return c, fh * WP + fw
+
+
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def _few_channels_forward_cpu(y, xp, w, b, relu):
     """y (N, K, OH, OW) = the stride-1 convolution of xp (N, C, HP*WP), the padded input with each
     plane flat, with w, plus b, and max(., 0) with ``relu``. One task per output plane (n, k),
-    summed in a plane of its own. (``contract``: multiply-adds as FMA instructions.)"""
+    summed in a plane of its own four taps a pass (one load and one store of the sum for four
+    multiply-adds), then the taps left over one by one. (``contract``: FMA instructions.)"""
     N, K, OH, OW = y.shape
     C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
     WP = OW + FW - 1
     span = OH * WP - (FW - 1)  # through the last output used: (OH - 1)*WP + OW
+    taps = C * FH * FW
     for task in prange(N * K):
         n = task // K
         k = task % K
+        wk = w[k].ravel()
         plane = np.zeros(span, y.dtype)
-        for c in range(C):
-            for fh in range(FH):
-                for fw in range(FW):
-                    wv = w[k, c, fh, fw]
-                    shift = fh * WP + fw
-                    src = xp[n, c, shift:shift + span]
-                    for i in range(span):
-                        plane[i] += wv * src[i]
+        t = 0
+        while t + 4 <= taps:
+            c0, s0 = _tap(t, FH, FW, WP)
+            c1, s1 = _tap(t + 1, FH, FW, WP)
+            c2, s2 = _tap(t + 2, FH, FW, WP)
+            c3, s3 = _tap(t + 3, FH, FW, WP)
+            x0, x1 = xp[n, c0, s0:s0 + span], xp[n, c1, s1:s1 + span]
+            x2, x3 = xp[n, c2, s2:s2 + span], xp[n, c3, s3:s3 + span]
+            w0, w1, w2, w3 = wk[t], wk[t + 1], wk[t + 2], wk[t + 3]
+            for i in range(span):
+                plane[i] += w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i]
+            t += 4
+        while t < taps:
+            c0, s0 = _tap(t, FH, FW, WP)
+            x0, w0 = xp[n, c0, s0:s0 + span], wk[t]
+            for i in range(span):
+                plane[i] += w0 * x0[i]
+            t += 1
         bk = b[k]
         for oh in range(OH):
             for ow in range(OW):
@@ -242,10 +265,8 @@ def _few_channels_backward_weight_cpu(dw, db, dy, xp):
     span = OH * WP - (FW - 1)
     for k in prange(K):
         plane = np.zeros(span, dy.dtype)  # the unused columns stay zero
-        for c in range(C):
-            for fh in range(FH):
-                for fw in range(FW):
-                    dw[k, c, fh, fw] = 0
+        dwk = dw[k].ravel()  # a view: dw is C-contiguous
+        dwk[:] = 0
         bias = 0.0
         for n in range(N):
             for oh in range(OH):
@@ -253,15 +274,13 @@ def _few_channels_backward_weight_cpu(dw, db, dy, xp):
                     g = dy[n, k, oh, ow]
                     plane[oh * WP + ow] = g
                     bias += g
-            for c in range(C):
-                for fh in range(FH):
-                    for fw in range(FW):
-                        shift = fh * WP + fw
-                        src = xp[n, c, shift:shift + span]
-                        acc = dw.dtype.type(0)
-                        for i in range(span):
-                            acc += plane[i] * src[i]
-                        dw[k, c, fh, fw] += acc
+            for t in range(C * FH * FW):
+                c, shift = _tap(t, FH, FW, WP)
+                src = xp[n, c, shift:shift + span]
+                acc = dw.dtype.type(0)
+                for i in range(span):
+                    acc += plane[i] * src[i]
+                dwk[t] += acc
         db[k] = bias
 
 
