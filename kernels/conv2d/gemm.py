@@ -8,7 +8,8 @@ close to the machine's peak, at the cost of copying the input into a matrix firs
 
     forward          y^T  (K, N*OH*OW)      = w (K, C*FH*FW) @ cols (C*FH*FW, N*OH*OW)
     backward input   dcols (C*FH*FW, N*OH*OW) = w^T @ dy^T,   then col2im adds dcols back into dx
-    backward weight  dw   (K, C*FH*FW)      = dy^T (K, N*OH*OW) @ cols^T
+                     (a batch chunk at a time, so that col2im reads dcols back from the cache)
+    backward weight  dw   (K, C*FH*FW)      = dy^T (K, N*OH*OW) @ cols^T   (computed as (cols @ dy)^T)
 
 The batch is folded into the columns so that each pass is a single large product.
 ``y^T`` and ``dy^T`` are (K, N, OH*OW): a transposing copy turns them into NCHW and back.
@@ -312,11 +313,40 @@ def col2im(dx, cols, FH, FW, stride, padding, OH, OW, padded):
     _col2im_unit_cpu(dx, padded, cols.reshape(C, FH, FW, N, OH, OW), ph, pw)
 
 
+# The input gradient goes through dcols a batch chunk at a time: a chunk of about 4 MB is still in
+# the cache when col2im reads it back. Measured on conv2 of the default model at batch 128 (the
+# product and col2im, the caches flushed between calls): 4.7 ms in one piece, 3.4 in chunks.
+DCOLS_BYTES = 4 << 20
+
+
+def dcols_shape(rows, N, OH, OW, itemsize):
+    """Shape of the scratch for one chunk of dcols: ``rows`` = C*FH*FW, as many samples as fit in
+    DCOLS_BYTES (at least one, at most the batch)."""
+    samples = max(1, min(N, DCOLS_BYTES // (rows * OH * OW * itemsize)))
+    return (rows, samples * OH * OW)
+
+
+def input_gradient(dx, w, kt, dcols, stride, padding, OH, OW, padded):
+    """dx from kt (K, N*OH*OW), dy in the product's layout: dcols = w^T kt and col2im, one chunk of
+    the batch at a time (``dcols`` holds one chunk; ``padded`` as ``col2im`` takes it)."""
+    N = dx.shape[0]
+    K, C, FH, FW = w.shape
+    rows, plane = C * FH * FW, OH * OW
+    step = dcols.shape[1] // plane
+    wt = w.reshape(K, rows).T
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        part = dcols.reshape(-1)[:rows * (n1 - n0) * plane].reshape(rows, (n1 - n0) * plane)  # contiguous
+        np.matmul(wt, kt[:, n0 * plane:n1 * plane], out=part)
+        col2im(dx[n0:n1], part, FH, FW, stride, padding, OH, OW, None if padded is None else padded[n0:n1])
+
+
 def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
     """{name: shape} of the scratch the CPU cores need for these shapes: the im2col matrix ``cols``
     (kept from forward for backward), ``kt`` (K, N*OH*OW) for the products in their layout,
     ``padded`` for stride 1, ``dcols`` when the input gradient is needed, ``db`` for a layer
-    without bias; for few input channels (``few_channels``), ``direct`` (a marker) instead of ``cols``."""
+    without bias, ``dwt`` for the weight gradient's product; for few input channels
+    (``few_channels``), ``direct`` (a marker) instead of ``cols`` and ``dwt``."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
@@ -329,8 +359,9 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
             del shapes["kt"]
     else:
         shapes["cols"] = (C * FH * FW, N * OH * OW)
+        shapes["dwt"] = (C * FH * FW, K)
     if need_dx:
-        shapes["dcols"] = (C * FH * FW, N * OH * OW)
+        shapes["dcols"] = dcols_shape(C * FH * FW, N, OH, OW, np.dtype(dtype).itemsize)
     return shapes
 
 
@@ -340,11 +371,11 @@ def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
-    shapes = {"cols": (C * FH * FW, N * OH * OW), "kt": (K, N * OH * OW), "db": (K,)}
+    shapes = {"cols": (C * FH * FW, N * OH * OW), "kt": (K, N * OH * OW), "db": (K,), "dwt": (C * FH * FW, K)}
     if tuple(stride) == (1, 1):
         shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
     if need_dx:
-        shapes["dcols"] = shapes["cols"]
+        shapes["dcols"] = dcols_shape(C * FH * FW, N, OH, OW, np.dtype(dtype).itemsize)
     return {name: np.empty(shape, dtype) for name, shape in shapes.items()}
 
 
@@ -412,8 +443,7 @@ def conv2d_backward_input_gemm_cpu(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, p
                                                  padding)
     ws = _scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype)
     _knp_from_nkp(ws["kt"].reshape(K, N, OH * OW), ws["db"], dy.reshape(N, K, OH * OW))
-    np.matmul(w.reshape(K, C * FH * FW).T, ws["kt"], out=ws["dcols"])
-    col2im(dx, ws["dcols"], FH, FW, stride, padding, OH, OW, ws.get("padded"))
+    input_gradient(dx, w, ws["kt"], ws["dcols"], stride, padding, OH, OW, ws.get("padded"))
     return dx
 
 
@@ -469,9 +499,11 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
             _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db, dy.reshape(N, K, OH * OW))
     else:
         _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db if db is None else db, dy.reshape(N, K, OH * OW))
-        np.matmul(ws.kt, ws.cols.T, out=dw.reshape(K, C * FH * FW))
+        # dw^T = cols kt^T, then transposed (C*FH*FW x K values): OpenBLAS runs the product with the
+        # long dimension inside 1.2 to 2x faster in this orientation (measured on the zoo's shapes)
+        np.matmul(ws.cols, ws.kt.T, out=ws.dwt)
+        dw.reshape(K, C * FH * FW)[:] = ws.dwt.T
     if dx is not None:
-        np.matmul(w.reshape(K, C * FH * FW).T, ws.kt, out=ws.dcols)
-        col2im(dx, ws.dcols, FH, FW, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
+        input_gradient(dx, w, ws.kt, ws.dcols, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
         if mask:
             relu_backward_core_cpu(dx, dx, x)

@@ -185,6 +185,32 @@ def test_fused_backward_skips_what_it_is_told_to(rng, case):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("samples", [1, 2])  # a chunk per sample; two a chunk, the last one short
+@pytest.mark.parametrize("stride, pad", [((1, 1), (1, 2)), ((2, 1), (1, 0))])
+def test_input_gradient_in_batch_chunks(rng, monkeypatch, samples, stride, pad):
+    """The input gradient's product and col2im run a chunk of the batch at a time (dcols_shape);
+    with chunks of one and two samples of a batch of three, the public entry point and the planned
+    step's core give the reference's dx."""
+    from types import SimpleNamespace
+
+    from nbcnn.kernels.conv2d import gemm
+
+    x, w = rng.standard_normal((3, 2, 7, 8)), rng.standard_normal((4, 2, 3, 2))
+    dy = rng.standard_normal(ref.conv2d(x, w, np.zeros(4), stride, pad).shape)
+    want = ref.conv2d_grads(dy, x, w, stride, pad)[0]
+    rows, plane = 2 * 3 * 2, dy.shape[2] * dy.shape[3]
+    monkeypatch.setattr(gemm, "DCOLS_BYTES", samples * rows * plane * 8)
+    assert gemm.dcols_shape(rows, 3, dy.shape[2], dy.shape[3], 8) == (rows, samples * plane)
+    got = conv2d_backward_input_gemm_cpu(np.full(x.shape, np.nan), dy, w, *stride, *pad)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    shapes = gemm.conv2d_workspace_cpu(x.shape, w.shape, dy.shape, stride, pad, True, np.float64)
+    ws = SimpleNamespace(**{name: np.empty(shape) for name, shape in shapes.items()})
+    gemm.conv2d_forward_core_cpu(np.empty(dy.shape), x, w, np.zeros(4), *stride, *pad, False, ws)
+    dx = np.full(x.shape, np.nan)
+    gemm.conv2d_backward_core_cpu(dx, np.empty(w.shape), None, dy, x, w, *stride, *pad, False, ws)
+    np.testing.assert_allclose(dx, want, rtol=1e-12, atol=1e-12)
+
+
 def test_cols_argument_is_checked(rng):
     x, w, b, shape = make(rng, CASES[0], np.float32)
     dy, dw = np.ones(shape, np.float32), np.empty(w.shape, np.float32)
