@@ -27,14 +27,12 @@ def _openmp_already_loaded():
         return False
 
 
-# When another library (PyTorch, for one) has started an OpenMP runtime before nbcnn is imported,
-# the runtime has already read its wait policy, and it is the default, active one: Numba's OpenMP
-# threads would then spin after every parallel loop and starve the BLAS threads the convolutions
-# call next (measured: a default-model step at batch 128 took 75 ms instead of 30). Numba's own
-# "workqueue" pool, whose threads sleep on a condition variable, does not care what was loaded
-# first (33 ms with PyTorch imported first). A layer the user chose (NUMBA_THREADING_LAYER) is kept.
+# Whether another library (PyTorch, for one) had started an OpenMP runtime before nbcnn was
+# imported: its threads then wait actively whatever OMP_WAIT_POLICY says now, and Numba's OpenMP
+# layer shares them. nbcnn used to move Numba to its "workqueue" pool in that case (measured then:
+# 75 ms a default-model step at batch 128 on OpenMP, 34 on workqueue). Since nbcnn also puts
+# OpenBLAS's threads to sleep between products, OpenMP is the faster of the two there too
+# (2026-11-25, PyTorch imported first: 18.3 against 23.9 ms at batch 128, 3.4 against 6.5 ms for
+# LeNet-5 at 64; the 75 ms did not come back even with OpenBLAS's threads spinning), so Numba keeps
+# its default. The flag stays for the benchmarks, which report the case.
 OPENMP_LOADED_FIRST = _openmp_already_loaded()
-if "NUMBA_THREADING_LAYER" not in os.environ and OPENMP_LOADED_FIRST:
-    import numba
-
-    numba.config.THREADING_LAYER = "workqueue"

@@ -33,15 +33,40 @@ def _blas_threads_sleep_between_calls():
     """OpenBLAS's threads spin for 2**28 cycles (about 0.1 s) after each product before they
     sleep; a convolution's im2col and epilogues run on Numba's threads between products, on the same
     cores, and lose to the spinning. 2**4 cycles (the least OpenBLAS takes): they sleep at once.
-    OpenBLAS reads the variable when it loads, with NumPy: this works when nbcnn is imported first
-    (the ``nbcnn`` command, ``python -m nbcnn``); otherwise export it. A value the user set is kept.
-    Returns the value OpenBLAS reads, or None when NumPy was loaded before it was set."""
+    OpenBLAS reads the variable when it loads, with NumPy. When NumPy came first (a script that
+    imports it before nbcnn, PyTorch imported first), OpenBLAS is asked to read it again and to
+    restart its threads, which take the timeout when they start. A value the user set is kept.
+    Returns the value OpenBLAS uses, or None when it could not be set."""
     if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
         return os.environ["OPENBLAS_THREAD_TIMEOUT"]
-    if "numpy" in sys.modules:
-        return None
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
-    return "4"
+    if "numpy" not in sys.modules or _reread_openblas_settings():
+        return "4"
+    return None
+
+
+def _reread_openblas_settings():
+    """Whether an OpenBLAS already in this process read its environment again and stopped its
+    threads (it starts them at its next product). Both functions are exported by OpenBLAS 0.3;
+    another BLAS, or an OpenBLAS without them, is left as it is."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[5].strip() for line in maps
+                     if line.count(" ") >= 5 and "openblas" in line.rsplit("/", 1)[-1].lower()}
+    except OSError:  # no /proc: not Linux
+        return False
+    for path in sorted(paths):
+        try:
+            library = ctypes.CDLL(path)  # the copy already loaded
+            read_environment, stop_threads = library.openblas_read_env, library.blas_thread_shutdown_
+        except (OSError, AttributeError):
+            continue
+        read_environment()
+        stop_threads()
+        return True
+    return False
 
 
 # What OpenBLAS's threads do between products (``nbcnn info`` says it): None means they spin.

@@ -244,8 +244,8 @@ def cmd_info(args):
         lines.append("numba-cuda: not installed")
     lines.append(f"numba threads: {numba.get_num_threads()} (NUMBA_NUM_THREADS to change)")
     if nbcnn.BLAS_THREAD_TIMEOUT is None:
-        lines.append("OpenBLAS threads: spin after each product (NumPy was loaded before nbcnn); "
-                     "export OPENBLAS_THREAD_TIMEOUT=4 for faster CPU steps")
+        lines.append("OpenBLAS threads: spin after each product (NumPy's BLAS, loaded before nbcnn, could not "
+                     "be told otherwise); export OPENBLAS_THREAD_TIMEOUT=4 for faster CPU steps")
     else:
         lines.append(f"OpenBLAS threads: sleep after 2**{nbcnn.BLAS_THREAD_TIMEOUT} cycles (OPENBLAS_THREAD_TIMEOUT)")
     try:

@@ -154,7 +154,7 @@ def run_in_this_process(impl, model, batch, steps, repeats):
 
 def _imported_before_nbcnn():
     """Whether PyTorch was in this process before nbcnn: its OpenMP runtime was then loaded first,
-    which ``nbcnn.kernels`` notices (and answers with Numba's workqueue threads)."""
+    which ``nbcnn.kernels`` notices."""
     from nbcnn import kernels
 
     return "torch" in sys.modules and kernels.OPENMP_LOADED_FIRST

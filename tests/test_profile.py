@@ -125,5 +125,4 @@ def test_bench_vs_torch(small_suite, capsys):
         assert r["name"].startswith("step, ") or r["check_error"] < 1e-3
     steps = {r["name"]: r for r in report["rows"] if r["name"].startswith("step, ")}
     assert list(steps) == ["step, lenet5, own processes", "step, lenet5, PyTorch first"]
-    # PyTorch imported first loaded its OpenMP runtime first: nbcnn then runs on Numba's own pool
-    assert steps["step, lenet5, PyTorch first"]["threading_layer"] == "workqueue"
+    assert steps["step, lenet5, PyTorch first"]["threading_layer"] in ("omp", "tbb")

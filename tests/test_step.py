@@ -230,41 +230,59 @@ if sys.argv[1] == "openmp-first":
 import numpy as np
 import numba
 import nbcnn
+from nbcnn import kernels
 from nbcnn.kernels.activation import relu_forward_cpu
 relu_forward_cpu(np.zeros(1 << 16, np.float32), np.zeros(1 << 16, np.float32))  # starts the threads
-print(numba.threading_layer())
+print(kernels.OPENMP_LOADED_FIRST, numba.threading_layer())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_an_openmp_runtime_loaded_first_moves_numba_to_its_own_pool():
+def test_an_openmp_runtime_loaded_first_is_noticed_and_numba_keeps_its_layer():
+    """The benchmarks report an OpenMP runtime that came first (PyTorch imported first); Numba's
+    threading layer is its own choice either way (measured faster than the workqueue there, see
+    nbcnn.kernels)."""
     import ctypes.util
 
     if ctypes.util.find_library("gomp") is None:
         pytest.skip("no libgomp on this machine to load first")
-    layers = {}
+    seen = {}
     for order in ("nbcnn-first", "openmp-first"):
         done = subprocess.run([sys.executable, "-c", PROBE, order], capture_output=True, text=True, timeout=120,
                               env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
         assert done.returncode == 0, done.stderr
-        layers[order] = done.stdout.strip()
-    assert layers["openmp-first"] == "workqueue"
-    assert layers["nbcnn-first"] != "workqueue"  # OpenMP (or TBB) with passive waiting, as before
+        seen[order] = done.stdout.split()
+    assert seen["openmp-first"][0] == "True" and seen["nbcnn-first"][0] == "False"
+    assert seen["openmp-first"][1] == seen["nbcnn-first"][1] != "workqueue"  # Numba's default, OpenMP or TBB
 
 
+OPENBLAS_PROBE = """
+import ctypes, os
+{first}
+paths = [line.split(None, 5)[5].strip() for line in open("/proc/self/maps")
+         if line.count(" ") >= 5 and "openblas" in line.rsplit("/", 1)[-1].lower()]
+seen = ctypes.CDLL(paths[0]).openblas_thread_timeout() if paths else "none"
+print(nbcnn.BLAS_THREAD_TIMEOUT, os.environ.get("OPENBLAS_THREAD_TIMEOUT"), seen)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 @pytest.mark.parametrize("first, exported, want", [
     ("import nbcnn", None, "4"),  # nbcnn first: set before NumPy loads OpenBLAS
-    ("import numpy, nbcnn", None, "None"),  # too late, and said so (nbcnn info)
-    ("import numpy, nbcnn", "9", "9"),  # the user's value is kept, and read by OpenBLAS
+    ("import numpy, nbcnn", None, "4"),  # NumPy first: OpenBLAS reads it again
+    ("import numpy, nbcnn", "9", "9"),  # the user's value is kept
 ])
-def test_openblas_threads_are_told_to_sleep_between_products_when_nbcnn_can(first, exported, want):
+def test_openblas_threads_are_told_to_sleep_between_products(first, exported, want):
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     if exported:
         env["OPENBLAS_THREAD_TIMEOUT"] = exported
-    code = f"{first}; import os; print(nbcnn.BLAS_THREAD_TIMEOUT, os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    code = OPENBLAS_PROBE.format(first=first)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [want, exported or ("4" if want == "4" else "None")]
+    told, variable, seen = done.stdout.split()
+    if seen == "none":
+        pytest.skip("NumPy here does not use OpenBLAS")
+    assert told == variable == seen == want  # what nbcnn reports is what OpenBLAS uses
 
 
 def test_a_sequential_inside_a_sequential_plans_too():
