@@ -37,7 +37,6 @@ im2col matrix at all. The public entry points here are always the matrix-product
 
 from types import SimpleNamespace
 
-import numba
 import numpy as np
 from numba import njit, prange
 
