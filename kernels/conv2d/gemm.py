@@ -37,6 +37,7 @@ im2col matrix at all. The public entry points here are always the matrix-product
 
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -200,6 +201,12 @@ def few_channels(x_shape, w_shape, stride):
     return x_shape[1] <= FEW_CHANNELS and tuple(stride) == (1, 1)
 
 
+def few_channels_planes(OH, OW, FW):
+    """Shape of the few-channel kernels' scratch: a flat plane of row length OW + FW - 1 for each of
+    Numba's threads (``numba.get_thread_id()`` picks a task's row: nothing is allocated in a step)."""
+    return (numba.config.NUMBA_NUM_THREADS, OH * (OW + FW - 1))
+
+
 @njit(inline="always", cache=True)
 def _tap(t, FH, FW, WP):
     """Tap t of the flattened (c, fh, fw): its input channel, and how far its input is shifted in a
@@ -211,10 +218,10 @@ def _tap(t, FH, FW, WP):
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
-def _few_channels_forward_cpu(y, xp, w, b, relu):
+def _few_channels_forward_cpu(y, xp, w, b, relu, planes):
     """y (N, K, OH, OW) = the stride-1 convolution of xp (N, C, HP*WP), the padded input with each
     plane flat, with w, plus b, and max(., 0) with ``relu``. One task per output plane (n, k),
-    summed in a plane of its own four taps a pass (one load and one store of the sum for four
+    summed in its thread's row of ``planes`` four taps a pass (one load and one store of the sum for four
     multiply-adds), then the taps left over one by one. (``contract``: FMA instructions.)"""
     N, K, OH, OW = y.shape
     C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
@@ -225,7 +232,9 @@ def _few_channels_forward_cpu(y, xp, w, b, relu):
         n = task // K
         k = task % K
         wk = w[k].ravel()
-        plane = np.zeros(span, y.dtype)
+        plane = planes[numba.get_thread_id()]
+        for i in range(span):
+            plane[i] = 0
         t = 0
         while t + 4 <= taps:
             c0, s0 = _tap(t, FH, FW, WP)
@@ -252,10 +261,10 @@ def _few_channels_forward_cpu(y, xp, w, b, relu):
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def _few_channels_backward_weight_cpu(dw, db, dy, xp):
+def _few_channels_backward_weight_cpu(dw, db, dy, xp, planes):
     """dw (K, C, FH, FW) and db (K,) from dy (N, K, OH, OW) and xp as ``_few_channels_forward_cpu``
     takes it. One task per filter k, which alone writes dw[k] and db[k]: dy[n, k] is laid out with
-    row length WP in a plane of its own (zeros in the unused columns), and each tap's gradient is
+    row length WP in its thread's row of ``planes`` (zeros in the unused columns), and each tap's gradient is
     the dot product of that plane with the input shifted by the tap. ``reassoc`` lets the dot
     products use every vector lane; the order is fixed at compile time, so the result does not
     vary run to run."""
@@ -264,7 +273,9 @@ def _few_channels_backward_weight_cpu(dw, db, dy, xp):
     WP = OW + FW - 1
     span = OH * WP - (FW - 1)
     for k in prange(K):
-        plane = np.zeros(span, dy.dtype)  # the unused columns stay zero
+        plane = planes[numba.get_thread_id()]
+        for i in range(OH * WP):
+            plane[i] = 0  # the unused columns stay zero
         dwk = dw[k].ravel()  # a view: dw is C-contiguous
         dwk[:] = 0
         bias = 0.0
@@ -345,7 +356,7 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     (kept from forward for backward), ``kt`` (K, N*OH*OW) for the products in their layout,
     ``padded`` for stride 1, ``dcols`` when the input gradient is needed, ``db`` for a layer
     without bias, ``dwt`` for the weight gradient's product; for few input channels
-    (``few_channels``), ``direct`` (a marker) instead of ``cols`` and ``dwt``."""
+    (``few_channels``), ``planes`` for the direct kernels instead of ``cols`` and ``dwt``."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
@@ -353,7 +364,7 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     if tuple(stride) == (1, 1):
         shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
     if few_channels(x_shape, w_shape, stride):  # the direct kernels: no im2col matrix to keep
-        shapes["direct"] = (1,)  # (a marker: the kernels keep their planes to themselves)
+        shapes["planes"] = few_channels_planes(OH, OW, FW)
         if not need_dx:
             del shapes["kt"]
     else:
@@ -478,9 +489,9 @@ def conv2d_forward_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH, OW = y.shape[2], y.shape[3]
-    if getattr(ws, "direct", None) is not None:  # few input channels (see few_channels)
+    if getattr(ws, "planes", None) is not None:  # few input channels (see few_channels)
         xp = _padded(x, ph, pw, ws)
-        _few_channels_forward_cpu(y, xp.reshape(N, C, -1), w, b, relu)
+        _few_channels_forward_cpu(y, xp.reshape(N, C, -1), w, b, relu, ws.planes)
         return
     im2col(ws.cols, x, FH, FW, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
     np.matmul(w.reshape(K, C * FH * FW), ws.cols, out=ws.kt)
@@ -491,9 +502,9 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    if getattr(ws, "direct", None) is not None:  # few input channels: the forward left ws.padded filled
+    if getattr(ws, "planes", None) is not None:  # few input channels: the forward left ws.padded filled
         xp = ws.padded if ph or pw else x
-        _few_channels_backward_weight_cpu(dw, ws.db if db is None else db, dy, xp.reshape(N, C, -1))
+        _few_channels_backward_weight_cpu(dw, ws.db if db is None else db, dy, xp.reshape(N, C, -1), ws.planes)
         if dx is not None:
             _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db, dy.reshape(N, K, OH * OW))
     else:
