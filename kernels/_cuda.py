@@ -284,10 +284,10 @@ def reduce_parts(items, rows=1):
     return max(1, min(blocks(items, REDUCE_THREADS), REDUCE_BLOCKS // rows))
 
 
-def reduce_scratch(rows, parts, dtype):
-    """(partials (rows, parts) of ``dtype``, tickets (rows,) uint32 zeros) for a public launcher's
-    grid-wide sum; a planned step allocates its own once."""
-    tickets = cuda.to_device(np.zeros(rows, np.uint32), stream=stream())
+def reduce_scratch(rows, parts, dtype, counters=None):
+    """(partials (rows, parts) of ``dtype``, tickets (``counters``, by default ``rows``) uint32
+    zeros) for a public launcher's grid-wide sum; a planned step allocates its own once."""
+    tickets = cuda.to_device(np.zeros(rows if counters is None else counters, np.uint32), stream=stream())
     return cuda.device_array((rows, parts), dtype), tickets
 
 
@@ -306,12 +306,17 @@ def finished_last(flag, tickets, row):
 
 
 @cuda.jit(device=True, inline="always")
+def partial_sum(partials, row, part):
+    """partials[row, part], as another block wrote it: read with an atomic add of zero, which goes
+    to the L2 cache, where the other blocks' writes are, never to a stale line of this SM's L1."""
+    return cuda.atomic.add(partials, (row, part), partials.dtype.type(0))
+
+
+@cuda.jit(device=True, inline="always")
 def sum_of_parts(scratch, partials, row):
     """In the last block (see ``finished_last``): the sum of partials[row, :gridDim.x], in index
-    order, returned to every thread. Each partial is read with an atomic add of zero, which goes
-    to the L2 cache, where the other blocks' writes are, never to a stale line of this SM's L1."""
-    zero = partials.dtype.type(0)
-    acc = zero
+    order, returned to every thread (each read with ``partial_sum``)."""
+    acc = partials.dtype.type(0)
     for part in range(cuda.threadIdx.x, cuda.gridDim.x, REDUCE_THREADS):
-        acc += cuda.atomic.add(partials, (row, part), zero)
+        acc += partial_sum(partials, row, part)
     return block_sum(scratch, acc)

@@ -26,7 +26,8 @@ from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
 from ._cpu import serial
-from ._cuda import REDUCE_THREADS, blocks, finished_last, flat, gpu_arrays, on_gpu, reduce_parts, reduce_scratch, stream
+from ._cuda import (REDUCE_THREADS, blocks, finished_last, flat, gpu_arrays, on_gpu, partial_sum, reduce_parts,
+                    reduce_scratch, stream)
 from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
                      multiply_staged, tile_kernel, zero_acc)
 from .activation import relu_backward_core_cpu
@@ -408,8 +409,8 @@ def _dense_backward_bias_kernel(db, dy, partials, tickets):
     if finished_last(flag, tickets, cuda.blockIdx.y):
         if lane == 0 and o < OUT:
             total = db.dtype.type(0)
-            for other in range(cuda.gridDim.x):  # read through L2, as in sum_of_parts
-                total += cuda.atomic.add(partials, (o, other), db.dtype.type(0))
+            for other in range(cuda.gridDim.x):
+                total += partial_sum(partials, o, other)
             db[o] = total
 
 
@@ -471,7 +472,7 @@ def dense_backward_bias_cuda(db, dy):
     N, OUT = dy.shape
     columns = blocks(OUT, BIAS_COLUMNS)
     parts = reduce_parts(N * BIAS_COLUMNS, columns)  # a block sums REDUCE_THREADS values a pass
-    partials, tickets = reduce_scratch(OUT, parts, db.dtype)
+    partials, tickets = reduce_scratch(OUT, parts, db.dtype, counters=columns)  # a ticket per column block
     _dense_backward_bias_kernel[(parts, columns), REDUCE_THREADS, stream()](db, dy, partials, tickets)
     return db
 

@@ -351,19 +351,20 @@ def input_gradient(dx, w, kt, dcols, stride, padding, OH, OW, padded):
         col2im(dx[n0:n1], part, FH, FW, stride, padding, OH, OW, None if padded is None else padded[n0:n1])
 
 
-def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
+def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype, direct=True):
     """{name: shape} of the scratch the CPU cores need for these shapes: the im2col matrix ``cols``
     (kept from forward for backward), ``kt`` (K, N*OH*OW) for the products in their layout,
     ``padded`` for stride 1, ``dcols`` when the input gradient is needed, ``db`` for a layer
     without bias, ``dwt`` for the weight gradient's product; for few input channels
-    (``few_channels``), ``planes`` for the direct kernels instead of ``cols`` and ``dwt``."""
+    (``few_channels``, unless ``direct`` is False), ``planes`` for the direct kernels instead of
+    ``cols`` and ``dwt``."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
     shapes = {"kt": (K, N * OH * OW), "db": (K,)}
     if tuple(stride) == (1, 1):
         shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
-    if few_channels(x_shape, w_shape, stride):  # the direct kernels: no im2col matrix to keep
+    if direct and few_channels(x_shape, w_shape, stride):  # the direct kernels: no im2col matrix to keep
         shapes["planes"] = few_channels_planes(OH, OW, FW)
         if not need_dx:
             del shapes["kt"]
@@ -378,14 +379,7 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
 def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
     """Fresh scratch arrays for one call of a public entry point: always the im2col path (these are
     the matrix-product entry points, whose ``cols`` a caller may keep)."""
-    N, C, H, W = x_shape
-    K, _, FH, FW = w_shape
-    OH, OW = y_shape[2], y_shape[3]
-    shapes = {"cols": (C * FH * FW, N * OH * OW), "kt": (K, N * OH * OW), "db": (K,), "dwt": (C * FH * FW, K)}
-    if tuple(stride) == (1, 1):
-        shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
-    if need_dx:
-        shapes["dcols"] = dcols_shape(C * FH * FW, N, OH, OW, np.dtype(dtype).itemsize)
+    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype, direct=False)
     return {name: np.empty(shape, dtype) for name, shape in shapes.items()}
 
 
