@@ -194,6 +194,7 @@ def _knp_from_nkp(out, db, src):
 # entering the loop than in it. Stride 1 only.
 
 FEW_CHANNELS = 3  # at most this many input channels take the direct kernels below (stride 1)
+FILTER_BLOCK = 4  # filters a task of the direct kernels computes together
 
 
 def few_channels(x_shape, w_shape, stride):
@@ -202,9 +203,9 @@ def few_channels(x_shape, w_shape, stride):
 
 
 def few_channels_planes(OH, OW, FW):
-    """Shape of the few-channel kernels' scratch: a flat plane of row length OW + FW - 1 for each of
-    Numba's threads (``numba.get_thread_id()`` picks a task's row: nothing is allocated in a step)."""
-    return (numba.config.NUMBA_NUM_THREADS, OH * (OW + FW - 1))
+    """Shape of the few-channel kernels' scratch: for each of Numba's threads, FILTER_BLOCK flat planes
+    of row length OW + FW - 1 (``numba.get_thread_id()`` picks a task's: nothing is allocated in a step)."""
+    return (numba.config.NUMBA_NUM_THREADS, FILTER_BLOCK, OH * (OW + FW - 1))
 
 
 @njit(inline="always", cache=True)
@@ -217,82 +218,123 @@ def _tap(t, FH, FW, WP):
     return c, fh * WP + fw
 
 
+@njit(inline="always", cache=True)
+def _filter_block(k0, K):
+    """The FILTER_BLOCK (4) filters from k0; where fewer than four are left (K not a multiple of 4), the
+    last one stands in for the missing ones: computed again, never written."""
+    return k0, min(k0 + 1, K - 1), min(k0 + 2, K - 1), min(k0 + 3, K - 1)
+
+
+# Both kernels take four filters and two taps a pass over the plane: each input value loaded feeds
+# eight multiply-adds (one had four taps of a single filter: one load and one store of the sum for
+# four, a third of the machine's rate), and 14 vector registers hold the pass (8 weights or sums, the
+# two shifted inputs and the four planes), within AVX2's 16. An odd last tap is paired with itself at
+# weight 0 (forward) or not written (backward). Measured on the default model's first layer, batch
+# 128 (16 filters, 5x5, 28x28): forward 1.69 -> 0.93 ms, weight gradient 1.95 -> 0.90 ms.
+
+
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def _few_channels_forward_cpu(y, xp, w, b, relu, planes):
     """y (N, K, OH, OW) = the stride-1 convolution of xp (N, C, HP*WP), the padded input with each
-    plane flat, with w, plus b, and max(., 0) with ``relu``. One task per output plane (n, k),
-    summed in its thread's row of ``planes`` four taps a pass (one load and one store of the sum for four
-    multiply-adds), then the taps left over one by one. (``contract``: FMA instructions.)"""
+    plane flat, with w, plus b, and max(., 0) with ``relu``. One task per sample and block of four
+    filters, summed in its thread's four planes of ``planes`` (started at the bias), then copied out
+    without the unused columns. (``contract``: FMA instructions.)"""
     N, K, OH, OW = y.shape
     C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
     WP = OW + FW - 1
     span = OH * WP - (FW - 1)  # through the last output used: (OH - 1)*WP + OW
     taps = C * FH * FW
-    for task in prange(N * K):
-        n = task // K
-        k = task % K
-        wk = w[k].ravel()
-        plane = planes[numba.get_thread_id()]
+    wf = w.reshape(K, taps)
+    blocks = (K + FILTER_BLOCK - 1) // FILTER_BLOCK
+    for task in prange(N * blocks):
+        n = task // blocks
+        k0 = (task % blocks) * FILTER_BLOCK
+        ka, kb, kc, kd = _filter_block(k0, K)
+        four = planes[numba.get_thread_id()]
+        p0, p1, p2, p3 = four[0], four[1], four[2], four[3]
+        ba, bb, bc, bd = b[ka], b[kb], b[kc], b[kd]
         for i in range(span):
-            plane[i] = 0
-        t = 0
-        while t + 4 <= taps:
+            p0[i], p1[i], p2[i], p3[i] = ba, bb, bc, bd
+        for t in range(0, taps, 2):
+            t1 = min(t + 1, taps - 1)
             c0, s0 = _tap(t, FH, FW, WP)
-            c1, s1 = _tap(t + 1, FH, FW, WP)
-            c2, s2 = _tap(t + 2, FH, FW, WP)
-            c3, s3 = _tap(t + 3, FH, FW, WP)
-            x0, x1 = xp[n, c0, s0:s0 + span], xp[n, c1, s1:s1 + span]
-            x2, x3 = xp[n, c2, s2:s2 + span], xp[n, c3, s3:s3 + span]
-            w0, w1, w2, w3 = wk[t], wk[t + 1], wk[t + 2], wk[t + 3]
+            c1, s1 = _tap(t1, FH, FW, WP)
+            u0, u1 = xp[n, c0, s0:s0 + span], xp[n, c1, s1:s1 + span]
+            second = wf.dtype.type(t1 > t)  # 0 for an odd last tap paired with itself
+            a0, a1, a2, a3 = wf[ka, t], wf[kb, t], wf[kc, t], wf[kd, t]
+            e0, e1, e2, e3 = wf[ka, t1] * second, wf[kb, t1] * second, wf[kc, t1] * second, wf[kd, t1] * second
             for i in range(span):
-                plane[i] += w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i]
-            t += 4
-        while t < taps:
-            c0, s0 = _tap(t, FH, FW, WP)
-            x0, w0 = xp[n, c0, s0:s0 + span], wk[t]
-            for i in range(span):
-                plane[i] += w0 * x0[i]
-            t += 1
-        bk = b[k]
-        for oh in range(OH):
-            for ow in range(OW):
-                v = plane[oh * WP + ow] + bk
-                y[n, k, oh, ow] = v if (v > 0 or not relu) else 0
+                u, v = u0[i], u1[i]
+                p0[i] += a0 * u + e0 * v
+                p1[i] += a1 * u + e1 * v
+                p2[i] += a2 * u + e2 * v
+                p3[i] += a3 * u + e3 * v
+        for j in range(min(FILTER_BLOCK, K - k0)):
+            for oh in range(OH):
+                row, out = four[j, oh * WP:oh * WP + OW], y[n, k0 + j, oh]
+                if relu:
+                    for ow in range(OW):
+                        out[ow] = max(row[ow], 0)
+                else:
+                    out[:] = row
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
 def _few_channels_backward_weight_cpu(dw, db, dy, xp, planes):
     """dw (K, C, FH, FW) and db (K,) from dy (N, K, OH, OW) and xp as ``_few_channels_forward_cpu``
-    takes it. One task per filter k, which alone writes dw[k] and db[k]: dy[n, k] is laid out with
-    row length WP in its thread's row of ``planes`` (zeros in the unused columns), and each tap's gradient is
-    the dot product of that plane with the input shifted by the tap. ``reassoc`` lets the dot
-    products use every vector lane; the order is fixed at compile time, so the result does not
-    vary run to run."""
+    takes it. One task per block of four filters, which alone writes their dw and db: for each
+    sample, dy of the four is laid out with row length WP in its thread's ``planes`` (zeros in the
+    unused columns), and each tap's gradient is the dot product of a plane with the input shifted by
+    the tap. ``reassoc`` lets the dot products use every vector lane; the order is fixed at compile
+    time and the samples are added in order, so the result does not vary run to run."""
     N, K, OH, OW = dy.shape
     C, FH, FW = dw.shape[1], dw.shape[2], dw.shape[3]
     WP = OW + FW - 1
     span = OH * WP - (FW - 1)
-    for k in prange(K):
-        plane = planes[numba.get_thread_id()]
-        for i in range(OH * WP):
-            plane[i] = 0  # the unused columns stay zero
-        dwk = dw[k].ravel()  # a view: dw is C-contiguous
-        dwk[:] = 0
-        bias = 0.0
+    taps = C * FH * FW
+    dwf = dw.reshape(K, taps)  # a view: dw is C-contiguous
+    for block in prange((K + FILTER_BLOCK - 1) // FILTER_BLOCK):
+        k0 = block * FILTER_BLOCK
+        ka, kb, kc, kd = _filter_block(k0, K)
+        count = min(FILTER_BLOCK, K - k0)
+        four = planes[numba.get_thread_id()]
+        p0, p1, p2, p3 = four[0], four[1], four[2], four[3]
+        four[:, :] = 0  # the unused columns stay zero
+        for j in range(count):
+            dwf[k0 + j, :] = 0
+        s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0  # the bias gradients, in float64
         for n in range(N):
             for oh in range(OH):
                 for ow in range(OW):
-                    g = dy[n, k, oh, ow]
-                    plane[oh * WP + ow] = g
-                    bias += g
-            for t in range(C * FH * FW):
-                c, shift = _tap(t, FH, FW, WP)
-                src = xp[n, c, shift:shift + span]
-                acc = dw.dtype.type(0)
+                    i = oh * WP + ow
+                    g0, g1, g2, g3 = dy[n, ka, oh, ow], dy[n, kb, oh, ow], dy[n, kc, oh, ow], dy[n, kd, oh, ow]
+                    p0[i], p1[i], p2[i], p3[i] = g0, g1, g2, g3
+                    s0, s1, s2, s3 = s0 + g0, s1 + g1, s2 + g2, s3 + g3
+            for t in range(0, taps, 2):
+                t1 = min(t + 1, taps - 1)
+                c0, h0 = _tap(t, FH, FW, WP)
+                c1, h1 = _tap(t1, FH, FW, WP)
+                u0, u1 = xp[n, c0, h0:h0 + span], xp[n, c1, h1:h1 + span]
+                a0 = a1 = a2 = a3 = e0 = e1 = e2 = e3 = dw.dtype.type(0)
                 for i in range(span):
-                    acc += plane[i] * src[i]
-                dwk[t] += acc
-        db[k] = bias
+                    u, v = u0[i], u1[i]
+                    q0, q1, q2, q3 = p0[i], p1[i], p2[i], p3[i]
+                    a0 += q0 * u
+                    a1 += q1 * u
+                    a2 += q2 * u
+                    a3 += q3 * u
+                    e0 += q0 * v
+                    e1 += q1 * v
+                    e2 += q2 * v
+                    e3 += q3 * v
+                for j, (a, e) in enumerate(((a0, e0), (a1, e1), (a2, e2), (a3, e3))):
+                    if j < count:
+                        dwf[k0 + j, t] += a
+                        if t1 > t:
+                            dwf[k0 + j, t1] += e
+        for j, s in enumerate((s0, s1, s2, s3)):
+            if j < count:
+                db[k0 + j] = s
 
 
 # ------------------------------------------------------------------- im2col, col2im on hosts

@@ -13,13 +13,13 @@ from tests.cuda.conftest import assert_close
 # convolutions' float32 kernels are the same code, and tests/cuda/test_training.py runs them).
 # Convolutions and dense layers have two CUDA algorithms: the register-blocked products (the
 # default, "gemm") and the simpler kernels kept as references ("tiled"). Both run every case but
-# the ones made to cross the products' tiles (cores.CROSSING_TILES).
+# the ones in cores.NOT_FOR_TILED (made to cross the products' tiles, or for the CPU alone).
 CASES = [(dtype, *case, algorithm)
          for dtype in (np.float32, np.float64)
          for case in cores.cases(np.random.default_rng(1), dtype)
          if dtype == np.float64 or not case[1].startswith("conv2d")
          for algorithm in REGISTRY.algorithms(case[1], "cuda")
-         if algorithm != "tiled" or not case[0].startswith(cores.CROSSING_TILES)]
+         if algorithm != "tiled" or not case[0].startswith(cores.NOT_FOR_TILED)]
 
 
 @pytest.mark.parametrize("dtype, name, op, args, outputs, expected, algorithm", CASES,

@@ -142,9 +142,9 @@ def test_the_public_launchers_fit_too(launches):
     assert [g[2] for _, g, _, _ in launches[2:]] == [65535] * 2
 
 
-# (the convolution's striding kernels are its "tiled" ones: not the cases made for the products' tiles)
+# (the convolution's striding kernels are its "tiled" ones: not the cases in cores.NOT_FOR_TILED)
 STRIDED = [c for c in cores.cases(np.random.default_rng(2)) if c[1].startswith(("conv2d", "maxpool2d", "avgpool2d"))
-           and "dx=False" not in c[0] and not c[0].startswith(cores.CROSSING_TILES)][::2]
+           and "dx=False" not in c[0] and not c[0].startswith(cores.NOT_FOR_TILED)][::2]
 
 
 @pytest.mark.parametrize("name, op, args, outputs, expected", STRIDED, ids=[c[0] for c in STRIDED])
