@@ -20,6 +20,7 @@ For every kernel in ``nbcnn.kernels.catalogue`` (the argument types its launcher
 Nothing here runs a kernel; the figures are properties of the code, the same on every run.
 """
 
+import functools
 import glob
 import os
 import re
@@ -247,13 +248,21 @@ def entry_name(ptx):
     return match.group(1)
 
 
-def analyse(launch, cc, dtype=np.float32):
-    """The row of the static profile for one ``catalogue.Launch``."""
+@functools.lru_cache(maxsize=None)
+def ptx_of(kernel, sig, cc):
+    """The PTX of a ``cuda.jit`` kernel for these argument types and compute capability, with the
+    kernel's own launch bounds, as a GPU would compile it. Compiled once per process: a kernel takes
+    NVVM up to 13 s, and the test suite reads the same kernels' PTX in several places."""
     from numba import cuda
 
-    bounds = getattr(launch.kernel, "targetoptions", {}).get("launch_bounds")
+    bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")
+    return cuda.compile_ptx(kernel.py_func, sig, cc=tuple(cc), launch_bounds=bounds)[0]
+
+
+def analyse(launch, cc, dtype=np.float32):
+    """The row of the static profile for one ``catalogue.Launch``."""
     try:
-        ptx, _ = cuda.compile_ptx(launch.kernel.py_func, launch.sig, cc=tuple(cc), launch_bounds=bounds)
+        ptx = ptx_of(launch.kernel, launch.sig, tuple(cc))
     except Exception as exc:  # NVVM refuses a compute capability it no longer supports, for one
         where = f"sm_{cc[0]}{cc[1]}"
         raise StaticProfileError(f"{launch.name} did not compile for {where} ({describe(exc, 300)})") from None

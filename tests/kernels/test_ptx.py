@@ -5,13 +5,12 @@ reject (an unsupported call, a type that does not unify). Compiling here, with N
 and no GPU, catches that in the ordinary test run.
 """
 
-import functools
 import re
 
 import numpy as np
 import pytest
-from numba import cuda
 
+from nbcnn import static
 from nbcnn.kernels._cuda import SIMULATOR
 from nbcnn.kernels.catalogue import FLOAT64_BY_DESIGN, MODULES, launch_types
 
@@ -21,10 +20,10 @@ pytestmark = pytest.mark.skipif(SIMULATOR, reason="compiling PTX needs the real 
 CASES = [(k, sig, dt) for dt in (np.float32, np.float64) for k, sig in launch_types(dt)]
 
 
-@functools.lru_cache(maxsize=None)
 def ptx_of(kernel, sig):
-    """The PTX of ``kernel`` for these argument types, compiled once for all the tests here."""
-    return cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))[0]
+    """The PTX of ``kernel`` for these argument types, with its launch bounds, for sm_90: compiled once
+    per process (``nbcnn.static`` keeps it: ``tests/test_static.py`` reads the same kernels)."""
+    return static.ptx_of(kernel, sig, (9, 0))
 
 
 def test_every_kernel_is_cached_on_disk():
