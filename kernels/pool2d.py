@@ -179,6 +179,28 @@ def _better(v, best):
     return v > best or (v != v and best == best)
 
 
+@njit(inline="always", cache=True)
+def max_of_four(a, b, d, e, first, W):
+    """The maximum of a 2x2 window (a b / d e) and where it is: ``first`` for a, first + 1, first + W,
+    first + W + 1. The first of equal values wins; a NaN wins, the first NaN (the general rule)."""
+    best, where = a, first
+    if b > best:
+        best, where = b, first + 1
+    if d > best:
+        best, where = d, first + W
+    if e > best:
+        best, where = e, first + W + 1
+    if (b != b) | (d != d) | (e != e):  # a NaN after the first element: the general rule
+        best, where = a, first
+        if _better(b, best):
+            best, where = b, first + 1
+        if _better(d, best):
+            best, where = d, first + W
+        if _better(e, best):
+            best, where = e, first + W + 1
+    return best, where
+
+
 @njit(parallel=True, cache=True)
 def _maxpool2d_forward_2x2_cpu(y, argmax, x):
     """Max pooling with a 2x2 window, stride 2, no padding: same results as ``_maxpool2d_forward_cpu``."""
@@ -191,26 +213,8 @@ def _maxpool2d_forward_2x2_cpu(y, argmax, x):
             ih = 2 * oh
             for ow in range(OW):
                 iw = 2 * ow
-                first = ih * W + iw
-                a, b = x[n, c, ih, iw], x[n, c, ih, iw + 1]
-                d, e = x[n, c, ih + 1, iw], x[n, c, ih + 1, iw + 1]
-                best, where = a, first
-                if b > best:
-                    best, where = b, first + 1
-                if d > best:
-                    best, where = d, first + W
-                if e > best:
-                    best, where = e, first + W + 1
-                if (b != b) | (d != d) | (e != e):  # a NaN after the first element: the general rule
-                    best, where = a, first
-                    if _better(b, best):
-                        best, where = b, first + 1
-                    if _better(d, best):
-                        best, where = d, first + W
-                    if _better(e, best):
-                        best, where = e, first + W + 1
-                y[n, c, oh, ow] = best
-                argmax[n, c, oh, ow] = where
+                y[n, c, oh, ow], argmax[n, c, oh, ow] = max_of_four(
+                    x[n, c, ih, iw], x[n, c, ih, iw + 1], x[n, c, ih + 1, iw], x[n, c, ih + 1, iw + 1], ih * W + iw, W)
 
 
 @njit(parallel=True, cache=True)

@@ -262,9 +262,24 @@ class _Conv2DPlan(Plan):
     def __init__(self, layer, in_shape, dtype, device, kernels):
         super().__init__(layer, in_shape, dtype, device, kernels)
         self._check_parameters()
+        self.kernels = kernels
         self.fwd = kernels.get("conv2d_forward", device, layer.algorithm)
         self.bwd = kernels.get("conv2d_backward", device, layer.algorithm)
         self.settings = (*layer.stride, *layer.padding)
+        self.pool = None  # the max pooling plan this one computes too (fuse_pool)
+        self.y = None
+
+    def fuse_pool(self, pool):
+        """Compute ``pool``'s 2x2 max pooling in this layer's own kernels (a model's first layer: see
+        nbcnn.kernels.conv2d.pooled); called by the model's plan before anything is allocated. The
+        default algorithm only: a named one ("direct", "tiled") keeps its own kernels. The first
+        backward asked for the input gradient computes it through the two ops and unfuses them."""
+        if self.layer.algorithm is not None:
+            return False
+        self.pool, pool.in_previous = pool, True
+        self.pfwd = self.kernels.get("conv2d_maxpool_forward", self.device)
+        self.pbwd = self.kernels.get("conv2d_maxpool_backward", self.device)
+        return True
 
     def _scratch(self, need_dx):
         L = self.layer
@@ -273,28 +288,68 @@ class _Conv2DPlan(Plan):
 
     def allocate(self, need_dx):
         super().allocate(need_dx)
-        self.y = self.device.empty(self.out_shape, self.dtype)
         self.zeros = self.device.zeros(self.out_shape[1], self.dtype) if self.layer.bias is None else None
-        self._scratch(need_dx)
+        if self.pool is None:
+            self.y = self.device.empty(self.out_shape, self.dtype)
+            self._scratch(need_dx)
+            return
+        L = self.layer
+        self._workspace(self.pfwd.workspace(self.in_shape, L.weight.shape, L.stride, L.padding, self.dtype))
+        if need_dx:
+            self._unfused_scratch()
+
+    def _unfused_scratch(self):
+        """What the two ops need when the input gradient is asked for after all: the convolution's
+        output and scratch, the full-size gradient the pooling writes."""
+        if self.y is None:
+            self.y = self.device.empty(self.out_shape, self.dtype)
+            self.dy = self.device.empty(self.out_shape, self.dtype)
+            self._scratch(True)
+        return self._dx()
 
     def forward(self, x):
         L = self.layer
         self.x = x
         b = self.zeros if L.bias is None else L.bias.data
+        if self.pool is not None:
+            pool = self.pool
+            self.pfwd.run(pool.y, pool.argmax, x, L.weight.data, b, *self.settings, self.relu, self.ws)
+            return pool.y
         self.fwd.run(self.y, x, L.weight.data, b, *self.settings, self.relu, self.ws)
         return self.y
 
     def backward(self, dy, need_dx):
         L = self.layer
+        db = None if L.bias is None else L.bias.grad
+        if self.pool is not None:  # dy is the pooling's (its plan passed it on)
+            if not need_dx:
+                self.pbwd.run(L.weight.grad, db, dy, self.pool.argmax, self.pool.y, self.x, L.weight.data,
+                              *self.settings, self.relu, self.ws)
+                return None
+            dy = self._unpooled(dy)
+            self._unfuse()  # a caller that wants dx once (the README's loop) wants it every step
         dx = None
         if need_dx:
             if self.dx is None:  # a first layer asked for its input gradient after all
                 self._dx()
                 self._scratch(True)
             dx = self.dx
-        db = None if L.bias is None else L.bias.grad
         self.bwd.run(dx, L.weight.grad, db, dy, self.x, L.weight.data, *self.settings, self.mask, self.ws)
         return dx
+
+    def _unfuse(self):
+        """From the next step on, the two layers run their own kernels again."""
+        self.pool.in_previous, self.pool = False, None
+
+    def _unpooled(self, dyp):
+        """The full-size gradient of the convolution's output, for the unfused backward: the forward
+        again (its output was never kept), then the pooling's own backward."""
+        L, pool = self.layer, self.pool
+        self._unfused_scratch()
+        b = self.zeros if L.bias is None else L.bias.data
+        self.fwd.run(self.y, self.x, L.weight.data, b, *self.settings, self.relu, self.ws)
+        pool.bwd.run(self.dy, dyp, pool.argmax, self.y, *pool.settings, self.relu)
+        return self.dy
 
 
 class Conv2D(Layer):
@@ -353,6 +408,7 @@ class _MaxPool2DPlan(Plan):
         self.fwd = kernels.get("maxpool2d_forward", device)
         self.bwd = kernels.get("maxpool2d_backward", device)
         self.settings = (*layer.kernel_size, *layer.stride, *layer.padding)
+        self.in_previous = False  # the convolution before computes this pooling (_Conv2DPlan.fuse_pool)
 
     def allocate(self, need_dx):
         super().allocate(need_dx)
@@ -361,10 +417,13 @@ class _MaxPool2DPlan(Plan):
 
     def forward(self, x):
         self.x = x
-        self.fwd.run(self.y, self.argmax, x, *self.settings)
-        return self.y
+        if not self.in_previous:
+            self.fwd.run(self.y, self.argmax, x, *self.settings)
+        return self.y  # with in_previous, the convolution before filled y and argmax
 
     def backward(self, dy, need_dx):
+        if self.in_previous:
+            return dy  # the convolution before reads it through argmax
         if not need_dx:
             return None
         dx = self._dx()

@@ -5,11 +5,12 @@ one ``ParameterBuffer`` (one flat vector of values, one of gradients). The first
 of an input shape makes a ``ModelPlan``: every layer's plan for the shape its
 predecessor outputs, checked once, with each ReLU fused into its neighbours (the layer
 before applies max(., 0) in its own forward; the layer after multiplies its dx by the
-mask in its own backward), then the buffers: activations, input gradients, scratch. Later
-steps of that shape only run kernels on them.
+mask in its own backward), and a first Conv2D computing the 2x2 max pooling after it (its own
+output never stored; see ``nbcnn.kernels.conv2d.pooled``), then the buffers: activations,
+input gradients, scratch. Later steps of that shape only run kernels on them.
 
-    x --> [Conv2D+ReLU] --> [MaxPool2D] --> ... --> [Dense] --> logits
-    dx <-- [Conv2D] <-- [MaxPool2D, ReLU mask] <-- ... <-- [Dense] <-- dlogits
+    x --> [Conv2D+ReLU+MaxPool2D] --> [Conv2D+ReLU] --> [MaxPool2D] --> ... --> [Dense] --> logits
+          [Conv2D via argmax] <-- [Conv2D] <-- [MaxPool2D, ReLU mask] <-- ... <-- [Dense] <-- dlogits
 
 A model keeps the plans of a few input shapes (a training batch, the last smaller batch of
 an epoch, an evaluation batch), so alternating between them allocates nothing; they are
@@ -25,7 +26,7 @@ import numpy as np
 from nbcnn import ops
 from nbcnn.data import describe
 from nbcnn.device import CPU, resolve_device, to_device, to_numpy
-from nbcnn.layers import LAYERS, Layer, _ReLUPlan
+from nbcnn.layers import LAYERS, Layer, _Conv2DPlan, _MaxPool2DPlan, _ReLUPlan
 from nbcnn.parameter import Parameter, ParameterBuffer
 
 CHECKPOINT_FORMAT = "nbcnn-sequential-1"
@@ -106,6 +107,23 @@ def atomic_write(path, write):
         raise
 
 
+def _fuse_first_pooling(plans):
+    """A model that starts Conv2D -> [ReLU] -> MaxPool2D(2) (window and stride 2, no padding): the
+    convolution computes the pooling too and never stores its own output (its plan falls back to
+    the two ops, and unfuses them, once the input gradient is asked for). Only the first layer: the
+    fused backward computes no input gradient. Whether it fused."""
+    if len(plans) < 2 or not isinstance(plans[0], _Conv2DPlan):
+        return False
+    conv, pool = plans[0], plans[1]
+    if isinstance(pool, _ReLUPlan) and pool.in_previous and pool.in_next and len(plans) > 2:
+        pool = plans[2]
+    elif conv.relu:
+        return False
+    if not isinstance(pool, _MaxPool2DPlan) or pool.settings != (2, 2, 2, 2, 0, 0) or pool.mask != conv.relu:
+        return False
+    return conv.fuse_pool(pool)
+
+
 class ModelPlan:
     """The plans of a model's layers for one input shape, fused and allocated; see the module docstring.
 
@@ -134,6 +152,7 @@ class ModelPlan:
                 before.relu, plan.in_previous = True, True
             if after is not None and after.masks:
                 after.mask, plan.in_next = True, True
+        _fuse_first_pooling(self.plans)
         for plan in self.plans:
             # Forward buffers now; input gradients and their scratch on the first backward, so that
             # a plan that only evaluates never holds them.
@@ -142,6 +161,11 @@ class ModelPlan:
         self.spans = spans
         self.stamp = Parameter.rebinds
         self.ran = False
+
+    @property
+    def pooled(self):
+        """Whether the first convolution computes the max pooling after it (_fuse_first_pooling)."""
+        return isinstance(self.plans[0], _Conv2DPlan) and self.plans[0].pool is not None
 
     def allocate(self, need_dx):
         """Everything was allocated when the plan was made (the layers' own plans allocate lazily)."""

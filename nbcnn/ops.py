@@ -27,6 +27,7 @@ from nbcnn.kernels._checks import is_c_contiguous, output_size
 from nbcnn.kernels.conv2d import cpu as conv_cpu
 from nbcnn.kernels.conv2d import cuda as conv_cuda
 from nbcnn.kernels.conv2d import gemm as conv_gemm
+from nbcnn.kernels.conv2d import pooled as conv_pooled
 
 
 def _n(a):
@@ -56,6 +57,12 @@ COSTS = {
     "conv2d_backward": lambda dx, dw, db, dy, x, w, *_: (
         2 * _n(dy) * _taps(w) * (1 if dx is None else 2) + (0 if db is None else _n(dy)),
         _bytes(dx, dw, db, dy, x, w)),
+    # a first convolution and the 2x2 max pooling after it in one op (its output, 4 per pooled
+    # value, never stored; the FLOPs exact for an even output, a row or column short for an odd one)
+    "conv2d_maxpool_forward": lambda yp, am, x, w, b, *_: (
+        2 * 4 * _n(yp) * _taps(w) + 4 * _n(yp), _bytes(yp, am, x, w, b)),
+    "conv2d_maxpool_backward": lambda dw, db, dyp, am, yp, x, w, *_: (
+        2 * 4 * _n(dyp) * _taps(w) + (0 if db is None else _n(dyp)), _bytes(dw, db, dyp, am, yp, x)),
     "maxpool2d_forward": lambda y, am, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, am, x)),
     "maxpool2d_backward": lambda dx, dy, am, *_: (_n(dy), _bytes(dx, dy, am)),
     "avgpool2d_forward": lambda y, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, x)),
@@ -181,6 +188,12 @@ _add("conv2d_forward", "cuda", "tiled", conv_cuda.conv2d_forward_direct_core_cud
      conv_cuda.conv2d_workspace_direct_cuda, default=False)
 _add("conv2d_backward", "cuda", "tiled", conv_cuda.conv2d_backward_direct_core_cuda,
      conv_cuda.conv2d_workspace_direct_cuda, default=False)
+# A model's first convolution with the 2x2 max pooling after it (nbcnn.model fuses them): on the
+# CPU its own kernels for few input channels, elsewhere the two ops' cores in turn.
+for _device in ("cpu", "cuda"):
+    for _op in ("conv2d_maxpool_forward", "conv2d_maxpool_backward"):
+        _add(_op, _device, "gemm", getattr(conv_pooled, f"{_op}_core_{_device}"),
+             getattr(conv_pooled, f"conv2d_maxpool_workspace_{_device}"))
 
 for _device in ("cpu", "cuda"):
     _algorithm = "loops" if _device == "cpu" else "threads"

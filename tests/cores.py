@@ -65,6 +65,26 @@ def cases(rng, dtype=np.float64):
             out.append((f"conv{i} backward dx={need_dx} bias={with_bias} mask={mask}", "conv2d_backward",
                         [dx, nan(*w.shape), db, dy, x, w, *S, *P, mask, "ws"], [0, 1, 2],
                         [expect_dx, dw_ref, db_ref if with_bias else None]))
+    # A first convolution and the 2x2 max pooling after it, as one op: few input channels (the CPU's
+    # own kernels; odd output sides leave a row or a column that no window covers) and four (the two
+    # ops in turn). The bias is zero because the backward's runner recomputes the forward with zeros.
+    for i, (N, C, H, W, K, F, P) in enumerate(((2, 1, 7, 9, 5, (3, 3), (1, 1)), (2, 2, 6, 6, 3, (2, 3), (0, 1)),
+                                               (2, 4, 5, 6, 3, (2, 2), (0, 0)))):
+        x, w, b = arr(N, C, H, W), arr(K, C, *F), np.zeros(K, dtype)
+        for relu in (False, True):
+            conv = ref.conv2d(x, w, b, (1, 1), P)
+            r = _relu(conv) if relu else conv
+            yp = ref.maxpool2d(r, (2, 2), (2, 2), (0, 0))
+            out.append((f"convpool{i} forward relu={relu}", "conv2d_maxpool_forward",
+                        [nan(*yp.shape), np.full(yp.shape, -1, np.int32), x, w, b, 1, 1, *P, relu, "ws"], [0, 1],
+                        [yp, _pool_argmax(r)]))
+            dyp = arr(*yp.shape)
+            dense = ref.maxpool2d_grad(dyp, r, (2, 2), (2, 2), (0, 0)) * ((r > 0) if relu else 1)
+            _, dw_ref, db_ref = ref.conv2d_grads(dense, x, w, (1, 1), P)
+            for with_bias in (True, False):
+                out.append((f"convpool{i} backward mask={relu} bias={with_bias}", "conv2d_maxpool_backward",
+                            [nan(*w.shape), nan(K) if with_bias else None, dyp, "pooled", "pooled", x, w, 1, 1, *P,
+                             relu, "ws"], [0, 1], [dw_ref, db_ref if with_bias else None]))
     x = arr(2, 3, 7, 9)
     x[0, 0, :2, :2] = 1.5  # a tie
     for f, s, p in (((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1))):
@@ -189,8 +209,23 @@ def _normalisation_cases(arr, nan, rng, dtype):
     return out
 
 
+def _pool_argmax(r):
+    """Where each 2x2 window's first maximum lies, as a flat index into r's planes (N, C, OH, OW)."""
+    N, C, OH, OW = r.shape
+    PH, PW = OH // 2, OW // 2
+    windows = r[:, :, :2 * PH, :2 * PW].reshape(N, C, PH, 2, PW, 2).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, PH, PW, 4)
+    t = windows.argmax(axis=-1)  # the first of tied maxima, row-major within the window
+    rows = 2 * np.arange(PH)[:, None] + t // 2
+    return (rows * OW + 2 * np.arange(PW)[None, :] + t % 2).astype(np.int32)
+
+
 def _workspace(kernel, op, args, device):
-    if op.startswith("conv2d"):
+    if op.startswith("conv2d_maxpool"):
+        at = 2 if op == "conv2d_maxpool_forward" else 5  # where x is; w, then the stride after the bias (or not)
+        x, w = args[at], args[at + 1]
+        settings = args[at + 3:at + 7] if op == "conv2d_maxpool_forward" else args[at + 2:at + 6]
+        shapes = kernel.workspace(x.shape, w.shape, tuple(settings[:2]), tuple(settings[2:]), x.dtype)
+    elif op.startswith("conv2d"):
         y_shape = args[3].shape if op == "conv2d_backward" else args[0].shape
         x, w = (args[4], args[5]) if op == "conv2d_backward" else (args[1], args[2])
         shapes = kernel.workspace(x.shape, w.shape, y_shape, _stride(op, args), _padding(op, args), True, x.dtype)
@@ -229,6 +264,12 @@ def run(op, args, device, algorithm=None):
         forward = REGISTRY.get("conv2d_forward", device)
         y = device.empty(dy.shape, args[4].dtype)
         forward.run(y, x, w, device.zeros(w.shape[0], args[4].dtype), sh, sw, ph, pw, False, ws)
+    if op == "conv2d_maxpool_backward":  # the forward (zero bias) gives argmax and yp, and fills the scratch
+        _, _, dyp, _, _, x, w, sh, sw, ph, pw, mask, ws = moved
+        yp, argmax = device.empty(dyp.shape, args[2].dtype), device.empty(dyp.shape, np.int32)
+        zeros = device.zeros(w.shape[0], args[2].dtype)
+        REGISTRY.get("conv2d_maxpool_forward", device).run(yp, argmax, x, w, zeros, sh, sw, ph, pw, mask, ws)
+        moved[3], moved[4] = argmax, yp
     if any(args[i] == "argmax" for i in marks):
         dx, dy, _, x, fh, fw, sh, sw, ph, pw, _ = moved
         y, argmax = device.empty(dy.shape, dy.dtype), device.empty(dy.shape, np.int32)

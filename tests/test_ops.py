@@ -41,8 +41,10 @@ def test_cpu_core_matches_the_reference(name, op, args, outputs, expected):
         np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-10, err_msg=f"{name}: output {i}")
 
 
-@pytest.mark.parametrize("name, op, args, outputs, expected", [c for c in CASES if c[1].startswith("conv2d")],
-                         ids=[c[0] for c in CASES if c[1].startswith("conv2d")])
+CONV = [c for c in CASES if c[1] in ("conv2d_forward", "conv2d_backward")]
+
+
+@pytest.mark.parametrize("name, op, args, outputs, expected", CONV, ids=[c[0] for c in CONV])
 def test_direct_conv_cores_match_the_reference(name, op, args, outputs, expected):
     kernel = REGISTRY.get(op, "cpu", "direct")
     # the direct loops take no scratch and need nothing from the forward

@@ -43,14 +43,18 @@ def test_profile_report_schema(tmp_path):
     assert report["device"] == "cpu" and report["step_seconds"] > 0
     assert report["peak"]["flops"] > 0 and report["peak"]["bandwidth"] > 0
     names = {k["name"] for k in report["kernels"]}
-    # the loss's forward and backward are one fused kernel, softmax_xent_step
-    assert {"conv2d_forward", "conv2d_backward", "maxpool2d_forward", "dense_forward", "adam_update",
+    # the loss's forward and backward are one fused kernel, softmax_xent_step; so are the first
+    # convolution and the max pooling after it, conv2d_maxpool_*
+    assert {"conv2d_maxpool_forward", "conv2d_maxpool_backward", "dense_forward", "adam_update",
             "softmax_xent_step"} <= names
-    conv = next(k for k in report["kernels"] if k["name"] == "conv2d_forward")
-    assert conv["flops"] == 2 * 4 * 4 * 26 * 26 * 9  # batch 4, 4 filters 3x3 over one 28x28 channel
-    # On the CPU one call computes the weight and bias gradients; the first layer needs no input gradient.
-    back = next(k for k in report["kernels"] if k["name"] == "conv2d_backward")
-    assert back["flops"] == 2 * 4 * 4 * 26 * 26 * 9 + 4 * 4 * 26 * 26
+    assert not {"conv2d_forward", "maxpool2d_forward", "maxpool2d_backward"} & names
+    conv = next(k for k in report["kernels"] if k["name"] == "conv2d_maxpool_forward")
+    # batch 4, 4 filters 3x3 over one 28x28 channel, then 4 comparisons per pooled value (13 x 13)
+    assert conv["flops"] == 2 * 4 * 4 * 26 * 26 * 9 + 4 * 4 * 4 * 13 * 13
+    # One call computes the weight and bias gradients (the bias's: a sum over the pooled gradient);
+    # the first layer needs no input gradient.
+    back = next(k for k in report["kernels"] if k["name"] == "conv2d_maxpool_backward")
+    assert back["flops"] == 2 * 4 * 4 * 26 * 26 * 9 + 4 * 4 * 13 * 13
     for k in report["kernels"]:
         assert {"layer", "phase", "seconds", "compile_seconds", "flops", "bytes", "gflops", "gbytes_per_s",
                 "peak_flops_share", "peak_bandwidth_share"} <= set(k)
@@ -67,7 +71,7 @@ def test_profile_cli_writes_json_and_trace(tmp_path, capsys):
     assert cli.main(["profile", "--device", "cpu", "--model", "tiny", "--batch-size", "4", "--repeats", "2",
                      "--json", str(out), "--trace", str(trace)]) == 0
     text = capsys.readouterr().out
-    assert "measured peak" in text and "conv2d_forward" in text
+    assert "measured peak" in text and "conv2d_maxpool_forward" in text
     assert json.loads(out.read_text())["model"] == "tiny"
     assert "traceEvents" in json.loads(trace.read_text())
 

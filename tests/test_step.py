@@ -307,3 +307,54 @@ def test_parameter_assignments_are_checked():
         w.grad = np.zeros((3, 2), np.float32)
     w.data = np.ones((3, 4))[:, :2].T  # float64 and not contiguous: stored as a contiguous copy
     assert w.data.flags.c_contiguous and w.dtype == np.float64
+
+
+@pytest.mark.parametrize("channels, relu", [(1, True), (3, False), (5, True)])
+def test_a_first_convolution_computes_the_pooling_after_it(channels, relu):
+    """Conv2D -> [ReLU] -> MaxPool2D(2) at the start of a model is one op (nbcnn.kernels.conv2d.pooled):
+    the same outputs and gradients as the two layers' own kernels (a Conv2D with its algorithm named
+    keeps them), for few input channels (the CPU's own kernels) and more; the input gradient, when
+    asked for, through the unfused ops."""
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((3, channels, 11, 10)).astype(np.float32)
+    models = []
+    for algorithm in (None, "gemm"):
+        L.set_seed(0)
+        middle = [L.ReLU()] if relu else []
+        models.append(nbcnn.Sequential([L.Conv2D(channels, 5, 3, padding=1, algorithm=algorithm)] + middle
+                                       + [L.MaxPool2D(2), L.Flatten(), L.Dense(5 * 5 * 5, 4)]))
+    fused, plain = models
+    y, want = fused.forward(x), plain.forward(x)
+    assert fused._current.pooled and not plain._current.pooled
+    np.testing.assert_array_equal(y, want)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    conv, pool = fused._current.plans[0], fused._current.plans[2 if relu else 1]
+    assert pool.in_previous and conv.pool is pool and conv.y is None  # the convolution's output never stored
+    fused_still = True
+    for need_dx in (False, True, False):
+        dx, want_dx = fused.backward(dy, need_dx=need_dx), plain.backward(dy, need_dx=need_dx)
+        for p, q in zip(fused.parameters(), plain.parameters()):
+            np.testing.assert_allclose(p.grad, q.grad, rtol=1e-6, atol=1e-6)
+        if need_dx:
+            np.testing.assert_array_equal(dx, want_dx)
+        else:
+            assert dx is None
+        # asked for dx once, the plan runs the two ops from then on (the README's loop asks every step)
+        fused_still = fused_still and not need_dx
+        assert fused._current.pooled == fused_still
+        np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
+    assert not fused._current.pooled and not pool.in_previous
+
+
+def test_only_a_first_convolution_and_a_2x2_pooling_fuse():
+    def pooled(layers):
+        model = nbcnn.Sequential(layers)
+        model.forward(np.zeros((2, 2, 8, 8), np.float32))
+        return model._current.pooled
+
+    assert not pooled([L.ReLU(), L.Conv2D(2, 3, 3), L.MaxPool2D(2)])  # not the first layer
+    assert not pooled([L.Conv2D(2, 3, 3), L.MaxPool2D(3)])  # not 2x2
+    assert not pooled([L.Conv2D(2, 3, 3), L.MaxPool2D(2, stride=1)])
+    assert not pooled([L.Conv2D(2, 3, 3), L.ReLU(), L.AvgPool2D(2)])
+    assert not pooled([L.Conv2D(2, 3, 3, algorithm="direct"), L.MaxPool2D(2)])  # a named algorithm keeps its kernels
+    assert pooled([L.Conv2D(2, 3, 3, stride=2), L.ReLU(), L.MaxPool2D(2)])

@@ -64,9 +64,14 @@ def huge_batch_calls(algorithm=None):
                                  REGISTRY.get("softmax_xent_step", "cuda").workspace(N).items()})
     labels = empty(N, dtype=np.int32)
     flat = empty(10 * N)
+    pooled_ws = SimpleNamespace(**{k: empty(*s) for k, s in REGISTRY.get("conv2d_maxpool_forward", "cuda").workspace(
+        x.shape, w.shape, (1, 1), (1, 1), np.float32).items()})
+    yp, amp = empty(N, 5, 1, 1), empty(N, 5, 1, 1, dtype=np.int32)
     return [
         ("conv2d_forward", (y, x, w, b, 1, 1, 1, 1, True, conv_ws)),
         ("conv2d_backward", (x, empty(5, 2, 3, 3), empty(5), y, x, w, 1, 1, 1, 1, True, conv_ws)),
+        ("conv2d_maxpool_forward", (yp, amp, x, w, b, 1, 1, 1, 1, True, pooled_ws)),
+        ("conv2d_maxpool_backward", (empty(5, 2, 3, 3), empty(5), yp, amp, yp, x, w, 1, 1, 1, 1, True, pooled_ws)),
         ("maxpool2d_forward", (p, am, x, 3, 3, 3, 3, 0, 0)),
         ("maxpool2d_backward", (x, p, am, x, 3, 3, 3, 3, 0, 0, True)),
         ("avgpool2d_forward", (p, x, 3, 3, 3, 3, 0, 0)),
@@ -143,7 +148,8 @@ def test_the_public_launchers_fit_too(launches):
 
 
 # (the convolution's striding kernels are its "tiled" ones: not the cases in cores.NOT_FOR_TILED)
-STRIDED = [c for c in cores.cases(np.random.default_rng(2)) if c[1].startswith(("conv2d", "maxpool2d", "avgpool2d"))
+STRIDED = [c for c in cores.cases(np.random.default_rng(2))
+           if (c[1] in ("conv2d_forward", "conv2d_backward") or c[1].startswith(("maxpool2d", "avgpool2d")))
            and "dx=False" not in c[0] and not c[0].startswith(cores.NOT_FOR_TILED)][::2]
 
 

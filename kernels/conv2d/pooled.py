@@ -1,0 +1,196 @@
+"""A model's first convolution and the 2x2 max pooling after it (a ReLU between or not), as one op.
+
+In a model that starts Conv2D -> [ReLU] -> MaxPool2D(2), only the pooling reads the
+convolution's output: forward, to take each window's maximum; backward, to send the pooled
+gradient back to where the maxima were, which the convolution's weight gradient then reads.
+The fused op never writes that output:
+
+    forward   yp, argmax = maxpool2x2(relu(conv(x, w) + b))      argmax: flat index in (OH, OW)
+    backward  dw, db     = the weight and bias gradients, from dyp through argmax
+                           (times yp > 0 with ``mask``, the ReLU's backward)
+
+On the CPU, with few input channels (``gemm.few_channels``), each task's four output planes
+stay in its thread's scratch rows: the forward pools them there, and the backward writes dyp
+into the rows that the weight gradient's dot products read (a quarter of each row, the rest
+zero), instead of a full-size gradient written by the pooling and read back by the
+convolution. The input gradient is never computed: a first layer's input is the data (the
+layer plan falls back to the two ops when asked for it). Other shapes, and CUDA, run the two
+ops' own cores one after the other through a scratch convolution output: the same results.
+"""
+
+import numba
+from numba import njit, prange
+
+from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
+                      maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
+from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
+from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
+                   conv2d_workspace_cpu, convolve_four, few_channels, filter_block)
+
+POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
+
+
+def conv_output(x_shape, w_shape, stride, padding):
+    """(N, K, OH, OW) of the convolution before the pooling."""
+    N, _, H, W = x_shape
+    K, _, FH, FW = w_shape
+    return (N, K, (H + 2 * padding[0] - FH) // stride[0] + 1, (W + 2 * padding[1] - FW) // stride[1] + 1)
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _few_channels_pool_forward_cpu(yp, argmax, xp, w, b, relu, OH, OW, planes):
+    """yp, argmax (N, K, OH // 2, OW // 2): the 2x2 max pooling of the stride-1 convolution of xp
+    (as ``gemm._few_channels_forward_cpu`` takes it) with w plus b, max(., 0) first with ``relu``.
+    One task per sample and block of four filters; the windows are read from the task's planes."""
+    N, K, PH, PW = yp.shape
+    C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
+    WP = OW + FW - 1
+    span = OH * WP - (FW - 1)
+    wf = w.reshape(K, C * FH * FW)
+    zero = yp.dtype.type(0)
+    blocks = (K + FILTER_BLOCK - 1) // FILTER_BLOCK
+    for task in prange(N * blocks):
+        n = task // blocks
+        k0 = (task % blocks) * FILTER_BLOCK
+        ka, kb, kc, kd = filter_block(k0, K)
+        four = planes[numba.get_thread_id()]
+        convolve_four(four, xp, n, wf, b, ka, kb, kc, kd, FH, FW, WP, span)
+        for j in range(min(FILTER_BLOCK, K - k0)):
+            plane = four[j]
+            if relu:  # a pass of its own: vectorized, and the pooling below stays branch-free
+                for i in range(span):
+                    plane[i] = max(plane[i], zero)
+            for ph in range(PH):
+                top, bottom = plane[2 * ph * WP:], plane[(2 * ph + 1) * WP:]
+                out, where = yp[n, k0 + j, ph], argmax[n, k0 + j, ph]
+                first = 2 * ph * OW
+                for pw in range(PW):
+                    c = 2 * pw
+                    out[pw], where[pw] = max_of_four(top[c], top[c + 1], bottom[c], bottom[c + 1], first + c, OW)
+
+
+@njit(inline="always", cache=True)
+def _place(argmax, n, k, ph, pw, OW, WP):
+    """Where the maximum of pooled output (ph, pw) lies in a flat plane of row length WP: argmax
+    counts in rows of OW and is one of the four positions of the window."""
+    offset = argmax[n, k, ph, pw] - (2 * ph * OW + 2 * pw)  # 0, 1, OW or OW + 1
+    down = 1 if offset >= OW else 0
+    return (2 * ph + down) * WP + 2 * pw + offset - down * OW
+
+
+@njit(inline="always", cache=True)
+def _scatter(plane, dyp, argmax, yp, n, k, mask, OW, WP):
+    """plane (zeros) += dyp[n, k] at the maxima (0 where yp is not positive, with ``mask``); returns
+    the sum of what was placed, in float64 (the bias gradient's share of this sample)."""
+    PH, PW = dyp.shape[2], dyp.shape[3]
+    zero = dyp.dtype.type(0)
+    total = 0.0
+    for ph in range(PH):
+        for pw in range(PW):
+            g = dyp[n, k, ph, pw]
+            if mask and not yp[n, k, ph, pw] > 0:
+                g = zero
+            plane[_place(argmax, n, k, ph, pw, OW, WP)] = g
+            total += g
+    return total
+
+
+@njit(inline="always", cache=True)
+def _unscatter(plane, argmax, n, k, OW, WP):
+    """Zero again what ``_scatter`` placed: the plane is all zeros for the next sample."""
+    for ph in range(argmax.shape[2]):
+        for pw in range(argmax.shape[3]):
+            plane[_place(argmax, n, k, ph, pw, OW, WP)] = 0
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def _few_channels_pool_backward_weight_cpu(dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes):
+    """dw (K, C, FH, FW) and db (K,) from dyp (N, K, OH // 2, OW // 2) through argmax, as
+    ``gemm._few_channels_backward_weight_cpu`` computes them from the full gradient: the same
+    planes, the same dot products, the same order (dw is the same to the bit)."""
+    N, K = dyp.shape[0], dyp.shape[1]
+    C, FH, FW = dw.shape[1], dw.shape[2], dw.shape[3]
+    WP = OW + FW - 1
+    span = OH * WP - (FW - 1)
+    dwf = dw.reshape(K, C * FH * FW)
+    for block in prange((K + FILTER_BLOCK - 1) // FILTER_BLOCK):
+        k0 = block * FILTER_BLOCK
+        ka, kb, kc, kd = filter_block(k0, K)
+        count = min(FILTER_BLOCK, K - k0)
+        four = planes[numba.get_thread_id()]
+        four[:, :] = 0
+        for j in range(count):
+            dwf[k0 + j, :] = 0
+        s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
+        for n in range(N):
+            s0 += _scatter(four[0], dyp, argmax, yp, n, ka, mask, OW, WP)
+            s1 += _scatter(four[1], dyp, argmax, yp, n, kb, mask, OW, WP)
+            s2 += _scatter(four[2], dyp, argmax, yp, n, kc, mask, OW, WP)
+            s3 += _scatter(four[3], dyp, argmax, yp, n, kd, mask, OW, WP)
+            add_weight_gradients(dwf, four, xp, n, k0, count, FH, FW, WP, span)
+            for j, k in enumerate((ka, kb, kc, kd)):
+                _unscatter(four[j], argmax, n, k, OW, WP)
+        for j, s in enumerate((s0, s1, s2, s3)):
+            if j < count:
+                db[k0 + j] = s
+
+
+# ------------------------------------------------------------------ unchecked cores, both devices
+#
+# What nbcnn's planned step calls, the same arguments on both devices: ``b`` always an array,
+# ``relu`` the ReLU between the two layers (forward), ``mask`` the same ReLU's backward; ``db``
+# None skips the bias gradient (a layer without one); ``ws`` holds what the workspace function
+# named, and the backward needs it as the forward left it.
+
+
+def conv2d_maxpool_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
+    """{name: shape}: the few-channel kernels' scratch, or else the convolution's and a full-size
+    output and gradient for the two ops one after the other."""
+    y_shape = conv_output(x_shape, w_shape, stride, padding)
+    if few_channels(x_shape, w_shape, stride):
+        return conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype)
+    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype, direct=False)
+    return {**shapes, "conv_y": y_shape, "conv_dy": y_shape}
+
+
+def conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, b, sh, sw, ph, pw, relu, ws):
+    if getattr(ws, "planes", None) is None:
+        conv2d_forward_core_cpu(ws.conv_y, x, w, b, sh, sw, ph, pw, relu, ws)
+        maxpool2d_forward_core_cpu(yp, argmax, ws.conv_y, *POOL)
+        return
+    N, C = x.shape[0], x.shape[1]
+    _, _, OH, OW = conv_output(x.shape, w.shape, (sh, sw), (ph, pw))
+    xp = _padded(x, ph, pw, ws)
+    _few_channels_pool_forward_cpu(yp, argmax, xp.reshape(N, C, -1), w, b, relu, OH, OW, ws.planes)
+
+
+def conv2d_maxpool_backward_core_cpu(dw, db, dyp, argmax, yp, x, w, sh, sw, ph, pw, mask, ws):
+    if getattr(ws, "planes", None) is None:
+        maxpool2d_backward_core_cpu(ws.conv_dy, dyp, argmax, ws.conv_y, *POOL, mask)
+        conv2d_backward_core_cpu(None, dw, db, ws.conv_dy, x, w, sh, sw, ph, pw, False, ws)
+        return
+    N, C = x.shape[0], x.shape[1]
+    _, _, OH, OW = conv_output(x.shape, w.shape, (sh, sw), (ph, pw))
+    xp = ws.padded if ph or pw else x  # the forward left ws.padded filled
+    _few_channels_pool_backward_weight_cpu(dw, ws.db if db is None else db, dyp, argmax, yp, xp.reshape(N, C, -1),
+                                           mask, OH, OW, ws.planes)
+
+
+def conv2d_maxpool_workspace_cuda(x_shape, w_shape, stride, padding, dtype):
+    y_shape = conv_output(x_shape, w_shape, stride, padding)
+    return {**conv2d_workspace_cuda(x_shape, w_shape, y_shape, stride, padding, False, dtype),
+            "conv_y": y_shape, "conv_dy": y_shape}
+
+
+def conv2d_maxpool_forward_core_cuda(yp, argmax, x, w, b, sh, sw, ph, pw, relu, ws):
+    conv2d_forward_core_cuda(ws.conv_y, x, w, b, sh, sw, ph, pw, relu, ws)
+    maxpool2d_forward_core_cuda(yp, argmax, ws.conv_y, *POOL)
+
+
+def conv2d_maxpool_backward_core_cuda(dw, db, dyp, argmax, yp, x, w, sh, sw, ph, pw, mask, ws):
+    maxpool2d_backward_core_cuda(ws.conv_dy, dyp, argmax, ws.conv_y, *POOL, mask)
+    conv2d_backward_core_cuda(None, dw, db, ws.conv_dy, x, w, sh, sw, ph, pw, False, ws)
+
