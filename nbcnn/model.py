@@ -165,7 +165,7 @@ class ModelPlan:
     @property
     def pooled(self):
         """Whether the first convolution computes the max pooling after it (_fuse_first_pooling)."""
-        return isinstance(self.plans[0], _Conv2DPlan) and self.plans[0].pool is not None
+        return bool(self.plans) and isinstance(self.plans[0], _Conv2DPlan) and self.plans[0].pool is not None
 
     def allocate(self, need_dx):
         """Everything was allocated when the plan was made (the layers' own plans allocate lazily)."""
