@@ -267,7 +267,7 @@ class _Conv2DPlan(Plan):
         self.bwd = kernels.get("conv2d_backward", device, layer.algorithm)
         self.settings = (*layer.stride, *layer.padding)
         self.pool = None  # the max pooling plan this one computes too (fuse_pool)
-        self.y = None
+        self.y = self.dy = None  # the output, and its full-size gradient (only when fused and dx is asked for)
 
     def fuse_pool(self, pool):
         """Compute ``pool``'s 2x2 max pooling in this layer's own kernels (a model's first layer: see
@@ -275,11 +275,10 @@ class _Conv2DPlan(Plan):
         default algorithm only: a named one ("direct", "tiled") keeps its own kernels. The first
         backward asked for the input gradient computes it through the two ops and unfuses them."""
         if self.layer.algorithm is not None:
-            return False
+            return
         self.pool, pool.in_previous = pool, True
         self.pfwd = self.kernels.get("conv2d_maxpool_forward", self.device)
         self.pbwd = self.kernels.get("conv2d_maxpool_backward", self.device)
-        return True
 
     def _scratch(self, need_dx):
         L = self.layer

@@ -111,17 +111,16 @@ def _fuse_first_pooling(plans):
     """A model that starts Conv2D -> [ReLU] -> MaxPool2D(2) (window and stride 2, no padding): the
     convolution computes the pooling too and never stores its own output (its plan falls back to
     the two ops, and unfuses them, once the input gradient is asked for). Only the first layer: the
-    fused backward computes no input gradient. Whether it fused."""
+    fused backward computes no input gradient. ``ModelPlan.pooled`` tells whether it fused."""
     if len(plans) < 2 or not isinstance(plans[0], _Conv2DPlan):
-        return False
+        return
     conv, pool = plans[0], plans[1]
     if isinstance(pool, _ReLUPlan) and pool.in_previous and pool.in_next and len(plans) > 2:
         pool = plans[2]
     elif conv.relu:
-        return False
-    if not isinstance(pool, _MaxPool2DPlan) or pool.settings != (2, 2, 2, 2, 0, 0) or pool.mask != conv.relu:
-        return False
-    return conv.fuse_pool(pool)
+        return
+    if isinstance(pool, _MaxPool2DPlan) and pool.settings == (2, 2, 2, 2, 0, 0) and pool.mask == conv.relu:
+        conv.fuse_pool(pool)
 
 
 class ModelPlan:

@@ -21,6 +21,7 @@ ops' own cores one after the other through a scratch convolution output: the sam
 import numba
 from numba import njit, prange
 
+from .._index import out_size
 from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
@@ -34,7 +35,7 @@ def conv_output(x_shape, w_shape, stride, padding):
     """(N, K, OH, OW) of the convolution before the pooling."""
     N, _, H, W = x_shape
     K, _, FH, FW = w_shape
-    return (N, K, (H + 2 * padding[0] - FH) // stride[0] + 1, (W + 2 * padding[1] - FW) // stride[1] + 1)
+    return (N, K, out_size(H, FH, stride[0], padding[0]), out_size(W, FW, stride[1], padding[1]))
 
 
 # ----------------------------------------------------------------------------- CPU kernels
