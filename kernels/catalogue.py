@@ -15,12 +15,13 @@ import numpy as np
 from numba import types
 from numba.np.numpy_support import from_dtype
 
-from . import activation, augment, batchnorm, conv1d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
+from . import (activation, augment, batchnorm, conv1d, dense, dropout, gather, global_pool, optim, pool2d, residual,
+               softmax_xent)
 from ._cuda import REDUCE_THREADS
 from .conv2d import cuda as conv2d
 
-MODULES = [conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout, global_pool,
-           augment]
+MODULES = [conv2d, pool2d, activation, residual, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout,
+           global_pool, augment]
 I, F, B = types.int64, types.float64, types.boolean  # what Python ints, floats and bools are typed as
 
 # Kernels that sum in float64 on purpose (the loss and the count of correct answers: see softmax_xent.py).
@@ -66,6 +67,10 @@ def launches(dtype):
         Launch(pool2d._avgpool2d_backward_kernel, (A(4), A(4), A(4)) + (I,) * 6 + (B,), pool),
         Launch(activation._relu_forward_kernel, (A(1), A(1))),
         Launch(activation._relu_backward_kernel, (A(1), A(1), A(1))),
+        Launch(activation._activation_forward_kernel, (A(1), A(1), I, F)),
+        Launch(activation._activation_backward_kernel, (A(1),) * 4 + (I, F)),
+        Launch(residual._residual_add_forward_kernel, (A(1),) * 3 + (B,)),
+        Launch(residual._residual_add_backward_kernel, (A(1),) * 4 + (B,)),
         Launch(dense._matmul_kernel, (A(2), A(2), A(2), A(1), A(2), A(1)) + (B,) * 6, dense.TILE * dense.TILE),
         Launch(dense._gemm_nt_kernel, (A(2), A(1), A(1), I, A(1), A(2), A(1)) + (B,) * 4, dense.GEMM_THREADS),
         Launch(dense._gemm_nn_kernel, (A(2), A(1), A(1), I, A(1), A(2), A(1)) + (B,) * 4, dense.GEMM_THREADS),
@@ -94,7 +99,7 @@ def launches(dtype):
             Launch(softmax_xent._softmax_xent_forward_kernel, (A(1), A(2), A(2), A(1, it)) + sums, REDUCE_THREADS),
             Launch(softmax_xent._softmax_xent_backward_kernel, (A(2), A(2), A(1, it))),
             Launch(softmax_xent._count_correct_kernel, (A(1, np.int64), A(2), A(1, it)) + sums, REDUCE_THREADS),
-            Launch(softmax_xent._softmax_xent_step_kernel, (A(1, np.float64), A(2), A(2), A(2), A(1, it), B) + sums,
+            Launch(softmax_xent._softmax_xent_step_kernel, (A(1, np.float64), A(2), A(2), A(2), A(1, it), B, F) + sums,
                    REDUCE_THREADS),
             Launch(gather._gather_batch_kernel, (A(2), A(1, it), A(2), A(1, it), A(1, it), B)),  # public gather_rows
             Launch(gather._gather_batch_kernel, (A(2, np.int32), A(1, it), A(2, np.int32), A(1, it), A(1, it), B)),

@@ -10,6 +10,16 @@ probs (N, M) the softmax, kept by forward for backward.
 Subtracting the row maximum m_n keeps every exp in (0, 1], so large logits cannot
 overflow, and the log of the sum is at least 0, so the loss never takes log(0).
 The mean is summed in float64 in a fixed order: the loss is the same on every run.
+
+Label smoothing (the training step's ``smoothing`` = e, PyTorch's ``label_smoothing``): the
+target is (1 - e) on the label and e/M spread over every class, so with lse_n the log of the
+row's sum of exp(z[n, j] - m_n)::
+
+    loss_n = (1 - e) * (-log probs[n, label]) + (e/M) * sum_j (-log probs[n, j])
+           = lse_n - (1 - e) * (z[n, label] - m_n) - e * mean_j (z[n, j] - m_n)
+    dlogits[n, j] = (probs[n, j] - e/M - (1 - e) * [j == labels[n]]) / N
+
+written from the logits, never as log(probs), which underflows to log(0) for a far-off class.
 ``count_correct`` counts the rows whose largest logit (the first, on ties) is at the
 label: the accuracy's numerator, computed where the logits are.
 
@@ -94,14 +104,32 @@ def row_correct(logits, labels, n):
     return 1 if best == labels[n] else 0
 
 
-def gradient_row(dlogits, probs, labels, n, N):
-    """Write row n of the mean loss's gradient, (probs[n] - onehot(labels[n])) / N."""
-    M = probs.shape[1]
+def smoothed_row(loss, logits, n, smoothing):
+    """Row n's loss with label smoothing, from its loss without (-log probs[n, label]):
+    (1 - e) * loss + e * mean_j (-log probs[n, j]), the mean being lse - mean_j (z[n, j] - m)."""
+    M = logits.shape[1]
+    m = logits[n, 0]
+    for j in range(1, M):
+        m = max(m, logits[n, j])
+    s = 0.0
+    shifted = 0.0
     for j in range(M):
-        dlogits[n, j] = probs[n, j] / N
+        s += math.exp(logits[n, j] - m)
+        shifted += logits[n, j] - m
+    return (1.0 - smoothing) * loss + smoothing * (math.log(s) - shifted / M)
+
+
+def gradient_row(dlogits, probs, labels, n, N, smoothing):
+    """Write row n of the mean loss's gradient, (probs[n] - target) / N, the target being
+    onehot(labels[n]) with label smoothing e = ``smoothing`` taken out: (1 - e) on the label,
+    e/M on every class."""
+    M = probs.shape[1]
+    spread = smoothing / M
+    for j in range(M):
+        dlogits[n, j] = (probs[n, j] - spread) / N
     label = labels[n]
     if 0 <= label < M:
-        dlogits[n, label] -= 1.0 / N
+        dlogits[n, label] -= (1.0 - smoothing) / N
 
 
 def store_sums(sums, total, correct, accumulate):
@@ -117,6 +145,7 @@ def store_sums(sums, total, correct, accumulate):
 softmax_row_cpu, softmax_row_cuda = compile_twice(softmax_row)
 store_sums_cpu, store_sums_cuda = compile_twice(store_sums)
 gradient_row_cpu, gradient_row_cuda = compile_twice(gradient_row)
+smoothed_row_cpu, smoothed_row_cuda = compile_twice(smoothed_row)
 row_correct_cpu, row_correct_cuda = compile_twice(row_correct)
 
 
@@ -155,17 +184,20 @@ def _count_correct_cpu(count, logits, labels):
 
 
 @njit(cache=True)
-def _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate):
+def _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate, smoothing):
     """Everything a training step needs of the loss, in one pass over the rows: the softmax into
     probs, the gradient into dlogits, and into sums (2,) float64 the sum of the rows' losses and
-    the number of correct rows, added to what sums holds (``accumulate``) or replacing it."""
+    the number of correct rows, added to what sums holds (``accumulate``) or replacing it. With
+    ``smoothing`` (in [0, 1]) the loss and its gradient are label-smoothed (see the module's
+    docstring); the correct count is not affected."""
     N = logits.shape[0]
     total = 0.0
     correct = 0.0
     for n in range(N):
-        total += softmax_row_cpu(probs, logits, labels, n)
+        loss = softmax_row_cpu(probs, logits, labels, n)
+        total += smoothed_row_cpu(loss, logits, n, smoothing) if smoothing != 0 else loss
         correct += row_correct_cpu(logits, labels, n)
-        gradient_row_cpu(dlogits, probs, labels, n, N)
+        gradient_row_cpu(dlogits, probs, labels, n, N, smoothing)
     store_sums_cpu(sums, total, correct, accumulate)
 
 
@@ -206,10 +238,10 @@ def softmax_xent_step_workspace_cpu(n):
     return {}
 
 
-def softmax_xent_step_core_cpu(sums, probs, dlogits, logits, labels, accumulate, ws=None):
+def softmax_xent_step_core_cpu(sums, probs, dlogits, logits, labels, accumulate, smoothing=0.0, ws=None):
     """Unchecked (labels are not range-checked: a bad one gives a NaN loss): see
     ``_softmax_xent_step_cpu``. ``ws`` is unused: the CPU needs no scratch."""
-    _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate)
+    _softmax_xent_step_cpu(sums, probs, dlogits, logits, labels, accumulate, float(smoothing))
 
 
 # ---------------------------------------------------------------------------- CUDA kernels
@@ -268,7 +300,7 @@ def _count_correct_kernel(count, logits, labels, partials, tickets):
 
 
 @cuda.jit(cache=True)
-def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate, partials, tickets):
+def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate, smoothing, partials, tickets):
     """The CUDA twin of ``_softmax_xent_step_cpu``. Thread i of the grid takes rows i, i + gridsize,
     ...; each block adds its threads' losses and counts into partials[0 and 1, block], and the last
     block to finish adds those in order and alone writes sums (see ``_cuda.finished_last``): the
@@ -277,9 +309,10 @@ def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate, 
     total = 0.0
     correct = 0.0
     for n in range(cuda.grid(1), N, cuda.gridsize(1)):
-        total += softmax_row_cuda(probs, logits, labels, n)
+        loss = softmax_row_cuda(probs, logits, labels, n)
+        total += smoothed_row_cuda(loss, logits, n, smoothing) if smoothing != 0 else loss
         correct += row_correct_cuda(logits, labels, n)
-        gradient_row_cuda(dlogits, probs, labels, n, N)
+        gradient_row_cuda(dlogits, probs, labels, n, N, smoothing)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
     flag = cuda.shared.array(1, dtype=int32)
     total = block_sum(scratch, total)
@@ -331,12 +364,12 @@ def softmax_xent_backward_cuda(dlogits, probs, labels):
     return dlogits
 
 
-def softmax_xent_step_core_cuda(sums, probs, dlogits, logits, labels, accumulate, ws):
+def softmax_xent_step_core_cuda(sums, probs, dlogits, logits, labels, accumulate, smoothing, ws):
     """Unchecked twin of ``softmax_xent_step_core_cpu``: one launch, nothing read back. ``ws`` holds
     the scratch of ``softmax_xent_step_workspace_cuda`` for these logits' rows."""
     parts = ws.partials.shape[1]
     _softmax_xent_step_kernel[parts, REDUCE_THREADS, stream()](sums, probs, dlogits, logits, labels, accumulate,
-                                                               ws.partials, ws.tickets)
+                                                               float(smoothing), ws.partials, ws.tickets)
 
 
 def softmax_xent_step_workspace_cuda(n):

@@ -528,6 +528,69 @@ class ReLU(Layer):
     Plan = _ReLUPlan
 
 
+class _ActivationPlan(Plan):
+    """LeakyReLU, Tanh, Sigmoid, GELU: one kernel each way (``kernels/activation.py``), the
+    activation named by the layer's ``kind``; backward reads the forward's input and output."""
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self.fwd = kernels.get("activation_forward", device)
+        self.bwd = kernels.get("activation_backward", device)
+        self.args = (ops.ACTIVATION_KINDS[layer.kind], getattr(layer, "negative_slope", 0.0))
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)
+        self.y = self.device.empty(self.out_shape, self.dtype)
+
+    def forward(self, x):
+        self.x = x
+        self.fwd.run(self.y, x, *self.args)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        if not need_dx:
+            return None
+        dx = self._dx()
+        self.bwd.run(dx, dy, self.x, self.y, *self.args)
+        return dx
+
+
+class LeakyReLU(Layer):
+    """y = x where x > 0, else ``negative_slope`` * x (PyTorch's ``LeakyReLU``): a ReLU that keeps a
+    small gradient for negative inputs."""
+
+    Plan = _ActivationPlan
+    kind = "leaky_relu"
+
+    def __init__(self, negative_slope=0.01):
+        self.negative_slope = _real("LeakyReLU", "negative_slope", negative_slope, -math.inf)
+
+    def config(self):
+        return dict(negative_slope=self.negative_slope)
+
+
+class Tanh(Layer):
+    """y = tanh(x); backward dx = dy * (1 - y**2)."""
+
+    Plan = _ActivationPlan
+    kind = "tanh"
+
+
+class Sigmoid(Layer):
+    """y = 1 / (1 + exp(-x)); backward dx = dy * y * (1 - y)."""
+
+    Plan = _ActivationPlan
+    kind = "sigmoid"
+
+
+class GELU(Layer):
+    """y = x * Phi(x), Phi the standard normal distribution's CDF, (1 + erf(x / sqrt(2))) / 2: the
+    exact form (PyTorch's ``GELU()`` default, not its tanh approximation)."""
+
+    Plan = _ActivationPlan
+    kind = "gelu"
+
+
 class _FlattenPlan(Plan):
     def allocate(self, need_dx):
         self._seen = self._view = self._dy = self._dx_view = None
@@ -799,8 +862,123 @@ class GlobalAvgPool2D(Layer):
         return tuple(input_shape[:2])
 
 
-LAYERS = {cls.__name__: cls for cls in (Conv2D, MaxPool2D, AvgPool2D, ReLU, Flatten, Dense, BatchNorm2D, Dropout,
-                                        GlobalAvgPool2D)}
+# ------------------------------------------------------------------------ residual blocks
 
-__all__ = ["Parameter", "Layer", "Plan", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Flatten", "Dense", "BatchNorm2D",
-           "Dropout", "GlobalAvgPool2D", "LAYERS", "set_seed"]
+
+class _ResidualPlan(Plan):
+    """The block's and the shortcut's own plans (each a ``ModelPlan``, fused inside), and the join:
+    one kernel adds the two outputs (and applies the ReLU after the block, fused), one adds the two
+    input gradients (and applies the mask of a ReLU before the block, fused)."""
+
+    fuses_relu = masks = True
+
+    def __init__(self, layer, in_shape, dtype, device, kernels):
+        super().__init__(layer, in_shape, dtype, device, kernels)
+        self.block = layer.block.plan(in_shape, dtype, device, kernels)
+        self.shortcut = None if layer.shortcut is None else layer.shortcut.plan(in_shape, dtype, device, kernels)
+        self.join = kernels.get("residual_add_forward", device)
+        self.fork = kernels.get("residual_add_backward", device)
+
+    def allocate(self, need_dx):
+        super().allocate(need_dx)  # the two paths' plans allocated their forward buffers when they were made
+        self.y = self.device.empty(self.out_shape, self.dtype)
+
+    def forward(self, x):
+        self.x = x
+        a = self.block.forward(x)
+        b = x if self.shortcut is None else self.shortcut.forward(x)
+        self.join.run(self.y, a, b, self.relu)
+        return self.y
+
+    def backward(self, dy, need_dx):
+        # The join passes dy unchanged to both paths; the fork before them adds what comes back.
+        da = self.block.backward(dy, need_dx)
+        db = dy if self.shortcut is None else self.shortcut.backward(dy, need_dx)
+        if not need_dx:
+            return None
+        dx = self._dx()
+        self.fork.run(dx, da, db, self.x, self.mask)
+        return dx
+
+
+def _chain(what, layers):
+    """A Sequential of ``layers`` (a Sequential, or a list or tuple of layers), for a residual path."""
+    from nbcnn.model import Sequential  # the container; nbcnn.model builds on this module
+
+    if isinstance(layers, Sequential):
+        return layers
+    if isinstance(layers, (list, tuple)):
+        return Sequential(layers)
+    raise TypeError(f"Residual: {what} must be a Sequential or a list of layers, got {type(layers).__name__}")
+
+
+class Residual(Layer):
+    """A residual block (He et al.): ``y = block(x) + shortcut(x)``, the shortcut the identity when
+    not given (``y = block(x) + x``); a projection (a 1x1 convolution, say) where the block changes
+    the shape.
+
+    Backward is the lecture's backpropagation with one new rule, the fork: x feeds two paths, so
+    its gradient is the sum of what comes back along each::
+
+        forward                                  backward
+        x --+--> block ----> a --+               dx = dblock(dy) + dshortcut(dy)
+            |                    +--> y = a + b       (dshortcut(dy) = dy for the identity)
+            +--> shortcut -> b --+
+
+    ``block`` and ``shortcut`` are each a ``Sequential`` or a list of layers; ``parameters()`` lists
+    the block's, then the shortcut's. A ReLU after the block is applied by the join, in the same pass.
+    """
+
+    Plan = _ResidualPlan
+
+    def __init__(self, block, shortcut=None):
+        self.block = _chain("block", block)
+        self.shortcut = None if shortcut is None else _chain("shortcut", shortcut)
+        if not self.block.layers:
+            raise ValueError("Residual: the block has no layers (an empty block would double its input)")
+
+    def _paths(self):
+        return [self.block] + ([self.shortcut] if self.shortcut is not None else [])
+
+    def parameters(self):
+        return [p for path in self._paths() for p in path.parameters()]
+
+    def buffers(self):
+        return {f"{name}.{key}": a for name, path in zip(("block", "shortcut"), self._paths())
+                for key, a in path.buffers().items()}
+
+    def train(self, mode=True):
+        for path in self._paths():
+            path.train(mode)
+        return super().train(mode)
+
+    def to(self, device):
+        for path in self._paths():
+            path.to(device)
+        return super().to(device)
+
+    def output_shape(self, input_shape):
+        a = tuple(self.block.output_shape(input_shape))
+        b = tuple(input_shape) if self.shortcut is None else tuple(self.shortcut.output_shape(input_shape))
+        if a != b:
+            what = "the input (the identity shortcut)" if self.shortcut is None else "the shortcut's output"
+            raise ValueError(f"Residual: for input {tuple(input_shape)} the block outputs {a} but {what} is {b}; "
+                             f"the two are added, so they must have one shape (give a shortcut that projects)")
+        return a
+
+    def config(self):
+        return dict(block=self.block.config(), shortcut=None if self.shortcut is None else self.shortcut.config())
+
+    def __repr__(self):
+        def listed(path):
+            return "[" + ", ".join(repr(layer) for layer in path.layers) + "]"
+
+        shortcut = "" if self.shortcut is None else f", shortcut={listed(self.shortcut)}"
+        return f"Residual({listed(self.block)}{shortcut})"
+
+
+LAYERS = {cls.__name__: cls for cls in (Conv2D, MaxPool2D, AvgPool2D, ReLU, Flatten, Dense, BatchNorm2D, Dropout,
+                                        GlobalAvgPool2D, LeakyReLU, Tanh, Sigmoid, GELU, Residual)}
+
+__all__ = ["Parameter", "Layer", "Plan", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "LeakyReLU", "Tanh", "Sigmoid",
+           "GELU", "Flatten", "Dense", "BatchNorm2D", "Dropout", "GlobalAvgPool2D", "Residual", "LAYERS", "set_seed"]

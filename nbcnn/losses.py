@@ -1,5 +1,6 @@
 """Losses. SoftmaxCrossEntropy: softmax and cross-entropy in one numerically stable step."""
 
+import numbers
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,7 +43,9 @@ class _LossPlan:
 
 
 class SoftmaxCrossEntropy:
-    """Mean over the batch of -log softmax(logits)[label].
+    """Mean over the batch of -log softmax(logits)[label]; with ``label_smoothing`` e (in [0, 1],
+    PyTorch's ``cross_entropy`` argument), the cross-entropy against a target of 1 - e on the
+    label and e / classes spread over every class.
 
     ``forward(logits (N, M), labels (N,) ints) -> float``; ``backward() -> dlogits`` (N, M),
     the gradient of that mean, which forward already computed (one kernel does both).
@@ -53,7 +56,12 @@ class SoftmaxCrossEntropy:
     path, whose labels were checked when the data were loaded), such a label makes the loss NaN.
     """
 
-    def __init__(self, kernels=ops.REGISTRY):
+    def __init__(self, label_smoothing=0.0, kernels=ops.REGISTRY):
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+            raise TypeError(f"SoftmaxCrossEntropy: label_smoothing must be a real number, got {label_smoothing!r}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         self.kernels = kernels
         self._plans = {}
         self._plan = None
@@ -75,7 +83,7 @@ class SoftmaxCrossEntropy:
         """Add the batch's summed loss to ``sums[0]`` and its correct count to ``sums[1]`` ((2,) float64
         on the logits' device); compute dlogits for ``backward``. Reads nothing back."""
         plan = self._plan_for(logits, labels)
-        plan.kernel.run(sums, plan.probs, plan.dlogits, logits, labels, True, plan.ws)
+        plan.kernel.run(sums, plan.probs, plan.dlogits, logits, labels, True, self.label_smoothing, plan.ws)
         self._ran = True
 
     def forward(self, logits, labels):
@@ -85,7 +93,8 @@ class SoftmaxCrossEntropy:
             if low < 0 or high >= logits.shape[1]:
                 raise ValueError(f"SoftmaxCrossEntropy: labels must be in [0, {logits.shape[1]}), "
                                  f"got {low if low < 0 else high}")
-        plan.kernel.run(plan.sums, plan.probs, plan.dlogits, logits, labels, False, plan.ws)
+        plan.kernel.run(plan.sums, plan.probs, plan.dlogits, logits, labels, False, self.label_smoothing,
+                        plan.ws)
         self._ran = True
         if isinstance(plan.sums, np.ndarray):
             return float(plan.sums[0]) / plan.n

@@ -26,7 +26,7 @@ import numpy as np
 from nbcnn import ops
 from nbcnn.data import describe
 from nbcnn.device import CPU, resolve_device, to_device, to_numpy
-from nbcnn.layers import LAYERS, Layer, _Conv2DPlan, _MaxPool2DPlan, _ReLUPlan
+from nbcnn.layers import LAYERS, Layer, Residual, _Conv2DPlan, _MaxPool2DPlan, _ReLUPlan
 from nbcnn.parameter import Parameter, ParameterBuffer
 
 CHECKPOINT_FORMAT = "nbcnn-sequential-1"
@@ -197,6 +197,28 @@ class ModelPlan:
         return dy
 
 
+def _summary_rows(layers, shape, indent, rows):
+    """Append a summary row per layer of ``layers`` (input ``shape``, or None), a residual block's
+    paths indented under it; returns the output shape."""
+    for layer in layers:
+        out = None if shape is None else layer.output_shape(shape)
+        count = sum(p.size for p in layer.parameters())
+        buffers = layer.buffers()
+        if isinstance(layer, Residual):
+            rows.append((indent + "Residual", str(out) if out is not None else "?", f"{count:,}"))
+            for name, path in (("block", layer.block), ("shortcut", layer.shortcut)):
+                if path is None:
+                    rows.append((indent + "  shortcut: identity", "", ""))
+                    continue
+                rows.append((indent + f"  {name}:", "", ""))
+                _summary_rows(path.layers, shape, indent + "    ", rows)
+        else:
+            extra = f" (+ buffers {', '.join(buffers)})" if buffers else ""
+            rows.append((indent + repr(layer), str(out) if out is not None else "?", f"{count:,}{extra}"))
+        shape = out
+    return shape
+
+
 class Sequential(Layer):
     """A stack of layers: ``forward`` runs them in order, ``backward`` in reverse."""
 
@@ -278,16 +300,9 @@ class Sequential(Layer):
         rows = [("layer", "output shape", "parameters")]
         if shape is not None:
             rows.append(("input", str(shape), ""))
-        total = buffered = 0
-        for layer in self.layers:
-            if shape is not None:
-                shape = layer.output_shape(shape)
-            count = sum(p.size for p in layer.parameters())
-            total += count
-            buffers = layer.buffers()
-            buffered += sum(int(np.prod(a.shape)) for a in buffers.values())
-            extra = f" (+ buffers {', '.join(buffers)})" if buffers else ""
-            rows.append((repr(layer), str(shape) if shape is not None else "?", f"{count:,}{extra}"))
+        total = sum(p.size for p in self.parameters())
+        buffered = sum(int(np.prod(a.shape)) for a in self.buffers().values())
+        _summary_rows(self.layers, shape, "", rows)
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         line = "-" * (sum(widths) + 4)
         out = [f"{rows[0][0]:<{widths[0]}}  {rows[0][1]:<{widths[1]}}  {rows[0][2]:>{widths[2]}}", line]
@@ -354,6 +369,13 @@ class Sequential(Layer):
                 continue
             if kind not in LAYERS:
                 raise ValueError(f"unknown layer type {kind!r} in the model description")
+            if kind == "Residual":  # its two paths are model descriptions of their own
+                if not isinstance(args.get("block"), dict) or set(args) - {"block", "shortcut"}:
+                    raise ValueError(f"layer {i} (Residual) of the model description needs a block and no "
+                                     f"arguments but block and shortcut")
+                shortcut = args.get("shortcut")
+                args = dict(block=cls.from_config(args["block"]),
+                            shortcut=None if shortcut is None else cls.from_config(shortcut))
             try:
                 layers.append(LAYERS[kind](**args))
             except TypeError as exc:  # arguments the layer does not take

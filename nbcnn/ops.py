@@ -22,8 +22,10 @@ does what two did, which matters most on a GPU, where a step is bound by launche
 import numpy as np
 
 from nbcnn.device import device_of, resolve_device
-from nbcnn.kernels import activation, augment, batchnorm, conv2d, dense, dropout, gather, global_pool, optim, pool2d, softmax_xent
+from nbcnn.kernels import (activation, augment, batchnorm, conv2d, dense, dropout, gather, global_pool, optim, pool2d,
+                           residual, softmax_xent)
 from nbcnn.kernels._checks import is_c_contiguous, output_size
+from nbcnn.kernels.activation import KINDS as ACTIVATION_KINDS  # the activation kernels' codes, by name
 from nbcnn.kernels.conv2d import cpu as conv_cpu
 from nbcnn.kernels.conv2d import cuda as conv_cuda
 from nbcnn.kernels.conv2d import gemm as conv_gemm
@@ -69,6 +71,12 @@ COSTS = {
     "avgpool2d_backward": lambda dx, dy, fh, fw, *_: (_n(dy) * fh * fw, _bytes(dx, dy)),
     "relu_forward": lambda y, x: (_n(x), _bytes(y, x)),
     "relu_backward": lambda dx, dy, y: (_n(y), _bytes(dx, dy, y)),
+    # the other activations: a few operations per element (a transcendental counted as one)
+    "activation_forward": lambda y, x, *_: (4 * _n(x), _bytes(y, x)),
+    "activation_backward": lambda dx, dy, x, y, *_: (5 * _n(x), _bytes(dx, dy, x, y)),
+    # a residual block's join: an add (and the ReLU's max) per element; its backward an add
+    "residual_add_forward": lambda y, a, b, *_: (2 * _n(y), _bytes(y, a, b)),
+    "residual_add_backward": lambda dx, da, db, x, mask: (_n(dx), _bytes(dx, da, db) + (_bytes(x) if mask else 0)),
     "dense_forward": lambda y, x, w, b, *_: (2 * _n(x) * w.shape[0], _bytes(y, x, w, b)),
     "dense_backward_input": lambda dx, dy, w: (2 * _n(dx) * w.shape[0], _bytes(dx, dy, w)),
     "dense_backward_weight": lambda dw, dy, x: (2 * _n(x) * dw.shape[0], _bytes(dw, dy, x)),
@@ -201,6 +209,8 @@ for _device in ("cpu", "cuda"):
     for _op, _module in [("maxpool2d_forward", pool2d), ("maxpool2d_backward", pool2d),
                          ("avgpool2d_forward", pool2d), ("avgpool2d_backward", pool2d),
                          ("relu_forward", activation), ("relu_backward", activation),
+                         ("activation_forward", activation), ("activation_backward", activation),
+                         ("residual_add_forward", residual), ("residual_add_backward", residual),
                          ("softmax_xent_step", softmax_xent), ("gather_batch", gather),
                          ("sgd_update", optim), ("adam_update", optim), ("adamw_update", optim),
                          ("fill", optim), ("batchnorm2d_forward", batchnorm), ("batchnorm2d_backward", batchnorm),
@@ -261,7 +271,8 @@ def gather_rows(x, idx, out=None):
 def public_kernel(name):
     """A kernel's public, checked entry point by its name (``conv2d_forward_cpu`` ...), for tools
     that time the kernels as a user calls them (nbcnn bench)."""
-    for module in (conv2d, pool2d, activation, dense, softmax_xent, optim, gather, batchnorm, dropout, global_pool, augment):
+    for module in (conv2d, pool2d, activation, residual, dense, softmax_xent, optim, gather, batchnorm, dropout,
+                   global_pool, augment):
         if hasattr(module, name):
             return getattr(module, name)
     raise ValueError(f"no kernel named {name}")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nbcnn.device import resolve_device, to_numpy
+from nbcnn.kernels.activation import KINDS
 from nbcnn.ops import REGISTRY
 from tests import reference as ref
 
@@ -120,6 +121,17 @@ def cases(rng, dtype=np.float64):
     out.append(("relu forward", "relu_forward", [nan(*x.shape), x], [0], [_relu(x)]))
     dy = arr(*x.shape)
     out.append(("relu backward", "relu_backward", [nan(*x.shape), dy, _relu(x)], [0], [dy * (x > 0)]))
+    for name, kind in KINDS.items():
+        y, slope = ref.activation(name, x, 0.2)
+        out.append((f"{name} forward", "activation_forward", [nan(*x.shape), x, kind, 0.2], [0], [y]))
+        out.append((f"{name} backward", "activation_backward", [nan(*x.shape), dy, x, y.astype(dtype), kind, 0.2],
+                    [0], [dy * slope]))
+    a, b = arr(*x.shape), arr(*x.shape)
+    for relu in (False, True):
+        out.append((f"residual add relu={relu}", "residual_add_forward", [nan(*x.shape), a, b, relu], [0],
+                    [_relu(a + b) if relu else a + b]))
+        out.append((f"residual add backward mask={relu}", "residual_add_backward", [nan(*x.shape), a, b, x, relu],
+                    [0], [(a + b) * (x > 0) if relu else a + b]))
     for N, M in ((1, 3), (45, 10), (300, 7)):  # 45 and 300 rows: several GPU blocks, their sums added by the last
         logits = 4 * arr(N, M)
         labels = rng.integers(0, M, N).astype(np.int32)
@@ -129,8 +141,12 @@ def cases(rng, dtype=np.float64):
             sums = np.array([1.5, 2.0]) if accumulate else np.full(2, np.nan)
             want = np.array([loss * N, correct]) + (np.array([1.5, 2.0]) if accumulate else 0)
             out.append((f"softmax xent step {N}x{M} accumulate={accumulate}", "softmax_xent_step",
-                        [sums, nan(N, M), nan(N, M), logits, labels, accumulate, "ws"], [0, 1, 2],
+                        [sums, nan(N, M), nan(N, M), logits, labels, accumulate, 0.0, "ws"], [0, 1, 2],
                         [want, probs, ref.softmax_xent_grad(logits, labels)]))
+        smooth_loss, smooth_grad = ref.softmax_xent_smoothed(logits, labels, 0.1)
+        out.append((f"softmax xent step {N}x{M} label smoothing 0.1", "softmax_xent_step",
+                    [np.full(2, np.nan), nan(N, M), nan(N, M), logits, labels, False, 0.1, "ws"], [0, 1, 2],
+                    [np.array([smooth_loss * N, correct]), probs, smooth_grad]))
     data, labels = arr(40, 1, 2, 3), rng.integers(0, 10, 40).astype(np.int32)
     idx = rng.permutation(40)[:9].astype(np.int32)
     out.append(("gather batch", "gather_batch", [nan(9, 1, 2, 3), np.full(9, -7, np.int32), data, labels, idx],

@@ -80,7 +80,7 @@ def huge_batch_calls(algorithm=None):
         ("relu_backward", (y, y, y)),
         ("dense_forward", (d_out, d_in, empty(3, 7), empty(3), True, dense_ws)),
         ("dense_backward", (d_in, empty(3, 7), empty(3), d_out, d_in, empty(3, 7), True, dense_ws)),
-        ("softmax_xent_step", (empty(2, dtype=np.float64), d_out, d_out, d_out, labels, True, loss_ws)),
+        ("softmax_xent_step", (empty(2, dtype=np.float64), d_out, d_out, d_out, labels, True, 0.1, loss_ws)),
         ("gather_batch", (x, labels, x, labels, labels)),
         ("sgd_update", (flat, flat, flat, 0.1, 0.9, 0.0)),
         ("adam_update", (flat, flat, flat, flat, 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001)),
