@@ -26,7 +26,7 @@ I, F, B = types.int64, types.float64, types.boolean  # what Python ints, floats 
 
 # Kernels that sum in float64 on purpose (the loss and the count of correct answers: see softmax_xent.py).
 FLOAT64_BY_DESIGN = {"_softmax_xent_forward_kernel", "_softmax_xent_backward_kernel", "_count_correct_kernel",
-                     "_softmax_xent_step_kernel"}
+                     "_softmax_xent_step_kernel", "_grad_norm_kernel"}
 
 
 class Launch:
@@ -79,6 +79,9 @@ def launches(dtype):
         Launch(optim._sgd_update_kernel, (A(1), A(1), A(1), F, F, F)),
         Launch(optim._adam_update_kernel, (A(1),) * 4 + (F,) * 8),
         Launch(optim._fill_kernel, (A(1), F)),
+        Launch(optim._grad_norm_kernel, (A(1, np.float64), A(1, np.float64), A(1), F, A(2, np.float64),
+                                         A(1, np.uint32)), REDUCE_THREADS),
+        Launch(optim._scale_by_kernel, (A(1), A(1, np.float64))),
         Launch(conv1d._conv1d_forward_kernel, (A(1), A(1), A(1)), conv1d.THREADS),
         Launch(conv1d._conv1d_backward_kernel, (A(1),) * 5, conv1d.THREADS),
         Launch(conv1d._toeplitz_matrix_kernel, (A(2), A(1)), conv1d.THREADS),

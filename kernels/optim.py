@@ -19,15 +19,25 @@ The bias corrections ``1 - beta**t`` are computed once per step on the host.
 
 ``fill`` sets every element of an array to one value (an optimizer's ``zero_grad``,
 state initialised on the device without a copy from the host).
+
+``clip_grad_norm`` scales a gradient down when its Euclidean norm exceeds ``max_norm``, as
+PyTorch's ``clip_grad_norm_`` (over one flat vector: all of a model's gradients at once)::
+
+    norm = sqrt(sum grad**2)                  summed in float64
+    grad *= max_norm / (norm + 1e-6)          only where that factor is below 1
 """
 
 import math
+from types import SimpleNamespace
 
-from numba import cuda, njit, prange
+import numpy as np
+from numba import cuda, int32, njit, prange
+from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import serial
-from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
+from ._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, flat, gpu_arrays, on_gpu, reduce_parts,
+                    reduce_scratch, stream, sum_of_parts)
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -118,7 +128,49 @@ def _fill_cpu(a, value):
         a[i] = value
 
 
+CLIP_EPS = 1e-6  # PyTorch's: the factor max_norm / (norm + eps) is finite for a zero gradient
+
+
+@njit(parallel=True, cache=True)
+def _clip_grad_norm_cpu(grad, norm, max_norm):
+    """norm[0] = |grad| (summed in float64); grad scaled to a norm of max_norm where it is longer."""
+    total = 0.0
+    for i in prange(grad.size):
+        g = float(grad[i])
+        total += g * g
+    norm[0] = math.sqrt(total)
+    factor = max_norm / (norm[0] + CLIP_EPS)
+    if factor < 1.0:
+        for i in prange(grad.size):
+            grad[i] *= factor
+
+
+@njit(cache=True)
+def _clip_grad_norm_serial_cpu(grad, norm, max_norm):
+    """``_clip_grad_norm_cpu`` on one thread, for small models."""
+    total = 0.0
+    for i in range(grad.size):
+        g = float(grad[i])
+        total += g * g
+    norm[0] = math.sqrt(total)
+    factor = max_norm / (norm[0] + CLIP_EPS)
+    if factor < 1.0:
+        for i in range(grad.size):
+            grad[i] *= factor
+
+
 # ---------------------------------------------------------------- public entry points
+
+
+def clip_grad_norm_cpu(grad, max_norm):
+    """Scale ``grad`` (any shape, float) in place so that its norm is at most ``max_norm``; returns
+    the norm it had, as a Python float."""
+    fn = "clip_grad_norm_cpu"
+    check_arrays(fn, on_host, {"grad": grad})
+    max_norm = check_real(fn, "max_norm", max_norm, minimum=0.0, open_min=True)
+    norm = np.zeros(1)
+    clip_grad_norm_core_cpu(grad, norm, max_norm)
+    return float(norm[0])
 
 
 def fill_cpu(a, value):
@@ -185,6 +237,17 @@ def adamw_update_core_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2
     update(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, 1.0 - lr * weight_decay)
 
 
+def clip_grad_norm_core_cpu(grad, norm, max_norm, ws=None):
+    """``clip_grad_norm_cpu`` without the checks; the norm before clipping into ``norm`` (1,) float64.
+    ``ws`` is unused: the CPU needs no scratch."""
+    clip = _clip_grad_norm_serial_cpu if serial(grad.size) else _clip_grad_norm_cpu
+    clip(grad.reshape(-1), norm, max_norm)
+
+
+def clip_grad_norm_workspace_cpu(n):
+    return {}
+
+
 # ---------------------------------------------------------------------------- CUDA kernels
 
 THREADS = 256
@@ -235,7 +298,70 @@ def _fill_kernel(a, value):
         a[i] = a.dtype.type(value)
 
 
+@cuda.jit(cache=True)
+def _grad_norm_kernel(norm, factor, grad, max_norm, partials, tickets):
+    """The first of clip_grad_norm's two launches. Thread i of the grid takes elements i, i + gridsize,
+    ... and sums their squares in float64; the blocks' sums meet as in every grid-wide sum (see
+    ``_cuda.finished_last``), and the last block writes the norm and the factor the second launch
+    multiplies by (1 when the norm is within max_norm)."""
+    total = 0.0
+    for i in range(cuda.grid(1), grad.size, cuda.gridsize(1)):
+        g = numba_float64(grad[i])
+        total += g * g
+    scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
+    flag = cuda.shared.array(1, dtype=int32)
+    total = block_sum(scratch, total)
+    if cuda.threadIdx.x == 0:
+        partials[0, cuda.blockIdx.x] = total
+    if finished_last(flag, tickets, 0):
+        total = sum_of_parts(scratch, partials, 0)
+        if cuda.threadIdx.x == 0:
+            length = math.sqrt(total)
+            norm[0] = length
+            factor[0] = min(1.0, max_norm / (length + CLIP_EPS))
+
+
+@cuda.jit(cache=True)
+def _scale_by_kernel(grad, factor):
+    """grad *= factor[0] where the factor is below 1; one thread per element of the flat vector."""
+    i = cuda.grid(1)
+    if i < grad.size and factor[0] < 1.0:
+        grad[i] *= grad.dtype.type(factor[0])
+
+
 # --------------------------------------------------------------------------- CUDA launchers
+
+
+def clip_grad_norm_workspace_cuda(n):
+    """{name: (shape, dtype)} of clip_grad_norm's scratch for ``n`` gradients, zeroed once when
+    allocated: the blocks' partial sums, the last block's ticket, the factor between the launches."""
+    return {"partials": ((1, reduce_parts(n)), np.float64), "tickets": ((1,), np.uint32),
+            "factor": ((1,), np.float64)}
+
+
+def clip_grad_norm_core_cuda(grad, norm, max_norm, ws):
+    """Unchecked twin of ``clip_grad_norm_core_cpu``: two launches, nothing read back (the norm stays
+    in ``norm``, on the GPU)."""
+    g = flat(grad)
+    _grad_norm_kernel[ws.partials.shape[1], REDUCE_THREADS, stream()](norm, ws.factor, g, max_norm, ws.partials,
+                                                                      ws.tickets)
+    _scale_by_kernel[blocks(g.size, THREADS), THREADS, stream()](g, ws.factor)
+
+
+def clip_grad_norm_cuda(grad, max_norm):
+    """``clip_grad_norm_cpu`` on the GPU; returns the norm before clipping as a (1,) float64 GPU array
+    (reading it waits for the GPU)."""
+    fn = "clip_grad_norm_cuda"
+    (grad,) = gpu_arrays(fn, grad=grad)
+    check_arrays(fn, on_gpu, {"grad": grad})
+    max_norm = check_real(fn, "max_norm", max_norm, minimum=0.0, open_min=True)
+    parts = reduce_parts(grad.size)
+    partials, tickets = reduce_scratch(1, parts, np.float64)
+    ws = SimpleNamespace(partials=partials, tickets=tickets, factor=cuda.device_array(1, np.float64))
+    norm = cuda.device_array(1, np.float64)
+    clip_grad_norm_core_cuda(grad, norm, max_norm, ws)
+    return norm
+
 
 
 def fill_cuda(a, value):

@@ -72,8 +72,15 @@ def build_parser():
                    help="learning-rate schedule (default: the model's, else step)")
     t.add_argument("--warmup", type=_non_negative_float, default=None,
                    help="epochs of linear warm-up before a step or cosine schedule (default 0)")
-    t.add_argument("--augment", action="store_true",
-                   help="shift every training image at random by up to 2 pixels (and mirror colour images)")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="shift every training image at random by up to 2 pixels (and mirror colour images); "
+                        "default: the model's (on for resnet), else off")
+    t.add_argument("--label-smoothing", type=_number("a number in [0, 1]", float, lambda v: 0 <= v <= 1),
+                   default=None, metavar="E",
+                   help="train against targets of 1 - E on the label and E/classes on every class (default: the "
+                        "model's, else 0)")
+    t.add_argument("--clip-grad-norm", type=_positive_float, default=None, metavar="NORM",
+                   help="scale the gradients down together where their norm exceeds NORM (default: no clipping)")
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--data-dir", default=None, help="folder with the four MNIST-format IDX files, or with one "
                                                    "sub-folder of images per class (default: the shipped MNIST)")
@@ -186,7 +193,8 @@ def cmd_train(args):
                  lr_decay=args.lr_decay, seed=args.seed, data_dir=args.data_dir, out=args.out, resume=args.resume,
                  model=args.model, optimizer=args.optimizer, progress=not args.no_progress, schedule=args.schedule,
                  warmup=args.warmup, augment=args.augment, weight_decay=args.weight_decay,
-                 image_size=args.image_size, distributed=args.distributed)
+                 image_size=args.image_size, distributed=args.distributed, label_smoothing=args.label_smoothing,
+                 clip_grad_norm=args.clip_grad_norm)
     metrics = train(cfg)
     from nbcnn.distributed import environment_rank
 

@@ -58,10 +58,39 @@ def bn(channels=1, classes=10, size=28):
                       + [L.MaxPool2D(2)] + block(128, 128) + [L.GlobalAvgPool2D(), L.Dropout(0.2), L.Dense(128, classes)])
 
 
-MODELS = {"lenet": lenet, "lenet5": lenet5, "mnist-example": mnist_example, "tiny": tiny, "bn": bn}
+def _basic_block(cin, cout, stride):
+    """ResNet's basic block: two 3x3 convolutions with batch normalisation, added to the input (or to
+    its projection, a strided 1x1 convolution, where the block changes the size or the channels),
+    then a ReLU (which the residual join applies in its own pass)."""
+    block = [L.Conv2D(cin, cout, 3, stride=stride, padding=1, bias=False), L.BatchNorm2D(cout), L.ReLU(),
+             L.Conv2D(cout, cout, 3, padding=1, bias=False), L.BatchNorm2D(cout)]
+    shortcut = None
+    if stride != 1 or cin != cout:
+        shortcut = [L.Conv2D(cin, cout, 1, stride=stride, bias=False), L.BatchNorm2D(cout)]
+    return [L.Residual(block, shortcut), L.ReLU()]
+
+
+def resnet(channels=1, classes=10, size=28, widths=(16, 32, 64), blocks=1):
+    """A small ResNet (He et al. 2016, the CIFAR form): a 3x3 stem, three stages of ``blocks`` basic
+    blocks with ``widths`` filters, the second and third starting at stride 2 with a projection
+    shortcut (28x28 -> 14 -> 7; 32x32 -> 16 -> 8), then global average pooling and one dense layer.
+    Any image of at least 4x4."""
+    layers = [L.Conv2D(channels, widths[0], 3, padding=1, bias=False), L.BatchNorm2D(widths[0]), L.ReLU()]
+    cin = widths[0]
+    for stage, width in enumerate(widths):
+        for i in range(blocks):
+            layers += _basic_block(cin, width, 2 if stage > 0 and i == 0 else 1)
+            cin = width
+    return Sequential(layers + [L.GlobalAvgPool2D(), L.Dense(cin, classes)])
+
+
+MODELS = {"lenet": lenet, "lenet5": lenet5, "mnist-example": mnist_example, "tiny": tiny, "bn": bn,
+          "resnet": resnet}
 
 # Each model's own training defaults, where they differ from nbcnn.train.BASE_DEFAULTS (what
 # `nbcnn train --model NAME` uses when an option is not given).
 DEFAULTS = {
     "bn": dict(epochs=12, batch_size=128, lr=1e-2, schedule="onecycle", optimizer="adamw", weight_decay=5e-4),
+    "resnet": dict(epochs=10, batch_size=128, lr=1e-2, schedule="onecycle", optimizer="adamw", weight_decay=5e-4,
+                   augment=True),
 }

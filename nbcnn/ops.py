@@ -106,6 +106,8 @@ COSTS = {
     "global_avgpool2d_backward": lambda dx, dy, x, mask: (_n(dx), _bytes(dx, dy)),
     "shift_flip": lambda out, x, *_: (0, _bytes(out, x)),
     "fill": lambda a, value: (0, _bytes(a)),
+    # the sum of squares (2 per element), and the scaling (1) where it clips: the bound counted
+    "clip_grad_norm": lambda g, norm, *_: (3 * _n(g), 2 * _bytes(g)),
     "gather_rows": lambda out, x, idx: (0, 2 * _bytes(out) + _bytes(idx)),
     "gather_batch": lambda xb, yb, x, y, idx: (0, 2 * _bytes(xb, yb) + _bytes(idx)),
     "count_correct": lambda count, z, lab: (_n(z), _bytes(count, z, lab)),
@@ -213,7 +215,7 @@ for _device in ("cpu", "cuda"):
                          ("residual_add_forward", residual), ("residual_add_backward", residual),
                          ("softmax_xent_step", softmax_xent), ("gather_batch", gather),
                          ("sgd_update", optim), ("adam_update", optim), ("adamw_update", optim),
-                         ("fill", optim), ("batchnorm2d_forward", batchnorm), ("batchnorm2d_backward", batchnorm),
+                         ("fill", optim), ("clip_grad_norm", optim), ("batchnorm2d_forward", batchnorm), ("batchnorm2d_backward", batchnorm),
                          ("dropout_forward", dropout), ("dropout_backward", dropout),
                          ("global_avgpool2d_forward", global_pool), ("global_avgpool2d_backward", global_pool),
                          ("shift_flip", augment)]:

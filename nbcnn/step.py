@@ -15,7 +15,9 @@ epoch, so on a GPU the host waits for it once every ``read_every`` steps, not ev
 """
 
 import math
+import numbers
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -52,6 +54,41 @@ class Augment:
 
     def __repr__(self):
         return f"Augment(shift={self.shift}, flip={self.flip}, fill={self.fill:.4g}, seed={self.seed})"
+
+
+class ClipGradNorm:
+    """A Trainer hook: after backward (and after a data-parallel sum of the gradients, when that hook
+    comes first), the model's gradients are scaled down together where their norm exceeds
+    ``max_norm``: ``grad *= max_norm / (norm + 1e-6)``, as PyTorch's ``clip_grad_norm_``. One pass
+    over the flat gradient buffer on the device (two launches on a GPU); the norm before clipping
+    stays there, in ``norm``, read by nobody unless asked (``last_norm()``)."""
+
+    def __init__(self, max_norm):
+        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+            raise TypeError(f"ClipGradNorm: max_norm must be a real number, got {max_norm!r}")
+        if not 0 < max_norm < math.inf:
+            raise ValueError(f"ClipGradNorm: max_norm must be a positive finite number, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+        self.norm = self.kernel = self.ws = self.ws_for = None
+
+    def __call__(self, trainer):
+        grad = trainer.optimizer.buffer.grad
+        if self.kernel is None or self.ws_for is not grad:  # planned once per gradient buffer
+            self.kernel = trainer.kernels.get("clip_grad_norm", trainer.device)
+            self.norm = trainer.device.zeros(1, np.float64)
+            scratch = self.kernel.workspace(grad.size).items()
+            self.ws = SimpleNamespace(**{name: trainer.device.zeros(shape, dtype) for name, (shape, dtype) in scratch})
+            self.ws_for = grad
+        self.kernel.run(grad, self.norm, self.max_norm, self.ws)
+
+    def last_norm(self):
+        """The gradients' norm before the last clipping, read back to the host (None before the first)."""
+        if self.norm is None:
+            return None
+        return float(self.norm[0]) if isinstance(self.norm, np.ndarray) else float(self.norm.copy_to_host()[0])
+
+    def __repr__(self):
+        return f"ClipGradNorm(max_norm={self.max_norm:g})"
 
 
 class Trainer:

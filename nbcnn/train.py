@@ -29,13 +29,13 @@ from nbcnn.model import Sequential, atomic_write, read_npz
 from nbcnn.models import DEFAULTS, MODELS
 from nbcnn.optim import SGD, Adam, AdamW
 from nbcnn.schedules import KINDS, Schedule
-from nbcnn.step import Augment, Trainer
+from nbcnn.step import Augment, ClipGradNorm, Trainer
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 BASE_DEFAULTS = dict(epochs=4, batch_size=64, lr=1e-3, lr_decay=0.5, schedule="step", warmup=0.0,
-                     optimizer="adam", weight_decay=0.0)
+                     optimizer="adam", weight_decay=0.0, augment=False, label_smoothing=0.0)
 
 
 class Config:
@@ -45,19 +45,24 @@ class Config:
     ``schedule``: "step" (``lr * lr_decay**epoch``), "cosine" or "onecycle" (``nbcnn.schedules``);
     ``warmup``: epochs of linear warm-up (step and cosine); ``augment``: random shifts of up to
     2 pixels (and mirror images for colour data) of every training batch; ``weight_decay``: SGD's
-    L2 term or AdamW's decoupled decay."""
+    L2 term or AdamW's decoupled decay; ``label_smoothing``: the loss's (``SoftmaxCrossEntropy``);
+    ``clip_grad_norm``: the largest norm the gradients keep (``step.ClipGradNorm``), None for no
+    clipping."""
 
     def __init__(self, device="auto", epochs=None, batch_size=None, lr=None, lr_decay=None, seed=0, data_dir=None,
                  out="runs/mnist", resume=False, model="lenet", optimizer=None, progress=True, schedule=None,
-                 warmup=None, augment=False, weight_decay=None, image_size=None, distributed=False):
+                 warmup=None, augment=None, weight_decay=None, image_size=None, distributed=False,
+                 label_smoothing=None, clip_grad_norm=None):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
         given = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, schedule=schedule,
-                     warmup=warmup, optimizer=optimizer, weight_decay=weight_decay)
+                     warmup=warmup, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
+                     label_smoothing=label_smoothing)
         for name, value in given.items():
             if value is None:
                 given[name] = DEFAULTS.get(model, {}).get(name, BASE_DEFAULTS[name])
-        epochs, batch_size, lr, lr_decay, schedule, warmup, optimizer, weight_decay = given.values()
+        epochs, batch_size, lr, lr_decay, schedule, warmup, optimizer, weight_decay, augment, label_smoothing = \
+            given.values()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if schedule not in KINDS:
@@ -78,6 +83,14 @@ class Config:
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or \
                 not 0 <= weight_decay < math.inf:
             raise ValueError(f"weight decay must be a non-negative number, got {weight_decay!r}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
+                not 0 <= label_smoothing <= 1:
+            raise ValueError(f"label smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                           or not 0 < clip_grad_norm < math.inf):
+            raise ValueError(f"gradient clipping's norm must be a positive number, got {clip_grad_norm!r}")
+        self.label_smoothing = float(label_smoothing)
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.device, self.epochs, self.batch_size, self.lr, self.seed = device, epochs, batch_size, float(lr), seed
         self.lr_decay, self.schedule, self.warmup = float(lr_decay), schedule, float(warmup)
         self.optimizer, self.weight_decay, self.augment = optimizer, float(weight_decay), bool(augment)
@@ -182,7 +195,9 @@ def _compile_kernels(cfg, model, x, y, augment, log):
         "loaded from the cache after ...")
     started = time.perf_counter()
     copy = Sequential.from_config(model.config()).to(model.device)
-    trainer = Trainer(copy, SoftmaxCrossEntropy(), _make_optimizer(cfg, copy.parameters()), augment=augment)
+    hooks = [ClipGradNorm(cfg.clip_grad_norm)] if cfg.clip_grad_norm is not None else []
+    trainer = Trainer(copy, SoftmaxCrossEntropy(), _make_optimizer(cfg, copy.parameters()), augment=augment,
+                      hooks=hooks)
     rows = to_device(np.arange(min(cfg.batch_size, x.shape[0]), dtype=np.int32), model.device)
     trainer.step(*trainer.batch(x, y, rows))
     trainer.read()
@@ -244,14 +259,16 @@ def train(cfg, log=print):
     model.to(device)
     model.output_shape((1, channels, size, size))  # a model that does not fit the images fails here, clearly
     optimizer = _make_optimizer(cfg, model.parameters())
-    loss_fn = SoftmaxCrossEntropy()
+    loss_fn = SoftmaxCrossEntropy(label_smoothing=cfg.label_smoothing)
     steps_per_epoch = -(-n // cfg.batch_size)
     schedule = Schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch,
                         warmup=int(round(cfg.warmup * steps_per_epoch)), decay=cfg.lr_decay)
     # shifts of up to 2 pixels, a black pixel's value shifted in; mirror images only for colour
     # pictures (a mirrored digit is no digit)
     augment = Augment(2, flip=channels == 3, fill=(0.0 - mean) / std, seed=cfg.seed) if cfg.augment else None
-    hooks = [gradient_hook(group)] if group is not None else []
+    hooks = [gradient_hook(group)] if group is not None else []  # the sum over the ranks first, then clipping
+    if cfg.clip_grad_norm is not None:
+        hooks.append(ClipGradNorm(cfg.clip_grad_norm))
     trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment, hooks=hooks, group=group)
     _check_out(cfg.out, model)
     checkpoint = os.path.join(cfg.out, "model.npz")
@@ -289,7 +306,9 @@ def train(cfg, log=print):
     compile_seconds = _compile_kernels(cfg, model, train_x, train_y, augment, log)
     log(f"training {cfg.model} on {device}: {n} images of {channels}x{size}x{size}, {classes} classes, batch "
         f"{cfg.batch_size}{f' over {group.size} ranks' if group else ''}, {cfg.optimizer}, {schedule.describe()}"
-        f"{', augmented' if augment else ''}, "
+        f"{', augmented' if augment else ''}"
+        f"{f', label smoothing {cfg.label_smoothing:g}' if cfg.label_smoothing else ''}"
+        f"{f', gradients clipped to norm {cfg.clip_grad_norm:g}' if cfg.clip_grad_norm is not None else ''}, "
         f"epochs {start_epoch + 1}..{cfg.epochs}")
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)

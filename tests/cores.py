@@ -163,6 +163,12 @@ def cases(rng, dtype=np.float64):
     out.append(("adamw update", "adamw_update", [p.copy(), m.copy(), v.copy(), g, 1e-2, 0.9, 0.999, 1e-8,
                                                  1 - 0.9**3, 1 - 0.999**3, 0.1], [0, 1, 2], [want_p, want_m, want_v]))
     out.append(("fill", "fill", [nan(3, 5), 2.5], [0], [np.full((3, 5), 2.5)]))
+    g = arr(1000)  # several blocks of a simulated GPU's grid-wide sum
+    norm = np.sqrt((g.astype(np.float64) ** 2).sum())
+    for max_norm in (2 * norm, norm / 4):
+        want = g * min(1.0, max_norm / (norm + 1e-6))
+        out.append((f"clip grad norm {max_norm / norm:.2f}", "clip_grad_norm", [g.copy(), np.full(1, np.nan), max_norm,
+                                                                              "ws"], [0, 1], [want, np.array([norm])]))
     out += _normalisation_cases(arr, nan, rng, dtype)
     return out
 
@@ -245,8 +251,8 @@ def _workspace(kernel, op, args, device):
         y_shape = args[3].shape if op == "conv2d_backward" else args[0].shape
         x, w = (args[4], args[5]) if op == "conv2d_backward" else (args[1], args[2])
         shapes = kernel.workspace(x.shape, w.shape, y_shape, _stride(op, args), _padding(op, args), True, x.dtype)
-    elif op == "softmax_xent_step":  # its own dtypes, zeroed (see softmax_xent_step_workspace_cuda)
-        scratch = kernel.workspace(args[3].shape[0]).items()
+    elif op in ("softmax_xent_step", "clip_grad_norm"):  # their own dtypes, zeroed (grid-wide sums' tickets)
+        scratch = kernel.workspace(args[3].shape[0] if op == "softmax_xent_step" else args[0].size).items()
         return SimpleNamespace(**{name: device.zeros(shape, dtype) for name, (shape, dtype) in scratch})
     else:
         shapes = kernel.workspace()
