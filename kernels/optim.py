@@ -136,7 +136,7 @@ def _clip_grad_norm_cpu(grad, norm, max_norm):
     """norm[0] = |grad| (summed in float64); grad scaled to a norm of max_norm where it is longer."""
     total = 0.0
     for i in prange(grad.size):
-        g = float(grad[i])
+        g = np.float64(grad[i])
         total += g * g
     norm[0] = math.sqrt(total)
     factor = max_norm / (norm[0] + CLIP_EPS)
@@ -150,7 +150,7 @@ def _clip_grad_norm_serial_cpu(grad, norm, max_norm):
     """``_clip_grad_norm_cpu`` on one thread, for small models."""
     total = 0.0
     for i in range(grad.size):
-        g = float(grad[i])
+        g = np.float64(grad[i])
         total += g * g
     norm[0] = math.sqrt(total)
     factor = max_norm / (norm[0] + CLIP_EPS)

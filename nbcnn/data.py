@@ -1,5 +1,6 @@
-"""Data sets in the IDX format of MNIST: the reader, the MNIST shipped inside the package,
-and any MNIST-format folder (Fashion-MNIST, KMNIST, ...).
+"""Data sets: the IDX format of MNIST (the reader, the MNIST shipped inside the package, any
+MNIST-format folder: Fashion-MNIST, KMNIST, ...), the binary version of CIFAR-10 and CIFAR-100,
+and folders of images (``load_image_folder``).
 
 IDX: a big-endian header, then raw data. The magic number's third byte is the element
 type (0x08: unsigned byte) and its fourth the number of dimensions; one 32-bit size per
@@ -125,16 +126,108 @@ def shipped_mnist_folder():
     return str(resources.files("nbcnn") / "_data" / "mnist")
 
 
+# ------------------------------------------------------------------ CIFAR, binary version
+#
+# As distributed (cifar-10-binary.tar.gz, cifar-100-binary.tar.gz): each file a run of records,
+# a record the label byte(s) then 3072 pixel bytes, the 1024 reds, the 1024 greens, the 1024 blues
+# of a 32x32 image, rows top to bottom. CIFAR-100's records carry two labels, the coarse class
+# (of 20) then the fine class (of 100); nbcnn trains on the fine one. The class names are the
+# lines of a text file, in label order.
+
+CIFAR_SIDE = 32
+CIFAR = {
+    "CIFAR-10": dict(train=[f"data_batch_{i}.bin" for i in range(1, 6)], test=["test_batch.bin"],
+                     names="batches.meta.txt", label_bytes=1, label=0, classes=10),
+    "CIFAR-100": dict(train=["train.bin"], test=["test.bin"], names="fine_label_names.txt", label_bytes=2, label=1,
+                      classes=100),
+}
+
+# What the Python version of each holds instead: pickles. Unpickling runs whatever the file says,
+# so nbcnn never opens them (see ``load_dataset``).
+CIFAR_PICKLES = {"CIFAR-10": ("data_batch_1", "batches.meta"), "CIFAR-100": ("train", "meta")}
+
+
+def cifar_kind(folder):
+    """"CIFAR-10" or "CIFAR-100" when ``folder`` holds that data set's binary version (any of its
+    files), else None."""
+    for kind, spec in CIFAR.items():
+        if any(os.path.isfile(os.path.join(folder, name)) for name in spec["train"] + spec["test"]):
+            return kind
+    return None
+
+
+def _pickled_cifar(folder):
+    """The name of the CIFAR data set whose Python (pickle) version ``folder`` looks like, else None."""
+    for kind, names in CIFAR_PICKLES.items():
+        if all(os.path.isfile(os.path.join(folder, name)) for name in names):
+            return kind
+    return None
+
+
+def _cifar_records(path, spec, kind):
+    """(images (n, 3, 32, 32) uint8, labels (n,) int32) of one CIFAR binary file."""
+    record = spec["label_bytes"] + 3 * CIFAR_SIDE * CIFAR_SIDE
+    raw = _read_bytes(path)
+    if len(raw) == 0 or len(raw) % record:
+        raise DataError(f"{path}: {len(raw):,} bytes is not a whole number of {kind} records ({record} bytes each: "
+                        f"{spec['label_bytes']} label byte(s), then 32x32x3 pixels); the file is cut short or is "
+                        f"not {kind}'s binary version")
+    rows = np.frombuffer(raw, np.uint8).reshape(-1, record)
+    labels = rows[:, spec["label"]].astype(np.int32)
+    if labels.max() >= spec["classes"]:
+        bad = int(np.argmax(labels >= spec["classes"]))
+        raise DataError(f"{path}: record {bad} has label {labels[bad]}, but {kind} has {spec['classes']} classes")
+    images = rows[:, spec["label_bytes"]:].reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE)
+    return np.ascontiguousarray(images), labels
+
+
+def load_cifar_folder(folder):
+    """CIFAR-10 or CIFAR-100 (binary version) from ``folder``: the dict of ``load_idx_folder`` with
+    colour images (N, 3, 32, 32) uint8, and ``class_names`` when the folder has its names file."""
+    folder = os.fspath(folder)
+    kind = cifar_kind(folder)
+    spec = CIFAR[kind]
+    missing = [name for name in spec["train"] + spec["test"] if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise DataError(f"{folder} lacks {', '.join(missing)} ({kind}'s binary version has "
+                        f"{', '.join(spec['train'] + spec['test'])})")
+    data = {}
+    for split in ("train", "test"):
+        parts = [_cifar_records(os.path.join(folder, name), spec, kind) for name in spec[split]]
+        data[f"{split}_images"] = np.concatenate([p[0] for p in parts])
+        data[f"{split}_labels"] = np.concatenate([p[1] for p in parts])
+    names_path = os.path.join(folder, spec["names"])
+    if os.path.isfile(names_path):
+        try:
+            with open(names_path, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{names_path}: cannot be read ({describe(exc)})") from None
+        if len(names) != spec["classes"]:
+            raise DataError(f"{names_path}: {len(names)} class names, {kind} has {spec['classes']} classes")
+        data["class_names"] = names
+    return data
+
+
 def load_dataset(data_dir=None, image_size=None):
     """MNIST (shipped, verified by SHA-256) when ``data_dir`` is None, else that folder: four IDX
-    files, or one sub-folder of images per class (``load_image_folder``; ``image_size`` is then
-    the side they are resized to)."""
+    files, CIFAR-10 or CIFAR-100 (binary version), or one sub-folder of images per class
+    (``load_image_folder``; ``image_size`` is then the side they are resized to)."""
     if data_dir is None:
         folder, verify = shipped_mnist_folder(), MNIST_SHA256
     else:
         folder, verify = os.fspath(data_dir), None
     if not os.path.isdir(folder):
         raise DataError(f"data folder {folder} does not exist")
+    if data_dir is not None and cifar_kind(folder) is not None:
+        if image_size is not None:
+            raise DataError(f"{folder}: --image-size applies to a folder of images, not to CIFAR's files")
+        return load_cifar_folder(folder)
+    pickled = _pickled_cifar(folder) if data_dir is not None else None
+    if pickled is not None:
+        raise DataError(f"{folder} holds the Python version of {pickled} (pickle files), which nbcnn does not open: "
+                        f"unpickling a file runs whatever code it contains. Use the binary version "
+                        f"({pickled.lower()}-binary.tar.gz) instead")
     if not is_image_folder(folder):
         if image_size is not None and data_dir is not None:
             raise DataError(f"{folder}: --image-size applies to a folder of images, not to IDX files")
@@ -233,12 +326,11 @@ def load_image_folder(folder, image_size=None):
     return data
 
 
-def normalization(train_images):
-    """(mean, std) of the training images scaled to [0, 1]: inputs become (x/255 - mean) / std.
-
-    From the exact integer sums of the bytes and of their squares, taken in chunks: no float
-    copy of the data set (a float64 one took 2.5 s and 376 MB for MNIST)."""
-    flat = np.asarray(train_images, np.uint8).reshape(-1)
+def _moments(values):
+    """(mean, std) of uint8 ``values`` scaled to [0, 1], from the exact integer sums of the bytes and
+    of their squares, taken in chunks: no float copy of the data set (a float64 one took 2.5 s and
+    376 MB for MNIST)."""
+    flat = np.asarray(values, np.uint8).reshape(-1)
     n = flat.size
     total = squares = 0
     for start in range(0, n, 1 << 22):
@@ -250,15 +342,34 @@ def normalization(train_images):
     return mean, std if std > 0 else 1.0
 
 
+def normalization(train_images):
+    """(mean, std) of the training images scaled to [0, 1]: inputs become (x/255 - mean) / std.
+
+    Grey images (N, H, W): two floats. Colour images (N, C, H, W): two lists of C floats, each
+    channel normalised by its own statistics (a sky's blue and a leaf's green are not on one scale)."""
+    images = np.asarray(train_images, np.uint8)
+    if images.ndim != 4:
+        return _moments(images)
+    stats = [_moments(images[:, c]) for c in range(images.shape[1])]
+    return [m for m, _ in stats], [s for _, s in stats]
+
+
 def prepare(images, mean, std):
     """uint8 (N, H, W) or (N, C, H, W) -> float32 (N, C, H, W) (C = 1 for the first), scaled to [0, 1]
-    and normalized.
+    and normalized; ``mean`` and ``std`` are floats, or one per channel (``normalization``).
 
-    Through a table of the 256 possible results, computed with the float32 operations
+    Through a table of the 256 possible results per channel, computed with the float32 operations
     ``(v / 255 - mean) / std``, so each pixel gets exactly what that formula gives it."""
-    table = (np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(mean)) / np.float32(std)
-    x = table[np.asarray(images, np.uint8)]
-    return x if x.ndim == 4 else x.reshape(images.shape[0], 1, *images.shape[1:])
+    images = np.asarray(images, np.uint8)
+    if images.ndim == 3:
+        images = images.reshape(images.shape[0], 1, *images.shape[1:])
+    means, stds = np.broadcast_to(np.float32(mean), images.shape[1]), np.broadcast_to(np.float32(std), images.shape[1])
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    tables = (levels[None, :] - means[:, None]) / stds[:, None]  # (C, 256)
+    x = np.empty(images.shape, np.float32)
+    for c in range(images.shape[1]):
+        np.take(tables[c], images[:, c], out=x[:, c])
+    return x
 
 
 def write_idx(path, array, magic):

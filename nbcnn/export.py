@@ -1,7 +1,8 @@
 """``nbcnn export``: a checkpoint as an ONNX model, to run anywhere ONNX runs.
 
 The graph takes what a user has: float32 pixels in [0, 1], shape (N, C, H, W) with N free.
-Its first two nodes are the checkpoint's normalisation, (x - mean) / std; then one ONNX
+Its first two nodes are the checkpoint's normalisation, (x - mean) / std (one mean and std per
+channel for colour data); then one ONNX
 operator per layer, each the exact counterpart of nbcnn's:
 
     Conv2D      Conv (weights OIHW, symmetric pads, strides)
@@ -13,6 +14,9 @@ operator per layer, each the exact counterpart of nbcnn's:
     BatchNorm2D BatchNormalization with the running statistics (the evaluation form)
     Dropout     nothing (the identity in evaluation)
     GlobalAvgPool2D  GlobalAveragePool, then Flatten(axis=1)
+    Residual    its block's nodes and its shortcut's (or none), both fed x, then Add
+    LeakyReLU, Tanh, Sigmoid   LeakyRelu (alpha = negative_slope), Tanh, Sigmoid
+    GELU        x * (1 + Erf(x / sqrt(2))) / 2 in four nodes (opset 17 has no Gelu)
 
 The output is the logits, (N, classes). Needs the ``onnx`` extra (``pip install -e ".[onnx]"``).
 """
@@ -25,6 +29,7 @@ from nbcnn import layers as L
 from nbcnn.model import Sequential, atomic_write
 
 OPSET = 17
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 
 
 def _require_onnx():
@@ -93,6 +98,22 @@ def _add_layer(graph, layer, x, to_numpy):
         return x
     if isinstance(layer, L.GlobalAvgPool2D):  # (N, C, 1, 1), then (N, C) as nbcnn's
         return graph.node("Flatten", [graph.node("GlobalAveragePool", [x], "gap")], "flatten", axis=1)
+    if isinstance(layer, L.Residual):  # the two paths from the same x, joined by an Add
+        a = _add_layer(graph, layer.block, x, to_numpy)
+        b = x if layer.shortcut is None else _add_layer(graph, layer.shortcut, x, to_numpy)
+        return graph.node("Add", [a, b], "add")
+    if isinstance(layer, L.LeakyReLU):
+        return graph.node("LeakyRelu", [x], "leakyrelu", alpha=layer.negative_slope)
+    if isinstance(layer, L.Tanh):
+        return graph.node("Tanh", [x], "tanh")
+    if isinstance(layer, L.Sigmoid):
+        return graph.node("Sigmoid", [x], "sigmoid")
+    if isinstance(layer, L.GELU):  # opset 17 has no Gelu (20 does): x * (1 + erf(x / sqrt(2))) / 2, as nbcnn's
+        erf = graph.node("Erf", [graph.node("Mul", [x, graph.const(f"gelu{n}.scale", np.float32(_SQRT_HALF))],
+                                            "gelu")], "gelu")
+        one_plus = graph.node("Add", [erf, graph.const(f"gelu{n}.one", np.float32(1.0))], "gelu")
+        half_x = graph.node("Mul", [x, graph.const(f"gelu{n}.half", np.float32(0.5))], "gelu")
+        return graph.node("Mul", [half_x, one_plus], "gelu")
     raise ValueError(f"cannot export layer {layer!r} to ONNX: no ONNX counterpart written for {type(layer).__name__}")
 
 
@@ -108,8 +129,10 @@ def to_onnx(model, input_shape, mean=0.0, std=1.0):
     if len(out_shape) != 2:
         raise ValueError(f"the model's output is {out_shape[1:]} per image, export expects logits (N, classes)")
     graph = _Graph(onnx)
-    x = graph.node("Sub", ["pixels", graph.const("mean", np.array(mean, np.float32))], "normalise")
-    x = graph.node("Div", [x, graph.const("std", np.array(std, np.float32))], "normalise")
+    # one mean and std for every channel, or one per channel, broadcast over (N, C, H, W)
+    mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
+    x = graph.node("Sub", ["pixels", graph.const("mean", mean)], "normalise")
+    x = graph.node("Div", [x, graph.const("std", std)], "normalise")
     for layer in model.layers:
         x = _add_layer(graph, layer, x, to_numpy)
     graph.nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
@@ -127,14 +150,15 @@ def to_onnx(model, input_shape, mean=0.0, std=1.0):
 def export_checkpoint(checkpoint, output, log=print):
     """Write the ONNX form of the model in ``checkpoint`` to ``output``, atomically."""
     _require_onnx()
-    from nbcnn.predict import input_shape
+    from nbcnn.predict import channel_statistics, input_shape
 
     if os.path.isdir(output):
         raise ValueError(f"--output {output} is a folder: give a file name, such as {os.path.join(output, 'model.onnx')}")
     model = Sequential.load(checkpoint).eval()
     meta = model.metadata
     shape = input_shape(model)
-    proto = to_onnx(model, shape, float(meta.get("mean", 0.0)), float(meta.get("std", 1.0)))
+    mean, std = channel_statistics(meta, shape[0])
+    proto = to_onnx(model, shape, mean, std)
     data = proto.SerializeToString()
     atomic_write(output, lambda f: f.write(data))
     log(f"{output}: ONNX opset {OPSET}, input pixels (N, {', '.join(map(str, shape))}) in [0, 1], "

@@ -91,6 +91,6 @@ MODELS = {"lenet": lenet, "lenet5": lenet5, "mnist-example": mnist_example, "tin
 # `nbcnn train --model NAME` uses when an option is not given).
 DEFAULTS = {
     "bn": dict(epochs=12, batch_size=128, lr=1e-2, schedule="onecycle", optimizer="adamw", weight_decay=5e-4),
-    "resnet": dict(epochs=10, batch_size=128, lr=1e-2, schedule="onecycle", optimizer="adamw", weight_decay=5e-4,
+    "resnet": dict(epochs=12, batch_size=128, lr=1e-2, schedule="onecycle", optimizer="adamw", weight_decay=5e-4,
                    augment=True),
 }

@@ -47,12 +47,24 @@ def prepare_images(paths, model, fit=True):
         raise ValueError(f"the model takes {height}x{width} images; predict handles square inputs only")
     meta = model.metadata
     profile = meta.get("profile") if fit else None
-    mean, std = float(meta.get("mean", 0.0)), float(meta.get("std", 1.0))
+    mean, std = channel_statistics(meta, channels)
     batch = np.empty((len(paths), channels, height, width), np.float32)
     for i, path in enumerate(paths):
         pixels = fit_to_profile(read_image(path, channels), height, profile)
-        batch[i] = (pixels - np.float32(mean)) / np.float32(std)
+        batch[i] = (pixels - mean) / std
     return batch
+
+
+def channel_statistics(meta, channels):
+    """The checkpoint's normalisation as float32 arrays (channels, 1, 1): one mean and std for all
+    channels (grey data, older checkpoints) or one per channel (colour data); 0 and 1 without any."""
+    stats = []
+    for name, default in (("mean", 0.0), ("std", 1.0)):
+        values = np.asarray(meta.get(name, default), np.float32).reshape(-1)
+        if values.size not in (1, channels):
+            raise ValueError(f"the checkpoint's {name} has {values.size} values for a model of {channels} channels")
+        stats.append(np.broadcast_to(values, channels).reshape(channels, 1, 1).copy())
+    return stats
 
 
 def softmax(logits):

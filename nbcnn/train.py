@@ -263,9 +263,11 @@ def train(cfg, log=print):
     steps_per_epoch = -(-n // cfg.batch_size)
     schedule = Schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch,
                         warmup=int(round(cfg.warmup * steps_per_epoch)), decay=cfg.lr_decay)
-    # shifts of up to 2 pixels, a black pixel's value shifted in; mirror images only for colour
-    # pictures (a mirrored digit is no digit)
-    augment = Augment(2, flip=channels == 3, fill=(0.0 - mean) / std, seed=cfg.seed) if cfg.augment else None
+    # shifts of up to 2 pixels; mirror images only for colour pictures (a mirrored digit is no digit).
+    # Shifted in: a black pixel's value for grey data (the digits' background), 0 for colour data,
+    # each channel normalised on its own (the kernel takes one value: 0 is the mean colour).
+    fill = (0.0 - mean) / std if channels == 1 else 0.0
+    augment = Augment(2, flip=channels == 3, fill=fill, seed=cfg.seed) if cfg.augment else None
     hooks = [gradient_hook(group)] if group is not None else []  # the sum over the ranks first, then clipping
     if cfg.clip_grad_norm is not None:
         hooks.append(ClipGradNorm(cfg.clip_grad_norm))

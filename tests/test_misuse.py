@@ -198,6 +198,8 @@ WRONG = {
     "--weight-decay": st.sampled_from(["-0.1", "nan", "inf", "", "1e400", "w"]),
     "--image-size": not_a_positive_int(),
     "--device": not_one_of("auto", "cpu", "cuda"),
+    "--label-smoothing": st.sampled_from(["-0.1", "1.01", "nan", "inf", "", "e"]),
+    "--clip-grad-norm": st.sampled_from(["0", "-1", "nan", "inf", "", "n"]),
 }
 
 
@@ -240,6 +242,7 @@ ANYTHING = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.sampled_f
 
 CONSTRUCTORS = {
     "Conv2D": (L.Conv2D, 3), "MaxPool2D": (L.MaxPool2D, 1), "AvgPool2D": (L.AvgPool2D, 1), "Dense": (L.Dense, 2),
+    "LeakyReLU": (L.LeakyReLU, 1), "Residual": (L.Residual, 2),
 }
 
 
@@ -303,6 +306,21 @@ def test_optimizers_refuse_wrong_hyperparameters(which, lr, second, third):
     assert 0 < opt.lr < float("inf")
     opt.step()
     assert all(np.isfinite(p.data).all() for p in params)
+
+
+@settings(max_examples=100, deadline=None)
+@given(which=st.sampled_from(["label_smoothing", "clip"]), value=ANYTHING)
+def test_the_loss_and_the_clipping_refuse_wrong_settings(which, value):
+    from nbcnn.step import ClipGradNorm
+
+    try:
+        made = SoftmaxCrossEntropy(label_smoothing=value) if which == "label_smoothing" else ClipGradNorm(value)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        assert message and "\n" not in message, repr(message)
+        return
+    setting = made.label_smoothing if which == "label_smoothing" else made.max_norm
+    assert (0 <= setting <= 1) if which == "label_smoothing" else (0 < setting < float("inf"))
 
 
 @settings(max_examples=100, deadline=None)

@@ -9,7 +9,7 @@ from PIL import Image
 from nbcnn import cli
 from nbcnn import layers as L
 from nbcnn.data import load_dataset, prepare
-from nbcnn.images import _centre_of_mass, fit_to_profile, ink_box, ink_profile
+from nbcnn.images import _centre_of_mass, fit_to_profile, frame_like_training_data, ink_box, ink_profile
 from nbcnn.model import Sequential
 from nbcnn.predict import softmax
 from nbcnn.train import Config, train
@@ -118,7 +118,7 @@ def test_a_digit_drawn_dark_large_and_off_centre_is_framed_like_mnist():
     assert profile["ink"] == "light" and profile["centred"] and 0.6 < profile["ink_extent"] < 0.8
     correlations = []
     for digit in mnist["test_images"][:20]:
-        reference = fit_to_profile(digit[None] / np.float32(255), 28, profile)[0]
+        reference = frame_like_training_data(digit / np.float32(255), 28, profile)[0]  # the digit framed again
         # drawn dark on a white 120x90 page, three times larger, towards the top left
         page = np.ones((120, 90), np.float32)
         big = np.asarray(Image.fromarray(255 - digit).resize((84, 84), Image.Resampling.BILINEAR), np.float32) / 255
@@ -130,6 +130,25 @@ def test_a_digit_drawn_dark_large_and_off_centre_is_framed_like_mnist():
         correlations.append(np.corrcoef(framed.ravel(), reference.ravel())[0, 1])
     # thin strokes: a pixel's shift costs some correlation, a wrong frame or ink most of it
     assert min(correlations) > 0.8 and np.median(correlations) > 0.93
+
+
+def test_images_already_in_the_training_format_are_left_as_they_are(tmp_path, capsys):
+    """MNIST's own test images written out as PNG files: predict gives each to the model as the data set
+    gave it (it would only move a digit off its grid by framing it again), so predict and the model's
+    forward on the test set agree. 1,000 images here; all 10,000 agree the same way (README)."""
+    out = tmp_path / "run"
+    assert run_cli("train", "--device", "cpu", "--model", "tiny", "--epochs", "1", "--out", out,
+                   "--no-progress") == 0
+    test = load_dataset()["test_images"][:1000]
+    paths = []
+    for i, image in enumerate(test):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    results = predict_json(capsys, "--checkpoint", out / "model.npz", *paths)
+    forward = own_probabilities(out / "model.npz", test)
+    agree = np.mean([r["class"] for r in results] == forward.argmax(axis=1))
+    assert agree >= 0.995, agree
+    np.testing.assert_allclose([r["probabilities"] for r in results], forward, atol=1e-6)  # the very same input
 
 
 # ------------------------------------------------------------------------------- ONNX export
@@ -174,6 +193,29 @@ def test_batchnorm_dropout_and_global_pooling_export_in_their_evaluation_form(tm
     assert run_cli("export", "--checkpoint", tmp_path / "bn.npz", "--output", tmp_path / "bn.onnx") == 0
     pixels = rng.random((5, 1, 9, 9), dtype=np.float32)
     np.testing.assert_allclose(onnx_logits(tmp_path / "bn.onnx", pixels), np.asarray(model.forward(pixels)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_residual_blocks_activations_and_per_channel_statistics_export(tmp_path):
+    pytest.importorskip("onnx")
+    L.set_seed(6)
+    model = Sequential([
+        L.Conv2D(3, 4, 3, padding=1), L.LeakyReLU(0.2),
+        L.Residual([L.Conv2D(4, 6, 3, stride=2, padding=1, bias=False), L.BatchNorm2D(6), L.ReLU(),
+                    L.Conv2D(6, 6, 3, padding=1), L.GELU()], [L.Conv2D(4, 6, 1, stride=2)]), L.ReLU(),
+        L.Residual([L.Conv2D(6, 6, 3, padding=1), L.Tanh()]), L.Sigmoid(), L.GlobalAvgPool2D(), L.Dense(6, 5)])
+    rng = np.random.default_rng(7)
+    model.forward(rng.standard_normal((8, 3, 10, 10)).astype(np.float32))  # running statistics moved
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]  # CIFAR-10's, roughly
+    model.eval().save(tmp_path / "res.npz", mean=mean, std=std, input_shape=[3, 10, 10])
+    assert run_cli("export", "--checkpoint", tmp_path / "res.npz", "--output", tmp_path / "res.onnx") == 0
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "res.onnx")).graph.node}
+    assert {"Add", "Erf", "LeakyRelu", "Tanh", "Sigmoid"} <= ops
+    pixels = rng.random((4, 3, 10, 10), dtype=np.float32)
+    normalised = (pixels - np.float32(mean)[:, None, None]) / np.float32(std)[:, None, None]
+    np.testing.assert_allclose(onnx_logits(tmp_path / "res.onnx", pixels), np.asarray(model.forward(normalised)),
                                rtol=1e-4, atol=1e-5)
 
 

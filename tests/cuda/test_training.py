@@ -129,3 +129,36 @@ def test_the_gradient_sum_of_a_gpu_rank_goes_through_the_host():
     weights = nbcnn.to_device(values + 1, "cuda")
     group.broadcast_(weights)
     np.testing.assert_array_equal(nbcnn.to_numpy(weights), values + 1)
+
+
+def run_residual(device, steps=2, batch=3):
+    """A residual network (identity and projection shortcuts, the ReLUs fused around them, a LeakyReLU
+    and a GELU) trained through the Trainer with label smoothing and gradient clipping."""
+    from nbcnn.step import ClipGradNorm, Trainer
+
+    rng = np.random.default_rng(13)
+    images = rng.standard_normal((steps * batch, 2, 4, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, steps * batch).astype(np.int32)
+    L.set_seed(2)
+    model = nbcnn.Sequential([
+        L.Conv2D(2, 2, 3, padding=1), L.ReLU(),
+        L.Residual([L.Conv2D(2, 2, 3, padding=1, bias=False), L.BatchNorm2D(2), L.LeakyReLU(0.1)]), L.ReLU(),
+        L.Residual([L.Conv2D(2, 3, 3, stride=2, padding=1), L.GELU()], [L.Conv2D(2, 3, 1, stride=2)]),
+        L.Tanh(), L.GlobalAvgPool2D(), L.Dense(3, 3), L.Sigmoid(), L.Dense(3, 3)]).to(device)
+    clip = ClipGradNorm(0.05)  # small enough to clip every step
+    trainer = Trainer(model, SoftmaxCrossEntropy(label_smoothing=0.1), SGD(model.parameters(), lr=0.5),
+                      hooks=[clip])
+    x, y = nbcnn.to_device(images, device), nbcnn.to_device(labels, device)
+    order = nbcnn.to_device(np.arange(steps * batch, dtype=np.int32), device)
+    loss = trainer.run_epoch(x, y, order, batch)
+    return loss, clip.last_norm(), [nbcnn.to_numpy(p.data) for p in model.parameters()]
+
+
+def test_cuda_residual_training_matches_cpu():
+    cpu_loss, cpu_norm, cpu_params = run_residual("cpu")
+    gpu_loss, gpu_norm, gpu_params = run_residual("cuda")
+    assert cpu_norm > 0.05  # the clipping did something
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+    assert gpu_norm == pytest.approx(cpu_norm, rel=1e-5)
+    for g, c in zip(gpu_params, cpu_params):
+        np.testing.assert_allclose(g, c, rtol=1e-4, atol=1e-5)
