@@ -204,7 +204,7 @@ derivative_cpu, derivative_cuda = compile_twice(derivative)
 
 def activation_kind(fn, name):
     """The kernels' code for the activation called ``name`` (a ValueError naming the choices otherwise)."""
-    if name not in KINDS:
+    if not isinstance(name, str) or name not in KINDS:
         raise ValueError(f"{fn}: unknown activation {name!r}: choose one of {', '.join(KINDS)}")
     return KINDS[name]
 
@@ -313,9 +313,9 @@ def activation_backward_core_cuda(dx, dy, x, y, kind, slope):
 def activation_forward_cuda(y, x, name, negative_slope=0.01):
     """``activation_forward_cpu`` on the GPU."""
     fn = "activation_forward_cuda"
+    y, x = gpu_arrays(fn, y=y, x=x)
     kind = activation_kind(fn, name)
     slope = check_real(fn, "negative_slope", negative_slope)
-    y, x = gpu_arrays(fn, y=y, x=x)
     check_same_shape(fn, on_gpu, {"y": y, "x": x})
     activation_forward_core_cuda(y, x, kind, slope)
     return y
@@ -324,9 +324,9 @@ def activation_forward_cuda(y, x, name, negative_slope=0.01):
 def activation_backward_cuda(dx, dy, x, y, name, negative_slope=0.01):
     """``activation_backward_cpu`` on the GPU."""
     fn = "activation_backward_cuda"
+    dx, dy, x, y = gpu_arrays(fn, dx=dx, dy=dy, x=x, y=y)
     kind = activation_kind(fn, name)
     slope = check_real(fn, "negative_slope", negative_slope)
-    dx, dy, x, y = gpu_arrays(fn, dx=dx, dy=dy, x=x, y=y)
     check_same_shape(fn, on_gpu, {"dx": dx, "dy": dy, "x": x, "y": y})
     activation_backward_core_cuda(dx, dy, x, y, kind, slope)
     return dx

@@ -151,9 +151,9 @@ def residual_add_forward_cuda(y, a, b, relu=False):
 def residual_add_backward_cuda(dx, da, db, x=None, mask=False):
     """``residual_add_backward_cpu`` on the GPU."""
     fn = "residual_add_backward_cuda"
+    dx, da, db, x = gpu_arrays(fn, dx=dx, da=da, db=db, x=x)
     if mask and x is None:
         raise ValueError(f"{fn}: mask=True needs x, the output of the ReLU before the block")
-    dx, da, db, x = gpu_arrays(fn, dx=dx, da=da, db=db, x=x)
     _check(fn, on_gpu, {"dx": dx, "da": da, "db": db, "x": da if x is None else x})
     residual_add_backward_core_cuda(dx, da, db, da if x is None else x, bool(mask))
     return dx

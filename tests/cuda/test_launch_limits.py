@@ -62,6 +62,8 @@ def huge_batch_calls(algorithm=None):
     dense_ws = SimpleNamespace(one=empty(1))
     loss_ws = SimpleNamespace(**{k: empty(*s, dtype=t) for k, (s, t) in
                                  REGISTRY.get("softmax_xent_step", "cuda").workspace(N).items()})
+    clip_ws = SimpleNamespace(**{k: empty(*s, dtype=t) for k, (s, t) in
+                                 REGISTRY.get("clip_grad_norm", "cuda").workspace(N * 45).items()})
     labels = empty(N, dtype=np.int32)
     flat = empty(10 * N)
     pooled_ws = SimpleNamespace(**{k: empty(*s) for k, s in REGISTRY.get("conv2d_maxpool_forward", "cuda").workspace(
@@ -93,6 +95,11 @@ def huge_batch_calls(algorithm=None):
         ("global_avgpool2d_forward", (empty(N, 5), y)),
         ("global_avgpool2d_backward", (y, empty(N, 5), y, True)),
         ("shift_flip", (x, x, 1, 2, 2, True, 0.0)),
+        ("activation_forward", (y, y, 4, 0.0)),
+        ("activation_backward", (y, y, y, y, 4, 0.0)),
+        ("residual_add_forward", (y, y, y, True)),
+        ("residual_add_backward", (y, y, y, y, True)),
+        ("clip_grad_norm", (y, empty(1, dtype=np.float64), 1.0, clip_ws)),
     ]
 
 

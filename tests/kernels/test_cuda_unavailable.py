@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from nbcnn.kernels import (activation, augment, batchnorm, conv1d, conv2d, dense, dropout, gather, global_pool, optim,
-                           pool2d, softmax_xent)
+                           pool2d, residual, softmax_xent)
 
-MODULES = (conv2d, pool2d, activation, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout, global_pool,
-           augment)
+MODULES = (conv2d, pool2d, activation, residual, dense, softmax_xent, optim, conv1d, gather, batchnorm, dropout,
+           global_pool, augment)
 from nbcnn.kernels._cuda import CudaUnavailableError, cuda_unavailable_reason
 
 LAUNCHERS = [
@@ -23,7 +23,7 @@ LAUNCHERS = [
 
 def test_every_op_has_a_cuda_launcher():
     names = {f.__name__ for f in LAUNCHERS}
-    assert len(names) == 32
+    assert len(names) == 37
     for m in MODULES:
         cpu = {
             name[: -len("_cpu")]
