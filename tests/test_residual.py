@@ -49,7 +49,8 @@ def test_the_plan_fuses_the_relus_around_a_block():
     plans = model._current.plans
     assert plans[2].mask and plans[1].in_next  # the ReLU before: masked in the block's backward
     assert plans[2].relu and plans[3].in_previous  # the ReLU after: applied by the join
-    assert not plans[4].relu and not plans[4].mask
+    assert plans[4].mask and plans[3].in_next  # the same ReLU is also the one before the next block
+    assert not plans[4].relu  # nothing after the second block to fuse
 
 
 def test_fused_equals_unfused():

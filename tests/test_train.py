@@ -88,7 +88,7 @@ def test_resume_with_nothing_to_resume(data_dir, tmp_path, capsys):
         (["train", "--epochs", "two"], "expected a positive integer, got 'two'"),
         (["train", "--data-dir", "/nonexistent"], "data folder /nonexistent does not exist"),
         (["evaluate", "--checkpoint", "/nonexistent/model.npz", "--device", "cpu"], "no checkpoint at"),
-        (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["train", "--model", "resnet50"], "invalid choice: 'resnet50'"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, message, capsys):
