@@ -1,7 +1,8 @@
 """nbcnn.kernels: the raw CNN kernels, one module per op, CPU (``@njit``) and CUDA (``@cuda.jit``).
 
 Modules: ``conv2d`` (a package: direct and im2col + BLAS CPU kernels, CUDA kernels),
-``pool2d``, ``activation``, ``dense``, ``softmax_xent``, ``optim``, ``conv1d``. Index and
+``pool2d``, ``activation``, ``residual`` (a residual block's join), ``dense``, ``softmax_xent``,
+``optim``, ``conv1d``, ``batchnorm``, ``dropout``, ``global_pool``, ``gather``, ``augment``. Index and
 output-size arithmetic lives once in ``_index``, argument checks in ``_checks``, what
 CUDA launchers share in ``_cuda``. This package imports only NumPy and Numba, never
 the rest of nbcnn. Nothing is compiled at import: each kernel compiles on its first
