@@ -78,7 +78,7 @@ class NoAllocation:
         return False
 
 
-@pytest.mark.parametrize("model_name", ["lenet", "mnist-example"])
+@pytest.mark.parametrize("model_name", ["lenet", "mnist-example", "resnet"])
 def test_the_users_loop_allocates_nothing_once_planned(model_name):
     model, loss_fn = MODELS[model_name](), SoftmaxCrossEntropy()
     opt = Adam(model.parameters())
@@ -111,6 +111,19 @@ def test_the_trainer_allocates_nothing_and_alternates_plans_freely():
         for _ in range(2):
             trainer.run_epoch(x, y, order, 64)
             trainer.evaluate(x, y, batch_size=100)
+
+
+def test_label_smoothing_and_gradient_clipping_allocate_nothing_once_planned():
+    from nbcnn.step import ClipGradNorm
+
+    model = MODELS["resnet"](widths=(4, 8, 8))
+    trainer = Trainer(model, SoftmaxCrossEntropy(label_smoothing=0.1), SGD(model.parameters(), lr=0.01),
+                      hooks=[ClipGradNorm(0.5)])
+    x, y = batch(96)
+    order = np.random.default_rng(2).permutation(96).astype(np.int32)
+    trainer.run_epoch(x, y, order, 64)
+    with NoAllocation():
+        trainer.run_epoch(x, y, order, 64)
 
 
 def test_parameters_live_in_one_flat_buffer_and_the_optimizer_makes_one_call():
