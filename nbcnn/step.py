@@ -59,9 +59,10 @@ class Augment:
 class ClipGradNorm:
     """A Trainer hook: after backward (and after a data-parallel sum of the gradients, when that hook
     comes first), the model's gradients are scaled down together where their norm exceeds
-    ``max_norm``: ``grad *= max_norm / (norm + 1e-6)``, as PyTorch's ``clip_grad_norm_``. One pass
-    over the flat gradient buffer on the device (two launches on a GPU); the norm before clipping
-    stays there, in ``norm``, read by nobody unless asked (``last_norm()``)."""
+    ``max_norm``: ``grad *= max_norm / (norm + 1e-6)``, as PyTorch's ``clip_grad_norm_``. One
+    kernel call over the flat gradient buffer, on the device (two launches on a GPU: the norm, then
+    the scaling); the norm before clipping stays there, in ``norm``, read back only when asked
+    (``last_norm()``)."""
 
     def __init__(self, max_norm):
         if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):

@@ -250,3 +250,13 @@ def test_a_bad_image_folder_is_refused_in_one_line(tmp_path, capsys, make, messa
                    "--out", tmp_path / "run", "--no-progress") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_models_defaults_include_augmentation_and_the_options_override_them():
+    assert Config(model="resnet").augment and Config(model="resnet").epochs == 12
+    assert not Config(model="resnet", augment=False).augment
+    assert not Config().augment and Config(augment=True).augment
+    assert Config().label_smoothing == 0.0 and Config().clip_grad_norm is None
+    for bad in (dict(label_smoothing=-0.5), dict(label_smoothing="x"), dict(clip_grad_norm=0), dict(clip_grad_norm=True)):
+        with pytest.raises(ValueError):
+            Config(**bad)
