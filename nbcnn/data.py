@@ -367,9 +367,16 @@ def prepare(images, mean, std):
     levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
     tables = (levels[None, :] - means[:, None]) / stds[:, None]  # (C, 256)
     x = np.empty(images.shape, np.float32)
-    for c in range(images.shape[1]):
-        np.take(tables[c], images[:, c], out=x[:, c])
+    # A few thousand images at a time: a lookup makes its result as a new array, so one for the whole
+    # data set would hold a second copy of it at the peak (188 MB for MNIST).
+    for start in range(0, images.shape[0], PREPARE_CHUNK):
+        stop = start + PREPARE_CHUNK
+        for c in range(images.shape[1]):
+            x[start:stop, c] = tables[c][images[start:stop, c]]
     return x
+
+
+PREPARE_CHUNK = 4096  # images per lookup in ``prepare``
 
 
 def write_idx(path, array, magic):
