@@ -266,10 +266,20 @@ SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=5).map(tuple)
 DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int32, np.uint8, np.complex64, np.bool_])
 
 
+MODELS_OF_2x6x6 = {
+    "plain": lambda: Sequential([L.Conv2D(2, 3, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
+                                 L.Dense(3 * 3 * 3, 4)]),
+    "residual": lambda: Sequential([L.Conv2D(2, 3, 3, padding=1), L.ReLU(),
+                                    L.Residual([L.Conv2D(3, 3, 3, padding=1), L.GELU()]), L.ReLU(), L.MaxPool2D(2),
+                                    L.Flatten(), L.Dense(3 * 3 * 3, 4)]),
+}
+
+
 @settings(max_examples=150, deadline=None)
-@given(shape=SHAPES, dtype=DTYPES, transpose=st.booleans(), wrap=st.sampled_from(["array", "list", "scalar"]))
-def test_a_model_refuses_wrong_inputs(shape, dtype, transpose, wrap):
-    model = Sequential([L.Conv2D(2, 3, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(), L.Dense(3 * 3 * 3, 4)])
+@given(shape=SHAPES, dtype=DTYPES, transpose=st.booleans(), wrap=st.sampled_from(["array", "list", "scalar"]),
+       kind=st.sampled_from(sorted(MODELS_OF_2x6x6)))
+def test_a_model_refuses_wrong_inputs(shape, dtype, transpose, wrap, kind):
+    model = MODELS_OF_2x6x6[kind]()
     x = np.ones(shape, dtype)
     if transpose and x.ndim >= 2:
         x = x.swapaxes(-1, -2)
