@@ -148,7 +148,7 @@ CIFAR_PICKLES = {"CIFAR-10": ("data_batch_1", "batches.meta"), "CIFAR-100": ("tr
 
 
 def cifar_kind(folder):
-    """"CIFAR-10" or "CIFAR-100" when ``folder`` holds that data set's binary version (any of its
+    """The data set ("CIFAR-10" or "CIFAR-100") whose binary version ``folder`` holds (any of its
     files), else None."""
     for kind, spec in CIFAR.items():
         if any(os.path.isfile(os.path.join(folder, name)) for name in spec["train"] + spec["test"]):
