@@ -38,6 +38,7 @@ from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import serial
 from ._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, flat, gpu_arrays, on_gpu, reduce_parts,
                     reduce_scratch, stream, sum_of_parts)
+from ._index import compile_twice
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -131,6 +132,14 @@ def _fill_cpu(a, value):
 CLIP_EPS = 1e-6  # PyTorch's: the factor max_norm / (norm + eps) is finite for a zero gradient
 
 
+def clip_factor(norm, max_norm):
+    """What a gradient of length ``norm`` is multiplied by: max_norm / (norm + eps), at most 1."""
+    return min(1.0, max_norm / (norm + CLIP_EPS))
+
+
+clip_factor_cpu, clip_factor_cuda = compile_twice(clip_factor)
+
+
 @njit(parallel=True, cache=True)
 def _clip_grad_norm_cpu(grad, norm, max_norm):
     """norm[0] = |grad| (summed in float64); grad scaled to a norm of max_norm where it is longer."""
@@ -139,7 +148,7 @@ def _clip_grad_norm_cpu(grad, norm, max_norm):
         g = np.float64(grad[i])
         total += g * g
     norm[0] = math.sqrt(total)
-    factor = max_norm / (norm[0] + CLIP_EPS)
+    factor = clip_factor_cpu(norm[0], max_norm)
     if factor < 1.0:
         for i in prange(grad.size):
             grad[i] *= factor
@@ -153,7 +162,7 @@ def _clip_grad_norm_serial_cpu(grad, norm, max_norm):
         g = np.float64(grad[i])
         total += g * g
     norm[0] = math.sqrt(total)
-    factor = max_norm / (norm[0] + CLIP_EPS)
+    factor = clip_factor_cpu(norm[0], max_norm)
     if factor < 1.0:
         for i in range(grad.size):
             grad[i] *= factor
@@ -318,7 +327,7 @@ def _grad_norm_kernel(norm, factor, grad, max_norm, partials, tickets):
         if cuda.threadIdx.x == 0:
             length = math.sqrt(total)
             norm[0] = length
-            factor[0] = min(1.0, max_norm / (length + CLIP_EPS))
+            factor[0] = clip_factor_cuda(length, max_norm)
 
 
 @cuda.jit(cache=True)

@@ -23,6 +23,7 @@ from numba import cuda, njit, prange
 from ._checks import check_arrays, check_shape, on_host
 from ._cpu import serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
+from ._index import compile_twice
 
 
 def _check(fn, on_device, arrays):
@@ -35,15 +36,19 @@ def _check(fn, on_device, arrays):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
-@njit(inline="always", cache=True)
-def _join(y, a, b, i, relu):
+def join(y, a, b, i, relu):
+    """y[i] = a[i] + b[i], through the ReLU with ``relu``."""
     v = a[i] + b[i]
     y[i] = v if (not relu or v > 0) else 0
 
 
-@njit(inline="always", cache=True)
-def _fork(dx, da, db, x, i, mask):
+def fork(dx, da, db, x, i, mask):
+    """dx[i] = da[i] + db[i], zero where ``mask`` and x[i] <= 0."""
     dx[i] = da[i] + db[i] if (not mask or x[i] > 0) else 0
+
+
+_join, _join_cuda = compile_twice(join)
+_fork, _fork_cuda = compile_twice(fork)
 
 
 @njit(parallel=True, cache=True)
@@ -113,8 +118,7 @@ def _residual_add_forward_kernel(y, a, b, relu):
     """One thread per element of the flat vectors."""
     i = cuda.grid(1)
     if i < y.size:
-        v = a[i] + b[i]
-        y[i] = v if (not relu or v > 0) else 0
+        _join_cuda(y, a, b, i, relu)
 
 
 @cuda.jit(cache=True)
@@ -122,7 +126,7 @@ def _residual_add_backward_kernel(dx, da, db, x, mask):
     """One thread per element of the flat vectors."""
     i = cuda.grid(1)
     if i < dx.size:
-        dx[i] = da[i] + db[i] if (not mask or x[i] > 0) else 0
+        _fork_cuda(dx, da, db, x, i, mask)
 
 
 # --------------------------------------------------------------------------- CUDA launchers

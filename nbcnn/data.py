@@ -363,7 +363,8 @@ def prepare(images, mean, std):
     images = np.asarray(images, np.uint8)
     if images.ndim == 3:
         images = images.reshape(images.shape[0], 1, *images.shape[1:])
-    means, stds = np.broadcast_to(np.float32(mean), images.shape[1]), np.broadcast_to(np.float32(std), images.shape[1])
+    channels = images.shape[1]
+    means, stds = np.broadcast_to(np.float32(mean), channels), np.broadcast_to(np.float32(std), channels)
     levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
     tables = (levels[None, :] - means[:, None]) / stds[:, None]  # (C, 256)
     x = np.empty(images.shape, np.float32)

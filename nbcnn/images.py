@@ -96,6 +96,19 @@ def _centre_of_mass(grey, background):
             float((weight.sum(axis=0) * np.arange(w)).sum()) / total)
 
 
+def framing(grey):
+    """(extent, offset) of a grey picture's ink: the share of the side its bounding box spans, and
+    how far its centre of mass sits from the frame's centre, as a share of the side; None for a
+    blank picture."""
+    box = ink_box(grey)
+    if box is None:
+        return None
+    side = max(grey.shape)
+    cy, cx = _centre_of_mass(grey, border_and_centre(grey)[0])
+    offset = max(abs(cy - (grey.shape[0] - 1) / 2), abs(cx - (grey.shape[1] - 1) / 2)) / side
+    return max(box[1] - box[0], box[3] - box[2]) / side, offset
+
+
 def ink_profile(images, sample=1000):
     """The convention of a grey data set (uint8 (N, H, W)), as JSON values kept in the checkpoint:
     ``ink`` "light" or "dark"; ``ink_extent``, the median share of the side its ink's bounding box
@@ -106,13 +119,10 @@ def ink_profile(images, sample=1000):
     light, extents, offsets = [], [], []
     for g in picked:
         light.append(ink_is_light(g))
-        box = ink_box(g)
-        if box is None:
-            continue
-        side = max(g.shape)
-        extents.append(max(box[1] - box[0], box[3] - box[2]) / side)
-        cy, cx = _centre_of_mass(g, border_and_centre(g)[0])
-        offsets.append(max(abs(cy - (g.shape[0] - 1) / 2), abs(cx - (g.shape[1] - 1) / 2)) / side)
+        measured = framing(g)
+        if measured is not None:
+            extents.append(measured[0])
+            offsets.append(measured[1])
     return {"ink": "light" if np.mean(light) >= 0.5 else "dark",
             "ink_extent": float(np.median(extents)) if extents else 1.0,
             "centred": bool(offsets) and float(np.median(offsets)) < 0.1}
@@ -159,12 +169,10 @@ def in_training_format(grey, size, profile):
     framing it again would only move it off the training data's pixel grid."""
     if grey.shape != (size, size) or ink_is_light(grey) != (profile.get("ink", "light") == "light"):
         return False
-    box = ink_box(grey)
-    if box is None or not profile.get("centred", False):
+    measured = framing(grey) if profile.get("centred", False) else None
+    if measured is None:  # a blank picture, or data whose ink is not framed in any one way
         return True
-    extent = max(box[1] - box[0], box[3] - box[2]) / size
-    cy, cx = _centre_of_mass(grey, border_and_centre(grey)[0])
-    offset = max(abs(cy - (size - 1) / 2), abs(cx - (size - 1) / 2)) / size
+    extent, offset = measured
     return abs(extent - float(profile.get("ink_extent", 1.0))) <= FRAMED_EXTENT and offset <= FRAMED_OFFSET
 
 

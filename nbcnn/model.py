@@ -203,7 +203,6 @@ def _summary_rows(layers, shape, indent, rows):
     for layer in layers:
         out = None if shape is None else layer.output_shape(shape)
         count = sum(p.size for p in layer.parameters())
-        buffers = layer.buffers()
         if isinstance(layer, Residual):
             rows.append((indent + "Residual", str(out) if out is not None else "?", f"{count:,}"))
             for name, path in (("block", layer.block), ("shortcut", layer.shortcut)):
@@ -213,6 +212,7 @@ def _summary_rows(layers, shape, indent, rows):
                 rows.append((indent + f"  {name}:", "", ""))
                 _summary_rows(path.layers, shape, indent + "    ", rows)
         else:
+            buffers = layer.buffers()
             extra = f" (+ buffers {', '.join(buffers)})" if buffers else ""
             rows.append((indent + repr(layer), str(out) if out is not None else "?", f"{count:,}{extra}"))
         shape = out

@@ -215,7 +215,8 @@ for _device in ("cpu", "cuda"):
                          ("residual_add_forward", residual), ("residual_add_backward", residual),
                          ("softmax_xent_step", softmax_xent), ("gather_batch", gather),
                          ("sgd_update", optim), ("adam_update", optim), ("adamw_update", optim),
-                         ("fill", optim), ("clip_grad_norm", optim), ("batchnorm2d_forward", batchnorm), ("batchnorm2d_backward", batchnorm),
+                         ("fill", optim), ("clip_grad_norm", optim),
+                         ("batchnorm2d_forward", batchnorm), ("batchnorm2d_backward", batchnorm),
                          ("dropout_forward", dropout), ("dropout_backward", dropout),
                          ("global_avgpool2d_forward", global_pool), ("global_avgpool2d_backward", global_pool),
                          ("shift_flip", augment)]:

@@ -86,7 +86,8 @@ class Config:
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
                 not 0 <= label_smoothing <= 1:
             raise ValueError(f"label smoothing must be a number in [0, 1], got {label_smoothing!r}")
-        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool)
+                                           or not isinstance(clip_grad_norm, (int, float))
                                            or not 0 < clip_grad_norm < math.inf):
             raise ValueError(f"gradient clipping's norm must be a positive number, got {clip_grad_norm!r}")
         self.label_smoothing = float(label_smoothing)
