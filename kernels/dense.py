@@ -31,6 +31,7 @@ from ._cuda import (REDUCE_THREADS, blocks, finished_last, flat, gpu_arrays, on_
 from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
                      multiply_staged, tile_kernel, zero_acc)
 from .activation import relu_backward_core_cpu
+from .matmul import KC, matmul_core_cpu, matmul_workspace
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -209,18 +210,24 @@ def dense_backward_weight_blas_cpu(dw, dy, x):
 # scratch (``ws.one``, a 1-element array the CUDA launch passes where an argument is unused).
 
 
+def dense_workspace_cpu(x_shape, w_shape):
+    """The scratch of the three products (kernels/matmul.py): the largest M is the batch or the
+    number of outputs."""
+    return matmul_workspace(max(x_shape[0], w_shape[0]), 0, KC)
+
+
 def dense_forward_core_cpu(y, x, w, b, relu, ws):
-    np.matmul(x, w.T, out=y)
+    matmul_core_cpu(y, x, w, False, True, False, ws)  # y = x w^T
     add = _add_bias_rows_serial_cpu if serial(y.size) else _add_bias_rows_cpu
     add(y, b, relu)
 
 
 def dense_backward_core_cpu(dx, dw, db, dy, x, w, mask, ws):
     if dx is not None:
-        np.matmul(dy, w, out=dx)
+        matmul_core_cpu(dx, dy, w, False, False, False, ws)  # dx = dy w
         if mask:
             relu_backward_core_cpu(dx, dx, x)
-    np.matmul(dy.T, x, out=dw)
+    matmul_core_cpu(dw, dy, x, True, False, False, ws)  # dw = dy^T x
     if db is not None:
         _dense_backward_bias_serial_cpu(db, dy)
 

@@ -272,13 +272,16 @@ class _Conv2DPlan(Plan):
     def fuse_pool(self, pool):
         """Compute ``pool``'s 2x2 max pooling in this layer's own kernels (a model's first layer: see
         nbcnn.kernels.conv2d.pooled); called by the model's plan before anything is allocated. The
-        default algorithm only: a named one ("direct", "tiled") keeps its own kernels. The first
-        backward asked for the input gradient computes it through the two ops and unfuses them."""
+        default algorithm only: a named one ("direct", "tiled") keeps its own kernels. Asked for the
+        input gradient, the fused op computes it from the pooled gradient where a kernel does
+        (the CPU, few input channels); elsewhere the first such backward unfuses the two ops."""
         if self.layer.algorithm is not None:
             return
         self.pool, pool.in_previous = pool, True
         self.pfwd = self.kernels.get("conv2d_maxpool_forward", self.device)
         self.pbwd = self.kernels.get("conv2d_maxpool_backward", self.device)
+        self.pdx = (self.kernels.get("conv2d_maxpool_backward_input", self.device)
+                    if ("conv2d_maxpool_backward_input", self.device.kind) in self.kernels.defaults else None)
 
     def _scratch(self, need_dx):
         L = self.layer
@@ -295,7 +298,16 @@ class _Conv2DPlan(Plan):
         L = self.layer
         self._workspace(self.pfwd.workspace(self.in_shape, L.weight.shape, L.stride, L.padding, self.dtype))
         if need_dx:
-            self._unfused_scratch()
+            self._fused_dx_scratch()
+
+    def _fused_dx_scratch(self):
+        """The input gradient of the fused op: its own kernel's scratch where there is one, else
+        what the two ops need."""
+        if self.pdx is None:
+            return self._unfused_scratch()
+        L = self.layer
+        self._workspace(self.pdx.workspace(self.in_shape, L.weight.shape, L.stride, L.padding, self.dtype))
+        return self._dx()
 
     def _unfused_scratch(self):
         """What the two ops need when the input gradient is asked for after all: the convolution's
@@ -321,12 +333,26 @@ class _Conv2DPlan(Plan):
         L = self.layer
         db = None if L.bias is None else L.bias.grad
         if self.pool is not None:  # dy is the pooling's (its plan passed it on)
-            if not need_dx:
-                self.pbwd.run(L.weight.grad, db, dy, self.pool.argmax, self.pool.y, self.x, L.weight.data,
-                              *self.settings, self.relu, self.ws)
-                return None
-            dy = self._unpooled(dy)
-            self._unfuse()  # a caller that wants dx once (the README's loop) wants it every step
+            pool = self.pool
+            if need_dx:
+                dx = self._fused_dx_scratch()
+                if self.pdx is None or not self.pdx.run(dx, dy, pool.argmax, pool.y, L.weight.data, *self.settings,
+                                                        self.relu, self.ws):
+                    return self._backward_unfused(dy, db)
+            self.pbwd.run(L.weight.grad, db, dy, pool.argmax, pool.y, self.x, L.weight.data, *self.settings,
+                          self.relu, self.ws)
+            return dx if need_dx else None
+        return self._backward(dy, db, need_dx)
+
+    def _backward_unfused(self, dyp, db):
+        """The fused op's backward with dx where no kernel gives it from the pooled gradient: the two
+        ops' own kernels, from now on (a caller that wants dx once wants it every step)."""
+        dy = self._unpooled(dyp)
+        self._unfuse()
+        return self._backward(dy, db, True)
+
+    def _backward(self, dy, db, need_dx):
+        L = self.layer
         dx = None
         if need_dx:
             if self.dx is None:  # a first layer asked for its input gradient after all

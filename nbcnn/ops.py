@@ -182,9 +182,10 @@ class Registry:
 REGISTRY = Registry()
 _add = REGISTRY.add
 
-# On the CPU, convolution goes through im2col and one BLAS product (conv2d/gemm.py), several
-# times faster than the direct loops of the definition (conv2d/cpu.py), which stay available
-# as "direct". On a GPU, implicit matrix products in register-blocked tiles (conv2d/cuda.py); the
+# On the CPU, convolution is a matrix product in nbcnn's own register tiles (kernels/matmul.py):
+# implicit at stride 1 (conv2d/implicit.py), through im2col otherwise, direct kernels for a few
+# input channels (conv2d/gemm.py); the loops of the definition (conv2d/cpu.py) stay available as
+# "direct". On a GPU, implicit matrix products in register-blocked tiles (conv2d/cuda.py); the
 # simpler shared-memory kernels they replaced stay available as "tiled".
 _add("conv2d_forward", "cpu", "gemm", conv_gemm.conv2d_forward_core_cpu, conv_gemm.conv2d_workspace_cpu)
 _add("conv2d_backward", "cpu", "gemm", conv_gemm.conv2d_backward_core_cpu, conv_gemm.conv2d_workspace_cpu)
@@ -204,6 +205,10 @@ for _device in ("cpu", "cuda"):
     for _op in ("conv2d_maxpool_forward", "conv2d_maxpool_backward"):
         _add(_op, _device, "gemm", getattr(conv_pooled, f"{_op}_core_{_device}"),
              getattr(conv_pooled, f"conv2d_maxpool_workspace_{_device}"))
+# Its input gradient straight from the pooled gradient, on the CPU (few input channels): a layer
+# without it unfuses the two ops when asked for dx.
+_add("conv2d_maxpool_backward_input", "cpu", "gemm", conv_pooled.conv2d_maxpool_backward_input_core_cpu,
+     conv_pooled.conv2d_maxpool_backward_input_workspace_cpu)
 
 for _device in ("cpu", "cuda"):
     _algorithm = "loops" if _device == "cpu" else "threads"
@@ -222,12 +227,11 @@ for _device in ("cpu", "cuda"):
                          ("shift_flip", augment)]:
         _add(_op, _device, _algorithm, getattr(_module, f"{_op}_core{_mod}"),
              getattr(_module, f"{_op}_workspace{_mod}", None))  # scratch, where a core needs it
-    # Dense layers: BLAS products on the CPU, register-blocked products with fused epilogues on a
-    # GPU (the simpler one-output-a-thread product stays available as "tiled").
-    _algorithm = "blas" if _device == "cpu" else "gemm"
-    _add("dense_forward", _device, _algorithm, getattr(dense, f"dense_forward_core{_mod}"))
-    _add("dense_backward", _device, _algorithm, getattr(dense, f"dense_backward_core{_mod}"),
-         lambda *shapes: {"one": (1,)})
+    # Dense layers: register-tiled products on both devices (kernels/matmul.py on the CPU; on a GPU
+    # with fused epilogues) (the simpler one-output-a-thread product stays available as "tiled").
+    _add("dense_forward", _device, "gemm", getattr(dense, f"dense_forward_core{_mod}"))
+    _add("dense_backward", _device, "gemm", getattr(dense, f"dense_backward_core{_mod}"),
+         dense.dense_workspace_cpu if _device == "cpu" else lambda *shapes: {"one": (1,)})
 _add("dense_forward", "cuda", "tiled", dense.dense_forward_tiled_core_cuda, default=False)
 _add("dense_backward", "cuda", "tiled", dense.dense_backward_tiled_core_cuda, lambda *shapes: {"one": (1,)},
      default=False)

@@ -44,7 +44,10 @@ from numba import njit, prange
 from .._checks import check_arrays, check_shape, on_host
 from .._index import in_coord_cpu, valid_out_range_cpu
 from ..activation import relu_backward_core_cpu
+from ..matmul import KC, matmul_core_cpu, matmul_workspace
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
+from .implicit import (bias_gradient_cpu, conv2d_backward_implicit_core, conv2d_forward_implicit_core, implicit_applies,
+                       implicit_workspace)
 
 # ----------------------------------------------------------------------------- CPU kernels
 
@@ -394,43 +397,57 @@ def dcols_shape(rows, N, OH, OW, itemsize):
     return (rows, samples * OH * OW)
 
 
-def input_gradient(dx, w, kt, dcols, stride, padding, OH, OW, padded):
+def input_gradient(dx, w, kt, dcols, stride, padding, OH, OW, padded, ws):
     """dx from kt (K, N*OH*OW), dy in the product's layout: dcols = w^T kt and col2im, one chunk of
-    the batch at a time (``dcols`` holds one chunk; ``padded`` as ``col2im`` takes it)."""
+    the batch at a time (``dcols`` holds one chunk; ``padded`` as ``col2im`` takes it; ``ws`` the
+    product's scratch)."""
     N = dx.shape[0]
     K, C, FH, FW = w.shape
     rows, plane = C * FH * FW, OH * OW
     step = dcols.shape[1] // plane
-    wt = w.reshape(K, rows).T
+    wf = w.reshape(K, rows)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         part = dcols.reshape(-1)[:rows * (n1 - n0) * plane].reshape(rows, (n1 - n0) * plane)  # contiguous
-        np.matmul(wt, kt[:, n0 * plane:n1 * plane], out=part)
+        matmul_core_cpu(part, wf, kt[:, n0 * plane:n1 * plane], True, False, False, ws)
         col2im(dx[n0:n1], part, FH, FW, stride, padding, OH, OW, None if padded is None else padded[n0:n1])
 
 
 def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype, direct=True):
-    """{name: shape} of the scratch the CPU cores need for these shapes: the im2col matrix ``cols``
-    (kept from forward for backward), ``kt`` (K, N*OH*OW) for the products in their layout,
-    ``padded`` for stride 1, ``dcols`` when the input gradient is needed, ``db`` for a layer
-    without bias, ``dwt`` for the weight gradient's product; for few input channels
-    (``few_channels``, unless ``direct`` is False), ``planes`` for the direct kernels instead of
-    ``cols`` and ``dwt``."""
+    """{name: shape} of the scratch the CPU cores need for these shapes. Three ways, the first that
+    applies (unless ``direct`` is False, which always takes the last):
+
+    - few input channels (``few_channels``): ``planes`` for the direct kernels, ``padded`` for the
+      zero-bordered input, ``kt`` for the input gradient's product;
+    - stride 1 (``implicit.implicit_applies``): the implicit product's scratch (``im_*``);
+    - otherwise im2col: the matrix ``cols`` (kept from forward for backward), ``kt`` (K, N*OH*OW)
+      for the products in their layout, ``padded`` for stride 1, ``dcols`` when the input gradient
+      is needed, and the product's own scratch (``mm_*``).
+
+    ``db`` always (a layer without bias still computes one).
+    """
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
-    shapes = {"kt": (K, N * OH * OW), "db": (K,)}
+    rows = C * FH * FW
+    shapes = {"db": (K,)}
+    if direct and implicit_applies(w_shape, stride, padding) and not few_channels(x_shape, w_shape, stride):
+        return {**shapes, **implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx)}
+    shapes["kt"] = (K, N * OH * OW)
     if tuple(stride) == (1, 1):
         shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
+    product = matmul_workspace(max(K, rows), 0, KC)  # the largest M of the three products, full depth blocks
     if direct and few_channels(x_shape, w_shape, stride):  # the direct kernels: no im2col matrix to keep
         shapes["planes"] = few_channels_planes(OH, OW, FW)
         if not need_dx:
             del shapes["kt"]
+        else:
+            shapes.update(product)
     else:
-        shapes["cols"] = (C * FH * FW, N * OH * OW)
-        shapes["dwt"] = (C * FH * FW, K)
+        shapes["cols"] = (rows, N * OH * OW)
+        shapes.update(product)
     if need_dx:
-        shapes["dcols"] = dcols_shape(C * FH * FW, N, OH, OW, np.dtype(dtype).itemsize)
+        shapes["dcols"] = dcols_shape(rows, N, OH, OW, np.dtype(dtype).itemsize)
     return shapes
 
 
@@ -505,7 +522,7 @@ def conv2d_backward_input_gemm_cpu(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, p
                                                  padding)
     ws = _scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype)
     _knp_from_nkp(ws["kt"].reshape(K, N, OH * OW), ws["db"], dy.reshape(N, K, OH * OW))
-    input_gradient(dx, w, ws["kt"], ws["dcols"], stride, padding, OH, OW, ws.get("padded"))
+    input_gradient(dx, w, ws["kt"], ws["dcols"], stride, padding, OH, OW, ws.get("padded"), SimpleNamespace(**ws))
     return dx
 
 
@@ -545,8 +562,11 @@ def conv2d_forward_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
         xp = _padded(x, ph, pw, ws)
         _few_channels_forward_cpu(y, xp.reshape(N, C, -1), w, b, relu, ws.planes)
         return
+    if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit product
+        conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws)
+        return
     im2col(ws.cols, x, FH, FW, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
-    np.matmul(w.reshape(K, C * FH * FW), ws.cols, out=ws.kt)
+    matmul_core_cpu(ws.kt, w.reshape(K, C * FH * FW), ws.cols, False, False, False, ws)
     _nkp_from_knp(y.reshape(N, K, OH * OW), ws.kt.reshape(K, N, OH * OW), b, relu)
 
 
@@ -554,6 +574,10 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH, OW = dy.shape[2], dy.shape[3]
+    if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products
+        conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws)
+        bias_gradient_cpu(ws.db if db is None else db, dy)
+        return
     if getattr(ws, "planes", None) is not None:  # few input channels: the forward left ws.padded filled
         xp = ws.padded if ph or pw else x
         _few_channels_backward_weight_cpu(dw, ws.db if db is None else db, dy, xp.reshape(N, C, -1), ws.planes)
@@ -561,11 +585,9 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
             _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db, dy.reshape(N, K, OH * OW))
     else:
         _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db if db is None else db, dy.reshape(N, K, OH * OW))
-        # dw^T = cols kt^T, then transposed (C*FH*FW x K values): OpenBLAS runs the product with the
-        # long dimension inside 1.2 to 2x faster in this orientation (measured on the zoo's shapes)
-        np.matmul(ws.cols, ws.kt.T, out=ws.dwt)
-        dw.reshape(K, C * FH * FW)[:] = ws.dwt.T
+        # dw (K, C*FH*FW) = kt cols^T
+        matmul_core_cpu(dw.reshape(K, C * FH * FW), ws.kt, ws.cols, False, True, False, ws)
     if dx is not None:
-        input_gradient(dx, w, ws.kt, ws.dcols, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None))
+        input_gradient(dx, w, ws.kt, ws.dcols, (sh, sw), (ph, pw), OH, OW, getattr(ws, "padded", None), ws)
         if mask:
             relu_backward_core_cpu(dx, dx, x)

@@ -139,6 +139,41 @@ def _few_channels_pool_backward_weight_cpu(dw, db, dyp, argmax, yp, xp, mask, OH
                 db[k0 + j] = s
 
 
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _few_channels_pool_backward_input_cpu(dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, planes, padded):
+    """dx (N, C, H, W), the input gradient of the fused op, from dyp through argmax, without a
+    full-size gradient: for each filter, its gradient plane (zeros but at the maxima, row length
+    WP) is added into the padded input gradient shifted by each tap, times the tap's weight (the
+    forward's shifts, run backwards). A quarter of an input gradient's work: only the maxima
+    carry a gradient. One task per sample, in its thread's plane and padded buffer."""
+    N, C, H, W = dx.shape
+    K, _, FH, FW = w.shape
+    WP = OW + FW - 1
+    HP = OH + FH - 1
+    span = OH * WP - (FW - 1)
+    for n in prange(N):
+        t = numba.get_thread_id()
+        g, dxp = planes[t, 0], padded[t]
+        g[:] = 0
+        dxp[:] = 0
+        for k in range(K):
+            _scatter(g, dyp, argmax, yp, n, k, mask, OW, WP)
+            for c in range(C):
+                for fh in range(FH):
+                    for fw in range(FW):
+                        wv = w[k, c, fh, fw]
+                        into = dxp[(c * HP + fh) * WP + fw:]
+                        for q in range(span):
+                            into[q] += wv * g[q]
+            _unscatter(g, argmax, n, k, OW, WP)
+        for c in range(C):
+            for i in range(H):
+                row = dxp[(c * HP + i + ph) * WP + pw:]
+                out = dx[n, c, i]
+                for j in range(W):
+                    out[j] = row[j]
+
+
 # ------------------------------------------------------------------ unchecked cores, both devices
 #
 # What nbcnn's planned step calls, the same arguments on both devices: ``b`` always an array,
@@ -153,8 +188,28 @@ def conv2d_maxpool_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
     y_shape = conv_output(x_shape, w_shape, stride, padding)
     if few_channels(x_shape, w_shape, stride):
         return conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype)
-    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype, direct=False)
+    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype)
     return {**shapes, "conv_y": y_shape, "conv_dy": y_shape}
+
+
+def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
+    """{name: shape} for the fused op's input gradient: a padded input gradient for each of Numba's
+    threads (few input channels; nothing otherwise)."""
+    if not few_channels(x_shape, w_shape, stride):
+        return {}
+    N, C, H, W = x_shape
+    return {"pool_dx": (numba.config.NUMBA_NUM_THREADS, C * (H + 2 * padding[0]) * (W + 2 * padding[1]))}
+
+
+def conv2d_maxpool_backward_input_core_cpu(dx, dyp, argmax, yp, w, sh, sw, ph, pw, mask, ws):
+    """dx of the fused op, from the pooled gradient (after its backward, or before: it reads only
+    what the forward left). Returns False, computing nothing, where the op runs as two ops (not
+    few input channels): the caller then unfuses them."""
+    if getattr(ws, "planes", None) is None:
+        return False
+    _, _, COH, COW = conv_output(dx.shape, w.shape, (sh, sw), (ph, pw))
+    _few_channels_pool_backward_input_cpu(dx, dyp, argmax, yp, w, mask, ph, pw, COH, COW, ws.planes, ws.pool_dx)
+    return True
 
 
 def conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, b, sh, sw, ph, pw, relu, ws):

@@ -1,0 +1,319 @@
+"""2-D convolution on the CPU as an implicit matrix product: the patches are packed straight
+into the micro-kernel's slivers (``kernels/matmul.py``), never written out as an im2col matrix.
+
+Stride 1. A sample's input, zero-padded to HP x WP planes, is one flat run of values: tap
+(c, fh, fw) of output (oh, ow) reads it at (c*HP + fh)*WP + fw + (oh*WP + ow). Give the output
+the padded row length WP too (its last FW - 1 columns are never kept) and, tap by tap, the
+patches matrix of im2col is the flat input shifted by the tap's offset:
+
+    patches[r, q] = xpad[offset(r) + q]      r = (c, fh, fw),  q = oh*WP + ow,  offset(r) = (c*HP + fh)*WP + fw
+
+so a sliver of NR columns of it is NR adjacent input values for each tap: one contiguous copy a
+tap, from the padded sample in L2 to the sliver in L1. The three products, per sample n:
+
+    forward          y[n]  (K, OH*WP)   = w (K, C*FH*FW) @ patches          (+ bias, ReLU when stored)
+    backward input   dx[n] (C, H*WP')   = w' (C, K*FH*FW) @ patches of dy    (dy padded by F - 1 - P:
+                                          a full convolution with the filters flipped, w'[c, k, fh, fw]
+                                          = w[k, c, FH-1-fh, FW-1-fw]; times x > 0 with ``mask``)
+    backward weight  dw    (K, C*FH*FW) += dy[n] (K, OH*WP) @ patches^T     (dy with zeros in the unused
+                                          columns; summed over the samples)
+
+Threads take whole samples: each pads its sample into its own buffer, packs and multiplies, and
+stores its sample's output (forward, input gradient) or adds into its own copy of dw, summed in a
+fixed order at the end (weight gradient): no two threads write one element, and the same thread
+count gives the same bits. Every buffer comes from the caller (``implicit_workspace``).
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ..matmul import KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, copy_row, multiply_sliver, pack_sliver, slivers
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def implicit_applies(w_shape, stride, padding):
+    """Whether the implicit kernels run this convolution: stride 1, and padding under the filter's
+    size (the input gradient's full convolution pads by F - 1 - P)."""
+    FH, FW = w_shape[2], w_shape[3]
+    return tuple(stride) == (1, 1) and padding[0] < FH and padding[1] < FW
+
+
+@njit(inline="always", cache=True)
+def pad_sample(xp, x, n, ph, pw):
+    """xp = sample n of x (N, C, H, W) with a zero border, planes of (H + 2*ph) x (W + 2*pw) flat;
+    the values after the last plane are zero too (slivers read up to NR + FW past it)."""
+    N, C, H, W = x.shape
+    HP, WP = H + 2 * ph, W + 2 * pw
+    zero = xp.dtype.type(0)
+    for c in range(C):
+        plane = c * HP * WP
+        for i in range(ph * WP):  # the rows above and below
+            xp[plane + i] = zero
+            xp[plane + (HP - ph) * WP + i] = zero
+        for i in range(H):
+            o = plane + (i + ph) * WP
+            row = x[n, c, i]
+            for j in range(pw):  # left and right of the row
+                xp[o + j] = zero
+                xp[o + pw + W + j] = zero
+            for j in range(W):
+                xp[o + pw + j] = row[j]
+    for i in range(C * HP * WP, xp.shape[0]):
+        xp[i] = zero
+
+
+@njit(inline="always", cache=True)
+def pack_patches(tile, dst, xp, r0, kc, q0, FH, FW, HP, WP):
+    """dst[p*NR + j] = patches[r0 + p, q0 + j]: for each tap, NR adjacent values of xp (one vector
+    copy); the tap's offset is counted along, not divided out."""
+    NR = _NR[tile]
+    c, fh, fw = r0 // (FH * FW), (r0 // FW) % FH, r0 % FW
+    for p in range(kc):
+        copy_row(tile, dst, p * NR, xp, (c * HP + fh) * WP + fw + q0)
+        fw += 1
+        if fw == FW:
+            fw = 0
+            fh += 1
+            if fh == FH:
+                fh = 0
+                c += 1
+
+
+@njit(inline="always", cache=True)
+def pack_weights(a_pack, wf, MR):
+    """The filters wf (K, R) as A's slivers, depth block by depth block: block pc starts at
+    pc * Kpad (Kpad = K rounded up to MR)."""
+    K, R = wf.shape
+    Kpad = slivers(K, MR) * MR
+    for s in prange(slivers(K, MR)):
+        for pc in range(0, R, KC):
+            kc = min(KC, R - pc)
+            pack_sliver(a_pack, pc * Kpad + s * kc * MR, wf, s * MR, K, pc, kc, MR, False)
+
+
+@njit(inline="always", cache=True)
+def store_sample(y, n, plane, b, relu, mask, masked, WP):
+    """y[n, k, oh, ow] = plane[k, oh*WP + ow] + b[k], max(., 0) with ``relu``, times mask[n, k, oh, ow] > 0
+    with ``masked``."""
+    K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    zero = y.dtype.type(0)
+    for k in range(K):
+        bk = b[k]
+        for oh in range(OH):
+            row = plane[k, oh * WP:oh * WP + OW]
+            out = y[n, k, oh]
+            for ow in range(OW):
+                v = row[ow] + bk
+                if relu:
+                    v = max(v, zero)
+                if masked and not mask[n, k, oh, ow] > 0:
+                    v = zero
+                out[ow] = v
+
+
+@njit(inline="always", cache=True)
+def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, xpads, planes, b_slivers, edges):
+    """y (N, K, OH, OW) = the stride-1 convolution of x (N, C, H, W) with w (K, C, FH, FW), padding
+    (ph, pw), plus b, then ReLU / mask as ``store_sample`` says. Scratch: ``a_pack`` (packed filters),
+    per thread ``xpads`` (a padded sample), ``planes`` (K, OH*WP), ``b_slivers``, ``edges``."""
+    MR, NR = _MR[tile], _NR[tile]
+    N, C, H, W = x.shape
+    K, _, FH, FW = w.shape
+    OH, OW = y.shape[2], y.shape[3]
+    HP, WP = H + 2 * ph, W + 2 * pw
+    R = C * FH * FW
+    Kpad = slivers(K, MR) * MR
+    pack_weights(a_pack, w.reshape(K, R), MR)
+    for n in prange(N):
+        t = numba.get_thread_id()
+        xp, plane, sliver = xpads[t], planes[t], b_slivers[t]
+        pad_sample(xp, x, n, ph, pw)
+        for pc in range(0, R, KC):
+            kc = min(KC, R - pc)
+            for col in range(slivers(OH * WP, NR)):
+                pack_patches(tile, sliver, xp, pc, kc, col * NR, FH, FW, HP, WP)
+                multiply_sliver(tile, a_pack[pc * Kpad:], sliver, plane, col * NR, kc, pc > 0, edges[t])
+        store_sample(y, n, plane, b, relu, mask, masked, WP)
+
+
+@njit(inline="always", cache=True)
+def pack_gradient(dst, dy, n, k0, q0, kc, MR, WP):
+    """dst[p*MR + i] = dy[n, k0 + i] at q = q0 + p of a plane of row length WP: zero in the unused
+    columns (ow >= OW) and for filters past the last."""
+    K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    zero = dy.dtype.type(0)
+    for i in range(MR):
+        k = k0 + i
+        oh, ow = q0 // WP, q0 % WP
+        for p in range(kc):
+            dst[p * MR + i] = dy[n, k, oh, ow] if (k < K and ow < OW) else zero
+            ow += 1
+            if ow == WP:
+                ow = 0
+                oh += 1
+
+
+@njit(inline="always", cache=True)
+def pack_patches_transposed(dst, xp, q0, kc, r0, width, R, FH, FW, HP, WP):
+    """dst[p*width + j] = patches[r0 + j, q0 + p]: tap by tap, kc adjacent values of xp stored
+    ``width`` apart; zero for taps past the last."""
+    zero = dst.dtype.type(0)
+    for j in range(width):
+        r = r0 + j
+        if r < R:
+            c = r // (FH * FW)
+            fh = (r // FW) % FH
+            fw = r % FW
+            src = xp[(c * HP + fh) * WP + fw + q0:]
+            for p in range(kc):
+                dst[p * width + j] = src[p]
+        else:
+            for p in range(kc):
+                dst[p * width + j] = zero
+
+
+@njit(inline="always", cache=True)
+def weight_gradient_body(tile, dw, dy, x, ph, pw, a_packs, xpads, b_slivers, edges, parts):
+    """dw (K, C, FH, FW) = the weight gradient of the stride-1 convolution: each thread adds its
+    samples' dy[n] @ patches^T into its ``parts[t]`` (K, C*FH*FW), then the parts are summed in
+    thread order."""
+    MR, NR = _MR[tile], _NR[tile]
+    N, C, H, W = x.shape
+    K, _, FH, FW = dw.shape
+    OH = dy.shape[2]
+    HP, WP = H + 2 * ph, W + 2 * pw
+    R = C * FH * FW
+    Q = OH * WP
+    threads = parts.shape[0]
+    for t in prange(threads):
+        parts[t] = 0
+    for n in prange(N):
+        t = numba.get_thread_id()
+        xp, a_pack, sliver, part = xpads[t], a_packs[t], b_slivers[t], parts[t]
+        pad_sample(xp, x, n, ph, pw)
+        for pc in range(0, Q, KC):
+            kc = min(KC, Q - pc)
+            for s in range(slivers(K, MR)):
+                pack_gradient(a_pack[s * kc * MR:], dy, n, s * MR, pc, kc, MR, WP)
+            for col in range(slivers(R, NR)):
+                pack_patches_transposed(sliver, xp, pc, kc, col * NR, NR, R, FH, FW, HP, WP)
+                multiply_sliver(tile, a_pack, sliver, part, col * NR, kc, True, edges[t])
+    dwf = dw.reshape(K, R)
+    for k in prange(K):
+        dwf[k] = parts[0, k]
+        for t in range(1, threads):
+            dwf[k] += parts[t, k]
+
+
+@njit(inline="always", cache=True)
+def flip_filters(wt, w):
+    """wt (C, K, FH, FW) = w (K, C, FH, FW) with filter and channel swapped and the window turned
+    by 180 degrees: the filters of the input gradient's full convolution."""
+    K, C, FH, FW = w.shape
+    for c in prange(C):
+        for k in range(K):
+            for fh in range(FH):
+                for fw in range(FW):
+                    wt[c, k, fh, fw] = w[k, c, FH - 1 - fh, FW - 1 - fw]
+
+
+def _compiled_for(tile):
+    @njit(parallel=True, cache=True)
+    def forward(y, x, w, b, ph, pw, relu, a_pack, xpads, planes, b_slivers, edges):
+        convolve_body(tile, y, x, w, b, ph, pw, relu, y, False, a_pack, xpads, planes, b_slivers, edges)
+
+    @njit(parallel=True, cache=True)
+    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, a_pack, xpads, planes, b_slivers, edges):
+        flip_filters(wt, w)
+        FH, FW = w.shape[2], w.shape[3]
+        convolve_body(tile, dx, dy, wt, zeros, FH - 1 - ph, FW - 1 - pw, False, x, masked, a_pack, xpads, planes,
+                      b_slivers, edges)
+
+    @njit(parallel=True, cache=True)
+    def backward_weight(dw, dy, x, ph, pw, a_packs, xpads, b_slivers, edges, parts):
+        weight_gradient_body(tile, dw, dy, x, ph, pw, a_packs, xpads, b_slivers, edges, parts)
+
+    return forward, backward_input, backward_weight
+
+
+# One set of compiled kernels per tile (the tile a constant in each: see kernels/matmul.py)
+_KERNELS = tuple(_compiled_for(tile) for tile in range(len(TILE_NAMES)))
+
+
+def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx):
+    """{name: shape} of the scratch the implicit kernels need (any tile): the packed filters, and
+    for each of Numba's threads a padded sample, an output plane, a sliver of B, an edge tile, the
+    packed gradient and its own weight gradient; with ``need_dx``, the flipped filters and the
+    padded gradient and planes of the input gradient's convolution."""
+    N, C, H, W = x_shape
+    K, _, FH, FW = w_shape
+    OH, OW = y_shape[2], y_shape[3]
+    ph, pw = padding
+    threads = numba.config.NUMBA_NUM_THREADS
+    HP, WP = H + 2 * ph, W + 2 * pw
+    R = C * FH * FW
+    tail = MAX_NR + FW  # read past the last plane by the last sliver
+    shapes = {
+        "im_a_pack": ((K + MAX_MR) * R,),
+        "im_xpads": (threads, C * HP * WP + tail),
+        "im_planes": (threads, K, OH * WP),
+        "im_b_slivers": (threads, KC * MAX_NR),
+        "im_edges": (threads, MAX_MR * MAX_NR),
+        "im_grad_pack": (threads, (K + MAX_MR) * KC),
+        "im_parts": (threads, K, R),
+    }
+    if need_dx:  # the full convolution of dy: padding F - 1 - P, planes of row length OW + 2*(FW - 1 - pw)
+        dHP, dWP = OH + 2 * (FH - 1 - ph), OW + 2 * (FW - 1 - pw)
+        shapes.update({
+            "im_flipped": (C, K, FH, FW),
+            "im_zeros": (C,),
+            "im_dx_pack": ((C + MAX_MR) * K * FH * FW,),
+            "im_dy_pads": (threads, K * dHP * dWP + tail),
+            "im_dx_planes": (threads, C, H * dWP),
+        })
+    return shapes
+
+
+def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None):
+    """y = conv(x, w) + b (stride 1, padding ph, pw), max(., 0) with ``relu``; ``ws`` from
+    ``implicit_workspace``, ``tile`` a tile's index (None: this CPU's)."""
+    forward = _KERNELS[TILE if tile is None else tile][0]
+    forward(y, x, w, b, ph, pw, relu, ws.im_a_pack, ws.im_xpads, ws.im_planes, ws.im_b_slivers, ws.im_edges)
+
+
+def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None):
+    """dw, and dx when it is not None (times x > 0 with ``mask``); the bias gradient is the caller's."""
+    _, backward_input, backward_weight = _KERNELS[TILE if tile is None else tile]
+    backward_weight(dw, dy, x, ph, pw, ws.im_grad_pack, ws.im_xpads, ws.im_b_slivers, ws.im_edges, ws.im_parts)
+    if dx is not None:
+        ws.im_zeros[:] = 0
+        backward_input(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_dy_pads,
+                       ws.im_dx_planes, ws.im_b_slivers, ws.im_edges)
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def bias_gradient_cpu(db, dy):
+    """db[k] = the sum of dy[:, k]: each sample's plane summed in float32 across the vector lanes
+    (``reassoc``; a fixed order, so the same bits every run), the samples added in float64."""
+    N, K = dy.shape[0], dy.shape[1]
+    P = dy.shape[2] * dy.shape[3]
+    flat = dy.reshape(N, K, P)
+    for k in prange(K):
+        total = 0.0
+        for n in range(N):
+            plane = flat[n, k]
+            s = plane.dtype.type(0)
+            for p in range(P):
+                s += plane[p]
+            total += s
+        db[k] = total
+
+
+def implicit_scratch(x_shape, w_shape, y_shape, padding, need_dx, dtype):
+    """Fresh scratch arrays for the implicit kernels (tests, and calls outside a planned step)."""
+    from types import SimpleNamespace
+
+    shapes = implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx)
+    return SimpleNamespace(**{name: np.empty(shape, dtype) for name, shape in shapes.items()})

@@ -1,0 +1,429 @@
+"""The CPU matrix product every fast CPU kernel is built on: C = A B in a register tile.
+
+It is the CPU twin of ``_tiles.py``'s CUDA tile, the same idea at a different scale. There, a
+thread keeps a SUB_M x SUB_N = 4 x 8 piece of C in registers and, for each step of k, reads 4
+values of A and 8 of B from shared memory to do 32 multiply-adds. Here a core keeps an
+MR x NR piece of C in its vector registers (8 x 32 floats with AVX-512: 16 registers of 16
+lanes) and, for each step of k, reads one vector row of B (NR values, 2 loads) and broadcasts
+MR values of A (8 loads) to do MR x NR / 16 = 16 vector FMAs:
+
+    for p in range(kc):                          acc[i][j]: NR/V vectors of V lanes per row i
+        b_j = B[p, j*V:(j+1)*V]          (NR/V vector loads)
+        for i in range(MR):
+            a = broadcast(A[i, p])       (one load, copied to every lane)
+            for j in range(NR // V):
+                acc[i][j] = fma(a, b_j, acc[i][j])
+
+The multiply-adds of one step do not depend on each other, and an FMA's result is needed
+again only MR x NR/V instructions later: enough to keep both FMA pipes of a core busy through
+their 4-cycle latency (8 independent FMAs in flight; the tile has 16).
+
+Where shared memory holds the CUDA tile's operands, packed panels hold the CPU's: before the
+products, the part of A that a block of work reads is copied into slivers of MR rows stored
+k-major (``a_pack[p*MR + i]``) and B into slivers of NR columns (``b_pack[p*NR + j]``), so
+that the micro-kernel reads both with unit stride, whatever A's and B's layouts were
+(transposed, or gathered from a convolution's input). Slivers are padded with zeros to full
+MR and NR: the micro-kernel always computes a whole tile, and only what lands inside C is
+kept. Blocking from the cache sizes (BLIS's loop order): a KC x NR sliver of B (32 KB for
+KC = 256, NR = 32) stays in the 48 KB L1 while the micro-kernel runs down a column of A's
+slivers, which come from L2.
+
+Plain Numba loops with an accumulator array do not get there (5-7 GFLOP/s measured: the
+accumulators go through memory), so the micro-kernel is written in LLVM IR through
+``numba.extending.intrinsic``, with LLVM's generic vector type ``<V x float>`` and the
+``llvm.fma`` intrinsic: every target has them (a vector wider than the hardware's is split
+into several registers). The tile is chosen from the CPU's features (``host_tile``):
+
+    avx512     8 x 32, 16 lanes   16 accumulators of 32 zmm registers
+    avx2       6 x 16,  8 lanes   12 accumulators of 16 ymm registers
+    neon       8 x 12,  4 lanes   24 accumulators of 32 q registers (ARM)
+    portable   4 x  8,  4 lanes    8 accumulators: fits any 16-register vector unit
+
+Every function here takes the tile as its first argument, an integer that Numba compiles as a
+constant (``numba.literally``), so each tile gets code of its own and any of them can run on
+this machine (the tests force each one). float64 arrays use the same tiles with half the lanes
+per register (twice the registers: correct everywhere, fast only in float32).
+"""
+
+import os
+from types import SimpleNamespace
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic
+
+# (MR, NR, V): rows and columns of the register tile, float32 lanes of the vectors its columns use
+TILES = {"avx512": (8, 32, 16), "avx2": (6, 16, 8), "neon": (8, 12, 4), "portable": (4, 8, 4)}
+TILE_NAMES = tuple(TILES)
+_MR = np.array([TILES[t][0] for t in TILE_NAMES], np.int64)
+_NR = np.array([TILES[t][1] for t in TILE_NAMES], np.int64)
+MAX_MR, MAX_NR = int(_MR.max()), int(_NR.max())
+KC = 256  # depth of the packed slivers: a KC x NR sliver of B stays in L1 (32 KB at NR = 32)
+
+
+def host_tile():
+    """Name of the tile for this CPU: from the features LLVM reports for the host (``NBCNN_TILE``
+    in the environment overrides it)."""
+    forced = os.environ.get("NBCNN_TILE")
+    if forced:
+        if forced not in TILES:
+            raise ValueError(f"NBCNN_TILE must be one of {', '.join(TILES)}, got {forced!r}")
+        return forced
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    has = lambda name: features.get(name, False)  # noqa: E731
+    if has("avx512f"):
+        return "avx512"
+    if has("avx2") and has("fma"):
+        return "avx2"
+    if has("neon") or llvm.get_process_triple().startswith(("aarch64", "arm64")):
+        return "neon"
+    return "portable"
+
+
+TILE = TILE_NAMES.index(host_tile())  # the tile the kernels use: an index into TILE_NAMES
+
+
+def tile_index(tile):
+    """The integer for a tile name (or None: this CPU's)."""
+    if tile is None:
+        return TILE
+    if tile not in TILES:
+        raise ValueError(f"tile must be one of {', '.join(TILES)}, got {tile!r}")
+    return TILE_NAMES.index(tile)
+
+
+# ----------------------------------------------------------------------------- LLVM pieces
+
+
+def _literal_tile(tile):
+    if not isinstance(tile, types.IntegerLiteral):
+        raise errors.RequireLiteralValue("the tile must be a compile-time constant")
+    return TILES[TILE_NAMES[tile.literal_value]]
+
+
+def _element_pointer(context, builder, ty, array, index):
+    """Pointer to element ``index`` (a flat offset) of the array ``array`` of Numba type ``ty``."""
+    data = context.make_array(ty)(context, builder, array).data
+    return builder.gep(data, [index])
+
+
+def _vector(ty, lanes32):
+    """LLVM scalar and vector types for the array's dtype: V float32 lanes, V/2 float64 lanes."""
+    if ty.dtype == types.float32:
+        return ir.FloatType(), lanes32
+    return ir.DoubleType(), max(1, lanes32 // 2)
+
+
+def _fma(builder, vec):
+    name = f"llvm.fma.v{vec.count}{'f32' if isinstance(vec.element, ir.FloatType) else 'f64'}"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), name)
+
+
+def _splat(builder, vec, scalar):
+    """A vector with ``scalar`` in every lane (a broadcast)."""
+    undef = ir.Constant(vec, ir.Undefined)
+    first = builder.insert_element(undef, scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(ir.IntType(32), vec.count), [0] * vec.count))
+
+
+@intrinsic(prefer_literal=True)
+def microkernel(typingctx, tile, kc, a, ai, b, bi, c, ci, ldc, accumulate):
+    """C[i, j] (+)= sum over p < kc of A[p*MR + i] B[p*NR + j] for the whole MR x NR tile.
+
+    ``a`` from flat offset ``ai`` holds the packed sliver of A, ``b`` from ``bi`` that of B; C's
+    tile starts at flat offset ``ci`` of ``c`` with rows ``ldc`` elements apart. With
+    ``accumulate`` the tile is added to C, otherwise it overwrites it. All three arrays have one
+    dtype (float32 or float64); nothing is bounds-checked: the caller's packing makes it right.
+    """
+    MR, NR, V32 = _literal_tile(tile)
+    sig = types.void(tile, kc, a, ai, b, bi, c, ci, ldc, accumulate)
+
+    def codegen(context, builder, signature, args):
+        _, kc_, a_, ai_, b_, bi_, c_, ci_, ldc_, accumulate_ = args
+        i64 = ir.IntType(64)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        scalar, V = _vector(signature.args[2], V32)
+        vec, vptr = ir.VectorType(scalar, V), ir.VectorType(scalar, V).as_pointer()
+        NJ = NR // V
+        ap = _element_pointer(context, builder, signature.args[2], a_, ai_)
+        bp = _element_pointer(context, builder, signature.args[4], b_, bi_)
+        cp = _element_pointer(context, builder, signature.args[6], c_, ci_)
+        fma = _fma(builder, vec)
+        zero = ir.Constant(vec, [0.0] * V)
+        entry = builder.block
+        loop = builder.append_basic_block("tile.k")
+        done = builder.append_basic_block("tile.store")
+        builder.cbranch(builder.icmp_signed(">", kc_, const(0)), loop, done)
+
+        # the loop over k: MR x NJ accumulators carried as phi nodes, so they live in registers
+        builder.position_at_end(loop)
+        p = builder.phi(i64)
+        p.add_incoming(const(0), entry)
+        acc = [builder.phi(vec) for _ in range(MR * NJ)]
+        for v in acc:
+            v.add_incoming(zero, entry)
+        b_row = builder.gep(bp, [builder.mul(p, const(NR))])
+        b_vec = [builder.load(builder.bitcast(builder.gep(b_row, [const(j * V)]), vptr), align=4) for j in range(NJ)]
+        a_col = builder.gep(ap, [builder.mul(p, const(MR))])
+        new = []
+        for i in range(MR):
+            a_i = _splat(builder, vec, builder.load(builder.gep(a_col, [const(i)])))
+            new.extend(builder.call(fma, [a_i, b_vec[j], acc[i * NJ + j]]) for j in range(NJ))
+        p_next = builder.add(p, const(1))
+        p.add_incoming(p_next, loop)
+        for v, n in zip(acc, new):
+            v.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", p_next, kc_), loop, done)
+
+        # store the tile: rows ldc apart, added to what C held with accumulate
+        builder.position_at_end(done)
+        totals = [builder.phi(vec) for _ in range(MR * NJ)]  # phi nodes first in their block
+        for total, n in zip(totals, new):
+            total.add_incoming(zero, entry)
+            total.add_incoming(n, loop)
+        for i in range(MR):
+            c_row = builder.gep(cp, [builder.mul(const(i), ldc_)])
+            for j in range(NJ):
+                total = totals[i * NJ + j]
+                where = builder.bitcast(builder.gep(c_row, [const(j * V)]), vptr)
+                old = builder.load(where, align=4)
+                builder.store(builder.select(accumulate_, builder.fadd(old, total), total), where, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def copy_row(typingctx, tile, dst, di, src, si):
+    """dst[di:di + NR] = src[si:si + NR] in the tile's vectors (unaligned loads and stores, no
+    bounds check): one row of a B sliver copied from a run of adjacent values."""
+    MR, NR, V32 = _literal_tile(tile)
+    sig = types.void(tile, dst, di, src, si)
+
+    def codegen(context, builder, signature, args):
+        _, dst_, di_, src_, si_ = args
+        i64 = ir.IntType(64)
+        scalar, V = _vector(signature.args[1], V32)
+        vptr = ir.VectorType(scalar, V).as_pointer()
+        to = _element_pointer(context, builder, signature.args[1], dst_, di_)
+        frm = _element_pointer(context, builder, signature.args[3], src_, si_)
+        for j in range(NR // V):
+            value = builder.load(builder.bitcast(builder.gep(frm, [ir.Constant(i64, j * V)]), vptr), align=4)
+            builder.store(value, builder.bitcast(builder.gep(to, [ir.Constant(i64, j * V)]), vptr), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def fma_chains(typingctx, tile, reps, out, oi):
+    """The FMA peak's loop: MR x NR/V independent chains acc = fma(acc, x, y) over ``reps``
+    steps, in the tile's vectors (as many as the tile's accumulators: at least the 8 that two
+    pipes of 4-cycle latency need). Stores the sum of the chains' lanes at ``out[oi]`` (float32)."""
+    MR, NR, V = _literal_tile(tile)
+    sig = types.void(tile, reps, out, oi)
+
+    def codegen(context, builder, signature, args):
+        _, reps_, out_, oi_ = args
+        i64 = ir.IntType(64)
+        vec = ir.VectorType(ir.FloatType(), V)
+        fma = _fma(builder, vec)
+        chains = MR * NR // V
+        x = ir.Constant(vec, [0.999] * V)
+        y = ir.Constant(vec, [1e-3] * V)
+        entry = builder.block
+        loop = builder.append_basic_block("peak.loop")
+        done = builder.append_basic_block("peak.done")
+        builder.cbranch(builder.icmp_signed(">", reps_, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        r = builder.phi(i64)
+        r.add_incoming(ir.Constant(i64, 0), entry)
+        acc = [builder.phi(vec) for _ in range(chains)]
+        for k, v in enumerate(acc):
+            v.add_incoming(ir.Constant(vec, [float(k)] * V), entry)
+        new = [builder.call(fma, [v, x, y]) for v in acc]
+        r_next = builder.add(r, ir.Constant(i64, 1))
+        r.add_incoming(r_next, loop)
+        for v, n in zip(acc, new):
+            v.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", r_next, reps_), loop, done)
+        builder.position_at_end(done)
+        lasts = [builder.phi(vec) for _ in range(chains)]
+        for k, last in enumerate(lasts):
+            last.add_incoming(ir.Constant(vec, [float(k)] * V), entry)
+            last.add_incoming(new[k], loop)
+        total = ir.Constant(vec, [0.0] * V)
+        for last in lasts:
+            total = builder.fadd(total, last)
+        s = ir.Constant(ir.FloatType(), 0.0)
+        for lane in range(V):
+            s = builder.fadd(s, builder.extract_element(total, ir.Constant(ir.IntType(32), lane)))
+        builder.store(s, _element_pointer(context, builder, signature.args[2], out_, oi_))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def peak_flops_per_step(tile):
+    """Floating-point operations of one step of ``fma_chains``: 2 per lane of each chain."""
+    MR, NR, V = TILES[TILE_NAMES[tile]]
+    return 2 * MR * NR
+
+
+def _fma_peak_for(tile):
+    @njit(parallel=True, cache=True)
+    def fma_peak(out, reps):
+        for t in prange(out.shape[0]):
+            fma_chains(tile, reps, out, t)
+
+    return fma_peak
+
+
+_FMA_PEAK = tuple(_fma_peak_for(tile) for tile in range(len(TILE_NAMES)))
+
+
+def fma_peak_cpu(out, reps, tile=None):
+    """Run ``fma_chains`` for ``reps`` steps on each of ``out.shape[0]`` tasks (one a thread)."""
+    _FMA_PEAK[TILE if tile is None else tile](out, reps)
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+@njit(inline="always", cache=True)
+def pack_sliver(dst, d0, src, r0, rows, p0, kc, width, transposed):
+    """dst[d0 + p*width + i] = S[r0 + i, p0 + p] for i < width, p < kc, where S is ``src`` (2-D)
+    or its transpose with ``transposed``; rows from ``rows`` on are zero (a sliver's padding)."""
+    n = min(width, rows - r0)
+    out = dst[d0:d0 + kc * width]
+    if transposed:  # S's row r0 + i is src's column: each p copies a run of src's row p0 + p
+        for p in range(kc):
+            row = src[p0 + p]
+            for i in range(n):
+                out[p * width + i] = row[r0 + i]
+    else:  # S = src: each of the sliver's rows is a run of src's row, stored width apart
+        for i in range(n):
+            row = src[r0 + i, p0:p0 + kc]
+            for p in range(kc):
+                out[p * width + i] = row[p]
+    if n < width:
+        for p in range(kc):
+            for i in range(n, width):
+                out[p * width + i] = 0
+
+
+@njit(inline="always", cache=True)
+def slivers(n, width):
+    return (n + width - 1) // width
+
+
+# ------------------------------------------------------------------------ the product
+
+
+@njit(inline="always", cache=True)
+def multiply_sliver(tile, a_pack, b_sliver, c, j, kc, accumulate, edge):
+    """C[:, j:j + NR] (+)= A B for one packed sliver of B: the micro-kernel down every sliver of
+    A, B's sliver staying in L1. Tiles that cross C's edge go through ``edge`` (MR x NR scratch),
+    and only their part inside C is kept."""
+    MR, NR = _MR[tile], _NR[tile]
+    M, N = c.shape
+    ldc = c.shape[1]
+    for i in range(0, M, MR):
+        ai = (i // MR) * kc * MR
+        if i + MR <= M and j + NR <= N:
+            microkernel(tile, kc, a_pack, ai, b_sliver, 0, c, i * ldc + j, ldc, accumulate)
+        else:
+            microkernel(tile, kc, a_pack, ai, b_sliver, 0, edge, 0, NR, False)
+            for r in range(min(MR, M - i)):
+                for s in range(min(NR, N - j)):
+                    if accumulate:
+                        c[i + r, j + s] += edge[r * NR + s]
+                    else:
+                        c[i + r, j + s] = edge[r * NR + s]
+
+
+@njit(inline="always", cache=True)
+def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges):
+    """c (M, N) (+)= op(a) op(b), op a transpose with ``trans_a`` / ``trans_b``; scratch from
+    ``matmul_workspace``; ``tile`` a compile-time constant (one compiled product per tile).
+
+    For each block of KC steps of depth: A's rows are packed into slivers (in parallel), then
+    each task takes one NR-wide sliver of B's columns, packs it into its
+    thread's buffer and runs the micro-kernel down all of A with it (Numba's static schedule gives
+    each thread one run of adjacent slivers). B is read once and never
+    stored whole: its slivers are packed where they are used, in L1. Each element of C is
+    written by one task, adding the depth blocks in order: the result does not depend on the
+    number of threads.
+    """
+    MR, NR = _MR[tile], _NR[tile]
+    M, N = c.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    if K == 0:
+        if not accumulate:
+            c[:, :] = 0
+        return
+    for pc in range(0, K, KC):
+        kc = min(KC, K - pc)
+        for s in prange(slivers(M, MR)):
+            pack_sliver(a_pack, s * kc * MR, a, s * MR, M, pc, kc, MR, trans_a)
+        add = accumulate or pc > 0
+        for col in prange(slivers(N, NR)):
+            t = numba.get_thread_id()
+            pack_sliver(b_slivers[t], 0, b, col * NR, N, pc, kc, NR, not trans_b)
+            multiply_sliver(tile, a_pack, b_slivers[t], c, col * NR, kc, add, edges[t])
+
+
+def _matmul_for(tile):
+    @njit(parallel=True, cache=True)
+    def matmul(c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges):
+        matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges)
+
+    return matmul
+
+
+# One compiled product per tile: ``tile`` is a constant in each (a closure's cell, which Numba
+# compiles as a constant and keeps apart in its cache), so the micro-kernel gets the tile's code.
+_MATMUL = tuple(_matmul_for(tile) for tile in range(len(TILE_NAMES)))
+
+
+def matmul_core_cpu(c, a, b, trans_a, trans_b, accumulate, ws, tile=None):
+    """Unchecked ``matmul_cpu`` with the scratch arrays ``ws.mm_a_pack``, ``ws.mm_b_slivers`` and
+    ``ws.mm_edges`` (see ``matmul_workspace``) from the caller: what the planned step calls."""
+    _MATMUL[TILE if tile is None else tile](c, a, b, trans_a, trans_b, accumulate, ws.mm_a_pack, ws.mm_b_slivers,
+                                            ws.mm_edges)
+
+
+def matmul_workspace(M, N, K):
+    """{name: shape} of ``matmul_core_cpu``'s scratch for C (M, N) and depth K, any tile: A's packed
+    slivers for one depth block, a sliver of B and an edge tile for each of Numba's threads."""
+    threads = numba.config.NUMBA_NUM_THREADS
+    return {"mm_a_pack": ((M + MAX_MR) * max(1, min(KC, K)),),
+            "mm_b_slivers": (threads, KC * MAX_NR),
+            "mm_edges": (threads, MAX_MR * MAX_NR)}
+
+
+def matmul_cpu(c, a, b, trans_a=False, trans_b=False, accumulate=False, tile=None):
+    """c = op(a) @ op(b) (``accumulate``: c += ...), op a transpose with ``trans_a`` / ``trans_b``.
+
+    a, b, c: C-contiguous 2-D host arrays of one float dtype. ``tile``: a name from TILES, or
+    None for this CPU's. Returns c.
+    """
+    from ._checks import check_arrays, on_host
+
+    fn = "matmul_cpu"
+    check_arrays(fn, on_host, {"c": c, "a": a, "b": b})
+    for name, arr in (("c", c), ("a", a), ("b", b)):
+        if arr.ndim != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D, got shape {arr.shape}")
+    M, K = a.shape[::-1] if trans_a else a.shape
+    K2, N = b.shape[::-1] if trans_b else b.shape
+    if K != K2 or c.shape != (M, N):
+        raise ValueError(f"{fn}: shapes do not multiply: op(a) {(M, K)} @ op(b) {(K2, N)} into c {c.shape}")
+    ws = SimpleNamespace(**{name: np.empty(shape, c.dtype) for name, shape in matmul_workspace(M, N, K).items()})
+    matmul_core_cpu(c, a, b, bool(trans_a), bool(trans_b), bool(accumulate), ws, tile_index(tile))
+    return c

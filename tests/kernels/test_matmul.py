@@ -1,0 +1,159 @@
+"""The CPU matrix product (kernels/matmul.py) and the implicit convolution built on it, against
+NumPy and the reference convolution: every tile forced on this machine, 1 and 2 threads, shapes
+that cross every blocking boundary."""
+
+import numba
+import numpy as np
+import pytest
+
+from nbcnn.kernels import matmul as mm
+from nbcnn.kernels.conv2d import implicit
+from tests import reference as ref
+
+MAX_MR, MAX_NR, KC = mm.MAX_MR, mm.MAX_NR, mm.KC
+
+# (M, N, K): one of everything, tails of every tile's MR and NR (primes), a whole and a partial
+# depth block (KC and KC + 1), several of them, a single row and a single column
+SHAPES = [(1, 1, 1), (1, 40, 3), (37, 1, 5), (7, 33, 1), (13, 97, KC), (29, 31, KC + 1), (50, 70, 2 * KC + 3),
+          (97, 131, 300)]
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(request.param, numba.config.NUMBA_NUM_THREADS))
+    yield request.param
+    numba.set_num_threads(before)
+
+
+def operands(rng, M, N, K, trans_a, trans_b, dtype):
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(dtype)
+    b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(dtype)
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    return a, b, want
+
+
+@pytest.mark.parametrize("tile", mm.TILE_NAMES)
+@pytest.mark.parametrize("M, N, K", SHAPES)
+def test_product_against_numpy_every_tile(rng, tile, M, N, K, threads):
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            a, b, want = operands(rng, M, N, K, trans_a, trans_b, np.float32)
+            c = np.full((M, N), np.nan, np.float32)
+            mm.matmul_cpu(c, a, b, trans_a, trans_b, tile=tile)
+            np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+            c2 = c.copy()
+            mm.matmul_cpu(c2, a, b, trans_a, trans_b, accumulate=True, tile=tile)  # c += the product again
+            np.testing.assert_allclose(c2, 2 * want, rtol=1e-4, atol=2e-4 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("tile", ["avx512", "portable"])
+def test_product_in_float64(rng, tile):
+    a, b, want = operands(rng, 19, 45, KC + 7, False, True, np.float64)
+    c = np.empty((19, 45))
+    mm.matmul_cpu(c, a, b, trans_b=True, tile=tile)
+    np.testing.assert_allclose(c, want, rtol=1e-12, atol=1e-12)
+
+
+def test_depth_zero_gives_zeros_or_leaves_c(rng):
+    a, b = np.ones((3, 0), np.float32), np.ones((0, 5), np.float32)
+    c = np.full((3, 5), 7, np.float32)
+    mm.matmul_cpu(c, a, b, accumulate=True)
+    assert (c == 7).all()
+    mm.matmul_cpu(c, a, b)
+    assert (c == 0).all()
+
+
+def test_product_on_views_of_a_larger_array(rng):
+    """Operands that are row ranges and column ranges of larger arrays (what the im2col path's
+    chunks pass)."""
+    big = rng.standard_normal((40, 300)).astype(np.float32)
+    a, b = big[:17, 5:45], big[3:43, 100:233]
+    c = np.empty((17, 133), np.float32)
+    mm.matmul_core_cpu(c, a, b, False, False, False, _scratch(17, 133, 40))
+    np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+def _scratch(M, N, K, dtype=np.float32):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{name: np.empty(shape, dtype) for name, shape in mm.matmul_workspace(M, N, K).items()})
+
+
+def test_same_bits_twice_and_whatever_the_thread_count(rng):
+    """Each element of C is one task's, its depth blocks added in order: the bits do not depend on
+    the number of threads."""
+    a, b, _ = operands(rng, 70, 200, 3 * KC + 5, False, False, np.float32)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS), numba.get_num_threads()):
+            numba.set_num_threads(n)
+            for _ in range(2):
+                results.append(mm.matmul_cpu(np.empty((70, 200), np.float32), a, b))
+    finally:
+        numba.set_num_threads(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_bad_operands_are_named():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="do not multiply"):
+        mm.matmul_cpu(np.empty((3, 5), np.float32), a, np.ones((5, 5), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        mm.matmul_cpu(np.empty((3, 5), np.float32), a.reshape(3, 2, 2), np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match="tile must be one of"):
+        mm.matmul_cpu(np.empty((3, 5), np.float32), a, np.ones((4, 5), np.float32), tile="sse9")
+
+
+def test_the_measured_peak_counts_its_operations():
+    out = np.zeros(1, np.float32)
+    mm.fma_peak_cpu(out, 10)
+    assert np.isfinite(out[0]) and out[0] != 0  # the chains ran and were summed
+    MR, NR, V = mm.TILES[mm.TILE_NAMES[mm.TILE]]
+    assert mm.peak_flops_per_step(mm.TILE) == 2 * MR * NR
+
+
+def test_host_tile_follows_the_cpu_and_the_environment(monkeypatch):
+    assert mm.host_tile() in mm.TILES
+    monkeypatch.setenv("NBCNN_TILE", "portable")
+    assert mm.host_tile() == "portable"
+    monkeypatch.setenv("NBCNN_TILE", "sse9")
+    with pytest.raises(ValueError, match="NBCNN_TILE must be one of"):
+        mm.host_tile()
+
+
+# ------------------------------------------------------------------ the implicit convolution
+
+# (N, C, H, W, K, FH, FW, ph, pw): tails of MR in K and C, rows shorter and longer than NR,
+# several depth blocks (C*FH*FW > KC), padding on one axis, a 1x1 filter, one value
+CONVS = [(2, 4, 7, 9, 5, 3, 3, 1, 1), (3, 6, 12, 12, 16, 5, 5, 0, 0), (2, 17, 13, 13, 33, 3, 3, 1, 0),
+         (1, 1, 1, 1, 1, 1, 1, 0, 0), (2, 70, 8, 8, 9, 3, 3, 2, 2), (2, 5, 6, 40, 3, 1, 1, 0, 0)]
+
+
+@pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    index = mm.tile_index(tile)
+    for N, C, H, W, K, FH, FW, ph, pw in CONVS:
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+        b = rng.standard_normal(K).astype(dtype)
+        want = ref.conv2d(x, w, b, pad=(ph, pw))
+        y = np.full(want.shape, np.nan, dtype)
+        ws = implicit.implicit_scratch(x.shape, w.shape, y.shape, (ph, pw), True, dtype)
+        for relu in (False, True):
+            implicit.conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, index)
+            np.testing.assert_allclose(y, np.maximum(want, 0) if relu else want, **tol)
+        dy = rng.standard_normal(want.shape).astype(dtype)
+        want_dx, want_dw, want_db = ref.conv2d_grads(dy, x, w, pad=(ph, pw))
+        for mask in (False, True):
+            dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
+            implicit.conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, index)
+            np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
+            np.testing.assert_allclose(dw, want_dw, **tol)
+        db = np.full(K, np.nan, dtype)
+        implicit.bias_gradient_cpu(db, dy)
+        np.testing.assert_allclose(db, want_db, **tol)
