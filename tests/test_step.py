@@ -307,7 +307,7 @@ def test_a_sequential_inside_a_sequential_plans_too():
     dy = np.ones((2, 3), np.float32)
     y, dx = outer.forward(x).copy(), outer.backward(dy).copy()
     np.testing.assert_allclose(flat.forward(x), y, rtol=1e-6)
-    np.testing.assert_allclose(flat.backward(dy), dx, rtol=1e-6)
+    np.testing.assert_allclose(flat.backward(dy), dx, rtol=1e-6, atol=1e-6)  # the flat model fuses its first layer
 
 
 def test_parameter_assignments_are_checked():

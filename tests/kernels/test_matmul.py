@@ -68,7 +68,7 @@ def test_product_on_views_of_a_larger_array(rng):
     """Operands that are row ranges and column ranges of larger arrays (what the im2col path's
     chunks pass)."""
     big = rng.standard_normal((40, 300)).astype(np.float32)
-    a, b = big[:17, 5:45], big[3:43, 100:233]
+    a, b = big[:17, 5:45], big[:40, 100:233]
     c = np.empty((17, 133), np.float32)
     mm.matmul_core_cpu(c, a, b, False, False, False, _scratch(17, 133, 40))
     np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
