@@ -280,8 +280,10 @@ class _Conv2DPlan(Plan):
         self.pool, pool.in_previous = pool, True
         self.pfwd = self.kernels.get("conv2d_maxpool_forward", self.device)
         self.pbwd = self.kernels.get("conv2d_maxpool_backward", self.device)
-        self.pdx = (self.kernels.get("conv2d_maxpool_backward_input", self.device)
-                    if ("conv2d_maxpool_backward_input", self.device.kind) in self.kernels.defaults else None)
+        try:
+            self.pdx = self.kernels.get("conv2d_maxpool_backward_input", self.device)
+        except (KeyError, ValueError):  # no such kernel on this device
+            self.pdx = None
 
     def _scratch(self, need_dx):
         L = self.layer
