@@ -661,7 +661,8 @@ class _DensePlan(Plan):
         super().allocate(need_dx)
         self.y = self.device.empty(self.out_shape, self.dtype)
         self.zeros = self.device.zeros(self.out_shape[1], self.dtype) if self.layer.bias is None else None
-        self._workspace(self.bwd.workspace(self.in_shape, self.layer.weight.shape))
+        shapes = self.in_shape, self.layer.weight.shape
+        self._workspace({**self.fwd.workspace(*shapes), **self.bwd.workspace(*shapes)})
 
     def forward(self, x):
         L = self.layer

@@ -65,6 +65,9 @@ COSTS = {
         2 * 4 * _n(yp) * _taps(w) + 4 * _n(yp), _bytes(yp, am, x, w, b)),
     "conv2d_maxpool_backward": lambda dw, db, dyp, am, yp, x, w, *_: (
         2 * 4 * _n(dyp) * _taps(w) + (0 if db is None else _n(dyp)), _bytes(dw, db, dyp, am, yp, x)),
+    # its input gradient from the pooled gradient (a full convolution of the unpooled gradient)
+    "conv2d_maxpool_backward_input": lambda dx, dyp, am, yp, w, *_: (
+        2 * 4 * _n(dyp) * _taps(w), _bytes(dx, dyp, am, yp, w)),
     "maxpool2d_forward": lambda y, am, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, am, x)),
     "maxpool2d_backward": lambda dx, dy, am, *_: (_n(dy), _bytes(dx, dy, am)),
     "avgpool2d_forward": lambda y, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, x)),
@@ -206,7 +209,8 @@ for _device in ("cpu", "cuda"):
         _add(_op, _device, "gemm", getattr(conv_pooled, f"{_op}_core_{_device}"),
              getattr(conv_pooled, f"conv2d_maxpool_workspace_{_device}"))
 # Its input gradient straight from the pooled gradient, on the CPU (few input channels): a layer
-# without it unfuses the two ops when asked for dx.
+# without it unfuses the two ops when asked for dx. The one op that exists on one device only.
+ONE_DEVICE = {"conv2d_maxpool_backward_input": "cpu"}
 _add("conv2d_maxpool_backward_input", "cpu", "gemm", conv_pooled.conv2d_maxpool_backward_input_core_cpu,
      conv_pooled.conv2d_maxpool_backward_input_workspace_cpu)
 
@@ -229,7 +233,8 @@ for _device in ("cpu", "cuda"):
              getattr(_module, f"{_op}_workspace{_mod}", None))  # scratch, where a core needs it
     # Dense layers: register-tiled products on both devices (kernels/matmul.py on the CPU; on a GPU
     # with fused epilogues) (the simpler one-output-a-thread product stays available as "tiled").
-    _add("dense_forward", _device, "gemm", getattr(dense, f"dense_forward_core{_mod}"))
+    _add("dense_forward", _device, "gemm", getattr(dense, f"dense_forward_core{_mod}"),
+         dense.dense_workspace_cpu if _device == "cpu" else None)
     _add("dense_backward", _device, "gemm", getattr(dense, f"dense_backward_core{_mod}"),
          dense.dense_workspace_cpu if _device == "cpu" else lambda *shapes: {"one": (1,)})
 _add("dense_forward", "cuda", "tiled", dense.dense_forward_tiled_core_cuda, default=False)

@@ -251,6 +251,9 @@ def _workspace(kernel, op, args, device):
         y_shape = args[3].shape if op == "conv2d_backward" else args[0].shape
         x, w = (args[4], args[5]) if op == "conv2d_backward" else (args[1], args[2])
         shapes = kernel.workspace(x.shape, w.shape, y_shape, _stride(op, args), _padding(op, args), True, x.dtype)
+    elif op.startswith("dense"):
+        x, w = (args[1], args[2]) if op == "dense_forward" else (args[4], args[5])
+        shapes = kernel.workspace(x.shape, w.shape)
     elif op in ("softmax_xent_step", "clip_grad_norm"):  # their own dtypes, zeroed (grid-wide sums' tickets)
         scratch = kernel.workspace(args[3].shape[0] if op == "softmax_xent_step" else args[0].size).items()
         return SimpleNamespace(**{name: device.zeros(shape, dtype) for name, (shape, dtype) in scratch})

@@ -13,7 +13,10 @@ from tests import cores
 
 def test_every_op_has_one_call_shape_on_both_devices():
     ops_ = {op for op, _, _ in REGISTRY.entries}
-    for op in ops_:
+    assert {op for op, device, _ in REGISTRY.entries if device == "cuda"} == ops_ - set(ops.ONE_DEVICE)
+    for op, device in ops.ONE_DEVICE.items():
+        assert REGISTRY.algorithms(op, device) and op in ops.COSTS
+    for op in ops_ - set(ops.ONE_DEVICE):
         cpu, cuda = REGISTRY.get(op, "cpu"), REGISTRY.get(op, "cuda")
         assert list(inspect.signature(cpu.run).parameters) == list(inspect.signature(cuda.run).parameters), op
         for algorithm in REGISTRY.algorithms(op, "cpu"):
