@@ -31,7 +31,7 @@ from ._cuda import (REDUCE_THREADS, blocks, finished_last, flat, gpu_arrays, on_
 from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
                      multiply_staged, tile_kernel, zero_acc)
 from .activation import relu_backward_core_cpu
-from .matmul import KC, matmul_core_cpu, matmul_workspace
+from .matmul import matmul_core_cpu, matmul_workspace
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -211,9 +211,9 @@ def dense_backward_weight_blas_cpu(dw, dy, x):
 
 
 def dense_workspace_cpu(x_shape, w_shape):
-    """The scratch of the three products (kernels/matmul.py): the largest M is the batch or the
-    number of outputs."""
-    return matmul_workspace(max(x_shape[0], w_shape[0]), 0, KC)
+    """The scratch of the three products (kernels/matmul.py): y = x w^T, dx = dy w, dw = dy^T x."""
+    (B, IN), OUT = x_shape, w_shape[0]
+    return matmul_workspace((B, OUT, IN), (B, IN, OUT), (OUT, IN, B))
 
 
 def dense_forward_core_cpu(y, x, w, b, relu, ws):

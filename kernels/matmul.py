@@ -61,6 +61,7 @@ TILE_NAMES = tuple(TILES)
 _MR = np.array([TILES[t][0] for t in TILE_NAMES], np.int64)
 _NR = np.array([TILES[t][1] for t in TILE_NAMES], np.int64)
 MAX_MR, MAX_NR = int(_MR.max()), int(_NR.max())
+assert MAX_MR == 8  # multiply_rows passes eight row offsets to the micro-kernel
 KC = 256  # depth of the packed slivers: a KC x NR sliver of B stays in L1 (32 KB at NR = 32)
 
 
@@ -131,28 +132,18 @@ def _splat(builder, vec, scalar):
     return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(ir.IntType(32), vec.count), [0] * vec.count))
 
 
-@intrinsic(prefer_literal=True)
-def microkernel(typingctx, tile, kc, a, ai, b, bi, c, ci, ldc, accumulate):
-    """C[i, j] (+)= sum over p < kc of A[p*MR + i] B[p*NR + j] for the whole MR x NR tile.
+def _tile_codegen(MR, NR, V32, a_type, c_type, a_pointer):
+    """The micro-kernel's code, for either way of reading A: ``a_pointer(builder, i, p)`` gives
+    the address of A[i, p] (row i of the tile, step p)."""
 
-    ``a`` from flat offset ``ai`` holds the packed sliver of A, ``b`` from ``bi`` that of B; C's
-    tile starts at flat offset ``ci`` of ``c`` with rows ``ldc`` elements apart. With
-    ``accumulate`` the tile is added to C, otherwise it overwrites it. All three arrays have one
-    dtype (float32 or float64); nothing is bounds-checked: the caller's packing makes it right.
-    """
-    MR, NR, V32 = _literal_tile(tile)
-    sig = types.void(tile, kc, a, ai, b, bi, c, ci, ldc, accumulate)
-
-    def codegen(context, builder, signature, args):
-        _, kc_, a_, ai_, b_, bi_, c_, ci_, ldc_, accumulate_ = args
+    def emit(context, builder, kc_, b_type, b_, bi_, c_, ci_, ldc_, accumulate_):
         i64 = ir.IntType(64)
         const = lambda v: ir.Constant(i64, v)  # noqa: E731
-        scalar, V = _vector(signature.args[2], V32)
+        scalar, V = _vector(a_type, V32)
         vec, vptr = ir.VectorType(scalar, V), ir.VectorType(scalar, V).as_pointer()
         NJ = NR // V
-        ap = _element_pointer(context, builder, signature.args[2], a_, ai_)
-        bp = _element_pointer(context, builder, signature.args[4], b_, bi_)
-        cp = _element_pointer(context, builder, signature.args[6], c_, ci_)
+        bp = _element_pointer(context, builder, b_type, b_, bi_)
+        cp = _element_pointer(context, builder, c_type, c_, ci_)
         fma = _fma(builder, vec)
         zero = ir.Constant(vec, [0.0] * V)
         entry = builder.block
@@ -169,10 +160,9 @@ def microkernel(typingctx, tile, kc, a, ai, b, bi, c, ci, ldc, accumulate):
             v.add_incoming(zero, entry)
         b_row = builder.gep(bp, [builder.mul(p, const(NR))])
         b_vec = [builder.load(builder.bitcast(builder.gep(b_row, [const(j * V)]), vptr), align=4) for j in range(NJ)]
-        a_col = builder.gep(ap, [builder.mul(p, const(MR))])
         new = []
         for i in range(MR):
-            a_i = _splat(builder, vec, builder.load(builder.gep(a_col, [const(i)])))
+            a_i = _splat(builder, vec, builder.load(a_pointer(builder, i, p)))
             new.extend(builder.call(fma, [a_i, b_vec[j], acc[i * NJ + j]]) for j in range(NJ))
         p_next = builder.add(p, const(1))
         p.add_incoming(p_next, loop)
@@ -195,15 +185,61 @@ def microkernel(typingctx, tile, kc, a, ai, b, bi, c, ci, ldc, accumulate):
                 builder.store(builder.select(accumulate_, builder.fadd(old, total), total), where, align=4)
         return context.get_dummy_value()
 
+    return emit
+
+
+@intrinsic(prefer_literal=True)
+def microkernel(typingctx, tile, kc, a, ai, b, bi, c, ci, ldc, accumulate):
+    """C[i, j] (+)= sum over p < kc of A[p*MR + i] B[p*NR + j] for the whole MR x NR tile.
+
+    ``a`` from flat offset ``ai`` holds the packed sliver of A, ``b`` from ``bi`` that of B; C's
+    tile starts at flat offset ``ci`` of ``c`` with rows ``ldc`` elements apart. With
+    ``accumulate`` the tile is added to C, otherwise it overwrites it. All three arrays have one
+    dtype (float32 or float64); nothing is bounds-checked: the caller's packing makes it right.
+    """
+    MR, NR, V32 = _literal_tile(tile)
+    sig = types.void(tile, kc, a, ai, b, bi, c, ci, ldc, accumulate)
+
+    def codegen(context, builder, signature, args):
+        _, kc_, a_, ai_, b_, bi_, c_, ci_, ldc_, accumulate_ = args
+        i64 = ir.IntType(64)
+        ap = _element_pointer(context, builder, signature.args[2], a_, ai_)
+
+        def a_pointer(builder, i, p):  # packed: A[i, p] at p*MR + i
+            return builder.gep(ap, [builder.add(builder.mul(p, ir.Constant(i64, MR)), ir.Constant(i64, i))])
+
+        emit = _tile_codegen(MR, NR, V32, signature.args[2], signature.args[6], a_pointer)
+        return emit(context, builder, kc_, signature.args[4], b_, bi_, c_, ci_, ldc_, accumulate_)
+
     return sig, codegen
 
 
 @intrinsic(prefer_literal=True)
-def copy_row(typingctx, tile, dst, di, src, si):
-    """dst[di:di + NR] = src[si:si + NR] in the tile's vectors (unaligned loads and stores, no
-    bounds check): one row of a B sliver copied from a run of adjacent values."""
+def microkernel_rows(typingctx, tile, kc, a, ai, starts, b, bi, c, ci, ldc, accumulate):
+    """The micro-kernel with A read in place: row i of the tile is the run ``a[ai + starts[i]:]``
+    (``starts`` a tuple of at least MR offsets), no packing. For products whose A is a set of
+    rows of one array at arbitrary offsets, such as a convolution's patches taken tap by tap,
+    where a packed sliver would have to be gathered one value at a time. Each row is read with
+    unit stride, so MR streams run from L1 side by side."""
     MR, NR, V32 = _literal_tile(tile)
-    sig = types.void(tile, dst, di, src, si)
+    sig = types.void(tile, kc, a, ai, starts, b, bi, c, ci, ldc, accumulate)
+
+    def codegen(context, builder, signature, args):
+        _, kc_, a_, ai_, starts_, b_, bi_, c_, ci_, ldc_, accumulate_ = args
+        rows = [_element_pointer(context, builder, signature.args[2], a_,
+                                 builder.add(ai_, builder.extract_value(starts_, i))) for i in range(MR)]
+
+        def a_pointer(builder, i, p):  # in place: A[i, p] at starts[i] + p
+            return builder.gep(rows[i], [p])
+
+        emit = _tile_codegen(MR, NR, V32, signature.args[2], signature.args[7], a_pointer)
+        return emit(context, builder, kc_, signature.args[5], b_, bi_, c_, ci_, ldc_, accumulate_)
+
+    return sig, codegen
+
+
+def _row_codegen(NR, V32, add):
+    """dst[di:di + NR] = src[si:si + NR] (``add``: +=) in the tile's vectors, unaligned."""
 
     def codegen(context, builder, signature, args):
         _, dst_, di_, src_, si_ = args
@@ -214,10 +250,27 @@ def copy_row(typingctx, tile, dst, di, src, si):
         frm = _element_pointer(context, builder, signature.args[3], src_, si_)
         for j in range(NR // V):
             value = builder.load(builder.bitcast(builder.gep(frm, [ir.Constant(i64, j * V)]), vptr), align=4)
-            builder.store(value, builder.bitcast(builder.gep(to, [ir.Constant(i64, j * V)]), vptr), align=4)
+            where = builder.bitcast(builder.gep(to, [ir.Constant(i64, j * V)]), vptr)
+            if add:
+                value = builder.fadd(builder.load(where, align=4), value)
+            builder.store(value, where, align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic(prefer_literal=True)
+def copy_row(typingctx, tile, dst, di, src, si):
+    """dst[di:di + NR] = src[si:si + NR] in the tile's vectors (unaligned loads and stores, no
+    bounds check): one row of a B sliver copied from a run of adjacent values."""
+    return types.void(tile, dst, di, src, si), _row_codegen(*_literal_tile(tile)[1:], False)
+
+
+@intrinsic(prefer_literal=True)
+def add_row(typingctx, tile, dst, di, src, si):
+    """dst[di:di + NR] += src[si:si + NR] in the tile's vectors (no bounds check): ``copy_row``'s
+    way back, one row of a product's result added into a run of adjacent values."""
+    return types.void(tile, dst, di, src, si), _row_codegen(*_literal_tile(tile)[1:], True)
 
 
 @intrinsic(prefer_literal=True)
@@ -326,6 +379,18 @@ def slivers(n, width):
 
 
 @njit(inline="always", cache=True)
+def keep_edge(c, i, j, edge, accumulate, MR, NR):
+    """The part inside C of a tile computed into ``edge`` (MR x NR) for C's rows i.. and columns j..."""
+    M, N = c.shape
+    for r in range(min(MR, M - i)):
+        for s in range(min(NR, N - j)):
+            if accumulate:
+                c[i + r, j + s] += edge[r * NR + s]
+            else:
+                c[i + r, j + s] = edge[r * NR + s]
+
+
+@njit(inline="always", cache=True)
 def multiply_sliver(tile, a_pack, b_sliver, c, j, kc, accumulate, edge):
     """C[:, j:j + NR] (+)= A B for one packed sliver of B: the micro-kernel down every sliver of
     A, B's sliver staying in L1. Tiles that cross C's edge go through ``edge`` (MR x NR scratch),
@@ -339,12 +404,27 @@ def multiply_sliver(tile, a_pack, b_sliver, c, j, kc, accumulate, edge):
             microkernel(tile, kc, a_pack, ai, b_sliver, 0, c, i * ldc + j, ldc, accumulate)
         else:
             microkernel(tile, kc, a_pack, ai, b_sliver, 0, edge, 0, NR, False)
-            for r in range(min(MR, M - i)):
-                for s in range(min(NR, N - j)):
-                    if accumulate:
-                        c[i + r, j + s] += edge[r * NR + s]
-                    else:
-                        c[i + r, j + s] = edge[r * NR + s]
+            keep_edge(c, i, j, edge, accumulate, MR, NR)
+
+
+@njit(inline="always", cache=True)
+def multiply_rows(tile, a, ai, starts, b_sliver, c, j, kc, accumulate, edge):
+    """``multiply_sliver`` with A read in place (``microkernel_rows``): row r of A is the run
+    a[ai + starts[r]:], ``starts`` an int64 array of at least M + MAX_MR offsets."""
+    MR, NR = _MR[tile], _NR[tile]
+    M, N = c.shape
+    ldc = c.shape[1]
+    for i in range(0, M, MR):
+        rows = (starts[i], starts[i + 1], starts[i + 2], starts[i + 3],
+                starts[i + 4], starts[i + 5], starts[i + 6], starts[i + 7])  # MAX_MR of them
+        if i + MR <= M and j + NR <= N:
+            microkernel_rows(tile, kc, a, ai, rows, b_sliver, 0, c, i * ldc + j, ldc, accumulate)
+        else:
+            microkernel_rows(tile, kc, a, ai, rows, b_sliver, 0, edge, 0, NR, False)
+            keep_edge(c, i, j, edge, accumulate, MR, NR)
+
+
+A_WHOLE_BELOW = 1 << 17  # elements of A (512 KB of float32, half of an L2): packed whole, not by depth block
 
 
 @njit(inline="always", cache=True)
@@ -352,13 +432,16 @@ def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, 
     """c (M, N) (+)= op(a) op(b), op a transpose with ``trans_a`` / ``trans_b``; scratch from
     ``matmul_workspace``; ``tile`` a compile-time constant (one compiled product per tile).
 
-    For each block of KC steps of depth: A's rows are packed into slivers (in parallel), then
-    each task takes one NR-wide sliver of B's columns, packs it into its
-    thread's buffer and runs the micro-kernel down all of A with it (Numba's static schedule gives
-    each thread one run of adjacent slivers). B is read once and never
-    stored whole: its slivers are packed where they are used, in L1. Each element of C is
-    written by one task, adding the depth blocks in order: the result does not depend on the
-    number of threads.
+    A's rows are packed into slivers of MR, depth block (KC steps) by depth block. Each task
+    takes one NR-wide sliver of B's columns, packs it into its thread's buffer for one depth
+    block and runs the micro-kernel down all of A with it (Numba's static schedule gives each
+    thread one run of adjacent slivers). B is read once and never stored whole: its slivers are
+    packed where they are used, in L1. A small A (under ``A_WHOLE_BELOW`` elements, it stays in
+    L2) is packed whole first, and each task then walks all depth blocks for its sliver: two
+    parallel loops in all, where a depth block at a time (BLIS's order, for a large A) takes two
+    a block, and each wakes the thread pool (tens of microseconds). Each element of C is written
+    by one task, adding the depth blocks in order: the result does not depend on the number of
+    threads.
     """
     MR, NR = _MR[tile], _NR[tile]
     M, N = c.shape
@@ -367,15 +450,31 @@ def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, 
         if not accumulate:
             c[:, :] = 0
         return
+    Mpad = slivers(M, MR) * MR
+    if M * K < A_WHOLE_BELOW:
+        for s in prange(slivers(M, MR)):
+            for pc in range(0, K, KC):
+                kc = min(KC, K - pc)
+                pack_sliver(a_pack, pc * Mpad + s * kc * MR, a, s * MR, M, pc, kc, MR, trans_a)
+        for col in prange(slivers(N, NR)):
+            t = numba.get_thread_id()
+            for pc in range(0, K, KC):
+                kc = min(KC, K - pc)
+                pack_sliver(b_slivers[t], 0, b, col * NR, N, pc, kc, NR, not trans_b)
+                multiply_sliver(tile, a_pack[pc * Mpad:], b_slivers[t], c, col * NR, kc, accumulate or pc > 0,
+                                edges[t])
+        return
     for pc in range(0, K, KC):
         kc = min(KC, K - pc)
         for s in prange(slivers(M, MR)):
             pack_sliver(a_pack, s * kc * MR, a, s * MR, M, pc, kc, MR, trans_a)
-        add = accumulate or pc > 0
         for col in prange(slivers(N, NR)):
             t = numba.get_thread_id()
             pack_sliver(b_slivers[t], 0, b, col * NR, N, pc, kc, NR, not trans_b)
-            multiply_sliver(tile, a_pack, b_slivers[t], c, col * NR, kc, add, edges[t])
+            multiply_sliver(tile, a_pack, b_slivers[t], c, col * NR, kc, accumulate or pc > 0, edges[t])
+
+
+SERIAL_PRODUCT_BELOW = 1 << 22  # multiply-adds (about 30 us on one core): fewer run on one thread
 
 
 def _matmul_for(tile):
@@ -383,26 +482,39 @@ def _matmul_for(tile):
     def matmul(c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges):
         matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges)
 
-    return matmul
+    # The same body on one thread, under a name of its own (Numba's disk cache tells compilations
+    # apart by name and closure, not by the parallel flag).
+    @njit(cache=True)
+    def matmul_serial(c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges):
+        matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges)
+
+    return matmul, matmul_serial
 
 
 # One compiled product per tile: ``tile`` is a constant in each (a closure's cell, which Numba
 # compiles as a constant and keeps apart in its cache), so the micro-kernel gets the tile's code.
-_MATMUL = tuple(_matmul_for(tile) for tile in range(len(TILE_NAMES)))
+# Each twice: on Numba's threads, and on one (a small product, where waking the threads costs
+# more than they save; see kernels/_cpu.py).
+_MATMUL, _MATMUL_SERIAL = zip(*(_matmul_for(tile) for tile in range(len(TILE_NAMES))))
 
 
 def matmul_core_cpu(c, a, b, trans_a, trans_b, accumulate, ws, tile=None):
     """Unchecked ``matmul_cpu`` with the scratch arrays ``ws.mm_a_pack``, ``ws.mm_b_slivers`` and
     ``ws.mm_edges`` (see ``matmul_workspace``) from the caller: what the planned step calls."""
-    _MATMUL[TILE if tile is None else tile](c, a, b, trans_a, trans_b, accumulate, ws.mm_a_pack, ws.mm_b_slivers,
+    K = a.shape[0] if trans_a else a.shape[1]
+    small = c.shape[0] * c.shape[1] * K < SERIAL_PRODUCT_BELOW
+    kernels = _MATMUL_SERIAL if small else _MATMUL
+    kernels[TILE if tile is None else tile](c, a, b, trans_a, trans_b, accumulate, ws.mm_a_pack, ws.mm_b_slivers,
                                             ws.mm_edges)
 
 
-def matmul_workspace(M, N, K):
-    """{name: shape} of ``matmul_core_cpu``'s scratch for C (M, N) and depth K, any tile: A's packed
-    slivers for one depth block, a sliver of B and an edge tile for each of Numba's threads."""
+def matmul_workspace(*products):
+    """{name: shape} of ``matmul_core_cpu``'s scratch for products of the given (M, N, K) (C is
+    M x N, the depth K), any tile: A's packed slivers (all of A when it is small, else one depth
+    block), a sliver of B and an edge tile for each of Numba's threads."""
     threads = numba.config.NUMBA_NUM_THREADS
-    return {"mm_a_pack": ((M + MAX_MR) * max(1, min(KC, K)),),
+    a_pack = max((M + MAX_MR) * (K if M * K < A_WHOLE_BELOW else min(K, KC)) for M, N, K in products)
+    return {"mm_a_pack": (max(1, a_pack),),
             "mm_b_slivers": (threads, KC * MAX_NR),
             "mm_edges": (threads, MAX_MR * MAX_NR)}
 
@@ -424,6 +536,6 @@ def matmul_cpu(c, a, b, trans_a=False, trans_b=False, accumulate=False, tile=Non
     K2, N = b.shape[::-1] if trans_b else b.shape
     if K != K2 or c.shape != (M, N):
         raise ValueError(f"{fn}: shapes do not multiply: op(a) {(M, K)} @ op(b) {(K2, N)} into c {c.shape}")
-    ws = SimpleNamespace(**{name: np.empty(shape, c.dtype) for name, shape in matmul_workspace(M, N, K).items()})
+    ws = SimpleNamespace(**{name: np.empty(shape, c.dtype) for name, shape in matmul_workspace((M, N, K)).items()})
     matmul_core_cpu(c, a, b, bool(trans_a), bool(trans_b), bool(accumulate), ws, tile_index(tile))
     return c

@@ -44,7 +44,7 @@ from numba import njit, prange
 from .._checks import check_arrays, check_shape, on_host
 from .._index import in_coord_cpu, valid_out_range_cpu
 from ..activation import relu_backward_core_cpu
-from ..matmul import KC, matmul_core_cpu, matmul_workspace
+from ..matmul import matmul_core_cpu, matmul_workspace
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 from .implicit import (bias_gradient_cpu, conv2d_backward_implicit_core, conv2d_forward_implicit_core, implicit_applies,
                        implicit_workspace)
@@ -436,7 +436,9 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     shapes["kt"] = (K, N * OH * OW)
     if tuple(stride) == (1, 1):
         shapes["padded"] = (N, C, H + 2 * padding[0], W + 2 * padding[1])
-    product = matmul_workspace(max(K, rows), 0, KC)  # the largest M of the three products, full depth blocks
+    # the three products: kt = w cols, dcols = w^T kt (a chunk of the batch), dw = kt cols^T
+    NQ = N * OH * OW
+    product = matmul_workspace((K, NQ, rows), (rows, NQ, K), (K, rows, NQ))
     if direct and few_channels(x_shape, w_shape, stride):  # the direct kernels: no im2col matrix to keep
         shapes["planes"] = few_channels_planes(OH, OW, FW)
         if not need_dx:

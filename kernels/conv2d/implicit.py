@@ -28,7 +28,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..matmul import KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, copy_row, multiply_sliver, pack_sliver, slivers
+from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, add_row, copy_row, multiply_rows, multiply_sliver,
+                      pack_sliver, slivers)
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -62,6 +63,23 @@ def pad_sample(xp, x, n, ph, pw):
                 xp[o + pw + j] = row[j]
     for i in range(C * HP * WP, xp.shape[0]):
         xp[i] = zero
+
+
+@njit(inline="always", cache=True)
+def tap_offsets(scratch, C, FH, FW, HP, WP):
+    """offset(r) = (c*HP + fh)*WP + fw of every tap r = (c, fh, fw), then MAX_MR zeros (rows past
+    the last tap read the sample's first values; their results are dropped): int64s in a scratch
+    array of the layer's dtype, viewed as int64."""
+    taps = scratch.view(np.int64)
+    r = 0
+    for c in range(C):
+        for fh in range(FH):
+            for fw in range(FW):
+                taps[r] = (c * HP + fh) * WP + fw
+                r += 1
+    for i in range(MAX_MR):
+        taps[r + i] = 0
+    return taps
 
 
 @njit(inline="always", cache=True)
@@ -139,16 +157,16 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, xpads, p
 
 
 @njit(inline="always", cache=True)
-def pack_gradient(dst, dy, n, k0, q0, kc, MR, WP):
-    """dst[p*MR + i] = dy[n, k0 + i] at q = q0 + p of a plane of row length WP: zero in the unused
-    columns (ow >= OW) and for filters past the last."""
+def pack_gradient(dst, dy, n, k0, q0, kc, width, WP):
+    """dst[p*width + i] = dy[n, k0 + i] at q = q0 + p of a plane of row length WP: zero in the
+    unused columns (ow >= OW) and for filters past the last."""
     K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
     zero = dy.dtype.type(0)
-    for i in range(MR):
+    for i in range(width):
         k = k0 + i
         oh, ow = q0 // WP, q0 % WP
         for p in range(kc):
-            dst[p * MR + i] = dy[n, k, oh, ow] if (k < K and ow < OW) else zero
+            dst[p * width + i] = dy[n, k, oh, ow] if (k < K and ow < OW) else zero
             ow += 1
             if ow == WP:
                 ow = 0
@@ -156,29 +174,12 @@ def pack_gradient(dst, dy, n, k0, q0, kc, MR, WP):
 
 
 @njit(inline="always", cache=True)
-def pack_patches_transposed(dst, xp, q0, kc, r0, width, R, FH, FW, HP, WP):
-    """dst[p*width + j] = patches[r0 + j, q0 + p]: tap by tap, kc adjacent values of xp stored
-    ``width`` apart; zero for taps past the last."""
-    zero = dst.dtype.type(0)
-    for j in range(width):
-        r = r0 + j
-        if r < R:
-            c = r // (FH * FW)
-            fh = (r // FW) % FH
-            fw = r % FW
-            src = xp[(c * HP + fh) * WP + fw + q0:]
-            for p in range(kc):
-                dst[p * width + j] = src[p]
-        else:
-            for p in range(kc):
-                dst[p * width + j] = zero
-
-
-@njit(inline="always", cache=True)
-def weight_gradient_body(tile, dw, dy, x, ph, pw, a_packs, xpads, b_slivers, edges, parts):
-    """dw (K, C, FH, FW) = the weight gradient of the stride-1 convolution: each thread adds its
-    samples' dy[n] @ patches^T into its ``parts[t]`` (K, C*FH*FW), then the parts are summed in
-    thread order."""
+def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, xpads, b_slivers, edges, parts):
+    """dw (K, C, FH, FW) = the weight gradient of the stride-1 convolution, computed transposed:
+    dw^T (C*FH*FW, K) += patches (C*FH*FW, OH*WP) @ dy[n]^T, whose A rows are the padded sample
+    itself at each tap's offset (``multiply_rows``: nothing gathered) and whose B slivers are dy's
+    values for NR filters. Each thread adds its samples into its ``parts[t]`` (C*FH*FW, K); the
+    parts are summed in thread order."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = dw.shape
@@ -187,24 +188,87 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, a_packs, xpads, b_slivers, edg
     R = C * FH * FW
     Q = OH * WP
     threads = parts.shape[0]
+    taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
     for t in prange(threads):
         parts[t] = 0
     for n in prange(N):
         t = numba.get_thread_id()
-        xp, a_pack, sliver, part = xpads[t], a_packs[t], b_slivers[t], parts[t]
+        xp, sliver, part = xpads[t], b_slivers[t], parts[t]
         pad_sample(xp, x, n, ph, pw)
         for pc in range(0, Q, KC):
             kc = min(KC, Q - pc)
-            for s in range(slivers(K, MR)):
-                pack_gradient(a_pack[s * kc * MR:], dy, n, s * MR, pc, kc, MR, WP)
-            for col in range(slivers(R, NR)):
-                pack_patches_transposed(sliver, xp, pc, kc, col * NR, NR, R, FH, FW, HP, WP)
-                multiply_sliver(tile, a_pack, sliver, part, col * NR, kc, True, edges[t])
+            for col in range(slivers(K, NR)):
+                pack_gradient(sliver, dy, n, col * NR, pc, kc, NR, WP)
+                multiply_rows(tile, xp, pc, taps, sliver, part, col * NR, kc, True, edges[t])
     dwf = dw.reshape(K, R)
     for k in prange(K):
-        dwf[k] = parts[0, k]
-        for t in range(1, threads):
-            dwf[k] += parts[t, k]
+        for r in range(R):
+            total = parts[0, r, k]
+            for t in range(1, threads):
+                total += parts[t, r, k]
+            dwf[k, r] = total
+
+
+@njit(inline="always", cache=True)
+def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps_scratch, dxpads, g_slivers,
+                                b_slivers, edges):
+    """dx (N, C, H, W) = the input gradient of the stride-1 convolution as the forward's gather run
+    backwards: per sample, G (C*FH*FW, OH*WP) = w^T @ dy[n] one NR-column sliver at a time, then
+    each tap's row of G added into the padded input gradient at the tap's offset (``add_row``), the
+    transpose of ``pack_patches``. Where the filters are large against the image (no padding),
+    this multiplies fewer zeros than the full convolution of dy. Times x > 0 with ``masked``."""
+    MR, NR = _MR[tile], _NR[tile]
+    N, C, H, W = dx.shape
+    K, _, FH, FW = w.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    HP, WP = H + 2 * ph, W + 2 * pw
+    R = C * FH * FW
+    Q = OH * WP
+    Rpad = slivers(R, MR) * MR
+    wf = w.reshape(K, R)
+    for s in prange(slivers(R, MR)):  # w^T's slivers, depth (the filters) block by block
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            pack_sliver(a_pack, pc * Rpad + s * kc * MR, wf, s * MR, R, pc, kc, MR, True)
+    taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
+    zero = dx.dtype.type(0)
+    for n in prange(N):
+        t = numba.get_thread_id()
+        dxp, sliver, g = dxpads[t], b_slivers[t], g_slivers[t, :R * NR].reshape(R, NR)
+        dxp[:] = zero
+        for col in range(slivers(Q, NR)):
+            for pc in range(0, K, KC):
+                kc = min(KC, K - pc)
+                pack_gradient_rows(sliver, dy, n, pc, kc, col * NR, NR, WP)
+                multiply_sliver(tile, a_pack[pc * Rpad:], sliver, g, 0, kc, pc > 0, edges[t])
+            for r in range(R):
+                add_row(tile, dxp, taps[r] + col * NR, g[r], 0)
+        for c in range(C):
+            for i in range(H):
+                row = dxp[(c * HP + i + ph) * WP + pw:]
+                out = dx[n, c, i]
+                for j in range(W):
+                    v = row[j]
+                    if masked and not x[n, c, i, j] > 0:
+                        v = zero
+                    out[j] = v
+
+
+@njit(inline="always", cache=True)
+def pack_gradient_rows(dst, dy, n, k0, kc, q0, width, WP):
+    """dst[p*width + j] = dy[n, k0 + p] at q = q0 + j of a plane of row length WP: zero in the
+    unused columns (ow >= OW) and past the plane's end."""
+    OH, OW = dy.shape[2], dy.shape[3]
+    zero = dy.dtype.type(0)
+    for p in range(kc):
+        plane = dy[n, k0 + p]
+        oh, ow = q0 // WP, q0 % WP
+        for j in range(width):
+            dst[p * width + j] = plane[oh, ow] if (oh < OH and ow < OW) else zero
+            ow += 1
+            if ow == WP:
+                ow = 0
+                oh += 1
 
 
 @njit(inline="always", cache=True)
@@ -232,21 +296,41 @@ def _compiled_for(tile):
                       b_slivers, edges)
 
     @njit(parallel=True, cache=True)
-    def backward_weight(dw, dy, x, ph, pw, a_packs, xpads, b_slivers, edges, parts):
-        weight_gradient_body(tile, dw, dy, x, ph, pw, a_packs, xpads, b_slivers, edges, parts)
+    def backward_input_scatter(dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, g_slivers, b_slivers, edges):
+        input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, g_slivers, b_slivers,
+                                    edges)
 
-    return forward, backward_input, backward_weight
+    @njit(parallel=True, cache=True)
+    def backward_weight(dw, dy, x, ph, pw, taps, xpads, b_slivers, edges, parts):
+        weight_gradient_body(tile, dw, dy, x, ph, pw, taps, xpads, b_slivers, edges, parts)
+
+    return forward, backward_input, backward_input_scatter, backward_weight
 
 
 # One set of compiled kernels per tile (the tile a constant in each: see kernels/matmul.py)
 _KERNELS = tuple(_compiled_for(tile) for tile in range(len(TILE_NAMES)))
 
 
-def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx):
-    """{name: shape} of the scratch the implicit kernels need (any tile): the packed filters, and
-    for each of Numba's threads a padded sample, an output plane, a sliver of B, an edge tile, the
-    packed gradient and its own weight gradient; with ``need_dx``, the flipped filters and the
-    padded gradient and planes of the input gradient's convolution."""
+def scatter_input_gradient(x_shape, w_shape, padding):
+    """Whether the input gradient runs as a scatter of w^T @ dy (``input_gradient_scatter_body``)
+    rather than as the full convolution of dy: when it multiplies fewer values, that is when
+    the padding is less than the filter's half (the full convolution pads dy by F - 1 - P)."""
+    H, W = x_shape[2], x_shape[3]
+    FH, FW = w_shape[2], w_shape[3]
+    ph, pw = padding
+    OH = H + 2 * ph - FH + 1
+    scatter = OH * (W + 2 * pw)  # columns of G per sample
+    full = H * (W + FW - 1)  # columns of the full convolution's output per sample
+    return scatter < full
+
+
+def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None):
+    """{name: shape} of the scratch the implicit kernels need (any tile): the packed filters, the
+    taps' offsets, and for each of Numba's threads a padded sample, an output plane, a sliver of
+    B, an edge tile and its own weight gradient; with ``need_dx``, what the input gradient's
+    product needs (the flipped filters and the padded gradient and planes of the full
+    convolution, or a sliver of G for the scatter; ``scatter`` None: as
+    ``scatter_input_gradient`` says)."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
@@ -257,14 +341,21 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx):
     tail = MAX_NR + FW  # read past the last plane by the last sliver
     shapes = {
         "im_a_pack": ((K + MAX_MR) * R,),
+        "im_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
         "im_xpads": (threads, C * HP * WP + tail),
         "im_planes": (threads, K, OH * WP),
         "im_b_slivers": (threads, KC * MAX_NR),
         "im_edges": (threads, MAX_MR * MAX_NR),
-        "im_grad_pack": (threads, (K + MAX_MR) * KC),
-        "im_parts": (threads, K, R),
+        "im_parts": (threads, R, K),
     }
-    if need_dx:  # the full convolution of dy: padding F - 1 - P, planes of row length OW + 2*(FW - 1 - pw)
+    if scatter is None:
+        scatter = scatter_input_gradient(x_shape, w_shape, padding)
+    if need_dx and scatter:
+        shapes.update({
+            "im_dx_pack": ((R + MAX_MR) * K,),
+            "im_g": (threads, R * MAX_NR),
+        })
+    elif need_dx:  # the full convolution of dy: padding F - 1 - P, planes of row length OW + 2*(FW - 1 - pw)
         dHP, dWP = OH + 2 * (FH - 1 - ph), OW + 2 * (FW - 1 - pw)
         shapes.update({
             "im_flipped": (C, K, FH, FW),
@@ -285,12 +376,17 @@ def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None):
 
 def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None):
     """dw, and dx when it is not None (times x > 0 with ``mask``); the bias gradient is the caller's."""
-    _, backward_input, backward_weight = _KERNELS[TILE if tile is None else tile]
-    backward_weight(dw, dy, x, ph, pw, ws.im_grad_pack, ws.im_xpads, ws.im_b_slivers, ws.im_edges, ws.im_parts)
-    if dx is not None:
+    _, full, scatter, backward_weight = _KERNELS[TILE if tile is None else tile]
+    backward_weight(dw, dy, x, ph, pw, ws.im_taps, ws.im_xpads, ws.im_b_slivers, ws.im_edges, ws.im_parts)
+    if dx is None:
+        return
+    if hasattr(ws, "im_g"):
+        scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_g, ws.im_b_slivers,
+                ws.im_edges)
+    else:
         ws.im_zeros[:] = 0
-        backward_input(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_dy_pads,
-                       ws.im_dx_planes, ws.im_b_slivers, ws.im_edges)
+        full(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_dy_pads,
+             ws.im_dx_planes, ws.im_b_slivers, ws.im_edges)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
@@ -311,9 +407,9 @@ def bias_gradient_cpu(db, dy):
         db[k] = total
 
 
-def implicit_scratch(x_shape, w_shape, y_shape, padding, need_dx, dtype):
+def implicit_scratch(x_shape, w_shape, y_shape, padding, need_dx, dtype, scatter=None):
     """Fresh scratch arrays for the implicit kernels (tests, and calls outside a planned step)."""
     from types import SimpleNamespace
 
-    shapes = implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx)
+    shapes = implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter)
     return SimpleNamespace(**{name: np.empty(shape, dtype) for name, shape in shapes.items()})

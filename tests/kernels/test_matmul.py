@@ -19,9 +19,13 @@ SHAPES = [(1, 1, 1), (1, 40, 3), (37, 1, 5), (7, 33, 1), (13, 97, KC), (29, 31, 
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
+def threads(request, monkeypatch):
+    """One thread with the products' serial compilation where they are small (as in training), or
+    two with the parallel one for every size (these shapes are all small)."""
     before = numba.get_num_threads()
     numba.set_num_threads(min(request.param, numba.config.NUMBA_NUM_THREADS))
+    if request.param == 2:
+        monkeypatch.setattr(mm, "SERIAL_PRODUCT_BELOW", 0)
     yield request.param
     numba.set_num_threads(before)
 
@@ -64,7 +68,7 @@ def test_depth_zero_gives_zeros_or_leaves_c(rng):
     assert (c == 0).all()
 
 
-def test_product_on_views_of_a_larger_array(rng):
+def test_product_on_views_of_a_larger_array(rng, threads):
     """Operands that are row ranges and column ranges of larger arrays (what the im2col path's
     chunks pass)."""
     big = rng.standard_normal((40, 300)).astype(np.float32)
@@ -77,7 +81,7 @@ def test_product_on_views_of_a_larger_array(rng):
 def _scratch(M, N, K, dtype=np.float32):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{name: np.empty(shape, dtype) for name, shape in mm.matmul_workspace(M, N, K).items()})
+    return SimpleNamespace(**{name: np.empty(shape, dtype) for name, shape in mm.matmul_workspace((M, N, K)).items()})
 
 
 def test_same_bits_twice_and_whatever_the_thread_count(rng):
@@ -144,16 +148,20 @@ def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
         want = ref.conv2d(x, w, b, pad=(ph, pw))
         y = np.full(want.shape, np.nan, dtype)
         ws = implicit.implicit_scratch(x.shape, w.shape, y.shape, (ph, pw), True, dtype)
+        # the input gradient both ways: the full convolution of dy and the scatter of w^T dy
+        other = implicit.implicit_scratch(x.shape, w.shape, y.shape, (ph, pw), True, dtype,
+                                          not hasattr(ws, "im_g"))
         for relu in (False, True):
             implicit.conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, index)
             np.testing.assert_allclose(y, np.maximum(want, 0) if relu else want, **tol)
         dy = rng.standard_normal(want.shape).astype(dtype)
         want_dx, want_dw, want_db = ref.conv2d_grads(dy, x, w, pad=(ph, pw))
         for mask in (False, True):
-            dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
-            implicit.conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, index)
-            np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
-            np.testing.assert_allclose(dw, want_dw, **tol)
+            for scratch in (ws, other):
+                dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
+                implicit.conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, scratch, index)
+                np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
+                np.testing.assert_allclose(dw, want_dw, **tol)
         db = np.full(K, np.nan, dtype)
         implicit.bias_gradient_cpu(db, dy)
         np.testing.assert_allclose(db, want_db, **tol)
