@@ -30,10 +30,8 @@ def _openmp_already_loaded():
 
 # Whether another library (PyTorch, for one) had started an OpenMP runtime before nbcnn was
 # imported: its threads then wait actively whatever OMP_WAIT_POLICY says now, and Numba's OpenMP
-# layer shares them. nbcnn used to move Numba to its "workqueue" pool in that case (measured then:
-# 75 ms a default-model step at batch 128 on OpenMP, 34 on workqueue). Since nbcnn also puts
-# OpenBLAS's threads to sleep between products, OpenMP is the faster of the two there too
-# (2026-11-25, PyTorch imported first: 18.3 against 23.9 ms at batch 128, 3.4 against 6.5 ms for
-# LeNet-5 at 64; the 75 ms did not come back even with OpenBLAS's threads spinning), so Numba keeps
-# its default. The flag stays for the benchmarks, which report the case.
+# layer shares them. Numba's own "workqueue" pool is the slower of the two there (2026-11-25,
+# PyTorch imported first: 18.3 ms against 23.9 for the default model's step at batch 128, 3.4
+# against 6.5 for LeNet-5 at 64), so Numba keeps its default. The flag is for the benchmarks,
+# which report the case.
 OPENMP_LOADED_FIRST = _openmp_already_loaded()

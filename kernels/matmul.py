@@ -424,11 +424,40 @@ def multiply_rows(tile, a, ai, starts, b_sliver, c, j, kc, accumulate, edge):
             keep_edge(c, i, j, edge, accumulate, MR, NR)
 
 
+@njit(inline="always", cache=True)
+def split_depth(tile, c, a, b, trans_a, trans_b, accumulate, a_packs, b_slivers, edges, parts, threads):
+    """c (+)= op(a) op(b) with the depth cut into ``threads`` runs of whole KC blocks: each thread
+    multiplies its run into its own ``parts[t]`` (packing its own A in ``a_packs[t]``), then the
+    parts are added in thread order (the same bits for the same number of threads)."""
+    MR, NR = _MR[tile], _NR[tile]
+    M, N = c.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    run = slivers(slivers(K, KC), threads) * KC
+    for t in prange(threads):
+        part = parts[t, :M * N].reshape(M, N)
+        a_pack, sliver, edge = a_packs[t], b_slivers[t], edges[t]
+        for pc in range(t * run, min(K, (t + 1) * run), KC):
+            kc = min(KC, K - pc)
+            for s in range(slivers(M, MR)):
+                pack_sliver(a_pack, s * kc * MR, a, s * MR, M, pc, kc, MR, trans_a)
+            for col in range(slivers(N, NR)):
+                pack_sliver(sliver, 0, b, col * NR, N, pc, kc, NR, not trans_b)
+                multiply_sliver(tile, a_pack, sliver, part, col * NR, kc, pc > t * run, edge)
+        if t * run >= K:
+            part[:, :] = 0
+    for i in prange(M):
+        for j in range(N):
+            total = parts[0, i * N + j]
+            for t in range(1, threads):
+                total += parts[t, i * N + j]
+            c[i, j] = c[i, j] + total if accumulate else total
+
+
 A_WHOLE_BELOW = 1 << 17  # elements of A (512 KB of float32, half of an L2): packed whole, not by depth block
 
 
 @njit(inline="always", cache=True)
-def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges):
+def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges, a_packs, parts, threads):
     """c (M, N) (+)= op(a) op(b), op a transpose with ``trans_a`` / ``trans_b``; scratch from
     ``matmul_workspace``; ``tile`` a compile-time constant (one compiled product per tile).
 
@@ -442,6 +471,11 @@ def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, 
     a block, and each wakes the thread pool (tens of microseconds). Each element of C is written
     by one task, adding the depth blocks in order: the result does not depend on the number of
     threads.
+
+    A product with fewer column slivers than threads and a long depth (a weight gradient: few
+    filters times few taps, summed over every position of the batch) is split along its depth
+    instead (``split_depth``), given the scratch for it (``a_packs``, ``parts``) and ``threads``, the
+    number of Numba's threads.
     """
     MR, NR = _MR[tile], _NR[tile]
     M, N = c.shape
@@ -451,6 +485,10 @@ def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, 
             c[:, :] = 0
         return
     Mpad = slivers(M, MR) * MR
+    threads = min(threads, parts.shape[0])
+    if threads > 1 and slivers(N, NR) < threads and K >= threads * KC and parts.shape[1] >= M * N:
+        split_depth(tile, c, a, b, trans_a, trans_b, accumulate, a_packs, b_slivers, edges, parts, threads)
+        return
     if M * K < A_WHOLE_BELOW:
         for s in prange(slivers(M, MR)):
             for pc in range(0, K, KC):
@@ -479,14 +517,14 @@ SERIAL_PRODUCT_BELOW = 1 << 22  # multiply-adds (about 30 us on one core): fewer
 
 def _matmul_for(tile):
     @njit(parallel=True, cache=True)
-    def matmul(c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges):
-        matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges)
+    def matmul(c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges, a_packs, parts, threads):
+        matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges, a_packs, parts, threads)
 
     # The same body on one thread, under a name of its own (Numba's disk cache tells compilations
     # apart by name and closure, not by the parallel flag).
     @njit(cache=True)
-    def matmul_serial(c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges):
-        matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges)
+    def matmul_serial(c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges, a_packs, parts, threads):
+        matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, edges, a_packs, parts, threads)
 
     return matmul, matmul_serial
 
@@ -499,24 +537,28 @@ _MATMUL, _MATMUL_SERIAL = zip(*(_matmul_for(tile) for tile in range(len(TILE_NAM
 
 
 def matmul_core_cpu(c, a, b, trans_a, trans_b, accumulate, ws, tile=None):
-    """Unchecked ``matmul_cpu`` with the scratch arrays ``ws.mm_a_pack``, ``ws.mm_b_slivers`` and
-    ``ws.mm_edges`` (see ``matmul_workspace``) from the caller: what the planned step calls."""
+    """Unchecked ``matmul_cpu`` with the scratch arrays ``ws.mm_*`` (see ``matmul_workspace``) from
+    the caller: what the planned step calls. Small products run on one thread."""
     K = a.shape[0] if trans_a else a.shape[1]
     small = c.shape[0] * c.shape[1] * K < SERIAL_PRODUCT_BELOW
     kernels = _MATMUL_SERIAL if small else _MATMUL
     kernels[TILE if tile is None else tile](c, a, b, trans_a, trans_b, accumulate, ws.mm_a_pack, ws.mm_b_slivers,
-                                            ws.mm_edges)
+                                            ws.mm_edges, ws.mm_a_packs, ws.mm_parts, numba.get_num_threads())
 
 
 def matmul_workspace(*products):
     """{name: shape} of ``matmul_core_cpu``'s scratch for products of the given (M, N, K) (C is
     M x N, the depth K), any tile: A's packed slivers (all of A when it is small, else one depth
-    block), a sliver of B and an edge tile for each of Numba's threads."""
+    block), a sliver of B and an edge tile for each of Numba's threads, and for a product split
+    along its depth (see ``matmul_body``) each thread's packed A and its part of C."""
     threads = numba.config.NUMBA_NUM_THREADS
     a_pack = max((M + MAX_MR) * (K if M * K < A_WHOLE_BELOW else min(K, KC)) for M, N, K in products)
+    split = [(M, N) for M, N, K in products if threads > 1 and N < threads * MAX_NR and K >= threads * KC]
     return {"mm_a_pack": (max(1, a_pack),),
             "mm_b_slivers": (threads, KC * MAX_NR),
-            "mm_edges": (threads, MAX_MR * MAX_NR)}
+            "mm_edges": (threads, MAX_MR * MAX_NR),
+            "mm_a_packs": (threads, max([(M + MAX_MR) * KC for M, N in split], default=1)),
+            "mm_parts": (threads, max([M * N for M, N in split], default=1))}
 
 
 def matmul_cpu(c, a, b, trans_a=False, trans_b=False, accumulate=False, tile=None):

@@ -284,7 +284,7 @@ def cmd_info(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from nbcnn.data import DataError
+    from nbcnn.errors import DataError
     from nbcnn.device import CudaUnavailableError
     from nbcnn.model import WriteError
 

@@ -17,6 +17,9 @@ from importlib import resources
 
 import numpy as np
 
+from nbcnn.errors import DataError, describe  # noqa: F401 (DataError and describe are also nbcnn.data's)
+from nbcnn.images import ImageError, fit_to_profile, read_image
+
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -33,15 +36,6 @@ MNIST_SHA256 = {
 }
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable, or not what it should be."""
-
-
-def describe(exc, limit=200):
-    """``Type: message`` of an exception on one line (whatever newlines its message holds), cut to ``limit``."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
 def _read_bytes(path):
@@ -264,8 +258,6 @@ def load_image_folder(folder, image_size=None):
     colour; each image is padded to a square with its border's colour and resized to
     ``image_size`` (default: the most common longer side). Returns the dict of ``load_idx_folder``
     (grey images (N, H, W), colour (N, 3, H, W), uint8) with ``class_names`` added."""
-    from nbcnn.images import ImageError, fit_to_profile, read_image
-
     folder = os.fspath(folder)
     subs = _subfolders(folder)
     if set(subs) >= {"train", "test"}:

@@ -13,7 +13,7 @@ the digits it was trained on.
 
 import numpy as np
 
-from nbcnn.data import DataError, describe
+from nbcnn.errors import DataError, describe
 
 
 class ImageError(DataError):

@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 
 from nbcnn import ops
-from nbcnn.data import describe
+from nbcnn.errors import describe
 from nbcnn.device import CPU, resolve_device, to_device, to_numpy
 from nbcnn.layers import LAYERS, Layer, Residual, _Conv2DPlan, _MaxPool2DPlan, _ReLUPlan
 from nbcnn.parameter import Parameter, ParameterBuffer

@@ -30,7 +30,7 @@ import tempfile
 
 import numpy as np
 
-from nbcnn.data import describe
+from nbcnn.errors import describe
 
 # Per compute capability: registers per SM, the most warps, blocks and shared bytes per SM, the
 # shared memory the hardware reserves per block, and the register allocation unit (per warp).
@@ -298,7 +298,7 @@ def static_profile(cc=(9, 0), dtype=np.float32, names=None):
     return rows
 
 
-# Targets for the kernels that do a layer's multiply-adds (issue 12): few instructions per FMA,
+# Targets for the kernels that do a layer's multiply-adds: few instructions per FMA,
 # enough resident warps to hide latency, nothing spilled.
 TARGET_SASS_PER_FFMA = 2.0
 TARGET_OCCUPANCY = 0.25

@@ -2,7 +2,7 @@
 
 The arithmetic of the report (occupancy, loops in a disassembly) on hand-made inputs with
 known answers; then the real thing on the kernels that do a layer's multiply-adds, with the
-targets of issue 12 asserted: they are counts in the compiled code, the same on every run.
+targets of nbcnn.static asserted: they are counts in the compiled code, the same on every run.
 """
 
 import json
