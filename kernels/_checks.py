@@ -1,10 +1,14 @@
-"""Argument checks for the kernels' public entry points, run on the host before any launch.
+"""Argument checks, one module for the whole of nbcnn, run on the host before any launch.
 
-A jitted kernel given a wrong shape reads out of bounds or returns garbage; these
-checks turn every such mistake into a one-line ``ValueError`` or ``TypeError`` that
-names the function, the argument, what it got and what it expected.
+A jitted kernel given a wrong shape reads out of bounds or returns garbage; these checks turn
+every such mistake into a one-line ``ValueError`` (a wrong value or shape) or ``TypeError`` (a
+wrong type) that names the function, the argument, what it got and what it expected. The
+scalar checks (``check_int``, ``check_real``, ``check_pair``, ``check_choice``,
+``check_instance``) are also the framework's: layers, optimizers, schedules, the Trainer and the
+CLI call them through ``nbcnn.checks``, so one mistake reads the same wherever it is made.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -28,28 +32,69 @@ def output_size(fn, size, f, s, p, dim, what="window"):
     return out_size(size, f, s, p)
 
 
-def check_int(fn, name, value, minimum=None):
-    """``value`` must be an integer (not a bool), at least ``minimum`` when given."""
+def _subject(fn, name):
+    """The start of a message: "fn: name", either left out when None ("value" when both are: the
+    CLI's option types, whose messages argparse starts with the option's name)."""
+    return ": ".join(part for part in (fn, name) if part) or "value"
+
+
+def check_int(fn, name, value, minimum=None, maximum=None):
+    """``value`` must be an integer (not a bool) in [``minimum``, ``maximum``]; returned as an int.
+
+    A wrong type is a ``TypeError``, a wrong value a ``ValueError``; the wording is the same for every
+    caller in nbcnn (kernels, layers, optimizers, schedules, the Trainer, the CLI)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be an integer, got {value!r}")
+        raise TypeError(f"{_subject(fn, name)} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{fn}: {name} must be at least {minimum}, got {value}")
+        raise ValueError(f"{_subject(fn, name)} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{_subject(fn, name)} must be at most {maximum:,}, got {value}")
     return int(value)
 
 
 def check_real(fn, name, value, minimum=None, maximum=None, open_min=False, open_max=False):
-    """``value`` must be a finite real number in the given range."""
+    """``value`` must be a finite real number (not a bool) in the range given, each bound open or
+    closed; returned as a float. Errors as ``check_int``'s."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+        raise TypeError(f"{_subject(fn, name)} must be a real number, got {value!r}")
     value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"{_subject(fn, name)} must be finite, got {value}")
     if minimum is not None and (value < minimum or (open_min and value == minimum)):
         bound = f"greater than {minimum}" if open_min else f"at least {minimum}"
-        raise ValueError(f"{fn}: {name} must be {bound}, got {value}")
+        raise ValueError(f"{_subject(fn, name)} must be {bound}, got {value}")
     if maximum is not None and (value > maximum or (open_max and value == maximum)):
         bound = f"less than {maximum}" if open_max else f"at most {maximum}"
-        raise ValueError(f"{fn}: {name} must be {bound}, got {value}")
+        raise ValueError(f"{_subject(fn, name)} must be {bound}, got {value}")
+    return value
+
+
+def check_pair(fn, name, value, minimum=None, maximum=None):
+    """An int, or a pair (h, w) of ints, each in [``minimum``, ``maximum``]; returned as two ints."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
+        raise TypeError(f"{_subject(fn, name)} must be an int or a pair of ints (h, w), got {value!r}")
+    if minimum is not None and min(pair) < minimum:
+        raise ValueError(f"{_subject(fn, name)} must be at least {minimum}, got {value!r}")
+    if maximum is not None and max(pair) > maximum:
+        raise ValueError(f"{_subject(fn, name)} must be at most {maximum:,}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def check_choice(fn, name, value, choices):
+    """``value`` must be one of ``choices`` (strings); a string that is none of them is a
+    ``ValueError`` listing them, anything else a ``TypeError``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{_subject(fn, name)} must be a string, one of {', '.join(choices)}; got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{_subject(fn, 'unknown ' + name)} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def check_instance(fn, name, value, kind, what):
+    """``value`` must be an instance of ``kind`` (a class or a tuple of them), which ``what`` names."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{_subject(fn, name)} must be {what}, got {type(value).__name__}")
     return value
 
 

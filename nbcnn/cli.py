@@ -9,26 +9,31 @@ import os
 import platform
 import sys
 
+from nbcnn.checks import check_int, check_real
+
 EXIT_USAGE = 2
 
 
-def _number(kind, convert, valid):
-    """An argparse type: ``convert`` the text, then require ``valid(value)``; ``kind`` names it."""
+def _option(convert, check, **bounds):
+    """An argparse type: ``convert`` the text, then ``check`` it (``nbcnn.checks``) within ``bounds``;
+    text that does not convert is checked as it is, so it gets the check's own wording."""
     def parse(text):
         try:
             value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text}")
-        return value
+            value = text
+        try:
+            return check(None, None, value, **bounds)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
 
 
-_positive_int = _number("a positive integer", int, lambda v: v >= 1)
-_non_negative_int = _number("a non-negative integer", int, lambda v: v >= 0)
-_positive_float = _number("a positive finite number", float, lambda v: 0 < v < float("inf"))
-_non_negative_float = _number("a non-negative finite number", float, lambda v: 0 <= v < float("inf"))
+_positive_int = _option(int, check_int, minimum=1)
+_non_negative_int = _option(int, check_int, minimum=0)
+_positive_float = _option(float, check_real, minimum=0.0, open_min=True)
+_non_negative_float = _option(float, check_real, minimum=0.0)
+_fraction = _option(float, check_real, minimum=0.0, maximum=1.0, open_min=True)  # in (0, 1]
 
 
 def _compute_capability(text):
@@ -66,7 +71,7 @@ def build_parser():
     t.add_argument("--batch-size", type=_positive_int, default=None, help="default: the model's, else 64")
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate: the step schedule's first, the others' peak (default: the model's, else 1e-3)")
-    t.add_argument("--lr-decay", type=_positive_float, default=None,
+    t.add_argument("--lr-decay", type=_fraction, default=None,
                    help="with --schedule step: factor applied after each epoch (default 0.5; 1 keeps it constant)")
     t.add_argument("--schedule", default=None, choices=["step", "cosine", "onecycle"],
                    help="learning-rate schedule (default: the model's, else step)")
@@ -75,7 +80,7 @@ def build_parser():
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="shift every training image at random by up to 2 pixels (and mirror colour images); "
                         "default: the model's (on for resnet), else off")
-    t.add_argument("--label-smoothing", type=_number("a number in [0, 1]", float, lambda v: 0 <= v <= 1),
+    t.add_argument("--label-smoothing", type=_option(float, check_real, minimum=0.0, maximum=1.0),
                    default=None, metavar="E",
                    help="train against targets of 1 - E on the label and E/classes on every class (default: the "
                         "model's, else 0)")

@@ -20,49 +20,34 @@ Inputs are batched: (N, C, H, W) for convolution and pooling, (N, features) for 
 """
 
 import math
-import numbers
 from types import SimpleNamespace
 
 import numpy as np
 
 from nbcnn import ops
+from nbcnn.checks import LARGEST, check_choice, check_instance, check_int, check_pair, check_real
 from nbcnn.device import CPU, device_of, resolve_device, to_device, to_numpy
 from nbcnn.parameter import Parameter
 
 _rng = np.random.default_rng(0)
 
+ALGORITHMS = ("gemm", "direct", "tiled")  # Conv2D(algorithm=...); None lets the registry choose
+
 
 def set_seed(seed):
     """Seed the generator that initialises new layers' weights (He initialisation)."""
     global _rng
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    _rng = np.random.default_rng(int(seed))
+    _rng = np.random.default_rng(check_int("set_seed", "seed", seed, minimum=0))
 
 
-LARGEST = 2**31 - 1  # sizes and counts: the kernels index with 32-bit integers
+def _pair(layer, name, value, minimum):
+    """A window's size, stride or padding: an int or a pair (h, w) of ints, as two ints."""
+    return check_pair(layer, name, value, minimum=minimum, maximum=LARGEST)
 
 
-def _pair(name, value, minimum, layer):
-    """An int or a pair (h, w) of ints, each at least ``minimum``, as a tuple of two ints."""
-    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
-        raise TypeError(f"{layer}: {name} must be an int or a pair of ints (h, w), got {value!r}")
-    if any(v < minimum for v in pair):
-        raise ValueError(f"{layer}: {name} must be at least {minimum}, got {value!r}")
-    if any(v > LARGEST for v in pair):
-        raise ValueError(f"{layer}: {name} must be at most {LARGEST:,}, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _count(name, value, layer):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{layer}: {name} must be an integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{layer}: {name} must be at least 1, got {value}")
-    if value > LARGEST:
-        raise ValueError(f"{layer}: {name} must be at most {LARGEST:,}, got {value}")
-    return int(value)
+def _count(layer, name, value):
+    """A size or count: an integer from 1 to the largest the kernels index."""
+    return check_int(layer, name, value, minimum=1, maximum=LARGEST)
 
 
 def _weights(layer, shape, fan_in):
@@ -393,15 +378,13 @@ class Conv2D(Layer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, algorithm=None):
         name = "Conv2D"
-        self.in_channels = _count("in_channels", in_channels, name)
-        self.out_channels = _count("out_channels", out_channels, name)
-        self.kernel_size = _pair("kernel_size", kernel_size, 1, name)
-        self.stride = _pair("stride", stride, 1, name)
-        self.padding = _pair("padding", padding, 0, name)
+        self.in_channels = _count(name, "in_channels", in_channels)
+        self.out_channels = _count(name, "out_channels", out_channels)
+        self.kernel_size = _pair(name, "kernel_size", kernel_size, 1)
+        self.stride = _pair(name, "stride", stride, 1)
+        self.padding = _pair(name, "padding", padding, 0)
         self.has_bias = bool(bias)
-        if algorithm is not None and algorithm not in ("gemm", "direct", "tiled"):
-            raise ValueError(f"{name}: algorithm must be 'gemm', 'direct' or 'tiled', got {algorithm!r}")
-        self.algorithm = algorithm
+        self.algorithm = None if algorithm is None else check_choice(name, "algorithm", algorithm, ALGORITHMS)
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.weight = Parameter(_weights(name, (self.out_channels, self.in_channels, *self.kernel_size), fan_in))
         self.bias = Parameter(np.zeros(self.out_channels, np.float32)) if self.has_bias else None
@@ -487,9 +470,9 @@ class _AvgPool2DPlan(Plan):
 class _Pool2D(Layer):
     def __init__(self, kernel_size, stride=None, padding=0):
         name = type(self).__name__
-        self.kernel_size = _pair("kernel_size", kernel_size, 1, name)
-        self.stride = self.kernel_size if stride is None else _pair("stride", stride, 1, name)
-        self.padding = _pair("padding", padding, 0, name)
+        self.kernel_size = _pair(name, "kernel_size", kernel_size, 1)
+        self.stride = self.kernel_size if stride is None else _pair(name, "stride", stride, 1)
+        self.padding = _pair(name, "padding", padding, 0)
         if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"{name}: padding {self.padding} must be at most half the kernel size {self.kernel_size}")
 
@@ -591,7 +574,7 @@ class LeakyReLU(Layer):
     kind = "leaky_relu"
 
     def __init__(self, negative_slope=0.01):
-        self.negative_slope = _real("LeakyReLU", "negative_slope", negative_slope, -math.inf)
+        self.negative_slope = check_real("LeakyReLU", "negative_slope", negative_slope)
 
     def config(self):
         return dict(negative_slope=self.negative_slope)
@@ -684,8 +667,8 @@ class Dense(Layer):
     Plan = _DensePlan
 
     def __init__(self, in_features, out_features, bias=True):
-        self.in_features = _count("in_features", in_features, "Dense")
-        self.out_features = _count("out_features", out_features, "Dense")
+        self.in_features = _count("Dense", "in_features", in_features)
+        self.out_features = _count("Dense", "out_features", out_features)
         self.has_bias = bool(bias)
         self.weight = Parameter(_weights("Dense", (self.out_features, self.in_features), self.in_features))
         self.bias = Parameter(np.zeros(self.out_features, np.float32)) if self.has_bias else None
@@ -707,18 +690,6 @@ class Dense(Layer):
 
 
 # ------------------------------------------------------------------- normalisation, dropout
-
-
-def _real(layer, name, value, low, high=None, open_low=False, open_high=True):
-    """A finite real ``value`` in the range given (bounds open or closed), as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{layer}: {name} must be a finite real number, got {value!r}")
-    value = float(value)
-    if value < low or (open_low and value == low) or (high is not None and (value > high or
-                                                                           (open_high and value == high))):
-        interval = f"{'(' if open_low else '['}{low}, {'' if high is None else high}{')' if open_high else ']'}"
-        raise ValueError(f"{layer}: {name} must be in {interval}, got {value}")
-    return value
 
 
 class _BatchNorm2DPlan(Plan):
@@ -772,9 +743,9 @@ class BatchNorm2D(Layer):
     Plan = _BatchNorm2DPlan
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
-        self.num_features = _count("num_features", num_features, "BatchNorm2D")
-        self.eps = _real("BatchNorm2D", "eps", eps, 0.0, open_low=True)
-        self.momentum = _real("BatchNorm2D", "momentum", momentum, 0.0, 1.0, open_high=False)
+        self.num_features = _count("BatchNorm2D", "num_features", num_features)
+        self.eps = check_real("BatchNorm2D", "eps", eps, minimum=0.0, open_min=True)
+        self.momentum = check_real("BatchNorm2D", "momentum", momentum, minimum=0.0, maximum=1.0)
         self.weight = Parameter(np.ones(self.num_features, np.float32))
         self.bias = Parameter(np.zeros(self.num_features, np.float32))
         self.running_mean = np.zeros(self.num_features, np.float32)
@@ -843,9 +814,7 @@ class Dropout(Layer):
     Plan = _DropoutPlan
 
     def __init__(self, p=0.5):
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be a number in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = check_real("Dropout", "p", p, minimum=0.0, maximum=1.0, open_max=True)
         self.state = np.array([_rng.integers(0, 2**31), 0], np.int64)  # seed, training forwards so far
 
     def buffers(self):
@@ -936,9 +905,7 @@ def _chain(what, layers):
 
     if isinstance(layers, Sequential):
         return layers
-    if isinstance(layers, (list, tuple)):
-        return Sequential(layers)
-    raise TypeError(f"Residual: {what} must be a Sequential or a list of layers, got {type(layers).__name__}")
+    return Sequential(list(check_instance("Residual", what, layers, (list, tuple), "a Sequential or a list of layers")))
 
 
 class Residual(Layer):

@@ -1,11 +1,11 @@
 """Losses. SoftmaxCrossEntropy: softmax and cross-entropy in one numerically stable step."""
 
-import numbers
 from types import SimpleNamespace
 
 import numpy as np
 
 from nbcnn import ops
+from nbcnn.checks import check_real
 from nbcnn.device import device_of, resolve_device
 
 
@@ -57,11 +57,8 @@ class SoftmaxCrossEntropy:
     """
 
     def __init__(self, label_smoothing=0.0, kernels=ops.REGISTRY):
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-            raise TypeError(f"SoftmaxCrossEntropy: label_smoothing must be a real number, got {label_smoothing!r}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be in [0, 1], got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_real("SoftmaxCrossEntropy", "label_smoothing", label_smoothing,
+                                          minimum=0.0, maximum=1.0)
         self.kernels = kernels
         self._plans = {}
         self._plan = None

@@ -8,24 +8,10 @@ kernel call; ``zero_grad()`` is one fill. Hyperparameters are checked when the o
 is made; ``lr`` may be changed between steps (a schedule), the others are fixed.
 """
 
-import numbers
-
 from nbcnn import ops
+from nbcnn.checks import check_instance, check_real
 from nbcnn.device import copy_into, to_device, to_numpy
 from nbcnn.parameter import Parameter, buffer_of
-
-
-def _real(name, value, minimum=0.0, below=None, positive=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if value < minimum or (positive and value <= 0):
-        raise ValueError(f"{name} must be {'greater than' if positive else 'at least'} {minimum}, got {value}")
-    if below is not None and value >= below:
-        raise ValueError(f"{name} must be less than {below}, got {value}")
-    return value
 
 
 class Optimizer:
@@ -38,8 +24,7 @@ class Optimizer:
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got no parameters to optimise")
         for p in self.params:
-            if not isinstance(p, Parameter):
-                raise TypeError(f"{type(self).__name__}: expected nbcnn Parameters, got {type(p).__name__}")
+            check_instance(type(self).__name__, "each parameter", p, Parameter, "an nbcnn Parameter")
         self.kernels = kernels
         self.buffer = None
         self.state = {}
@@ -100,9 +85,9 @@ class SGD(Optimizer):
     state_names = ("velocity",)
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, kernels=ops.REGISTRY):
-        self.lr = _real("lr", lr, positive=True)
-        self.momentum = _real("momentum", momentum, below=1.0)
-        self.weight_decay = _real("weight_decay", weight_decay)
+        self.lr = check_real("SGD", "lr", lr, minimum=0.0, open_min=True)
+        self.momentum = check_real("SGD", "momentum", momentum, minimum=0.0, maximum=1.0, open_max=True)
+        self.weight_decay = check_real("SGD", "weight_decay", weight_decay, minimum=0.0)
         super().__init__(params, kernels)
 
     def step(self):
@@ -117,11 +102,13 @@ class Adam(Optimizer):
     state_names = ("m", "v")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, kernels=ops.REGISTRY):
-        self.lr = _real("lr", lr, positive=True)
+        name = type(self).__name__
+        self.lr = check_real(name, "lr", lr, minimum=0.0, open_min=True)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (_real("beta1", betas[0], below=1.0), _real("beta2", betas[1], below=1.0))
-        self.eps = _real("eps", eps, positive=True)
+            raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = tuple(check_real(name, f"beta{i + 1}", beta, minimum=0.0, maximum=1.0, open_max=True)
+                           for i, beta in enumerate(betas))
+        self.eps = check_real(name, "eps", eps, minimum=0.0, open_min=True)
         self.t = 0
         super().__init__(params, kernels)
 
@@ -141,7 +128,7 @@ class AdamW(Adam):
     op = "adamw_update"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, kernels=ops.REGISTRY):
-        self.weight_decay = _real("weight_decay", weight_decay)
+        self.weight_decay = check_real("AdamW", "weight_decay", weight_decay, minimum=0.0)
         super().__init__(params, lr=lr, betas=betas, eps=eps, kernels=kernels)
 
     def step(self):

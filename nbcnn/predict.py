@@ -9,6 +9,7 @@ mode; the probabilities are the softmax of its logits, in float64.
 
 import numpy as np
 
+from nbcnn.checks import check_int
 from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.images import fit_to_profile, read_image
 from nbcnn.model import Sequential
@@ -78,8 +79,7 @@ def predict(checkpoint, paths, device="auto", top=1, fit=True):
     ``top`` (the ``top`` most probable as [class, probability] pairs), ``probabilities``
     (every class, summing to 1) and, for a model trained on a folder of images, ``name`` (the
     class's folder name)."""
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive integer, got {top!r}")
+    top = check_int("predict", "top", top, minimum=1)
     if not paths:
         raise ValueError("no images given")
     device = resolve_device(device)

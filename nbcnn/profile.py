@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from nbcnn import ops
+from nbcnn.checks import check_choice, check_int
 from nbcnn.ops import COSTS, cost  # noqa: F401  (the cost model, re-exported: nbcnn.profile.cost)
 
 
@@ -216,12 +217,9 @@ def profile_step(model_name="lenet", device="cpu", batch_size=64, repeats=10, se
     from nbcnn.step import Trainer
 
     device = resolve_device(device)
-    if model_name not in MODELS:
-        raise ValueError(f"unknown model {model_name!r}: choose one of {', '.join(MODELS)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_choice("profile", "model", model_name, MODELS)
+    check_int("profile", "batch_size", batch_size, minimum=1)
+    check_int("profile", "repeats", repeats, minimum=1)
     L.set_seed(seed)
     model = MODELS[model_name]().to(device)
     rec = Recorder(device)

@@ -16,6 +16,8 @@ the schedule proper starts after them. onecycle has its own rise and takes no wa
 
 import math
 
+from nbcnn.checks import check_choice, check_int, check_real
+
 KINDS = ("step", "cosine", "onecycle")
 
 
@@ -24,20 +26,18 @@ class Schedule:
 
     def __init__(self, kind, lr, total_steps, steps_per_epoch, warmup=0, decay=0.5, pct_start=0.3,
                  div_factor=25.0, final_div_factor=1e4):
-        if kind not in KINDS:
-            raise ValueError(f"unknown schedule {kind!r}: choose one of {', '.join(KINDS)}")
-        for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < total_steps:
-            raise ValueError(f"warm-up must be a whole number of steps in [0, {total_steps}), got {warmup!r}")
+        check_choice("Schedule", "schedule", kind, KINDS)
+        lr = check_real("Schedule", "lr", lr, minimum=0.0, open_min=True)
+        total_steps = check_int("Schedule", "total_steps", total_steps, minimum=1)
+        steps_per_epoch = check_int("Schedule", "steps_per_epoch", steps_per_epoch, minimum=1)
+        warmup = check_int("Schedule", "warmup", warmup, minimum=0, maximum=total_steps - 1)
         if kind == "onecycle" and warmup:
-            raise ValueError("onecycle rises from a low rate by itself: it takes no separate warm-up")
-
-        if not 0 < lr < math.inf:
-            raise ValueError(f"learning rate must be a positive number, got {lr!r}")
-        if not 0 < decay <= 1:
-            raise ValueError(f"lr decay must be a number in (0, 1], got {decay!r}")
+            raise ValueError("Schedule: onecycle rises from a low rate by itself; it takes no warmup")
+        decay = check_real("Schedule", "decay", decay, minimum=0.0, maximum=1.0, open_min=True)
+        pct_start = check_real("Schedule", "pct_start", pct_start, minimum=0.0, maximum=1.0, open_min=True,
+                               open_max=True)
+        div_factor = check_real("Schedule", "div_factor", div_factor, minimum=0.0, open_min=True)
+        final_div_factor = check_real("Schedule", "final_div_factor", final_div_factor, minimum=0.0, open_min=True)
         self.kind, self.lr, self.total, self.per_epoch = kind, float(lr), total_steps, steps_per_epoch
         self.warmup, self.decay = warmup, float(decay)
         self.pct_start, self.div, self.final_div = pct_start, div_factor, final_div_factor

@@ -15,13 +15,16 @@ epoch, so on a GPU the host waits for it once every ``read_every`` steps, not ev
 """
 
 import math
-import numbers
 import time
 from types import SimpleNamespace
 
 import numpy as np
 
 from nbcnn import ops
+from nbcnn.checks import check_instance, check_int, check_real
+from nbcnn.layers import Layer
+from nbcnn.losses import SoftmaxCrossEntropy
+from nbcnn.optim import Optimizer
 
 
 class _NoSpan:
@@ -45,12 +48,10 @@ class Augment:
     is no 2). ``fill`` is the value shifted in (the normalised background), ``seed`` the draws'."""
 
     def __init__(self, shift=2, flip=False, fill=0.0, seed=0):
-        for name, value in (("shift", shift), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Augment: {name} must be a non-negative integer, got {value!r}")
-        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
-            raise ValueError(f"Augment: fill must be a finite number, got {fill!r}")
-        self.shift, self.flip, self.fill, self.seed = shift, bool(flip), float(fill), seed
+        self.shift = check_int("Augment", "shift", shift, minimum=0)
+        self.seed = check_int("Augment", "seed", seed, minimum=0)
+        self.fill = check_real("Augment", "fill", fill)
+        self.flip = bool(flip)
 
     def __repr__(self):
         return f"Augment(shift={self.shift}, flip={self.flip}, fill={self.fill:.4g}, seed={self.seed})"
@@ -65,11 +66,7 @@ class ClipGradNorm:
     (``last_norm()``)."""
 
     def __init__(self, max_norm):
-        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-            raise TypeError(f"ClipGradNorm: max_norm must be a real number, got {max_norm!r}")
-        if not 0 < max_norm < math.inf:
-            raise ValueError(f"ClipGradNorm: max_norm must be a positive finite number, got {max_norm!r}")
-        self.max_norm = float(max_norm)
+        self.max_norm = check_real("ClipGradNorm", "max_norm", max_norm, minimum=0.0, open_min=True)
         self.norm = self.kernel = self.ws = self.ws_for = None
 
     def __call__(self, trainer):
@@ -107,8 +104,14 @@ class Trainer:
 
     def __init__(self, model, loss_fn, optimizer, hooks=(), read_every=25, kernels=ops.REGISTRY, spans=None,
                  schedule=None, augment=None, group=None):
-        if isinstance(read_every, bool) or not isinstance(read_every, int) or read_every < 1:
-            raise ValueError(f"read_every must be a positive integer, got {read_every!r}")
+        check_instance("Trainer", "model", model, Layer, "an nbcnn layer or Sequential")
+        check_instance("Trainer", "loss_fn", loss_fn, SoftmaxCrossEntropy, "an nbcnn.losses.SoftmaxCrossEntropy")
+        check_instance("Trainer", "optimizer", optimizer, (Optimizer, type(None)),
+                       "an nbcnn optimizer (None to evaluate only)")
+        for hook in hooks:
+            if not callable(hook):
+                raise TypeError(f"Trainer: each hook must be callable, got {type(hook).__name__}")
+        read_every = check_int("Trainer", "read_every", read_every, minimum=1)
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.hooks = list(hooks)
         self.read_every = read_every
@@ -125,9 +128,7 @@ class Trainer:
         self._batches = {}
         self.schedule = schedule
         self.steps = 0  # training steps taken: the schedule's and the augmentation's clock
-        if augment is not None and not isinstance(augment, Augment):
-            raise TypeError(f"augment must be an nbcnn.step.Augment, got {type(augment).__name__}")
-        self.augment = augment
+        self.augment = check_instance("Trainer", "augment", augment, (Augment, type(None)), "an nbcnn.step.Augment or None")
         self.shift_flip = kernels.get("shift_flip", self.device) if augment is not None else None
         self.group = group
         self.batch_share = 1.0  # this rank's rows over the global batch's, for the gradient's sum

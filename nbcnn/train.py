@@ -10,7 +10,6 @@ uninterrupted run would.
 """
 
 import json
-import math
 import os
 import shutil
 import time
@@ -19,6 +18,7 @@ import numpy as np
 
 from nbcnn import STARTED
 from nbcnn import layers as L
+from nbcnn.checks import check_choice, check_int, check_real
 from nbcnn.data import describe, is_image_folder, load_dataset, normalization, prepare
 from nbcnn import distributed
 from nbcnn.device import resolve_device, to_device, to_numpy
@@ -53,50 +53,32 @@ class Config:
                  out="runs/mnist", resume=False, model="lenet", optimizer=None, progress=True, schedule=None,
                  warmup=None, augment=None, weight_decay=None, image_size=None, distributed=False,
                  label_smoothing=None, clip_grad_norm=None):
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+        check_choice("Config", "model", model, MODELS)
         given = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, schedule=schedule,
                      warmup=warmup, optimizer=optimizer, weight_decay=weight_decay, augment=augment,
                      label_smoothing=label_smoothing)
         for name, value in given.items():
             if value is None:
                 given[name] = DEFAULTS.get(model, {}).get(name, BASE_DEFAULTS[name])
-        epochs, batch_size, lr, lr_decay, schedule, warmup, optimizer, weight_decay, augment, label_smoothing = \
-            given.values()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if schedule not in KINDS:
-            raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(KINDS)}")
-        for name, value in (("epochs", epochs), ("batch size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"learning rate must be a positive number, got {lr!r}")
-        if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)) or not 0 < lr_decay <= 1:
-            raise ValueError(f"lr decay must be a number in (0, 1], got {lr_decay!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < epochs:
-            raise ValueError(f"warm-up must be a number of epochs in [0, {epochs}), got {warmup!r}")
-        if warmup and schedule == "onecycle":
-            raise ValueError("--warmup: onecycle rises from a low rate by itself; give no warm-up")
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or \
-                not 0 <= weight_decay < math.inf:
-            raise ValueError(f"weight decay must be a non-negative number, got {weight_decay!r}")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
-                not 0 <= label_smoothing <= 1:
-            raise ValueError(f"label smoothing must be a number in [0, 1], got {label_smoothing!r}")
-        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool)
-                                           or not isinstance(clip_grad_norm, (int, float))
-                                           or not 0 < clip_grad_norm < math.inf):
-            raise ValueError(f"gradient clipping's norm must be a positive number, got {clip_grad_norm!r}")
-        self.label_smoothing = float(label_smoothing)
-        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
-        self.device, self.epochs, self.batch_size, self.lr, self.seed = device, epochs, batch_size, float(lr), seed
-        self.lr_decay, self.schedule, self.warmup = float(lr_decay), schedule, float(warmup)
-        self.optimizer, self.weight_decay, self.augment = optimizer, float(weight_decay), bool(augment)
-        self.data_dir, self.out, self.resume, self.model = data_dir, out, resume, model
-        self.progress, self.image_size, self.distributed = progress, image_size, bool(distributed)
+        self.model, self.device, self.data_dir, self.out = model, device, data_dir, out
+        self.optimizer = check_choice("Config", "optimizer", given["optimizer"], OPTIMIZERS)
+        self.schedule = check_choice("Config", "schedule", given["schedule"], KINDS)
+        self.epochs = check_int("Config", "epochs", given["epochs"], minimum=1)
+        self.batch_size = check_int("Config", "batch_size", given["batch_size"], minimum=1)
+        self.seed = check_int("Config", "seed", seed, minimum=0)
+        self.lr = check_real("Config", "lr", given["lr"], minimum=0.0, open_min=True)
+        self.lr_decay = check_real("Config", "lr_decay", given["lr_decay"], minimum=0.0, maximum=1.0, open_min=True)
+        self.warmup = check_real("Config", "warmup", given["warmup"], minimum=0.0, maximum=self.epochs, open_max=True)
+        if self.warmup and self.schedule == "onecycle":
+            raise ValueError("Config: onecycle rises from a low rate by itself; it takes no warmup")
+        self.weight_decay = check_real("Config", "weight_decay", given["weight_decay"], minimum=0.0)
+        self.label_smoothing = check_real("Config", "label_smoothing", given["label_smoothing"], minimum=0.0,
+                                          maximum=1.0)
+        self.clip_grad_norm = None if clip_grad_norm is None else check_real(
+            "Config", "clip_grad_norm", clip_grad_norm, minimum=0.0, open_min=True)
+        self.image_size = None if image_size is None else check_int("Config", "image_size", image_size, minimum=1)
+        self.augment, self.resume, self.progress = bool(given["augment"]), bool(resume), bool(progress)
+        self.distributed = bool(distributed)
 
 
 def _quiet(*args, **kwargs):

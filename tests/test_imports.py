@@ -6,16 +6,16 @@ from pathlib import Path
 
 NBCNN = Path(__file__).resolve().parent.parent / "nbcnn"
 
-ORDER = ["errors", "device", "parameter", "schedules",
+ORDER = ["errors", "checks", "device", "parameter", "schedules",
          "ops",
          "layers", "model", "models", "losses", "optim", "step",
          "images", "data",
          "distributed", "predict", "export", "train",
          "profile", "static", "stepbench", "bench",
          "cli", "__main__", "__init__"]
-# Who may import nbcnn.kernels besides ops: device (its CUDA test kernel), the measurement
+# Who may import nbcnn.kernels besides ops: checks (the argument checks are the kernels'), device (its CUDA test kernel), the measurement
 # modules (they report on kernels by name), cli (nbcnn info) and __init__ (nbcnn.on_stream).
-KERNELS_IMPORTED_BY = {"ops", "device", "profile", "static", "stepbench", "bench", "cli", "__init__"}
+KERNELS_IMPORTED_BY = {"checks", "ops", "device", "profile", "static", "stepbench", "bench", "cli", "__init__"}
 # Imports up the order, inside a function: a Residual's paths are Sequentials.
 UPWARD_IN_FUNCTIONS = {("layers", "model")}
 

@@ -83,9 +83,9 @@ def test_resume_with_nothing_to_resume(data_dir, tmp_path, capsys):
     "args, message",
     [
         (["train", "--device", "tpu"], "unknown device 'tpu'"),
-        (["train", "--batch-size", "0"], "expected a positive integer, got 0"),
-        (["train", "--lr", "-1"], "expected a positive finite number, got -1"),
-        (["train", "--epochs", "two"], "expected a positive integer, got 'two'"),
+        (["train", "--batch-size", "0"], "argument --batch-size: value must be at least 1, got 0"),
+        (["train", "--lr", "-1"], "argument --lr: value must be greater than 0.0, got -1.0"),
+        (["train", "--epochs", "two"], "argument --epochs: value must be an integer, got 'two'"),
         (["train", "--data-dir", "/nonexistent"], "data folder /nonexistent does not exist"),
         (["evaluate", "--checkpoint", "/nonexistent/model.npz", "--device", "cpu"], "no checkpoint at"),
         (["train", "--model", "resnet50"], "invalid choice: 'resnet50'"),
@@ -121,11 +121,11 @@ def test_info_runs(capsys):
 
 
 def test_config_checks_values():
-    with pytest.raises(ValueError, match="batch size must be a positive integer"):
+    with pytest.raises(ValueError, match="Config: batch_size must be at least 1, got 0"):
         Config(batch_size=0)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="Config: unknown model 'vgg': choose one of lenet,"):
         Config(model="vgg")
-    with pytest.raises(ValueError, match="learning rate must be a positive number"):
+    with pytest.raises(ValueError, match="Config: lr must be finite, got nan"):
         Config(lr=float("nan"))
     assert np.isfinite(Config().lr)
 

@@ -63,10 +63,10 @@ def test_onecycle_endpoints():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(kind="linear"), "unknown schedule"),
-    (dict(warmup=100), "warm-up must be"),
-    (dict(kind="onecycle", warmup=5), "takes no separate warm-up"),
-    (dict(decay=0), "lr decay must be"),
+    (dict(kind="linear"), "Schedule: unknown schedule 'linear': choose one of step, cosine, onecycle"),
+    (dict(warmup=100), "Schedule: warmup must be at most 99, got 100"),
+    (dict(kind="onecycle", warmup=5), "Schedule: onecycle rises from a low rate by itself; it takes no warmup"),
+    (dict(decay=0), "Schedule: decay must be greater than 0.0, got 0.0"),
 ])
 def test_schedule_mistakes(kwargs, message):
     args = {**dict(kind="cosine", lr=0.1, total_steps=100, steps_per_epoch=10), **kwargs}
@@ -122,9 +122,9 @@ def test_model_defaults_and_overrides():
     cfg = Config(model="bn", epochs=2, optimizer="sgd")
     assert (cfg.epochs, cfg.optimizer) == (2, "sgd")
     assert (Config().epochs, Config().schedule, Config().optimizer) == (4, "step", "adam")
-    with pytest.raises(ValueError, match="warm-up must be a number of epochs"):
+    with pytest.raises(ValueError, match="Config: warmup must be less than 2, got 2.0"):
         Config(epochs=2, warmup=2)
-    with pytest.raises(ValueError, match="weight decay must be"):
+    with pytest.raises(ValueError, match="Config: weight_decay must be at least 0.0, got -1.0"):
         Config(weight_decay=-1.0)
 
 
@@ -257,6 +257,7 @@ def test_a_models_defaults_include_augmentation_and_the_options_override_them():
     assert not Config(model="resnet", augment=False).augment
     assert not Config().augment and Config(augment=True).augment
     assert Config().label_smoothing == 0.0 and Config().clip_grad_norm is None
-    for bad in (dict(label_smoothing=-0.5), dict(label_smoothing="x"), dict(clip_grad_norm=0), dict(clip_grad_norm=True)):
-        with pytest.raises(ValueError):
+    for bad, error in ((dict(label_smoothing=-0.5), ValueError), (dict(label_smoothing="x"), TypeError),
+                       (dict(clip_grad_norm=0), ValueError), (dict(clip_grad_norm=True), TypeError)):
+        with pytest.raises(error, match=f"Config: {next(iter(bad))} must be"):
             Config(**bad)
