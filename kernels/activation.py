@@ -28,7 +28,7 @@ import math
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_real, check_shape, on_host
-from ._cpu import serial
+from ._cpu import parallel_and_serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 from ._index import compile_twice
 
@@ -46,7 +46,7 @@ def check_same_shape(fn, on_device, arrays):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _relu_forward_cpu(y, x):
     """y = max(x, 0), element by element over flat vectors."""
     for i in prange(x.size):
@@ -54,25 +54,10 @@ def _relu_forward_cpu(y, x):
         y[i] = v if v > 0 else 0
 
 
-@njit(cache=True)
-def _relu_forward_serial_cpu(y, x):
-    """``_relu_forward_cpu`` on one thread, for small arrays (see ``_cpu.SERIAL_BELOW``)."""
-    for i in range(x.size):
-        v = x[i]
-        y[i] = v if v > 0 else 0
-
-
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _relu_backward_cpu(dx, dy, y):
     """dx = dy where y > 0, else 0, over flat vectors."""
     for i in prange(y.size):
-        dx[i] = dy[i] if y[i] > 0 else 0
-
-
-@njit(cache=True)
-def _relu_backward_serial_cpu(dx, dy, y):
-    """``_relu_backward_cpu`` on one thread, for small arrays."""
-    for i in range(y.size):
         dx[i] = dy[i] if y[i] > 0 else 0
 
 
@@ -82,7 +67,7 @@ def _relu_backward_serial_cpu(dx, dy, y):
 def relu_forward_cpu(y, x):
     """``y = max(x, 0)``; ``x`` and ``y`` of one shape (any) and dtype; ``y`` may be ``x``. Returns ``y``."""
     check_same_shape("relu_forward_cpu", on_host, {"y": y, "x": x})
-    relu = _relu_forward_serial_cpu if serial(x.size) else _relu_forward_cpu
+    relu = _relu_forward_cpu.for_size(x.size)
     relu(y.reshape(-1), x.reshape(-1))
     return y
 
@@ -90,20 +75,20 @@ def relu_forward_cpu(y, x):
 def relu_backward_cpu(dx, dy, y):
     """``dx = dy * (y > 0)`` with ``y`` the forward output; all of one shape. Returns ``dx``."""
     check_same_shape("relu_backward_cpu", on_host, {"dx": dx, "dy": dy, "y": y})
-    relu = _relu_backward_serial_cpu if serial(y.size) else _relu_backward_cpu
+    relu = _relu_backward_cpu.for_size(y.size)
     relu(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
     return dx
 
 
 def relu_forward_core_cpu(y, x):
     """``relu_forward_cpu`` without the checks, for a caller that has checked a plan."""
-    relu = _relu_forward_serial_cpu if serial(x.size) else _relu_forward_cpu
+    relu = _relu_forward_cpu.for_size(x.size)
     relu(y.reshape(-1), x.reshape(-1))
 
 
 def relu_backward_core_cpu(dx, dy, y):
     """``relu_backward_cpu`` without the checks; ``dx`` may be ``dy`` (masks a gradient in place)."""
-    relu = _relu_backward_serial_cpu if serial(y.size) else _relu_backward_cpu
+    relu = _relu_backward_cpu.for_size(y.size)
     relu(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
 
 
@@ -212,31 +197,17 @@ def activation_kind(fn, name):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _activation_forward_cpu(y, x, kind, slope):
     """y = f(x) element by element over flat vectors."""
     for i in prange(x.size):
         y[i] = activate_cpu(x, i, kind, slope)
 
 
-@njit(cache=True)
-def _activation_forward_serial_cpu(y, x, kind, slope):
-    """``_activation_forward_cpu`` on one thread, for small arrays."""
-    for i in range(x.size):
-        y[i] = activate_cpu(x, i, kind, slope)
-
-
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _activation_backward_cpu(dx, dy, x, y, kind, slope):
     """dx = dy * f'(x) over flat vectors."""
     for i in prange(x.size):
-        dx[i] = dy[i] * derivative_cpu(x, y, i, kind, slope)
-
-
-@njit(cache=True)
-def _activation_backward_serial_cpu(dx, dy, x, y, kind, slope):
-    """``_activation_backward_cpu`` on one thread, for small arrays."""
-    for i in range(x.size):
         dx[i] = dy[i] * derivative_cpu(x, y, i, kind, slope)
 
 
@@ -267,13 +238,13 @@ def activation_backward_cpu(dx, dy, x, y, name, negative_slope=0.01):
 
 def activation_forward_core_cpu(y, x, kind, slope):
     """``activation_forward_cpu`` without the checks; ``kind`` the code of ``KINDS``."""
-    forward = _activation_forward_serial_cpu if serial(x.size) else _activation_forward_cpu
+    forward = _activation_forward_cpu.for_size(x.size)
     forward(y.reshape(-1), x.reshape(-1), kind, slope)
 
 
 def activation_backward_core_cpu(dx, dy, x, y, kind, slope):
     """``activation_backward_cpu`` without the checks; ``dx`` may be ``dy``."""
-    backward = _activation_backward_serial_cpu if serial(x.size) else _activation_backward_cpu
+    backward = _activation_backward_cpu.for_size(x.size)
     backward(dx.reshape(-1), dy.reshape(-1), x.reshape(-1), y.reshape(-1), kind, slope)
 
 

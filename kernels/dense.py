@@ -25,7 +25,7 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
-from ._cpu import serial
+from ._cpu import parallel_and_serial
 from ._cuda import (REDUCE_THREADS, blocks, finished_last, flat, gpu_arrays, on_gpu, partial_sum, reduce_parts,
                     reduce_scratch, stream)
 from ._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M, TILE_N,
@@ -111,7 +111,7 @@ def _bias_sum(db, dy, o):
     db[o] = acc
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _dense_backward_bias_cpu(db, dy):
     """db[o] = sum_n dy[n, o]; one task per output feature."""
     for o in prange(dy.shape[1]):
@@ -148,7 +148,7 @@ def dense_backward_weight_cpu(dw, dy, x):
 def dense_backward_bias_cpu(db, dy):
     """``db = sum_n dy[n, :]``: db (OUT,), dy (N, OUT). Returns ``db``."""
     check_dense_bias("dense_backward_bias_cpu", on_host, db, dy)
-    _dense_backward_bias_cpu(db, dy)
+    _dense_backward_bias_cpu.parallel(db, dy)
     return db
 
 
@@ -159,25 +159,11 @@ def _bias_row(y, b, n, relu):
         y[n, o] = v if (v > 0 or not relu) else 0
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _add_bias_rows_cpu(y, b, relu):
     """y[n, :] += b, then max(., 0) when ``relu`` (a dense layer followed by ReLU); one task per row."""
     for n in prange(y.shape[0]):
         _bias_row(y, b, n, relu)
-
-
-@njit(cache=True)
-def _add_bias_rows_serial_cpu(y, b, relu):
-    """``_add_bias_rows_cpu`` on one thread, for small outputs (see ``_cpu.SERIAL_BELOW``)."""
-    for n in range(y.shape[0]):
-        _bias_row(y, b, n, relu)
-
-
-@njit(cache=True)
-def _dense_backward_bias_serial_cpu(db, dy):
-    """``_dense_backward_bias_cpu`` on one thread (a training step's dy is a few thousand values)."""
-    for o in range(dy.shape[1]):
-        _bias_sum(db, dy, o)
 
 
 def dense_forward_blas_cpu(y, x, w, b=None):
@@ -185,7 +171,7 @@ def dense_forward_blas_cpu(y, x, w, b=None):
     check_dense("dense_forward_blas_cpu", on_host, ("x", x), ("w", w), ("y", y), ("b", b) if b is not None else None)
     np.matmul(x, w.T, out=y)
     if b is not None:
-        _add_bias_rows_cpu(y, b, False)
+        _add_bias_rows_cpu.parallel(y, b, False)
     return y
 
 
@@ -218,7 +204,7 @@ def dense_workspace_cpu(x_shape, w_shape):
 
 def dense_forward_core_cpu(y, x, w, b, relu, ws):
     matmul_core_cpu(y, x, w, False, True, False, ws)  # y = x w^T
-    add = _add_bias_rows_serial_cpu if serial(y.size) else _add_bias_rows_cpu
+    add = _add_bias_rows_cpu.for_size(y.size)
     add(y, b, relu)
 
 
@@ -229,7 +215,7 @@ def dense_backward_core_cpu(dx, dw, db, dy, x, w, mask, ws):
             relu_backward_core_cpu(dx, dx, x)
     matmul_core_cpu(dw, dy, x, True, False, False, ws)  # dw = dy^T x
     if db is not None:
-        _dense_backward_bias_serial_cpu(db, dy)
+        _dense_backward_bias_cpu.serial(db, dy)
 
 
 # ---------------------------------------------------------------------------- CUDA kernels

@@ -16,7 +16,7 @@ restores the count).
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
-from ._cpu import serial
+from ._cpu import parallel_and_serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 from ._random import hash32_cpu, hash32_cuda
 
@@ -28,16 +28,10 @@ def threshold(p):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _dropout_cpu(out, a, seed, step, cut, scale):
     """out = a * scale where the hash is at least ``cut``, else 0 (the forward and the backward alike)."""
     for i in prange(a.size):
-        out[i] = a[i] * scale if hash32_cpu(seed, step, i) >= cut else 0
-
-
-@njit(cache=True)
-def _dropout_serial_cpu(out, a, seed, step, cut, scale):
-    for i in range(a.size):
         out[i] = a[i] * scale if hash32_cpu(seed, step, i) >= cut else 0
 
 
@@ -65,7 +59,7 @@ def dropout_backward_cpu(dx, dy, seed, step, p):
 
 
 def dropout_forward_core_cpu(y, x, seed, step, p):
-    run = _dropout_serial_cpu if serial(x.size) else _dropout_cpu
+    run = _dropout_cpu.for_size(x.size)
     run(y.reshape(-1), x.reshape(-1), seed, step, threshold(p), x.dtype.type(1.0 / (1.0 - p)))
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_shape, is_c_contiguous, on_host
-from ._cpu import serial
+from ._cpu import parallel_and_serial
 from ._cuda import blocks, gpu_arrays, on_gpu, stream
 
 INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -37,21 +37,11 @@ def check_gather(fn, on_device, out, x, idx):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _gather_rows_cpu(out, x, idx):
     """out[i, :] = x[idx[i], :]; one task per row."""
     R = x.shape[0]
     for i in prange(out.shape[0]):
-        r = idx[i]
-        if 0 <= r < R:
-            out[i, :] = x[r, :]
-
-
-@njit(cache=True)
-def _gather_rows_serial_cpu(out, x, idx):
-    """``_gather_rows_cpu`` on one thread, for small minibatches (see ``_cpu.SERIAL_BELOW``)."""
-    R = x.shape[0]
-    for i in range(out.shape[0]):
         r = idx[i]
         if 0 <= r < R:
             out[i, :] = x[r, :]
@@ -63,7 +53,7 @@ def gather_rows_cpu(out, x, idx):
     B, R, D = check_gather(fn, on_host, out, x, idx)
     if B and (idx.min() < 0 or idx.max() >= R):
         raise ValueError(f"{fn}: idx must lie in [0, {R}), got values in [{idx.min()}, {idx.max()}]")
-    gather = _gather_rows_serial_cpu if serial(B * D) else _gather_rows_cpu
+    gather = _gather_rows_cpu.for_size(B * D)
     gather(out.reshape(B, D), x.reshape(R, D), idx)
     return out
 
@@ -73,9 +63,9 @@ def gather_batch_core_cpu(xb, yb, x, y, idx):
     for a caller that has checked the shapes and the indices once (nbcnn's planned step)."""
     B, R = xb.shape[0], x.shape[0]
     D = xb.size // B
-    gather = _gather_rows_serial_cpu if serial(B * D) else _gather_rows_cpu
+    gather = _gather_rows_cpu.for_size(B * D)
     gather(xb.reshape(B, D), x.reshape(R, D), idx)
-    _gather_rows_serial_cpu(yb.reshape(B, 1), y.reshape(R, 1), idx)
+    _gather_rows_cpu.serial(yb.reshape(B, 1), y.reshape(R, 1), idx)
 
 
 # ---------------------------------------------------------------------------- CUDA kernels

@@ -35,7 +35,7 @@ from numba import cuda, int32, njit, prange
 from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
-from ._cpu import serial
+from ._cpu import parallel_and_serial
 from ._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, flat, gpu_arrays, on_gpu, reduce_parts,
                     reduce_scratch, stream, sum_of_parts)
 from ._index import compile_twice
@@ -78,17 +78,10 @@ def _sgd_element(param, velocity, grad, i, lr, momentum, weight_decay):
     param[i] -= lr * vel
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _sgd_update_cpu(param, velocity, grad, lr, momentum, weight_decay):
     """One SGD step over flat vectors, element by element."""
     for i in prange(param.size):
-        _sgd_element(param, velocity, grad, i, lr, momentum, weight_decay)
-
-
-@njit(cache=True)
-def _sgd_update_serial_cpu(param, velocity, grad, lr, momentum, weight_decay):
-    """``_sgd_update_cpu`` on one thread, for small parameters (see ``_cpu.SERIAL_BELOW``)."""
-    for i in range(param.size):
         _sgd_element(param, velocity, grad, i, lr, momentum, weight_decay)
 
 
@@ -103,22 +96,13 @@ def _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2
     param[i] = param[i] * decay - step_size * mi / (math.sqrt(vi) / root_bias2 + eps)
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, decay):
     """One Adam step over flat vectors, element by element; bias1, bias2 = 1 - beta**t; each
     parameter first multiplied by ``decay`` (AdamW; 1 for Adam)."""
     step_size = lr / bias1
     root_bias2 = math.sqrt(bias2)
     for i in prange(param.size):
-        _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2, decay)
-
-
-@njit(cache=True)
-def _adam_update_serial_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, decay):
-    """``_adam_update_cpu`` on one thread, for small parameters (see ``_cpu.SERIAL_BELOW``)."""
-    step_size = lr / bias1
-    root_bias2 = math.sqrt(bias2)
-    for i in range(param.size):
         _adam_element(param, m, v, grad, i, beta1, beta2, eps, step_size, root_bias2, decay)
 
 
@@ -140,7 +124,7 @@ def clip_factor(norm, max_norm):
 clip_factor_cpu, clip_factor_cuda = compile_twice(clip_factor)
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _clip_grad_norm_cpu(grad, norm, max_norm):
     """norm[0] = |grad| (summed in float64); grad scaled to a norm of max_norm where it is longer."""
     total = 0.0
@@ -151,20 +135,6 @@ def _clip_grad_norm_cpu(grad, norm, max_norm):
     factor = clip_factor_cpu(norm[0], max_norm)
     if factor < 1.0:
         for i in prange(grad.size):
-            grad[i] *= factor
-
-
-@njit(cache=True)
-def _clip_grad_norm_serial_cpu(grad, norm, max_norm):
-    """``_clip_grad_norm_cpu`` on one thread, for small models."""
-    total = 0.0
-    for i in range(grad.size):
-        g = np.float64(grad[i])
-        total += g * g
-    norm[0] = math.sqrt(total)
-    factor = clip_factor_cpu(norm[0], max_norm)
-    if factor < 1.0:
-        for i in range(grad.size):
             grad[i] *= factor
 
 
@@ -196,7 +166,7 @@ def sgd_update_cpu(param, velocity, grad, lr, momentum=0.0, weight_decay=0.0):
     fn = "sgd_update_cpu"
     check_update(fn, on_host, {"param": param, "velocity": velocity, "grad": grad})
     hyper = check_sgd_hyper(fn, lr, momentum, weight_decay)
-    update = _sgd_update_serial_cpu if serial(param.size) else _sgd_update_cpu
+    update = _sgd_update_cpu.for_size(param.size)
     update(param.reshape(-1), velocity.reshape(-1), grad.reshape(-1), *hyper)
     return param
 
@@ -206,7 +176,7 @@ def adam_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step):
     fn = "adam_update_cpu"
     check_update(fn, on_host, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
-    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update = _adam_update_cpu.for_size(param.size)
     update(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts, 1.0)
     return param
 
@@ -217,7 +187,7 @@ def adamw_update_cpu(param, m, v, grad, lr, beta1, beta2, eps, step, weight_deca
     check_update(fn, on_host, {"param": param, "m": m, "v": v, "grad": grad})
     consts = adam_constants(fn, lr, beta1, beta2, eps, step)
     decay = 1.0 - consts[0] * check_real(fn, "weight_decay", weight_decay, minimum=0.0)
-    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update = _adam_update_cpu.for_size(param.size)
     update(param.reshape(-1), m.reshape(-1), v.reshape(-1), grad.reshape(-1), *consts, decay)
     return param
 
@@ -232,24 +202,24 @@ def fill_core_cpu(a, value):
 
 
 def sgd_update_core_cpu(param, velocity, grad, lr, momentum, weight_decay):
-    update = _sgd_update_serial_cpu if serial(param.size) else _sgd_update_cpu
+    update = _sgd_update_cpu.for_size(param.size)
     update(param, velocity, grad, lr, momentum, weight_decay)
 
 
 def adam_update_core_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2):
-    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update = _adam_update_cpu.for_size(param.size)
     update(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, 1.0)
 
 
 def adamw_update_core_cpu(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, weight_decay):
-    update = _adam_update_serial_cpu if serial(param.size) else _adam_update_cpu
+    update = _adam_update_cpu.for_size(param.size)
     update(param, m, v, grad, lr, beta1, beta2, eps, bias1, bias2, 1.0 - lr * weight_decay)
 
 
 def clip_grad_norm_core_cpu(grad, norm, max_norm, ws=None):
     """``clip_grad_norm_cpu`` without the checks; the norm before clipping into ``norm`` (1,) float64.
     ``ws`` is unused: the CPU needs no scratch."""
-    clip = _clip_grad_norm_serial_cpu if serial(grad.size) else _clip_grad_norm_cpu
+    clip = _clip_grad_norm_cpu.for_size(grad.size)
     clip(grad.reshape(-1), norm, max_norm)
 
 

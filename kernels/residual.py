@@ -21,7 +21,7 @@ may be one of the inputs.
 from numba import cuda, njit, prange
 
 from ._checks import check_arrays, check_shape, on_host
-from ._cpu import serial
+from ._cpu import parallel_and_serial
 from ._cuda import blocks, flat, gpu_arrays, on_gpu, stream
 from ._index import compile_twice
 
@@ -51,27 +51,15 @@ _join, _join_cuda = compile_twice(join)
 _fork, _fork_cuda = compile_twice(fork)
 
 
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _residual_add_forward_cpu(y, a, b, relu):
     for i in prange(y.size):
         _join(y, a, b, i, relu)
 
 
-@njit(cache=True)
-def _residual_add_forward_serial_cpu(y, a, b, relu):
-    for i in range(y.size):
-        _join(y, a, b, i, relu)
-
-
-@njit(parallel=True, cache=True)
+@parallel_and_serial
 def _residual_add_backward_cpu(dx, da, db, x, mask):
     for i in prange(dx.size):
-        _fork(dx, da, db, x, i, mask)
-
-
-@njit(cache=True)
-def _residual_add_backward_serial_cpu(dx, da, db, x, mask):
-    for i in range(dx.size):
         _fork(dx, da, db, x, i, mask)
 
 
@@ -98,13 +86,13 @@ def residual_add_backward_cpu(dx, da, db, x=None, mask=False):
 
 def residual_add_forward_core_cpu(y, a, b, relu):
     """``residual_add_forward_cpu`` without the checks."""
-    forward = _residual_add_forward_serial_cpu if serial(y.size) else _residual_add_forward_cpu
+    forward = _residual_add_forward_cpu.for_size(y.size)
     forward(y.reshape(-1), a.reshape(-1), b.reshape(-1), relu)
 
 
 def residual_add_backward_core_cpu(dx, da, db, x, mask):
     """``residual_add_backward_cpu`` without the checks (``x`` is read only with ``mask``)."""
-    backward = _residual_add_backward_serial_cpu if serial(dx.size) else _residual_add_backward_cpu
+    backward = _residual_add_backward_cpu.for_size(dx.size)
     backward(dx.reshape(-1), da.reshape(-1), db.reshape(-1), x.reshape(-1), mask)
 
 

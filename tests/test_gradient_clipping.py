@@ -23,7 +23,7 @@ def test_clip_grad_norm_matches_numpy_on_both_compilations(rng, size, max_norm):
     g = rng.standard_normal(size).astype(np.float32)
     norm = float(np.sqrt((g.astype(np.float64) ** 2).sum()))
     want = g * np.float32(min(1.0, max_norm / (norm + 1e-6)))
-    for kernel in (optim._clip_grad_norm_cpu, optim._clip_grad_norm_serial_cpu):
+    for kernel in (optim._clip_grad_norm_cpu.parallel, optim._clip_grad_norm_cpu.serial):
         got, found = g.copy(), np.zeros(1)
         kernel(got, found, max_norm)
         assert found[0] == pytest.approx(norm, rel=1e-12)

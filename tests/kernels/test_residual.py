@@ -15,7 +15,7 @@ def test_join_and_fork_match_numpy(rng, size, fused):
     np.testing.assert_array_equal(y, np.maximum(a + b, 0) if fused else a + b)
     dx = residual.residual_add_backward_cpu(np.full_like(a, np.nan), a, b, x, mask=fused)
     np.testing.assert_array_equal(dx, np.where(x > 0, a + b, 0) if fused else a + b)
-    for join in (residual._residual_add_forward_cpu, residual._residual_add_forward_serial_cpu):
+    for join in (residual._residual_add_forward_cpu.parallel, residual._residual_add_forward_cpu.serial):
         out = np.full_like(a, np.nan)
         join(out, a, b, fused)
         np.testing.assert_array_equal(out, y)
