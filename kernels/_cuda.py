@@ -320,3 +320,32 @@ def sum_of_parts(scratch, partials, row):
     for part in range(cuda.threadIdx.x, cuda.gridDim.x, REDUCE_THREADS):
         acc += partial_sum(partials, row, part)
     return block_sum(scratch, acc)
+
+
+@cuda.jit(device=True, inline="always")
+def grid_sum(scratch, flag, partials, tickets, row, value):
+    """The sum of ``value`` over every thread of a 1-D grid of REDUCE_THREADS-thread blocks, the
+    whole recipe above in one call: returns ``(last, total)``, in the block that finished last
+    ``(True, the grid's sum)`` in every thread, elsewhere ``(False, this block's sum)``. Every thread
+    of every block calls it once; ``scratch`` (REDUCE_THREADS) and ``flag`` (1, int32) are shared
+    arrays, ``partials[row]`` and ``tickets[row]`` this sum's."""
+    total = block_sum(scratch, value)
+    if cuda.threadIdx.x == 0:
+        partials[row, cuda.blockIdx.x] = total
+    if finished_last(flag, tickets, row):
+        return True, sum_of_parts(scratch, partials, row)
+    return False, total
+
+
+@cuda.jit(device=True, inline="always")
+def grid_sum_pair(scratch, flag, partials, tickets, first, second):
+    """``grid_sum`` of two values at once, in rows 0 and 1 of ``partials``, counted by ``tickets[0]``:
+    returns ``(last, first's sum, second's sum)``."""
+    first = block_sum(scratch, first)
+    second = block_sum(scratch, second)  # block_sum's last barrier makes scratch free again
+    if cuda.threadIdx.x == 0:
+        partials[0, cuda.blockIdx.x] = first
+        partials[1, cuda.blockIdx.x] = second
+    if finished_last(flag, tickets, 0):
+        return True, sum_of_parts(scratch, partials, 0), sum_of_parts(scratch, partials, 1)
+    return False, first, second

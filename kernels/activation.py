@@ -25,7 +25,7 @@ vectors.
 
 import math
 
-from numba import cuda, njit, prange
+from numba import cuda, prange
 
 from ._checks import check_arrays, check_real, check_shape, on_host
 from ._cpu import parallel_and_serial

@@ -13,7 +13,7 @@ memory, and a run is reproducible from the seed (the layer counts its steps; res
 restores the count).
 """
 
-from numba import cuda, njit, prange
+from numba import cuda, prange
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import parallel_and_serial

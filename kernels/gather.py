@@ -10,7 +10,7 @@ An index outside [0, R) writes nothing (the CPU entry point rejects it first).
 """
 
 import numpy as np
-from numba import cuda, njit, prange
+from numba import cuda, prange
 
 from ._checks import check_arrays, check_shape, is_c_contiguous, on_host
 from ._cpu import parallel_and_serial

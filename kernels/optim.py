@@ -36,8 +36,8 @@ from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_int, check_real, check_shape, on_host
 from ._cpu import parallel_and_serial
-from ._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, flat, gpu_arrays, on_gpu, reduce_parts,
-                    reduce_scratch, stream, sum_of_parts)
+from ._cuda import (REDUCE_THREADS, blocks, flat, gpu_arrays, grid_sum, on_gpu, reduce_parts,
+                    reduce_scratch, stream)
 from ._index import compile_twice
 
 # ------------------------------------------------------------------------ argument checks
@@ -289,15 +289,11 @@ def _grad_norm_kernel(norm, factor, grad, max_norm, partials, tickets):
         total += g * g
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
     flag = cuda.shared.array(1, dtype=int32)
-    total = block_sum(scratch, total)
-    if cuda.threadIdx.x == 0:
-        partials[0, cuda.blockIdx.x] = total
-    if finished_last(flag, tickets, 0):
-        total = sum_of_parts(scratch, partials, 0)
-        if cuda.threadIdx.x == 0:
-            length = math.sqrt(total)
-            norm[0] = length
-            factor[0] = clip_factor_cuda(length, max_norm)
+    last, total = grid_sum(scratch, flag, partials, tickets, 0, total)
+    if last and cuda.threadIdx.x == 0:
+        length = math.sqrt(total)
+        norm[0] = length
+        factor[0] = clip_factor_cuda(length, max_norm)
 
 
 @cuda.jit(cache=True)

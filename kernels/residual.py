@@ -18,7 +18,7 @@ Every array has one shape (any), processed as a flat vector; outputs are overwri
 may be one of the inputs.
 """
 
-from numba import cuda, njit, prange
+from numba import cuda, prange
 
 from ._checks import check_arrays, check_shape, on_host
 from ._cpu import parallel_and_serial

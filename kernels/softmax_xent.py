@@ -36,8 +36,8 @@ from numba import cuda, int32, njit, prange
 from numba import float64 as numba_float64
 
 from ._checks import check_arrays, check_ndim, check_shape, on_host
-from ._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, gpu_arrays, on_gpu, reduce_parts, reduce_scratch,
-                    stream, sum_of_parts)
+from ._cuda import (REDUCE_THREADS, blocks, gpu_arrays, grid_sum, grid_sum_pair, on_gpu, reduce_parts,
+                    reduce_scratch, stream)
 from ._index import compile_twice
 
 # ------------------------------------------------------------------------ argument checks
@@ -259,13 +259,9 @@ def _softmax_xent_forward_kernel(loss, probs, logits, labels, partials, tickets)
         total += softmax_row_cuda(probs, logits, labels, n)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
     flag = cuda.shared.array(1, dtype=int32)
-    total = block_sum(scratch, total)
-    if cuda.threadIdx.x == 0:
-        partials[0, cuda.blockIdx.x] = total
-    if finished_last(flag, tickets, 0):
-        total = sum_of_parts(scratch, partials, 0)
-        if cuda.threadIdx.x == 0:
-            loss[0] = total / N
+    last, total = grid_sum(scratch, flag, partials, tickets, 0, total)
+    if last and cuda.threadIdx.x == 0:
+        loss[0] = total / N
 
 
 @cuda.jit(cache=True)
@@ -290,13 +286,9 @@ def _count_correct_kernel(count, logits, labels, partials, tickets):
         total += row_correct_cuda(logits, labels, n)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
     flag = cuda.shared.array(1, dtype=int32)
-    total = block_sum(scratch, total)
-    if cuda.threadIdx.x == 0:
-        partials[0, cuda.blockIdx.x] = total
-    if finished_last(flag, tickets, 0):
-        total = sum_of_parts(scratch, partials, 0)
-        if cuda.threadIdx.x == 0:
-            count[0] = int(total)
+    last, total = grid_sum(scratch, flag, partials, tickets, 0, total)
+    if last and cuda.threadIdx.x == 0:
+        count[0] = int(total)
 
 
 @cuda.jit(cache=True)
@@ -315,16 +307,9 @@ def _softmax_xent_step_kernel(sums, probs, dlogits, logits, labels, accumulate, 
         gradient_row_cuda(dlogits, probs, labels, n, N, smoothing)
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=numba_float64)
     flag = cuda.shared.array(1, dtype=int32)
-    total = block_sum(scratch, total)
-    correct = block_sum(scratch, correct)  # block_sum's last barrier makes scratch free again
-    if cuda.threadIdx.x == 0:
-        partials[0, cuda.blockIdx.x] = total
-        partials[1, cuda.blockIdx.x] = correct
-    if finished_last(flag, tickets, 0):
-        total = sum_of_parts(scratch, partials, 0)
-        correct = sum_of_parts(scratch, partials, 1)
-        if cuda.threadIdx.x == 0:
-            store_sums_cuda(sums, total, correct, accumulate)
+    last, total, correct = grid_sum_pair(scratch, flag, partials, tickets, total, correct)
+    if last and cuda.threadIdx.x == 0:
+        store_sums_cuda(sums, total, correct, accumulate)
 
 
 # --------------------------------------------------------------------------- CUDA launchers

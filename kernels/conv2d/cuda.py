@@ -26,8 +26,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .._cuda import (REDUCE_THREADS, block_sum, blocks, finished_last, flat, gpu_arrays, grid_z, on_gpu, reduce_parts,
-                     reduce_scratch, stream, sum_of_parts)
+from .._cuda import (REDUCE_THREADS, block_sum, blocks, flat, gpu_arrays, grid_sum, grid_z, on_gpu,
+                     reduce_parts, reduce_scratch, stream)
 from .._tiles import (ACC, GEMM_THREADS, LOADS_A, LOADS_B, SPAN, STAGED_A, STAGED_B, SUB_M, SUB_N, TILE_K, TILE_M,
                       TILE_N, multiply_staged, tile_kernel, zero_acc)
 from .._index import in_coord_cuda, out_coord_cuda
@@ -223,13 +223,9 @@ def _conv2d_backward_bias_kernel(db, dy, partials, tickets):
         acc += dy[idx // (OH * OW), k, (idx // OW) % OH, idx % OW]
     scratch = cuda.shared.array(REDUCE_THREADS, dtype=db.dtype)
     flag = cuda.shared.array(1, dtype=numba.int32)
-    total = block_sum(scratch, acc)
-    if cuda.threadIdx.x == 0:
-        partials[k, cuda.blockIdx.x] = total
-    if finished_last(flag, tickets, k):
-        total = sum_of_parts(scratch, partials, k)
-        if cuda.threadIdx.x == 0:
-            db[k] = total
+    last, total = grid_sum(scratch, flag, partials, tickets, k, acc)
+    if last and cuda.threadIdx.x == 0:
+        db[k] = total
 
 
 # ------------------------------------------------------- implicit matrix products (the fast path)

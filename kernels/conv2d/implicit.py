@@ -139,7 +139,7 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, xpads, p
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
-    OH, OW = y.shape[2], y.shape[3]
+    OH = y.shape[2]
     HP, WP = H + 2 * ph, W + 2 * pw
     R = C * FH * FW
     Kpad = slivers(K, MR) * MR
@@ -160,7 +160,7 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, xpads, p
 def pack_gradient(dst, dy, n, k0, q0, kc, width, WP):
     """dst[p*width + i] = dy[n, k0 + i] at q = q0 + p of a plane of row length WP: zero in the
     unused columns (ow >= OW) and for filters past the last."""
-    K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    K, OW = dy.shape[1], dy.shape[3]
     zero = dy.dtype.type(0)
     for i in range(width):
         k = k0 + i
@@ -180,7 +180,7 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, xpads, b_slivers
     itself at each tap's offset (``multiply_rows``: nothing gathered) and whose B slivers are dy's
     values for NR filters. Each thread adds its samples into its ``parts[t]`` (C*FH*FW, K); the
     parts are summed in thread order."""
-    MR, NR = _MR[tile], _NR[tile]
+    NR = _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = dw.shape
     OH = dy.shape[2]
@@ -220,7 +220,7 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
-    OH, OW = dy.shape[2], dy.shape[3]
+    OH = dy.shape[2]
     HP, WP = H + 2 * ph, W + 2 * pw
     R = C * FH * FW
     Q = OH * WP
