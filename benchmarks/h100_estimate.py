@@ -24,7 +24,7 @@ import math
 
 from nbcnn.kernels._tiles import GEMM_THREADS, TILE_K, TILE_M, TILE_N
 from nbcnn.kernels.conv2d.cuda import gemm_chunks
-from nbcnn.static import static_profile
+from nbcnn.perf.static import static_profile
 
 # NVIDIA H100 SXM5: 132 SMs, 1.98 GHz boost, 128 FP32 lanes an SM (67 TFLOP/s), HBM3 3.35 TB/s.
 SMS, CLOCK, BANDWIDTH = 132, 1.98e9, 3.35e12

@@ -11,7 +11,7 @@ Models: ``default`` (nbcnn's zoo default: conv 16 5x5 p2, conv 32 5x5, dense 800
 0.9). Prints one JSON line: the median step time over ``--repeats`` blocks of ``--steps`` steps.
 A benchmark, not a test: run each implementation in its own process for the separate-process
 comparison, or pass ``--import-torch-first`` to import PyTorch before nbcnn. The models and steps
-are ``nbcnn.stepbench``'s, which ``nbcnn bench`` runs; this script adds the host-only timings.
+are ``nbcnn.perf.stepbench``'s, which ``nbcnn bench`` runs; this script adds the host-only timings.
 """
 
 import argparse
@@ -53,7 +53,7 @@ def make_noop_launches():
 
 
 def nbcnn_steps(args, x, y):
-    from nbcnn.stepbench import nbcnn_step
+    from nbcnn.perf.stepbench import nbcnn_step
 
     step = nbcnn_step(args.model, x, y, args.device)
     if args.noop_launches:
@@ -91,7 +91,7 @@ def main():
     x = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, args.batch).astype(np.int32)
     if args.impl == "torch":
-        from nbcnn.stepbench import torch_step
+        from nbcnn.perf.stepbench import torch_step
 
         step = torch_step(torch, args.model, x, y)
     else:

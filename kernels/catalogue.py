@@ -2,7 +2,7 @@
 
 What compiles a kernel without a GPU needs: ``cuda.compile_ptx`` takes a kernel's Python
 function and the Numba types of its arguments. The tests compile every entry for sm_90
-(``tests/kernels/test_ptx.py``) and ``nbcnn profile --static`` (``nbcnn/static.py``) links
+(``tests/kernels/test_ptx.py``) and ``nbcnn profile --static`` (``nbcnn/perf/static.py``) links
 each one with nvJitLink to report registers, spills, shared memory, occupancy and the
 instructions of its inner loop.
 

@@ -38,7 +38,7 @@ _fraction = _option(float, check_real, minimum=0.0, maximum=1.0, open_min=True) 
 
 def _compute_capability(text):
     """'9.0' -> (9, 0), for the compute capabilities the static profile knows."""
-    from nbcnn.static import SM_LIMITS
+    from nbcnn.perf.static import SM_LIMITS
 
     parts = text.split(".")
     known = ", ".join(f"{a}.{b}" for a, b in sorted(SM_LIMITS))
@@ -152,7 +152,7 @@ def build_parser():
 def cmd_profile(args):
     if args.static:
         return _static_profile(args)
-    from nbcnn.profile import format_profile, profile_step, write_json
+    from nbcnn.perf.profile import format_profile, profile_step, write_json
 
     report = profile_step(args.model, args.device, args.batch_size, args.repeats)
     print(format_profile(report))
@@ -165,8 +165,8 @@ def cmd_profile(args):
 
 
 def _static_profile(args):
-    from nbcnn.profile import write_json
-    from nbcnn.static import StaticProfileError, format_rows, static_profile
+    from nbcnn.perf.profile import write_json
+    from nbcnn.perf.static import StaticProfileError, format_rows, static_profile
 
     try:
         rows = static_profile(args.cc, names=args.kernel)
@@ -180,8 +180,8 @@ def _static_profile(args):
 
 
 def cmd_bench(args):
-    from nbcnn.bench import format_bench, run_bench
-    from nbcnn.profile import write_json
+    from nbcnn.perf.bench import format_bench, run_bench
+    from nbcnn.perf.profile import write_json
 
     report = run_bench(args.device, vs=args.vs, repeats=args.repeats, epoch_images=args.epoch_images)
     print(format_bench(report))

@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from nbcnn import bench, cli
-from nbcnn.profile import chrome_trace, cost, profile_step
+from nbcnn import cli
+from nbcnn.perf import bench
+from nbcnn.perf.profile import chrome_trace, cost, profile_step
 
 
 def arr(*shape, dtype=np.float32):

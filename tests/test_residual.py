@@ -157,53 +157,12 @@ def test_resnet_fits_grey_and_colour_images():
 # ---------------------------------------------------------------------------------- PyTorch
 
 torch = pytest.importorskip("torch")
+from nbcnn.perf.peer import torch_module  # noqa: E402
 
 
 def torch_of(layer):
-    """The PyTorch module of an nbcnn layer (float64, nbcnn's weights), and the list of its parameters in
-    nbcnn's order."""
-    nn = torch.nn
-    if isinstance(layer, nbcnn.Sequential):
-        parts = [torch_of(inner) for inner in layer.layers]
-        return nn.Sequential(*[m for m, _ in parts]), [p for _, ps in parts for p in ps]
-    if isinstance(layer, L.Residual):
-        block, params = torch_of(layer.block)
-        shortcut, more = torch_of(layer.shortcut) if layer.shortcut is not None else (nn.Identity(), [])
-
-        class Join(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.block, self.shortcut = block, shortcut
-
-            def forward(self, x):
-                return self.block(x) + self.shortcut(x)
-
-        return Join(), params + more
-
-    def tensor(a):
-        return nn.Parameter(torch.tensor(np.asarray(a, np.float64)))
-
-    if isinstance(layer, L.Conv2D):
-        m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                      bias=layer.bias is not None, dtype=torch.float64)
-        m.weight = tensor(layer.weight.data)
-        if layer.bias is not None:
-            m.bias = tensor(layer.bias.data)
-        return m, [m.weight] + ([m.bias] if layer.bias is not None else [])
-    if isinstance(layer, L.BatchNorm2D):
-        m = nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum, dtype=torch.float64)
-        m.weight, m.bias = tensor(layer.weight.data), tensor(layer.bias.data)
-        return m, [m.weight, m.bias]
-    if isinstance(layer, L.Dense):
-        m = nn.Linear(layer.in_features, layer.out_features, dtype=torch.float64)
-        m.weight, m.bias = tensor(layer.weight.data), tensor(layer.bias.data)
-        return m, [m.weight, m.bias]
-    simple = {L.ReLU: nn.ReLU, L.GELU: nn.GELU, L.Tanh: nn.Tanh, L.Sigmoid: nn.Sigmoid}
-    if type(layer) in simple:
-        return simple[type(layer)](), []
-    if isinstance(layer, L.GlobalAvgPool2D):
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), []
-    raise AssertionError(f"no PyTorch counterpart written for {layer!r}")
+    """The PyTorch module of an nbcnn layer (nbcnn's float64 weights), and its parameters in nbcnn's order."""
+    return torch_module(torch, layer, torch.float64)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])

@@ -2,14 +2,14 @@
 
 The arithmetic of the report (occupancy, loops in a disassembly) on hand-made inputs with
 known answers; then the real thing on the kernels that do a layer's multiply-adds, with the
-targets of nbcnn.static asserted: they are counts in the compiled code, the same on every run.
+targets of nbcnn.perf.static asserted: they are counts in the compiled code, the same on every run.
 """
 
 import json
 
 import pytest
 
-from nbcnn import static
+from nbcnn.perf import static
 from nbcnn.cli import main
 from nbcnn.kernels._cuda import SIMULATOR
 

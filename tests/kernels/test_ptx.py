@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from nbcnn import static
+from nbcnn.perf import static
 from nbcnn.kernels._cuda import SIMULATOR
 from nbcnn.kernels.catalogue import FLOAT64_BY_DESIGN, MODULES, launch_types
 
@@ -22,7 +22,7 @@ CASES = [(k, sig, dt) for dt in (np.float32, np.float64) for k, sig in launch_ty
 
 def ptx_of(kernel, sig):
     """The PTX of ``kernel`` for these argument types, with its launch bounds, for sm_90: compiled once
-    per process (``nbcnn.static`` keeps it: ``tests/test_static.py`` reads the same kernels)."""
+    per process (``nbcnn.perf.static`` keeps it: ``tests/test_static.py`` reads the same kernels)."""
     return static.ptx_of(kernel, sig, (9, 0))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from nbcnn import ops
 from nbcnn.checks import check_choice, check_int
-from nbcnn.ops import COSTS, cost  # noqa: F401  (the cost model, re-exported: nbcnn.profile.cost)
+from nbcnn.ops import COSTS, cost  # noqa: F401  (the cost model, re-exported: nbcnn.perf.profile.cost)
 
 
 # ------------------------------------------------------------------------------ the machine

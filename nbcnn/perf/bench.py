@@ -7,7 +7,7 @@ work in one process, on the same device and thread count, interleaved run by run
 that a slow moment of the machine hits both. Times are medians.
 
 On the CPU the suite ends with one training step through the public API (the README's loop) of
-two models at two batch sizes, each measurement in a fresh process (``nbcnn.stepbench``): alone,
+two models at two batch sizes, each measurement in a fresh process (``nbcnn.perf.stepbench``): alone,
 and with PyTorch imported first. Those rows time the training that the tests check; they are
 not compared with PyTorch's numbers (the two models start from different random weights).
 """
@@ -18,7 +18,8 @@ import numpy as np
 
 from nbcnn import ops
 from nbcnn.device import resolve_device, to_device, to_numpy
-from nbcnn.profile import cost, machine_info
+from nbcnn.perf.peer import torch_module
+from nbcnn.perf.profile import cost, machine_info
 
 # The public entry point each kernel row times, per device: what a user calling the kernels gets.
 PUBLIC = {
@@ -43,7 +44,7 @@ CONV_SHAPES = [
     ("N128 64->64 32x32 3x3 p1", 128, 64, 32, 32, 64, 3, 1),
 ]
 EPOCH_MODELS = ["lenet", "mnist-example"]
-# (model, batch) of the public-API step rows (``nbcnn.stepbench``), on the CPU, and steps per timed block.
+# (model, batch) of the public-API step rows (``nbcnn.perf.stepbench``), on the CPU, and steps per timed block.
 STEP_CASES = [("default", 128), ("default", 64), ("lenet5", 128), ("lenet5", 64)]
 STEP_STEPS = 20
 
@@ -273,33 +274,6 @@ def _layer_row(device, torch, repeats, name, x, w, b, dy, P):
 # -------------------------------------------------------------------------- epoch rows
 
 
-def _torch_model(torch, model):
-    """The same network in PyTorch, with nbcnn's weights."""
-    from nbcnn import layers as L
-
-    nn = torch.nn
-    mods = []
-    for layer in model.layers:
-        if isinstance(layer, L.Conv2D):
-            m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          bias=layer.has_bias)
-        elif isinstance(layer, L.Dense):
-            m = nn.Linear(layer.in_features, layer.out_features, bias=layer.has_bias)
-        elif isinstance(layer, L.MaxPool2D):
-            m = nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
-        elif isinstance(layer, L.AvgPool2D):
-            m = nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding)
-        elif isinstance(layer, L.ReLU):
-            m = nn.ReLU()
-        else:
-            m = nn.Flatten()
-        with torch.no_grad():
-            for p, q in zip(layer.parameters(), m.parameters()):
-                q.copy_(torch.from_numpy(to_numpy(p.data)))
-        mods.append(m)
-    return nn.Sequential(*mods)
-
-
 def epoch_rows(device, vs, images, rng):
     from nbcnn import layers as L
     from nbcnn.data import load_dataset, normalization, prepare
@@ -323,7 +297,7 @@ def epoch_rows(device, vs, images, rng):
         entry = dict(name=f"training epoch, {name}", shape=f"{images} images, batch 64, Adam", flops=0, bytes=0)
         if torch:
             dev = "cuda" if device == "cuda" else "cpu"
-            tmodel = _torch_model(torch, model).to(dev)
+            tmodel = torch_module(torch, model)[0].to(dev)
             probe = x_host[:64]
             with torch.no_grad():
                 want = tmodel(torch.from_numpy(probe).to(dev)).cpu().numpy()
@@ -369,10 +343,10 @@ def _torch_epoch(torch, model, x_host, y_host, order, device):
 
 def step_rows(vs, repeats):
     """One training step through the public API, each measurement in a process of its own
-    (``nbcnn.stepbench``): nbcnn alone against PyTorch alone ("own processes"), and, with PyTorch,
+    (``nbcnn.perf.stepbench``): nbcnn alone against PyTorch alone ("own processes"), and, with PyTorch,
     both in one process that imported PyTorch first ("PyTorch imported first"), their runs
     alternating. CPU only."""
-    from nbcnn.stepbench import measure
+    from nbcnn.perf.stepbench import measure
 
     rows = []
     for model, batch in STEP_CASES:

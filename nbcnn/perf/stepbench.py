@@ -14,7 +14,7 @@ PyTorch imported before nbcnn or not imported at all::
 
 Each prints one JSON line: per implementation the median step time over ``repeats`` blocks of
 ``steps`` steps (with ``both``, the two implementations' blocks alternate), and the step's FLOPs
-from nbcnn's cost model. ``python -m nbcnn.stepbench --impl ...`` runs one by hand, with nbcnn
+from nbcnn's cost model. ``python -m nbcnn.perf.stepbench --impl ...`` runs one by hand, with nbcnn
 imported first (``-m`` imports the package before the module).
 """
 
@@ -27,31 +27,23 @@ import time
 
 import numpy as np
 
-STEP_MODELS = ("default", "lenet5")
+STEP_MODELS = {"default": "lenet", "lenet5": "lenet5"}  # a step row's name: the zoo's model
 
 
 def nbcnn_model(name):
-    import nbcnn
-    from nbcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+    """The zoo's network behind a step row's name, with weights drawn from seed 0."""
+    from nbcnn.layers import set_seed
+    from nbcnn.models import MODELS
 
-    if name == "default":
-        layers = [Conv2D(1, 16, 5, padding=2), ReLU(), MaxPool2D(2), Conv2D(16, 32, 5), ReLU(), MaxPool2D(2),
-                  Flatten(), Dense(800, 128), ReLU(), Dense(128, 10)]
-    else:
-        layers = [Conv2D(1, 6, 5, padding=2), ReLU(), MaxPool2D(2), Conv2D(6, 16, 5), ReLU(), MaxPool2D(2),
-                  Flatten(), Dense(400, 120), ReLU(), Dense(120, 84), ReLU(), Dense(84, 10)]
-    return nbcnn.Sequential(layers)
+    set_seed(0)
+    return MODELS[STEP_MODELS[name]]()
 
 
 def torch_model(torch, name):
-    nn = torch.nn
-    if name == "default":
-        return nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5),
-                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 128), nn.ReLU(),
-                             nn.Linear(128, 10))
-    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84),
-                         nn.ReLU(), nn.Linear(84, 10))
+    """The same network in PyTorch, with the same weights (``nbcnn.perf.peer``)."""
+    from nbcnn.perf.peer import torch_module
+
+    return torch_module(torch, nbcnn_model(name))[0]
 
 
 def _optimizer(module, name, params):
@@ -114,7 +106,7 @@ def step_flops(name, batch):
     run under the profiler's recorder)."""
     import nbcnn
     from nbcnn.losses import SoftmaxCrossEntropy
-    from nbcnn.profile import Recorder
+    from nbcnn.perf.profile import Recorder
     from nbcnn.step import Trainer
 
     model = nbcnn_model(name)
@@ -177,8 +169,11 @@ def _imported_before_nbcnn():
 
 def measure(impl, model, batch, steps=20, repeats=7, torch_first=False):
     """``run_in_this_process`` in a fresh Python process, PyTorch imported before nbcnn when
-    ``torch_first``; its JSON line as a dict."""
-    code = ("import torch\n" if torch_first else "") + "from nbcnn.stepbench import main\nmain()"
+    ``torch_first``, and always for PyTorch alone: nbcnn sets ``OMP_WAIT_POLICY`` for the OpenMP
+    runtime that loads after it, which would not be PyTorch as its users run it. Its JSON line as a
+    dict."""
+    torch_first = torch_first or impl == "torch"
+    code = ("import torch\n" if torch_first else "") + "from nbcnn.perf.stepbench import main\nmain()"
     command = [sys.executable, "-c", code, "--impl", impl, "--model", model, "--batch", str(batch),
                "--steps", str(steps), "--repeats", str(repeats)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -189,7 +184,7 @@ def measure(impl, model, batch, steps=20, repeats=7, torch_first=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nbcnn.stepbench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nbcnn.perf.stepbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", choices=["nbcnn", "torch", "both"], default="nbcnn")
     p.add_argument("--model", choices=STEP_MODELS, default="default")
     p.add_argument("--batch", type=int, default=128)
