@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -208,135 +209,194 @@ def _check_out(out, model):
         raise ValueError(f"--out {out}: {free:,} bytes free, the checkpoints need about {need:,}")
 
 
-def train(cfg, log=print):
-    """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json).
+@dataclass
+class _Data:
+    """The data set on the device, normalised, and what a checkpoint keeps of it."""
 
-    With ``cfg.distributed``, one rank of an MPI job (``nbcnn.distributed``): every rank runs this
-    with the same settings; rank 0 alone prints and writes files."""
-    group = None
-    show_progress = cfg.progress
-    if cfg.distributed:
-        group = Group.world()
-        if group.size > cfg.batch_size:
-            raise DistributedError(f"--distributed: {group.size} ranks share a global batch of {cfg.batch_size}; "
-                                   f"give --batch-size {group.size} or more, or fewer ranks")
-        if not group.is_root:
-            log = _quiet
-            show_progress = False
-        if cfg.device != "cpu":
-            group.select_gpu_if_any()
-    device = resolve_device(cfg.device)
+    train_x: object
+    train_y: object
+    test_x: object
+    test_y: object
+    channels: int
+    size: int
+    classes: int
+    mean: object
+    std: object
+    metadata: dict  # what `nbcnn predict` needs to treat a new image as the training images were
+
+
+def _load_data(cfg, device):
     data = load_dataset(cfg.data_dir, cfg.image_size)
     images = data["train_images"]  # (N, H, W) grey, or (N, C, H, W) from a folder of colour images
     mean, std = normalization(images)
     classes = int(max(data["train_labels"].max(), data["test_labels"].max())) + 1
     channels, size = (1 if images.ndim == 3 else images.shape[1]), images.shape[-1]
-    train_x = to_device(prepare(images, mean, std), device)
-    train_y = to_device(_labels_int32(data["train_labels"]), device)
-    test_x = to_device(prepare(data["test_images"], mean, std), device)
-    test_y = to_device(_labels_int32(data["test_labels"]), device)
-    n = train_x.shape[0]
-
-    L.set_seed(cfg.seed)
-    model = MODELS[cfg.model](channels, classes, size)
-    model.to(device)
-    model.output_shape((1, channels, size, size))  # a model that does not fit the images fails here, clearly
-    optimizer = _make_optimizer(cfg, model.parameters())
-    loss_fn = SoftmaxCrossEntropy(label_smoothing=cfg.label_smoothing)
-    steps_per_epoch = -(-n // cfg.batch_size)
-    schedule = Schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch,
-                        warmup=int(round(cfg.warmup * steps_per_epoch)), decay=cfg.lr_decay)
-    # shifts of up to 2 pixels; mirror images only for colour pictures (a mirrored digit is no digit).
-    # Shifted in: a black pixel's value for grey data (the digits' background), 0 for colour data,
-    # each channel normalised on its own (the kernel takes one value: 0 is the mean colour).
-    fill = (0.0 - mean) / std if channels == 1 else 0.0
-    augment = Augment(2, flip=channels == 3, fill=fill, seed=cfg.seed) if cfg.augment else None
-    hooks = [gradient_hook(group)] if group is not None else []  # the sum over the ranks first, then clipping
-    if cfg.clip_grad_norm is not None:
-        hooks.append(ClipGradNorm(cfg.clip_grad_norm))
-    trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment, hooks=hooks, group=group)
-    _check_out(cfg.out, model)
-    checkpoint = os.path.join(cfg.out, "model.npz")
-    resume_path = os.path.join(cfg.out, "resume.npz")
-    metrics_path = os.path.join(cfg.out, "metrics.json")
-    # what `nbcnn predict` needs to treat a new image as the training images were treated
     metadata = dict(mean=mean, std=std, classes=classes, model=cfg.model, input_shape=[channels, size, size],
                     profile=ink_profile(images) if channels == 1 else None)
     if "class_names" in data:
         metadata["class_names"] = data["class_names"]
+    return _Data(train_x=to_device(prepare(images, mean, std), device),
+                 train_y=to_device(_labels_int32(data["train_labels"]), device),
+                 test_x=to_device(prepare(data["test_images"], mean, std), device),
+                 test_y=to_device(_labels_int32(data["test_labels"]), device),
+                 channels=channels, size=size, classes=classes, mean=mean, std=std, metadata=metadata)
 
-    metrics, start_epoch = [], 0
-    startup = {}
-    if cfg.resume:
-        if not os.path.exists(resume_path):
-            raise FileNotFoundError(f"--resume: nothing to resume from in {cfg.out} (no resume.npz)")
-        optimizer, start_epoch = _load_resume_state(resume_path, model, lambda p: _make_optimizer(cfg, p), device)
-        trainer = Trainer(model, loss_fn, optimizer, schedule=schedule, augment=augment, hooks=hooks, group=group)
-        trainer.steps = start_epoch * steps_per_epoch  # the schedule and the augmentation go on from there
-        if os.path.exists(metrics_path):
-            try:
-                with open(metrics_path) as f:
-                    metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
-            except (OSError, ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"--resume: {metrics_path} is not the metrics nbcnn wrote ({describe(exc)})") from None
-        log(f"resuming after epoch {start_epoch} from {cfg.out}")
 
-    if group is not None:
-        # From here the ranks work together: the same weights and buffers everywhere (rank 0's),
-        # and a failure on one rank ends the job (see distributed.ACTIVE).
-        distributed.ACTIVE = group
-        group.broadcast_(model.buffer.data)
-        for array in model.buffers().values():
-            group.broadcast_(array)
-    compile_seconds = _compile_kernels(cfg, model, train_x, train_y, augment, log)
-    log(f"training {cfg.model} on {device}: {n} images of {channels}x{size}x{size}, {classes} classes, batch "
-        f"{cfg.batch_size}{f' over {group.size} ranks' if group else ''}, {cfg.optimizer}, {schedule.describe()}"
-        f"{', augmented' if augment else ''}"
-        f"{f', label smoothing {cfg.label_smoothing:g}' if cfg.label_smoothing else ''}"
-        f"{f', gradients clipped to norm {cfg.clip_grad_norm:g}' if cfg.clip_grad_norm is not None else ''}, "
-        f"epochs {start_epoch + 1}..{cfg.epochs}")
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
-        order = to_device(order, device)  # the only transfer of the epoch: n indices
-        bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", show_progress)
-        progress = None
+def _join_group(cfg, log):
+    """(group, log, show_progress): the MPI group of a distributed run (None otherwise); a rank other
+    than 0 prints nothing."""
+    if not cfg.distributed:
+        return None, log, cfg.progress
+    group = Group.world()
+    if group.size > cfg.batch_size:
+        raise DistributedError(f"--distributed: {group.size} ranks share a global batch of {cfg.batch_size}; "
+                               f"give --batch-size {group.size} or more, or fewer ranks")
+    if cfg.device != "cpu":
+        group.select_gpu_if_any()
+    return (group, log, cfg.progress) if group.is_root else (group, _quiet, False)
+
+
+def _build_model(cfg, data, device):
+    L.set_seed(cfg.seed)
+    model = MODELS[cfg.model](data.channels, data.classes, data.size).to(device)
+    model.output_shape((1, data.channels, data.size, data.size))  # a model that does not fit the images fails here
+    return model
+
+
+def _augmentation(cfg, data):
+    """Shifts of up to 2 pixels; mirror images only for colour pictures (a mirrored digit is no digit).
+    Shifted in: a black pixel's value for grey data (the digits' background), 0 for colour data,
+    each channel normalised on its own (the kernel takes one value: 0 is the mean colour)."""
+    if not cfg.augment:
+        return None
+    fill = (0.0 - data.mean) / data.std if data.channels == 1 else 0.0
+    return Augment(2, flip=data.channels == 3, fill=fill, seed=cfg.seed)
+
+
+def _hooks(cfg, group):
+    """What runs between backward and the update: the sum over the ranks first, then clipping."""
+    hooks = [gradient_hook(group)] if group is not None else []
+    if cfg.clip_grad_norm is not None:
+        hooks.append(ClipGradNorm(cfg.clip_grad_norm))
+    return hooks
+
+
+def _resume(cfg, paths, model, device, log):
+    """(optimizer, finished epoch, metrics so far) from the resume state in ``cfg.out``."""
+    if not os.path.exists(paths["resume"]):
+        raise FileNotFoundError(f"--resume: nothing to resume from in {cfg.out} (no resume.npz)")
+    optimizer, start_epoch = _load_resume_state(paths["resume"], model, lambda p: _make_optimizer(cfg, p), device)
+    metrics = []
+    if os.path.exists(paths["metrics"]):
+        try:
+            with open(paths["metrics"]) as f:
+                metrics = [m for m in json.load(f) if m["epoch"] <= start_epoch]
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"--resume: {paths['metrics']} is not the metrics nbcnn wrote ({describe(exc)})") from None
+    log(f"resuming after epoch {start_epoch} from {cfg.out}")
+    return optimizer, start_epoch, metrics
+
+
+def _start_together(group, model):
+    """From here the ranks work together: the same weights and buffers everywhere (rank 0's), and a
+    failure on one rank ends the job (see distributed.ACTIVE)."""
+    distributed.ACTIVE = group
+    group.broadcast_(model.buffer.data)
+    for array in model.buffers().values():
+        group.broadcast_(array)
+
+
+def _describe_run(cfg, data, device, group, schedule, augment, start_epoch):
+    n = data.train_x.shape[0]
+    return (f"training {cfg.model} on {device}: {n} images of {data.channels}x{data.size}x{data.size}, "
+            f"{data.classes} classes, batch {cfg.batch_size}{f' over {group.size} ranks' if group else ''}, "
+            f"{cfg.optimizer}, {schedule.describe()}{', augmented' if augment else ''}"
+            f"{f', label smoothing {cfg.label_smoothing:g}' if cfg.label_smoothing else ''}"
+            f"{f', gradients clipped to norm {cfg.clip_grad_norm:g}' if cfg.clip_grad_norm is not None else ''}, "
+            f"epochs {start_epoch + 1}..{cfg.epochs}")
+
+
+def _run_epoch(cfg, trainer, data, epoch, show_progress, first_step):
+    """One epoch over the training set, shuffled from (seed, epoch); (mean loss, seconds)."""
+    n = data.train_x.shape[0]
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n).astype(np.int32)
+    order = to_device(order, trainer.device)  # the only transfer of the epoch: n indices
+    bar = _progress(n, f"epoch {epoch}/{cfg.epochs}", show_progress)
+    progress = None
+    if bar is not None:
+        def progress(done, mean_loss, images_per_second):
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:,.0f}")
+    started = time.perf_counter()
+    try:
+        mean_loss = trainer.run_epoch(data.train_x, data.train_y, order, cfg.batch_size, progress, first_step)
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"epoch {epoch}: {exc}: lower the learning rate (--lr)") from None
+    finally:
         if bar is not None:
-            def progress(done, mean_loss, images_per_second, bar=bar):
-                bar.update(done - bar.n)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_second:,.0f}")
-        started = time.perf_counter()
+            bar.close()
+    return mean_loss, time.perf_counter() - started
+
+
+def _write_files(cfg, paths, model, optimizer, metrics, metadata):
+    """The checkpoint, the resume state, the metrics and the curves after an epoch; each atomically."""
+    model.save(paths["checkpoint"], **metadata)
+    _save_resume_state(paths["resume"], model, optimizer, metrics[-1]["epoch"])
+    atomic_write(paths["metrics"], lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
+
+
+def train(cfg, log=print):
+    """Train as ``cfg`` says; returns the list of per-epoch metrics (also in out/metrics.json).
+
+    With ``cfg.distributed``, one rank of an MPI job (``nbcnn.distributed``): every rank runs this
+    with the same settings; rank 0 alone prints and writes files."""
+    group, log, show_progress = _join_group(cfg, log)
+    device = resolve_device(cfg.device)
+    data = _load_data(cfg, device)
+    n = data.train_x.shape[0]
+    model = _build_model(cfg, data, device)
+    _check_out(cfg.out, model)
+    paths = dict(checkpoint=os.path.join(cfg.out, "model.npz"), resume=os.path.join(cfg.out, "resume.npz"),
+                 metrics=os.path.join(cfg.out, "metrics.json"))
+    if cfg.resume:
+        optimizer, start_epoch, metrics = _resume(cfg, paths, model, device, log)
+    else:
+        optimizer, start_epoch, metrics = _make_optimizer(cfg, model.parameters()), 0, []
+    steps_per_epoch = -(-n // cfg.batch_size)
+    schedule = Schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch,
+                        warmup=int(round(cfg.warmup * steps_per_epoch)), decay=cfg.lr_decay)
+    augment = _augmentation(cfg, data)
+    trainer = Trainer(model, SoftmaxCrossEntropy(label_smoothing=cfg.label_smoothing), optimizer, schedule=schedule,
+                      augment=augment, hooks=_hooks(cfg, group), group=group)
+    trainer.steps = start_epoch * steps_per_epoch  # a resumed run's schedule and augmentation go on from there
+    if group is not None:
+        _start_together(group, model)
+    compile_seconds = _compile_kernels(cfg, model, data.train_x, data.train_y, augment, log)
+    log(_describe_run(cfg, data, device, group, schedule, augment, start_epoch))
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        startup = {}
         first_step = None
         if epoch == start_epoch + 1:
             def first_step():
                 startup["seconds"] = time.perf_counter() - STARTED
-        try:
-            mean_loss = trainer.run_epoch(train_x, train_y, order, cfg.batch_size, progress, first_step)
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"epoch {epoch}: {exc}: lower the learning rate (--lr)") from None
-        finally:
-            if bar is not None:
-                bar.close()
-        train_seconds = time.perf_counter() - started
-        test_loss, test_accuracy = trainer.evaluate(test_x, test_y)
+        mean_loss, seconds = _run_epoch(cfg, trainer, data, epoch, show_progress, first_step)
+        test_loss, test_accuracy = trainer.evaluate(data.test_x, data.test_y)
         record = dict(epoch=epoch, train_loss=mean_loss, test_loss=test_loss, test_accuracy=test_accuracy,
-                      seconds=train_seconds, samples_per_second=n / train_seconds, device=device,
-                      model=cfg.model, batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed,
-                      ranks=group.size if group else 1)
-        if first_step is not None:
+                      seconds=seconds, samples_per_second=n / seconds, device=device, model=cfg.model,
+                      batch_size=cfg.batch_size, lr=optimizer.lr, seed=cfg.seed, ranks=group.size if group else 1)
+        if startup:
             # from the import of nbcnn to the end of this run's first step: with Numba's cache warm,
             # mostly loading the data; on a first run, compiling the kernels
             record["first_step_seconds"] = startup["seconds"]
             record["compile_seconds"] = compile_seconds
         metrics.append(record)
         if group is None or group.is_root:  # one writer
-            model.save(checkpoint, **metadata)
-            _save_resume_state(resume_path, model, optimizer, epoch)
-            atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-            plot_curves(metrics, os.path.join(cfg.out, "curves.png"))
-        if first_step is not None:
+            _write_files(cfg, paths, model, optimizer, metrics, data.metadata)
+        if startup:
             log(f"first step finished {startup['seconds']:.2f} s after nbcnn was imported")
-        log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test_loss:.4f}, "
-            f"test accuracy {100 * test_accuracy:.2f}%, {train_seconds:.1f} s ({record['samples_per_second']:,.0f} img/s)")
+        log(f"epoch {epoch}: train loss {mean_loss:.4f}, test loss {test_loss:.4f}, test accuracy "
+            f"{100 * test_accuracy:.2f}%, {seconds:.1f} s ({record['samples_per_second']:,.0f} img/s)")
     distributed.ACTIVE = None  # the ranks are done working together
     return metrics
 
