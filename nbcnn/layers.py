@@ -21,6 +21,7 @@ Inputs are batched: (N, C, H, W) for convolution and pooling, (N, features) for 
 
 import math
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,6 +73,9 @@ class Plan:
 
     fuses_relu = False  # the forward can apply a following ReLU in the same pass
     masks = False  # the backward can apply a preceding ReLU's backward in the same pass
+    is_relu = False  # a ReLU, which its neighbours may take over (``fuse``)
+    pooling = None  # a pooling plan's Pooling (kind, window, stride, padding)
+    pool = None  # the pooling plan this one computes too (``fuse``)
 
     def __init__(self, layer, in_shape, dtype, device, kernels):
         self.layer, self.in_shape, self.dtype, self.device = layer, tuple(in_shape), np.dtype(dtype), device
@@ -79,6 +83,18 @@ class Plan:
         self.relu = self.mask = False
         self.x = None  # the last forward's input (a view the caller owns)
         self.dx = None
+
+    def take_relu(self):
+        """From now on this plan's forward applies the ReLU after it (its class says it can)."""
+        self.relu = True
+
+    def take_mask(self):
+        """From now on this plan's backward applies the backward of the ReLU before it."""
+        self.mask = True
+
+    def can_compute(self, pooling_plan):
+        """Whether this plan's own kernels can compute ``pooling_plan``'s pooling as well."""
+        return False
 
     def allocate(self, need_dx):
         if need_dx:
@@ -110,6 +126,58 @@ class Plan:
 
 
 PLANS_KEPT = 4  # input shapes whose plans a layer or model keeps at once
+
+
+class Pooling(NamedTuple):
+    """A pooling layer's settings, by name: ``kind`` ("max" or "average"), then (h, w) pairs."""
+
+    kind: str
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+
+    @classmethod
+    def of(cls, kind, layer):
+        return cls(kind, layer.kernel_size, layer.stride, layer.padding)
+
+    @property
+    def settings(self):
+        """The kernels' arguments: window h, w, stride h, w, padding h, w."""
+        return (*self.kernel, *self.stride, *self.padding)
+
+
+# The pooling a model's first convolution computes in its own kernels (nbcnn.kernels.conv2d.pooled)
+FUSED_POOLING = Pooling("max", ops.FUSED_POOL[0:2], ops.FUSED_POOL[2:4], ops.FUSED_POOL[4:6])
+
+
+def fuse(plans):
+    """Decide every fusion of a model's plans, in one walk, asking each plan what it can take over;
+    before anything is allocated (fusion changes what each plan needs).
+
+    - A ReLU is applied by the layer before it where that layer's forward can (``fuses_relu``), and
+      its backward is done by the layer after it where that layer's backward can (``masks``).
+    - A model that starts Conv2D -> [ReLU] -> MaxPool2D(2) computes the pooling in the convolution's
+      kernels (``can_compute``): its output, four times the pooled one, is never stored. Only for
+      the first layer, whose input gradient the step seldom needs.
+    """
+    for i, plan in enumerate(plans):
+        before = plans[i - 1] if i > 0 else None
+        after = plans[i + 1] if i + 1 < len(plans) else None
+        if plan.is_relu:
+            if before is not None and before.fuses_relu and not before.relu:
+                before.take_relu()
+                plan.applied_by_previous()
+            if after is not None and after.masks:
+                after.take_mask()
+                plan.masked_by_next()
+        elif plan.pooling is not None and _follows_the_first_layer(plans, i) and plans[0].can_compute(plan):
+            plans[0].fuse_pool(plan)
+
+
+def _follows_the_first_layer(plans, i):
+    """Whether plans[i] comes right after the first layer, or after a ReLU that layer and plans[i] took
+    over entirely."""
+    return i == 1 or (i == 2 and plans[1].is_relu and plans[1].in_previous and plans[1].in_next)
 
 
 class Layer:
@@ -254,15 +322,19 @@ class _Conv2DPlan(Plan):
         self.pool = None  # the max pooling plan this one computes too (fuse_pool)
         self.y = self.dy = None  # the output, and its full-size gradient (only when fused and dx is asked for)
 
+    def can_compute(self, pooling_plan):
+        """The 2x2 max pooling right after this convolution (or after the ReLU it applies), with the
+        default algorithm (a named one, "direct" or "tiled", keeps its own kernels)."""
+        return (self.layer.algorithm is None and pooling_plan.pooling == FUSED_POOLING
+                and pooling_plan.mask == self.relu)
+
     def fuse_pool(self, pool):
         """Compute ``pool``'s 2x2 max pooling in this layer's own kernels (a model's first layer: see
-        nbcnn.kernels.conv2d.pooled); called by the model's plan before anything is allocated. The
-        default algorithm only: a named one ("direct", "tiled") keeps its own kernels. Asked for the
-        input gradient, the fused op computes it from the pooled gradient where a kernel does
-        (the CPU, few input channels); elsewhere the first such backward unfuses the two ops."""
-        if self.layer.algorithm is not None:
-            return
-        self.pool, pool.in_previous = pool, True
+        nbcnn.kernels.conv2d.pooled); called by ``fuse`` before anything is allocated. Asked for the
+        input gradient, the fused op computes it from the pooled gradient where a kernel does (the
+        CPU, few input channels); elsewhere the first such backward unfuses the two ops."""
+        self.pool = pool
+        pool.hand_over()
         self.pfwd = self.kernels.get("conv2d_maxpool_forward", self.device)
         self.pbwd = self.kernels.get("conv2d_maxpool_backward", self.device)
         try:
@@ -351,7 +423,8 @@ class _Conv2DPlan(Plan):
 
     def _unfuse(self):
         """From the next step on, the two layers run their own kernels again."""
-        self.pool.in_previous, self.pool = False, None
+        self.pool.take_back()
+        self.pool = None
 
     def _unpooled(self, dyp):
         """The full-size gradient of the convolution's output, for the unfused backward: the forward
@@ -417,8 +490,17 @@ class _MaxPool2DPlan(Plan):
         super().__init__(layer, in_shape, dtype, device, kernels)
         self.fwd = kernels.get("maxpool2d_forward", device)
         self.bwd = kernels.get("maxpool2d_backward", device)
-        self.settings = (*layer.kernel_size, *layer.stride, *layer.padding)
-        self.in_previous = False  # the convolution before computes this pooling (_Conv2DPlan.fuse_pool)
+        self.pooling = Pooling.of("max", layer)
+        self.settings = self.pooling.settings
+        self.in_previous = False  # the convolution before computes this pooling (hand_over)
+
+    def hand_over(self):
+        """The convolution before computes this pooling, into this plan's ``y`` and ``argmax``."""
+        self.in_previous = True
+
+    def take_back(self):
+        """This plan runs its own kernels again (the convolution before unfused)."""
+        self.in_previous = False
 
     def allocate(self, need_dx):
         super().allocate(need_dx)
@@ -448,7 +530,8 @@ class _AvgPool2DPlan(Plan):
         super().__init__(layer, in_shape, dtype, device, kernels)
         self.fwd = kernels.get("avgpool2d_forward", device)
         self.bwd = kernels.get("avgpool2d_backward", device)
-        self.settings = (*layer.kernel_size, *layer.stride, *layer.padding)
+        self.pooling = Pooling.of("average", layer)
+        self.settings = self.pooling.settings
 
     def allocate(self, need_dx):
         super().allocate(need_dx)
@@ -502,6 +585,16 @@ class AvgPool2D(_Pool2D):
 
 
 class _ReLUPlan(Plan):
+    is_relu = True
+
+    def applied_by_previous(self):
+        """The layer before applies max(., 0) in its own forward."""
+        self.in_previous = True
+
+    def masked_by_next(self):
+        """The layer after applies the mask in its own backward."""
+        self.in_next = True
+
     def __init__(self, layer, in_shape, dtype, device, kernels):
         super().__init__(layer, in_shape, dtype, device, kernels)
         self.fwd = kernels.get("relu_forward", device)

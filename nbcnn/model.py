@@ -6,7 +6,8 @@ of an input shape makes a ``ModelPlan``: every layer's plan for the shape its
 predecessor outputs, checked once, with each ReLU fused into its neighbours (the layer
 before applies max(., 0) in its own forward; the layer after multiplies its dx by the
 mask in its own backward), and a first Conv2D computing the 2x2 max pooling after it (its own
-output never stored; see ``nbcnn.kernels.conv2d.pooled``), then the buffers: activations,
+output never stored; see ``nbcnn.kernels.conv2d.pooled``), all decided by ``layers.fuse``,
+then the buffers: activations,
 input gradients, scratch. Later steps of that shape only run kernels on them.
 
     x --> [Conv2D+ReLU+MaxPool2D] --> [Conv2D+ReLU] --> [MaxPool2D] --> ... --> [Dense] --> logits
@@ -26,7 +27,7 @@ import numpy as np
 from nbcnn import ops
 from nbcnn.errors import describe
 from nbcnn.device import CPU, resolve_device, to_device, to_numpy
-from nbcnn.layers import LAYERS, Layer, Residual, _Conv2DPlan, _MaxPool2DPlan, _ReLUPlan
+from nbcnn.layers import LAYERS, Layer, Plan, Residual, fuse
 from nbcnn.parameter import Parameter, ParameterBuffer
 
 CHECKPOINT_FORMAT = "nbcnn-sequential-1"
@@ -107,23 +108,7 @@ def atomic_write(path, write):
         raise
 
 
-def _fuse_first_pooling(plans):
-    """A model that starts Conv2D -> [ReLU] -> MaxPool2D(2) (window and stride 2, no padding): the
-    convolution computes the pooling too and never stores its own output (its plan falls back to
-    the two ops, and unfuses them, once the input gradient is asked for). Only the first layer: the
-    fused backward computes no input gradient. ``ModelPlan.pooled`` tells whether it fused."""
-    if len(plans) < 2 or not isinstance(plans[0], _Conv2DPlan):
-        return
-    conv, pool = plans[0], plans[1]
-    if isinstance(pool, _ReLUPlan) and pool.in_previous and pool.in_next and len(plans) > 2:
-        pool = plans[2]
-    elif conv.relu:
-        return
-    if isinstance(pool, _MaxPool2DPlan) and pool.settings == (2, 2, 2, 2, 0, 0) and pool.mask == conv.relu:
-        conv.fuse_pool(pool)
-
-
-class ModelPlan:
+class ModelPlan(Plan):
     """The plans of a model's layers for one input shape, fused and allocated; see the module docstring.
 
     ``spans``: a profiler (anything with ``span(layer, phase)``, a context manager) that labels
@@ -131,8 +116,7 @@ class ModelPlan:
     a Sequential nested in another (it fuses nothing across its own edges).
     """
 
-    fuses_relu = masks = False
-    relu = mask = False
+    relu = mask = False  # a nested Sequential takes over no ReLU across its own edges
 
     def __init__(self, model, in_shape, dtype, device, kernels=ops.REGISTRY, spans=None):
         self.in_shape, self.dtype, self.device = tuple(in_shape), np.dtype(dtype), device
@@ -142,16 +126,7 @@ class ModelPlan:
             self.plans.append(plan)
             shape = plan.out_shape
         self.out_shape = shape
-        for i, plan in enumerate(self.plans):
-            if not isinstance(plan, _ReLUPlan):
-                continue
-            before = self.plans[i - 1] if i > 0 else None
-            after = self.plans[i + 1] if i + 1 < len(self.plans) else None
-            if before is not None and before.fuses_relu and not before.relu:
-                before.relu, plan.in_previous = True, True
-            if after is not None and after.masks:
-                after.mask, plan.in_next = True, True
-        _fuse_first_pooling(self.plans)
+        fuse(self.plans)
         for plan in self.plans:
             # Forward buffers now; input gradients and their scratch on the first backward, so that
             # a plan that only evaluates never holds them.
@@ -163,8 +138,8 @@ class ModelPlan:
 
     @property
     def pooled(self):
-        """Whether the first convolution computes the max pooling after it (_fuse_first_pooling)."""
-        return bool(self.plans) and isinstance(self.plans[0], _Conv2DPlan) and self.plans[0].pool is not None
+        """Whether the first convolution computes the max pooling after it (``layers.fuse``)."""
+        return bool(self.plans) and self.plans[0].pool is not None
 
     def allocate(self, need_dx):
         """Everything was allocated when the plan was made (the layers' own plans allocate lazily)."""

@@ -202,8 +202,10 @@ _add("conv2d_forward", "cuda", "tiled", conv_cuda.conv2d_forward_direct_core_cud
      conv_cuda.conv2d_workspace_direct_cuda, default=False)
 _add("conv2d_backward", "cuda", "tiled", conv_cuda.conv2d_backward_direct_core_cuda,
      conv_cuda.conv2d_workspace_direct_cuda, default=False)
-# A model's first convolution with the 2x2 max pooling after it (nbcnn.model fuses them): on the
-# CPU its own kernels for few input channels, elsewhere the two ops' cores in turn.
+# A model's first convolution with the 2x2 max pooling after it (nbcnn.layers.fuse): on the CPU
+# its own kernels for few input channels, elsewhere the two ops' cores in turn. FUSED_POOL: the
+# pooling it computes (window h, w, stride h, w, padding h, w).
+FUSED_POOL = conv_pooled.POOL
 for _device in ("cpu", "cuda"):
     for _op in ("conv2d_maxpool_forward", "conv2d_maxpool_backward"):
         _add(_op, _device, "gemm", getattr(conv_pooled, f"{_op}_core_{_device}"),

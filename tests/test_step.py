@@ -374,3 +374,25 @@ def test_only_a_first_convolution_and_a_2x2_pooling_fuse():
     assert not pooled([L.Conv2D(2, 3, 3), L.ReLU(), L.AvgPool2D(2)])
     assert not pooled([L.Conv2D(2, 3, 3, algorithm="direct"), L.MaxPool2D(2)])  # a named algorithm keeps its kernels
     assert pooled([L.Conv2D(2, 3, 3, stride=2), L.ReLU(), L.MaxPool2D(2)])
+
+
+@pytest.mark.parametrize("layers, pooled", [
+    (lambda: [L.Conv2D(1, 4, 3), L.ReLU(), L.MaxPool2D(2)], True),
+    (lambda: [L.Conv2D(1, 4, 3), L.MaxPool2D(2)], True),
+    (lambda: [L.Conv2D(1, 4, 3), L.ReLU(), L.AvgPool2D(2)], False),  # only max pooling
+    (lambda: [L.Conv2D(1, 4, 3), L.ReLU(), L.MaxPool2D(3)], False),  # only the 2x2 window
+    (lambda: [L.Conv2D(1, 4, 3), L.ReLU(), L.MaxPool2D(2, stride=1)], False),
+    (lambda: [L.Conv2D(1, 4, 3, algorithm="direct"), L.ReLU(), L.MaxPool2D(2)], False),  # a named algorithm
+    (lambda: [L.ReLU(), L.Conv2D(1, 4, 3), L.MaxPool2D(2)], False),  # only the first layer
+    (lambda: [L.Conv2D(1, 4, 3), L.ReLU(), L.ReLU(), L.MaxPool2D(2)], False),  # a ReLU left in between
+])
+def test_fusion_asks_the_plans(layers, pooled):
+    """layers.fuse: the first convolution computes a following 2x2 max pooling and nothing else; every
+    ReLU is taken over by the layers around it that can."""
+    model = nbcnn.Sequential(layers() + [L.Flatten()])
+    model.forward(np.ones((2, 1, 10, 10), np.float32))
+    plan = model._current
+    assert plan.pooled == pooled
+    for i, p in enumerate(plan.plans):
+        if p.is_relu and i > 0:
+            assert p.in_previous == plan.plans[i - 1].relu
