@@ -6,9 +6,8 @@ of an input shape makes a ``ModelPlan``: every layer's plan for the shape its
 predecessor outputs, checked once, with each ReLU fused into its neighbours (the layer
 before applies max(., 0) in its own forward; the layer after multiplies its dx by the
 mask in its own backward), and a first Conv2D computing the 2x2 max pooling after it (its own
-output never stored; see ``nbcnn.kernels.conv2d.pooled``), all decided by ``layers.fuse``,
-then the buffers: activations,
-input gradients, scratch. Later steps of that shape only run kernels on them.
+output never stored; see ``nbcnn.kernels.conv2d.pooled``), all decided by ``layers.fuse``; then
+the buffers: activations, input gradients, scratch. Later steps of that shape only run kernels on them.
 
     x --> [Conv2D+ReLU+MaxPool2D] --> [Conv2D+ReLU] --> [MaxPool2D] --> ... --> [Dense] --> logits
           [Conv2D via argmax] <-- [Conv2D] <-- [MaxPool2D, ReLU mask] <-- ... <-- [Dense] <-- dlogits

@@ -96,6 +96,17 @@ def test_the_simple_kernels_are_what_the_products_replaced():
     assert row["sass_per_ffma"] > 10
 
 
+def test_the_report_says_which_algorithm_runs_each_kernel():
+    """Found by following the registry's CUDA cores through the functions they call."""
+    runs = static.algorithms_of_kernels()
+    for name in PRODUCTS + ["_relu_forward_kernel", "_softmax_xent_step_kernel", "_adam_update_kernel"]:
+        assert runs[name] == "default", name
+    assert runs["_matmul_kernel"] == "tiled" and runs["_conv2d_backward_weight_partial_kernel"] == "tiled"
+    assert runs["_conv2d_forward_kernel"] == "default+tiled"  # the default's fallback for large filters
+    for name in ("_conv2d_backward_bias_kernel", "_dense_backward_bias_kernel", "_softmax_xent_forward_kernel"):
+        assert name not in runs, name  # a public launcher's only: the step sums its biases in the products
+
+
 @needs_compiler
 def test_cli_writes_json_rows(tmp_path, capsys):
     out = tmp_path / "static.json"
@@ -104,7 +115,7 @@ def test_cli_writes_json_rows(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert sorted(r["kernel"] for r in rows) == ["_gemm_nt_kernel", "_relu_forward_kernel"]
     for r in rows:
-        assert set(static.FIELDS) <= set(r)
+        assert set(static.FIELDS) <= set(r) and r["runs"] == "default"
         assert 0 < r["occupancy"] <= 1 and r["registers"] > 0
     relu = next(r for r in rows if r["kernel"] == "_relu_forward_kernel")
     assert relu["sass_per_ffma"] is None  # no multiply-add loop

@@ -20,13 +20,16 @@ For every kernel in ``nbcnn.kernels.catalogue`` (the argument types its launcher
 Nothing here runs a kernel; the figures are properties of the code, the same on every run.
 """
 
+import ast
 import functools
 import glob
+import inspect
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import textwrap
 
 import numpy as np
 
@@ -277,7 +280,8 @@ def analyse(launch, cc, dtype=np.float32):
 
 
 def static_profile(cc=(9, 0), dtype=np.float32, names=None):
-    """One row per kernel (the first signature of each), in the catalogue's order."""
+    """One row per kernel (the first signature of each), in the catalogue's order; ``runs`` says
+    which algorithm of the registry launches it (``algorithms_of_kernels``)."""
     from nbcnn.kernels._cuda import SIMULATOR
 
     if SIMULATOR:
@@ -290,12 +294,64 @@ def static_profile(cc=(9, 0), dtype=np.float32, names=None):
         raise StaticProfileError(f"no CUDA kernel named {', '.join(unknown)}; the kernels: "
                                  + ", ".join(sorted({launch.name for launch in catalogue})))
     rows, seen = [], set()
+    runs = algorithms_of_kernels()
     for launch in catalogue:
         if launch.name in seen or (names and launch.name not in names):
             continue
         seen.add(launch.name)
-        rows.append(analyse(launch, cc, dtype))
+        rows.append({**analyse(launch, cc, dtype), "runs": runs.get(launch.name, "entry point")})
     return rows
+
+
+# ------------------------------------------------------------------ which algorithm runs them
+
+
+def _called_names(fn):
+    """The global names a Python function (or a jitted one's Python source) uses."""
+    fn = getattr(fn, "py_func", fn)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return set()
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def _kernels_reached(fn, seen):
+    """The names of the CUDA kernels ``fn`` launches, directly or through the functions (and the
+    tables of kernels) of its module that it uses."""
+    from numba.cuda.dispatcher import CUDADispatcher
+
+    found = set()
+    module = inspect.getmodule(getattr(fn, "py_func", fn))
+    for name in _called_names(fn):
+        value = getattr(module, name, None)
+        values = list(value.values()) if isinstance(value, dict) else [value]
+        for v in values:
+            if isinstance(v, CUDADispatcher):
+                if not v.targetoptions.get("device"):
+                    found.add(v.py_func.__name__)
+            elif inspect.isfunction(v) and v not in seen and v.__module__.startswith("nbcnn.kernels"):
+                seen.add(v)
+                found |= _kernels_reached(v, seen)
+    return found
+
+
+def algorithms_of_kernels():
+    """{CUDA kernel name: what runs it}: "default" where the default algorithm of an op in the
+    kernel registry (``nbcnn.ops``) launches it, itself or through the functions it calls; the name
+    of the other algorithm that does ("tiled": the simpler kernels the register-tiled products
+    replaced); "default+tiled" for a tiled kernel the default falls back to (a shape its tiles do
+    not fit). A kernel missing here is called only through a public launcher of ``nbcnn.kernels``."""
+    from nbcnn import ops
+
+    by_kernel = {}
+    for (op, device, algorithm), kernel in ops.REGISTRY.entries.items():
+        if device != "cuda":
+            continue
+        what = "default" if ops.REGISTRY.defaults[(op, device)] == algorithm else algorithm
+        for name in _kernels_reached(kernel.run, set()):
+            by_kernel.setdefault(name, set()).add(what)
+    return {name: "+".join(sorted(whats, key=lambda w: (w != "default", w))) for name, whats in by_kernel.items()}
 
 
 # Targets for the kernels that do a layer's multiply-adds: few instructions per FMA,
@@ -306,11 +362,14 @@ TARGET_OCCUPANCY = 0.25
 
 def format_rows(rows, cc):
     lines = [f"static profile for sm_{cc[0]}{cc[1]} (float32; no GPU used): registers per thread, bytes spilled, "
-             f"shared bytes per block, theoretical occupancy, SASS instructions per FFMA in the hottest loop",
-             f"{'kernel':<44} {'threads':>7} {'regs':>5} {'spills':>6} {'shared':>7} {'occup.':>7} {'SASS/FFMA':>9}"]
+             f"shared bytes per block, theoretical occupancy, SASS instructions per FFMA in the hottest loop, "
+             f"which algorithm runs it (default; tiled: the simpler alternative; entry point: only a public "
+             f"launcher of nbcnn.kernels)",
+             f"{'kernel':<44} {'threads':>7} {'regs':>5} {'spills':>6} {'shared':>7} {'occup.':>7} {'SASS/FFMA':>9}  "
+             f"runs"]
     for r in rows:
         per = "-" if r["sass_per_ffma"] is None else f"{r['sass_per_ffma']:.2f}"
         lines.append(f"{r['kernel']:<44} {r['threads']:>7} {r['registers']:>5} {r['spills']:>6} {r['shared_bytes']:>7} "
-                     f"{r['occupancy']:>6.0%} {per:>9}")
+                     f"{r['occupancy']:>6.0%} {per:>9}  {r.get('runs', '?')}")
     return "\n".join(lines)
 
