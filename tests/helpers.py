@@ -30,3 +30,19 @@ def write_dataset(folder, n_train=192, n_test=64, size=12, seed=0, gz=True):
     write_idx(os.path.join(folder, FILES["test_images"] + suffix), test[0], IMAGES_MAGIC)
     write_idx(os.path.join(folder, FILES["test_labels"] + suffix), test[1], LABELS_MAGIC)
     return str(folder)
+
+
+def run_cli(*args):
+    """The ``nbcnn`` command run in this process with ``args`` (any objects, as text); its exit status."""
+    from nbcnn import cli
+
+    return cli.main([str(a) for a in args])
+
+
+def tiny_config(data_dir, out, **kw):
+    """A training run of the ``tiny`` model for 3 epochs on the CPU, quietly, with ``kw`` changed."""
+    from nbcnn.train import Config
+
+    base = dict(device="cpu", data_dir=data_dir, model="tiny", epochs=3, batch_size=16, lr=0.01, seed=5, out=str(out),
+                progress=False)
+    return Config(**{**base, **kw})

@@ -5,6 +5,9 @@ They work on float64 and are the expectation each kernel (CPU and CUDA) is check
 
 import numpy as np
 
+from nbcnn.kernels._random import hash32  # the augmentation's draws are the kernels' own random numbers
+from nbcnn.kernels.augment import draw
+
 
 def out_size(size, f, s, p):
     return (size + 2 * p - f) // s + 1
@@ -150,3 +153,28 @@ def toeplitz(a, n):
     for i in range(n):
         t[i : i + la, i] = a
     return t
+
+
+def batchnorm(x, gamma, beta, eps):
+    """Training-mode batch norm in float64: (y, batch mean, biased variance, unbiased variance)."""
+    x = x.astype(np.float64)
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = x.mean(axis=(0, 2, 3))
+    var = ((x - mean[None, :, None, None]) ** 2).mean(axis=(0, 2, 3))
+    xhat = (x - mean[None, :, None, None]) / np.sqrt(var + eps)[None, :, None, None]
+    return gamma[None, :, None, None] * xhat + beta[None, :, None, None], mean, var, var * M / (M - 1)
+
+
+def shift_flip(x, seed, step, max_shift, flip, fill):
+    """Each image shifted by the kernel's draw for (seed, step, n) (and mirrored first when drawn),
+    ``fill`` shifted in."""
+    out = np.full_like(x, fill)
+    N, C, H, W = x.shape
+    for n in range(N):
+        dy, dx, mirrored = draw(hash32(seed, step, n), max_shift, flip)
+        for i in range(H):
+            for j in range(W):
+                si, sj = i - dy, (W - 1 - j if mirrored else j) - dx
+                if 0 <= si < H and 0 <= sj < W:
+                    out[n, :, i, j] = x[n, :, si, sj]
+    return out

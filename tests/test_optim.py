@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from nbcnn import layers as L
-from nbcnn.optim import SGD, Adam
+from nbcnn.optim import SGD, Adam, AdamW
 from tests import reference as ref
 
 
@@ -55,3 +55,26 @@ def test_zero_grad():
 def test_bad_hyperparameters(make, error, match):
     with pytest.raises(error, match=match):
         make(params())
+
+
+def test_adamw_matches_its_definition():
+    rng = np.random.default_rng(15)
+    layer = L.Dense(4, 3)
+    p0 = [p.data.copy().astype(np.float64) for p in layer.parameters()]
+    opt = AdamW(layer.parameters(), lr=0.01, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.5)
+    m = [np.zeros_like(p) for p in p0]
+    v = [np.zeros_like(p) for p in p0]
+    for t in range(1, 4):
+        grads = [rng.standard_normal(p.shape) for p in p0]
+        for p, g in zip(layer.parameters(), grads):
+            p.grad[...] = g
+        opt.step()
+        for i, g in enumerate(grads):
+            p0[i] *= 1 - 0.01 * 0.5
+            m[i] = 0.8 * m[i] + 0.2 * g
+            v[i] = 0.9 * v[i] + 0.1 * g * g
+            p0[i] -= 0.01 / (1 - 0.8**t) * m[i] / (np.sqrt(v[i]) / np.sqrt(1 - 0.9**t) + 1e-6)
+    for p, want in zip(layer.parameters(), p0):
+        np.testing.assert_allclose(p.data, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="AdamW: weight_decay must be at least 0.0, got -1"):
+        AdamW(layer.parameters(), weight_decay=-1)

@@ -6,18 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nbcnn import cli
 from nbcnn import layers as L
 from nbcnn.data import load_dataset, prepare
 from nbcnn.images import _centre_of_mass, fit_to_profile, frame_like_training_data, ink_box, ink_profile
 from nbcnn.model import Sequential
 from nbcnn.predict import softmax
 from nbcnn.train import Config, train
-from tests.helpers import quadrant_images, write_dataset
+from tests.helpers import quadrant_images, run_cli, write_dataset
 
-
-def run_cli(*args):
-    return cli.main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

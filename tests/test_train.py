@@ -9,19 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from nbcnn import cli
 from nbcnn.optim import Adam
 from nbcnn.train import Config, train
-from tests.helpers import write_dataset
+from tests.helpers import run_cli, tiny_config, write_dataset
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("quadrants"))
 
-
-def run_cli(*args):
-    return cli.main([str(a) for a in args])
 
 
 def test_train_on_another_data_set_then_evaluate(data_dir, tmp_path, capsys):
@@ -41,14 +37,9 @@ def test_train_on_another_data_set_then_evaluate(data_dir, tmp_path, capsys):
     assert f"test accuracy {100 * metrics[-1]['test_accuracy']:.2f}%" in capsys.readouterr().out
 
 
-def config(data_dir, out, **kw):
-    base = dict(device="cpu", data_dir=data_dir, model="tiny", epochs=3, batch_size=16, lr=0.01, seed=5, out=str(out),
-                progress=False)
-    return Config(**{**base, **kw})
-
 
 def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    whole = train(config(data_dir, tmp_path / "whole"), log=lambda *_: None)
+    whole = train(tiny_config(data_dir, tmp_path / "whole"), log=lambda *_: None)
 
     # Interrupt the second run in the middle of epoch 2, as a crash or Ctrl-C would.
     real_step, calls = Adam.step, {"n": 0}
@@ -62,11 +53,11 @@ def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(data_dir, tmp
 
     monkeypatch.setattr(Adam, "step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
-        train(config(data_dir, tmp_path / "cut"), log=lambda *_: None)
+        train(tiny_config(data_dir, tmp_path / "cut"), log=lambda *_: None)
     monkeypatch.setattr(Adam, "step", real_step)
     assert [m["epoch"] for m in json.loads((tmp_path / "cut" / "metrics.json").read_text())] == [1]
 
-    resumed = train(config(data_dir, tmp_path / "cut", resume=True), log=lambda *_: None)
+    resumed = train(tiny_config(data_dir, tmp_path / "cut", resume=True), log=lambda *_: None)
     assert [m["epoch"] for m in resumed] == [1, 2, 3]
     for a, b in zip(whole, resumed):
         assert a["test_accuracy"] == b["test_accuracy"]
@@ -209,7 +200,7 @@ def test_a_cut_resume_state_is_refused_in_one_line(data_dir, tmp_path, capsys):
 
 def test_the_kernels_are_prepared_before_the_first_step_and_the_time_said(data_dir, tmp_path):
     lines = []
-    metrics = train(config(data_dir, tmp_path / "run", epochs=1), log=lines.append)
+    metrics = train(tiny_config(data_dir, tmp_path / "run", epochs=1), log=lines.append)
     assert lines[0].startswith("preparing the kernels: compiled on the first run on a machine and cached")
     assert re.fullmatch(r"kernels (ready|compiled and cached) in \d+\.\d s", lines[1]), lines[1]
     assert lines[2].startswith("training tiny on cpu")  # before the first step
@@ -219,9 +210,9 @@ def test_the_kernels_are_prepared_before_the_first_step_and_the_time_said(data_d
 def test_preparing_the_kernels_leaves_the_model_as_it_was(data_dir, tmp_path, monkeypatch):
     import nbcnn.train as T
 
-    with_warmup = train(config(data_dir, tmp_path / "a", epochs=1), log=lambda *_: None)
+    with_warmup = train(tiny_config(data_dir, tmp_path / "a", epochs=1), log=lambda *_: None)
     monkeypatch.setattr(T, "_compile_kernels", lambda *args: 0.0)
-    without = train(config(data_dir, tmp_path / "b", epochs=1), log=lambda *_: None)
+    without = train(tiny_config(data_dir, tmp_path / "b", epochs=1), log=lambda *_: None)
     assert with_warmup[0]["train_loss"] == without[0]["train_loss"]
     a, b = np.load(tmp_path / "a" / "model.npz"), np.load(tmp_path / "b" / "model.npz")
     for name in a.files:
@@ -240,3 +231,27 @@ def test_a_damaged_metrics_file_is_refused_in_one_line_on_resume(data_dir, tmp_p
                    "--out", out, "--resume", "--no-progress") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the metrics nbcnn wrote" in err[0]
+
+
+def test_model_defaults_and_overrides():
+    cfg = Config(model="bn")
+    assert (cfg.epochs, cfg.batch_size, cfg.schedule, cfg.optimizer) == (12, 128, "onecycle", "adamw")
+    assert cfg.weight_decay > 0
+    cfg = Config(model="bn", epochs=2, optimizer="sgd")
+    assert (cfg.epochs, cfg.optimizer) == (2, "sgd")
+    assert (Config().epochs, Config().schedule, Config().optimizer) == (4, "step", "adam")
+    with pytest.raises(ValueError, match="Config: warmup must be less than 2, got 2.0"):
+        Config(epochs=2, warmup=2)
+    with pytest.raises(ValueError, match="Config: weight_decay must be at least 0.0, got -1.0"):
+        Config(weight_decay=-1.0)
+
+
+def test_a_models_defaults_include_augmentation_and_the_options_override_them():
+    assert Config(model="resnet").augment and Config(model="resnet").epochs == 12
+    assert not Config(model="resnet", augment=False).augment
+    assert not Config().augment and Config(augment=True).augment
+    assert Config().label_smoothing == 0.0 and Config().clip_grad_norm is None
+    for bad, error in ((dict(label_smoothing=-0.5), ValueError), (dict(label_smoothing="x"), TypeError),
+                       (dict(clip_grad_norm=0), ValueError), (dict(clip_grad_norm=True), TypeError)):
+        with pytest.raises(error, match=f"Config: {next(iter(bad))} must be"):
+            Config(**bad)

@@ -5,7 +5,6 @@ variable must be set before Numba is imported, hence a pytest run of their own).
 run with neither a GPU nor the simulator they are skipped, and say so.
 """
 
-import numpy as np
 import pytest
 
 from nbcnn.kernels._cuda import SIMULATOR, cuda_unavailable_reason
@@ -23,11 +22,3 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     return f"nbcnn CUDA tests: {'Numba CUDA simulator' if SIMULATOR else 'real GPU when present'}"
-
-
-def assert_close(got, want, dtype):
-    """float32: relative error under 1e-5 of the largest entry (summation order differs between
-    the CPU and the GPU); float64: 1e-12."""
-    tol = 1e-5 if np.dtype(dtype) == np.float32 else 1e-12
-    scale = max(float(np.abs(want).max(initial=0.0)), 1e-30)
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)

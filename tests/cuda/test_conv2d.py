@@ -11,8 +11,7 @@ from nbcnn.kernels.conv2d import (
     conv2d_forward_cpu,
     conv2d_forward_cuda,
 )
-from tests.cuda.conftest import assert_close
-from tests.cuda.helpers import dev, empty_like, host
+from tests.cuda.helpers import assert_close, dev, empty_like, host
 
 # Tiny shapes (the simulator is slow) that still cover: widths and heights that are not
 # multiples of the 16x8 tile, stride 2 with padding, rectangular filters and strides,

@@ -7,7 +7,7 @@ import pytest
 
 from nbcnn.ops import REGISTRY
 from tests import cores
-from tests.cuda.conftest import assert_close
+from tests.cuda.helpers import assert_close
 
 # Every case in float64 (tight tolerance); in float32 too where the simulator runs it quickly (the
 # convolutions' float32 kernels are the same code, and tests/cuda/test_training.py runs them).

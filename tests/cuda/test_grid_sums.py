@@ -20,8 +20,7 @@ from nbcnn.kernels.softmax_xent import (
     softmax_xent_step_core_cuda,
     softmax_xent_step_workspace_cuda,
 )
-from tests.cuda.conftest import assert_close
-from tests.cuda.helpers import dev, empty_like, host
+from tests.cuda.helpers import assert_close, dev, empty_like, host
 
 
 @pytest.fixture(params=["one pass", "several passes"])

@@ -12,7 +12,7 @@ from nbcnn.kernels import _cuda
 from nbcnn.kernels._cuda import SIMULATOR
 from nbcnn.ops import REGISTRY
 from tests import cores
-from tests.cuda.conftest import assert_close
+from tests.cuda.helpers import assert_close
 
 pytestmark = pytest.mark.skipif(not SIMULATOR, reason="records the launches of the simulator's kernels")
 

@@ -29,8 +29,7 @@ from nbcnn.kernels.softmax_xent import (
     softmax_xent_forward_cpu,
     softmax_xent_forward_cuda,
 )
-from tests.cuda.conftest import assert_close
-from tests.cuda.helpers import dev, empty_like, host
+from tests.cuda.helpers import assert_close, dev, empty_like, host
 
 DTYPES = [np.float32, np.float64]
 

@@ -11,8 +11,7 @@ from nbcnn.kernels.pool2d import (
     maxpool2d_forward_cpu,
     maxpool2d_forward_cuda,
 )
-from tests.cuda.conftest import assert_close
-from tests.cuda.helpers import dev, empty_like, host
+from tests.cuda.helpers import assert_close, dev, empty_like, host
 
 # Overlapping windows, stride 2 with padding, rectangular windows, widths past one warp.
 CASES = [

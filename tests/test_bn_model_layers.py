@@ -1,6 +1,7 @@
-"""BatchNorm2D, Dropout, GlobalAvgPool2D and AdamW on the CPU: against NumPy references written
-here, against central finite differences in float64, and against PyTorch where it is installed.
-(Their CUDA kernels are checked against these in tests/cuda.)"""
+"""The layers the ``bn`` model adds (BatchNorm2D, Dropout, GlobalAvgPool2D) on the CPU: against the
+NumPy references, against central finite differences in float64, and against PyTorch where it is
+installed (AdamW, the bn model's optimizer, there too). Their CUDA kernels are checked against
+these in tests/cuda."""
 
 import numpy as np
 import pytest
@@ -11,19 +12,10 @@ from nbcnn.kernels._random import hash32
 from nbcnn.kernels.dropout import threshold
 from nbcnn.losses import SoftmaxCrossEntropy
 from nbcnn.optim import AdamW
+from tests import reference as ref
 from tests.gradcheck import assert_grad_close, assert_network_grads_close, numerical_grad
 
 # ------------------------------------------------------------------------------ references
-
-
-def batchnorm_reference(x, gamma, beta, eps):
-    """Training-mode batch norm in float64: (y, batch mean, biased variance, unbiased variance)."""
-    x = x.astype(np.float64)
-    M = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = x.mean(axis=(0, 2, 3))
-    var = ((x - mean[None, :, None, None]) ** 2).mean(axis=(0, 2, 3))
-    xhat = (x - mean[None, :, None, None]) / np.sqrt(var + eps)[None, :, None, None]
-    return gamma[None, :, None, None] * xhat + beta[None, :, None, None], mean, var, var * M / (M - 1)
 
 
 def bn_layer(C, rng, dtype=np.float32, **kw):
@@ -42,7 +34,7 @@ def test_batchnorm_training_forward_and_running_statistics(shape):
     x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)  # a large mean: two-pass variance matters
     bn = bn_layer(shape[1], rng, momentum=0.2)
     y = bn.forward(x)
-    want, mean, _, unbiased = batchnorm_reference(x, bn.weight.data, bn.bias.data, 1e-5)
+    want, mean, _, unbiased = ref.batchnorm(x, bn.weight.data, bn.bias.data, 1e-5)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bn.running_mean, 0.2 * mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.running_var, 0.8 + 0.2 * unbiased, rtol=1e-5)
@@ -252,32 +244,6 @@ def test_save_and_load_carry_buffers_and_the_mode(tmp_path):
         np.testing.assert_array_equal(loaded.buffers()[name], a)
     np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
     assert "running_mean" in model.summary((1, 1, 6, 6))
-
-
-# ------------------------------------------------------------------------------------ AdamW
-
-
-def test_adamw_matches_its_definition():
-    rng = np.random.default_rng(15)
-    layer = L.Dense(4, 3)
-    p0 = [p.data.copy().astype(np.float64) for p in layer.parameters()]
-    opt = AdamW(layer.parameters(), lr=0.01, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.5)
-    m = [np.zeros_like(p) for p in p0]
-    v = [np.zeros_like(p) for p in p0]
-    for t in range(1, 4):
-        grads = [rng.standard_normal(p.shape) for p in p0]
-        for p, g in zip(layer.parameters(), grads):
-            p.grad[...] = g
-        opt.step()
-        for i, g in enumerate(grads):
-            p0[i] *= 1 - 0.01 * 0.5
-            m[i] = 0.8 * m[i] + 0.2 * g
-            v[i] = 0.9 * v[i] + 0.1 * g * g
-            p0[i] -= 0.01 / (1 - 0.8**t) * m[i] / (np.sqrt(v[i]) / np.sqrt(1 - 0.9**t) + 1e-6)
-    for p, want in zip(layer.parameters(), p0):
-        np.testing.assert_allclose(p.data, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="AdamW: weight_decay must be at least 0.0, got -1"):
-        AdamW(layer.parameters(), weight_decay=-1)
 
 
 # ------------------------------------------------------------------------- against PyTorch
