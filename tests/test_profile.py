@@ -104,8 +104,13 @@ def test_bench_report_schema(small_suite, tmp_path, capsys):
     assert names == ["conv2d forward", "conv2d backward-input", "conv2d backward-weight", "maxpool2d 2x2 forward",
                      "maxpool2d 2x2 backward", "conv2d forward + backward", "training epoch, tiny",
                      "step, lenet5, own processes"]
+    assert report["peak"]["flops"] > 1e9
     for r in report["rows"]:
         assert r["nbcnn_seconds"] > 0 and "torch_seconds" not in r
+        if r["flops"]:
+            assert r["nbcnn_peak_share"] == pytest.approx(r["flops"] / r["nbcnn_seconds"] / report["peak"]["flops"])
+        else:
+            assert r["nbcnn_peak_share"] is None
     assert report["rows"][0]["flops"] == 2 * 2 * 3 * 8 * 8 * 2 * 9
     assert report["rows"][5]["flops"] == 3 * 2 * 2 * 3 * 8 * 8 * 2 * 9 + 2 * 3 * 8 * 8  # + the bias gradient
     step = report["rows"][-1]
@@ -129,5 +134,24 @@ def test_bench_vs_torch(small_suite, capsys):
         assert r["torch_seconds"] > 0 and r["time_ratio"] > 0
         assert r["name"].startswith("step, ") or r["check_error"] < 1e-3
     steps = {r["name"]: r for r in report["rows"] if r["name"].startswith("step, ")}
-    assert list(steps) == ["step, lenet5, own processes", "step, lenet5, PyTorch first"]
+    assert list(steps) == ["step, lenet5, own processes", "step, lenet5, PyTorch first", "step, lenet5, interleaved"]
     assert steps["step, lenet5, PyTorch first"]["threading_layer"] in ("omp", "tbb")
+    assert steps["step, lenet5, interleaved"]["threading_layer"] in ("omp", "tbb")
+    # the first two are measured against the same PyTorch-alone process; interleaved against its own
+    assert steps["step, lenet5, own processes"]["torch_seconds"] == steps["step, lenet5, PyTorch first"]["torch_seconds"]
+    for r in steps.values():
+        assert r["torch_peak_share"] == pytest.approx(r["flops"] / r["torch_seconds"] / report["peak"]["flops"])
+
+
+def test_step_timing_interleaves_step_by_step():
+    from nbcnn.perf.stepbench import time_steps
+
+    order = []
+    steps = {"nbcnn": lambda: order.append("n"), "torch": lambda: order.append("t")}
+    medians = time_steps(steps, steps=4, repeats=2)
+    assert set(medians) == {"nbcnn", "torch"} and all(s >= 0 for s in medians.values())
+    # 3 warm-up steps each, one library after the other; then a step of each in turn
+    assert "".join(order) == "nnnttt" + "nt" * 8
+    alone = []
+    time_steps({"nbcnn": lambda: alone.append(1)}, steps=5, repeats=3)
+    assert len(alone) == 3 + 15

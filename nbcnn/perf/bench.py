@@ -6,10 +6,14 @@ CUDA) on the same shape with a batch of 2. With PyTorch, both libraries run the 
 work in one process, on the same device and thread count, interleaved run by run, so
 that a slow moment of the machine hits both. Times are medians.
 
-On the CPU the suite ends with one training step through the public API (the README's loop) of
-two models at two batch sizes, each measurement in a fresh process (``nbcnn.perf.stepbench``): alone,
-and with PyTorch imported first. Those rows time the training that the tests check; they are
-not compared with PyTorch's numbers (the two models start from different random weights).
+The report starts with the machine's peak, measured on the spot (``nbcnn.perf.profile``: on the
+CPU, independent FMA chains in the matrix product's vectors on every Numba thread), and every row
+with FLOPs gives its share of it.
+
+On the CPU the suite ends with one training step through the public API (the loop a PyTorch
+user writes: ``nbcnn.perf.stepbench``) of three models at two batch sizes, every measurement in
+a fresh process: each library alone, nbcnn with PyTorch imported first, and the two interleaved
+step by step in one process. Both libraries start from the same weights.
 """
 
 import time
@@ -19,7 +23,7 @@ import numpy as np
 from nbcnn import ops
 from nbcnn.device import resolve_device, to_device, to_numpy
 from nbcnn.perf.peer import torch_module
-from nbcnn.perf.profile import cost, machine_info
+from nbcnn.perf.profile import cost, machine_info, measure_cpu_peak, measure_gpu_peak
 
 # The public entry point each kernel row times, per device: what a user calling the kernels gets.
 PUBLIC = {
@@ -43,9 +47,10 @@ CONV_SHAPES = [
     ("N64 32->64 13x13 3x3", 64, 32, 13, 13, 64, 3, 0),
     ("N128 64->64 32x32 3x3 p1", 128, 64, 32, 32, 64, 3, 1),
 ]
-EPOCH_MODELS = ["lenet", "mnist-example"]
+EPOCH_MODELS = ["lenet", "mnist-example", "bn"]
 # (model, batch) of the public-API step rows (``nbcnn.perf.stepbench``), on the CPU, and steps per timed block.
-STEP_CASES = [("default", 128), ("default", 64), ("lenet5", 128), ("lenet5", 64)]
+STEP_CASES = [("default", 128), ("default", 64), ("lenet5", 128), ("lenet5", 64), ("mnist-example", 128),
+              ("mnist-example", 64)]
 STEP_STEPS = 20
 
 
@@ -299,10 +304,14 @@ def epoch_rows(device, vs, images, rng):
             dev = "cuda" if device == "cuda" else "cpu"
             tmodel = torch_module(torch, model)[0].to(dev)
             probe = x_host[:64]
+            model.train(False)  # evaluation mode for the check: no dropout, the running statistics
+            tmodel.train(False)
             with torch.no_grad():
                 want = tmodel(torch.from_numpy(probe).to(dev)).cpu().numpy()
             entry["check_error"] = _close(to_numpy(model.forward(to_device(probe, device))), want,
                                           f"{name} forward pass")
+            model.train(True)
+            tmodel.train(True)
         # Warm up (compilation) on a few batches, then time one epoch.
         trainer = Trainer(model, SoftmaxCrossEntropy(), Adam(model.parameters(), lr=1e-3))
         trainer.run_epoch(x, y, order[:256], 64)
@@ -343,24 +352,33 @@ def _torch_epoch(torch, model, x_host, y_host, order, device):
 
 def step_rows(vs, repeats):
     """One training step through the public API, each measurement in a process of its own
-    (``nbcnn.perf.stepbench``): nbcnn alone against PyTorch alone ("own processes"), and, with PyTorch,
-    both in one process that imported PyTorch first ("PyTorch imported first"), their runs
-    alternating. CPU only."""
+    (``nbcnn.perf.stepbench``). Without PyTorch: nbcnn alone. With it, three rows a case, each a
+    ratio to PyTorch: nbcnn alone against PyTorch alone ("own processes"); nbcnn in a process that
+    imported PyTorch first (its OpenMP runtime loaded before Numba's threads start) against
+    PyTorch alone ("PyTorch first"); both in one process that imported PyTorch first, their steps
+    alternating one by one ("interleaved", a notebook comparing the two). CPU only."""
     from nbcnn.perf.stepbench import measure
 
     rows = []
     for model, batch in STEP_CASES:
         alone = measure("nbcnn", model, batch, STEP_STEPS, repeats)
         shape = f"batch {batch}, {alone['threads']} threads"
-        entry = dict(name=f"step, {model}, own processes", shape=shape, flops=alone["flops"], bytes=0,
-                     nbcnn_seconds=alone["nbcnn_seconds"], threading_layer=alone["threading_layer"])
-        rows.append(entry)
-        if vs == "torch":
-            entry["torch_seconds"] = measure("torch", model, batch, STEP_STEPS, repeats)["torch_seconds"]
-            both = measure("both", model, batch, STEP_STEPS, repeats, torch_first=True)
-            rows.append(dict(name=f"step, {model}, PyTorch first", shape=shape, flops=both["flops"], bytes=0,
-                             nbcnn_seconds=both["nbcnn_seconds"], torch_seconds=both["torch_seconds"],
-                             threading_layer=both["threading_layer"]))
+
+        def row(kind, got, torch_seconds=None):
+            entry = dict(name=f"step, {model}, {kind}", shape=shape, flops=got["flops"], bytes=0,
+                         nbcnn_seconds=got["nbcnn_seconds"], threading_layer=got["threading_layer"])
+            if torch_seconds is not None:
+                entry["torch_seconds"] = torch_seconds
+            rows.append(entry)
+
+        if vs != "torch":
+            row("own processes", alone)
+            continue
+        torch_alone = measure("torch", model, batch, STEP_STEPS, repeats)["torch_seconds"]
+        row("own processes", alone, torch_alone)
+        row("PyTorch first", measure("nbcnn", model, batch, STEP_STEPS, repeats, torch_first=True), torch_alone)
+        both = measure("both", model, batch, STEP_STEPS, repeats, torch_first=True)
+        row("interleaved", both, both["torch_seconds"])
     return rows
 
 
@@ -379,39 +397,48 @@ def run_bench(device="auto", vs=None, repeats=7, epoch_images=60000, seed=0):
             raise TorchMissing("--vs torch on cuda needs a PyTorch build with CUDA; this one has none")
     if not 1 <= epoch_images <= 60000:
         raise ValueError(f"epoch images must be in [1, 60000], got {epoch_images}")
+    peak = measure_gpu_peak() if device == "cuda" else measure_cpu_peak()
     rng = np.random.default_rng(seed)
     rows = kernel_rows(device, vs, repeats, rng) + epoch_rows(device, vs, epoch_images, rng)
     if device == "cpu":
         rows += step_rows(vs, repeats)
     for r in rows:
-        r["nbcnn_gflops"] = r["flops"] / r["nbcnn_seconds"] / 1e9 if r["flops"] else None
+        for impl in ("nbcnn", "torch"):
+            if f"{impl}_seconds" in r:
+                rate = r["flops"] / r[f"{impl}_seconds"] if r["flops"] else None
+                r[f"{impl}_gflops"] = rate / 1e9 if rate else None
+                r[f"{impl}_peak_share"] = rate / peak["flops"] if rate else None
         if "torch_seconds" in r:
-            r["torch_gflops"] = r["flops"] / r["torch_seconds"] / 1e9 if r["flops"] else None
             r["time_ratio"] = r["nbcnn_seconds"] / r["torch_seconds"]
     info = machine_info(device)
     if torch is not None:
         info["torch"] = torch.__version__
     return dict(device=device, threads=threads, vs=vs, repeats=repeats, date=time.strftime("%Y-%m-%d"),
-                machine=info, rows=rows)
+                machine=info, peak=peak, rows=rows)
 
 
 def format_bench(report):
-    m = report["machine"]
+    m, peak = report["machine"], report["peak"]
     where = m.get("gpu") or f"{m['cpu']}, {report['threads']} threads"
     lines = [f"nbcnn bench on {report['device']} ({where}), {report['date']}; numba {m['numba']}"
              + (f", torch {m['torch']}" if "torch" in m else "") + f"; median of {report['repeats']} runs",
+             f"measured peak: {peak['flops'] / 1e9:.1f} GFLOP/s ({peak['how']}); %peak = GFLOP/s over it",
              "ratio = nbcnn time / PyTorch time (below 1: nbcnn is faster)", ""]
-    head = f"{'row':<30} {'shape':<28} {'nbcnn':>10} {'GFLOP/s':>8}"
+
+    def rate(r, impl):
+        if not r.get(f"{impl}_gflops"):
+            return f"{'':>8} {'':>5}"
+        return f"{r[f'{impl}_gflops']:8.1f} {100 * r[f'{impl}_peak_share']:4.0f}%"
+
+    head = f"{'row':<34} {'shape':<28} {'nbcnn':>10} {'GFLOP/s':>8} {'%peak':>5}"
     if report["vs"]:
-        head += f" {'torch':>10} {'GFLOP/s':>8} {'ratio':>6}"
+        head += f" {'torch':>10} {'GFLOP/s':>8} {'%peak':>5} {'ratio':>6}"
     lines.append(head)
     for r in report["rows"]:
         t = r["nbcnn_seconds"]
         unit = (lambda s: f"{s * 1e3:8.2f}ms") if t < 1 else (lambda s: f"{s:8.2f} s")
-        g = f"{r['nbcnn_gflops']:8.1f}" if r["nbcnn_gflops"] else f"{'':>8}"
-        line = f"{r['name']:<30} {r['shape']:<28} {unit(t):>10} {g}"
+        line = f"{r['name']:<34} {r['shape']:<28} {unit(t):>10} {rate(r, 'nbcnn')}"
         if "torch_seconds" in r:
-            tg = f"{r['torch_gflops']:8.1f}" if r["torch_gflops"] else f"{'':>8}"
-            line += f" {unit(r['torch_seconds']):>10} {tg} {r['time_ratio']:6.2f}"
+            line += f" {unit(r['torch_seconds']):>10} {rate(r, 'torch')} {r['time_ratio']:6.2f}"
         lines.append(line)
     return "\n".join(lines)

@@ -1,23 +1,26 @@
 """One training step through the public API, the loop a PyTorch user writes, timed against PyTorch's.
 
-``nbcnn bench``'s step rows. Two models: ``default`` (nbcnn's zoo default: conv 16 5x5 p2,
-conv 32 5x5, dense 800-128-10) and ``lenet5`` (the classic: conv 6 and 16 filters 5x5, max
-pooling, dense 400-120-84-10); SGD with momentum 0.9, random 28x28 images, int64 labels.
+``nbcnn bench``'s step rows. Three models from the zoo: ``default`` (``lenet``: conv 16 5x5 p2,
+conv 32 5x5, dense 800-128-10), ``lenet5`` (the classic: conv 6 and 16 filters 5x5, max pooling,
+dense 400-120-84-10) and ``mnist-example`` (PyTorch's examples/mnist network without dropout:
+conv 32 3x3, conv 64 3x3, max pooling, dense 9216-128-10); SGD with momentum 0.9, random 28x28
+images, int64 labels, both libraries starting from the same weights.
 
 What else is in the process changes the result (PyTorch brings its own OpenMP runtime, whose
 threads compete with Numba's), so ``measure`` runs every measurement in a fresh process, with
 PyTorch imported before nbcnn or not imported at all::
 
     measure("nbcnn", "default", 128)                    # nbcnn alone
-    measure("torch", "default", 128)                    # PyTorch alone
-    measure("both", "default", 128, torch_first=True)   # one process: PyTorch imported first, both timed
+    measure("torch", "default", 128)                    # PyTorch alone (always imported first)
+    measure("nbcnn", "default", 128, torch_first=True)  # nbcnn in a process that imported PyTorch first
+    measure("both", "default", 128, torch_first=True)   # one process, nbcnn's and PyTorch's steps alternating
 
 Each prints one JSON line: per implementation the median step time over ``repeats`` blocks of
-``steps`` steps (with ``both``, the two implementations' blocks alternate), and the step's FLOPs
-from nbcnn's cost model. ``python -m nbcnn.perf.stepbench --impl ...`` runs one by hand, with nbcnn
-imported first (``-m`` imports the package before the module).
+``steps`` steps (with ``both``, each step of one library is followed by one of the other, and
+each is timed on its own), and the step's FLOPs from nbcnn's cost model.
+``python -m nbcnn.perf.stepbench --impl ...`` runs one by hand, with nbcnn imported first
+(``-m`` imports the package before the module).
 """
-
 import argparse
 import json
 import statistics
@@ -27,7 +30,7 @@ import time
 
 import numpy as np
 
-STEP_MODELS = {"default": "lenet", "lenet5": "lenet5"}  # a step row's name: the zoo's model
+STEP_MODELS = {"default": "lenet", "lenet5": "lenet5", "mnist-example": "mnist-example"}  # a step row's name: the zoo's model
 
 
 def nbcnn_model(name):
@@ -119,17 +122,30 @@ def step_flops(name, batch):
 
 def time_steps(steps_by_impl, steps, repeats):
     """{impl: median seconds a step}: after 3 warm-up steps each, ``repeats`` blocks of ``steps``
-    steps per implementation, the implementations' blocks alternating."""
+    steps. One implementation is timed a block at a time; several take turns step by step (a step
+    of each in order, ``steps`` times), each step timed on its own and summed per implementation,
+    so that each runs right after the other has used the cores and the caches."""
     for step in steps_by_impl.values():
         for _ in range(3):
             step()
     times = {impl: [] for impl in steps_by_impl}
+    clock = time.perf_counter
     for _ in range(repeats):
-        for impl, step in steps_by_impl.items():
-            start = time.perf_counter()
+        if len(steps_by_impl) == 1:
+            (impl, step), = steps_by_impl.items()
+            start = clock()
             for _ in range(steps):
                 step()
-            times[impl].append((time.perf_counter() - start) / steps)
+            times[impl].append((clock() - start) / steps)
+            continue
+        spent = dict.fromkeys(steps_by_impl, 0.0)
+        for _ in range(steps):
+            for impl, step in steps_by_impl.items():
+                start = clock()
+                step()
+                spent[impl] += clock() - start
+        for impl, seconds in spent.items():
+            times[impl].append(seconds / steps)
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
