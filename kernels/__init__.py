@@ -1,8 +1,9 @@
 """nbcnn.kernels: the raw CNN kernels, one module per op, CPU (``@njit``) and CUDA (``@cuda.jit``).
 
-Modules: ``conv2d`` (a package: direct and im2col + BLAS CPU kernels, CUDA kernels),
-``pool2d``, ``activation``, ``residual`` (a residual block's join), ``dense``, ``softmax_xent``,
-``optim``, ``conv1d``, ``batchnorm``, ``dropout``, ``global_pool``, ``gather``, ``augment``. Index and
+Modules: ``conv2d`` (a package: direct and matrix-product CPU kernels, CUDA kernels),
+``matmul`` (the CPU's matrix product), ``pool2d``, ``activation``, ``residual`` (a residual
+block's join), ``dense``, ``softmax_xent``, ``optim``, ``conv1d``, ``batchnorm``, ``dropout``,
+``global_pool``, ``gather``, ``augment``. Index and
 output-size arithmetic lives once in ``_index``, argument checks in ``_checks``, what
 CUDA launchers share in ``_cuda``. This package imports only NumPy and Numba, never
 the rest of nbcnn. Nothing is compiled at import: each kernel compiles on its first
@@ -12,10 +13,11 @@ call (CPU kernels are cached on disk).
 import os
 
 # Numba's parallel kernels run on an OpenMP thread pool whose threads, by default, spin
-# for a while after each parallel loop. The im2col kernels alternate Numba loops with
-# BLAS calls whose own threads then compete with the spinning ones: on 2 cores this
-# made each convolution 3 to 5 times slower (measured). Passive waiting avoids it. It
-# must be set before the OpenMP runtime loads; a value the user set is kept.
+# for a while after each parallel loop. Any other pool in the process (NumPy's OpenBLAS in a
+# user's code, PyTorch's threads in a notebook comparing the two) then competes with the
+# spinning ones: on 2 cores, when the convolutions alternated Numba loops with BLAS calls,
+# this made each 3 to 5 times slower (measured). Passive waiting avoids it. It must be set
+# before the OpenMP runtime loads; a value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -442,8 +442,8 @@ class Conv2D(Layer):
 
     ``OH = (H + 2*P - FH) // S + 1`` and likewise OW. Each filter has C*FH*FW + 1
     parameters with its bias (the lecture's 5*5*3 + 1 = 76). ``algorithm`` picks the
-    kernels: "gemm" (the default on both devices: im2col and BLAS on the CPU, implicit
-    register-blocked products on a GPU), "direct" (CPU: the loops of the definition) or
+    kernels: "gemm" (the default on both devices: register-blocked matrix products, implicit
+    or through im2col, on the CPU and on a GPU), "direct" (CPU: the loops of the definition) or
     "tiled" (GPU: the simpler shared-memory kernels).
     """
 

@@ -1,9 +1,11 @@
 """2-D convolution (cross-correlation, as CNN layers compute it), forward and backward.
 
 Direct CPU kernels in ``cpu.py`` (the loops of the definition, the tested reference),
-the same convolution as im2col plus one BLAS matrix product in ``gemm.py`` (fast on the
-CPU), CUDA kernels and their launchers in ``cuda.py``, the shape checks all of them use
-in ``checks.py``. Import the public entry points from here::
+the same convolution as matrix products in nbcnn's own register tiles in ``gemm.py`` (fast
+on the CPU: the implicit product of ``implicit.py`` at stride 1, im2col otherwise, direct
+kernels for a few input channels; the first layer fused with its pooling in ``pooled.py``),
+CUDA kernels and their launchers in ``cuda.py``, the shape checks all of them use in
+``checks.py``. Import the public entry points from here::
 
     from nbcnn.kernels.conv2d import conv2d_forward_cpu
 """

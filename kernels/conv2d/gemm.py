@@ -1,8 +1,15 @@
-"""2-D convolution on the CPU as a matrix product: im2col, then one BLAS call.
+"""2-D convolution on the CPU as matrix products in nbcnn's own register tiles (``kernels/matmul.py``).
 
 The direct kernels in ``cpu.py`` do one multiply-add per load and run at a few GFLOP/s.
-Rewriting the convolution as a matrix product lets BLAS (NumPy's ``matmul``) run it at
-close to the machine's peak, at the cost of copying the input into a matrix first:
+Written as a matrix product, the convolution runs in the product's register tile near the
+machine's peak. Three ways, chosen per shape (``conv2d_workspace_cpu``), the first that applies:
+
+- Few input channels (a first layer, ``few_channels``): the product is too thin to pay for
+  packing; two direct kernels over flat padded planes compute y and dw, four filters a task.
+- Stride 1 with padding under the filter's size (``implicit.implicit_applies``): the implicit
+  product of ``implicit.py``, the patches copied tap by tap into the product's panels, no
+  matrix of patches written at all.
+- Anything else: im2col, then one product a pass, with
 
     cols[(c*FH + fh)*FW + fw, n*OH*OW + oh*OW + ow] = x[n, c, oh*S - P + fh, ow*S - P + fw]
 
@@ -11,28 +18,19 @@ close to the machine's peak, at the cost of copying the input into a matrix firs
                      (a batch chunk at a time, so that col2im reads dcols back from the cache)
     backward weight  dw   (K, C*FH*FW)      = dy^T (K, N*OH*OW) @ cols^T   (computed as (cols @ dy)^T)
 
-The batch is folded into the columns so that each pass is a single large product.
-``y^T`` and ``dy^T`` are (K, N, OH*OW): a transposing copy turns them into NCHW and back.
+  The batch is folded into the columns so that each pass is a single large product.
+  ``y^T`` and ``dy^T`` are (K, N, OH*OW): a transposing copy turns them into NCHW and back.
+  Stride 1 (with a padding too large for the implicit kernels) has im2col kernels of its own
+  (``_unit``) whose innermost loop is a plain unit-stride copy of a row segment, after one
+  padding copy of the input; any other stride takes the general kernels, with the bounds
+  arithmetic of ``_index``.
+
 Same arguments, shapes and results as ``cpu.py`` (up to float rounding); outputs are
-overwritten. The public entry points allocate their scratch matrices on each call; the
-unchecked cores at the end take them from the caller (``conv2d_workspace_cpu`` says which),
-so nbcnn's planned step, which allocates them once per shape, allocates nothing per step.
-
-Copying is what costs here, not the product: the (400, 6400) matrix of LeNet's second
-layer is 10 MB, written by im2col and read by BLAS. Two things keep it cheap:
-
-- Stride 1, the common case, has kernels of its own (``_unit``) whose innermost loop is
-  a plain unit-stride copy of a row segment, which LLVM vectorizes; padding is done once,
-  into a zero-bordered copy of the input, instead of by bounds tests in that loop. They
-  see ``cols`` as (C, FH, FW, N, OH, OW), the same memory. Any other stride takes the
-  general kernels, with the bounds arithmetic of ``_index``.
-- The forward pass can leave its ``cols`` in an array the caller keeps (``cols=``), and
-  the weight gradient can take it back, skipping the second im2col of the same input.
-  ``conv2d_backward_gemm_cpu`` computes all three gradients with one transposition of dy.
-
-With few input channels (a first layer) the product is too thin for any of that to pay: the
-planned step's cores then run two direct kernels instead (``few_channels``), which write no
-im2col matrix at all. The public entry points here are always the matrix-product version.
+overwritten. The public entry points run what a Conv2D layer runs, allocating their scratch
+on each call; given ``cols=``, they take the im2col path and the forward leaves its matrix there
+for the weight gradient to take back, skipping a second im2col of the same input. The unchecked
+cores at the end take their scratch from the caller (``conv2d_workspace_cpu`` says which), so
+nbcnn's planned step, which allocates it once per shape, allocates nothing per step.
 """
 
 from types import SimpleNamespace
@@ -47,7 +45,7 @@ from ..activation import relu_backward_core_cpu
 from ..matmul import matmul_core_cpu, matmul_workspace
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
 from .implicit import (bias_gradient_cpu, conv2d_backward_implicit_core, conv2d_forward_implicit_core, implicit_applies,
-                       implicit_workspace)
+                       implicit_input_gradient, implicit_workspace)
 
 # ----------------------------------------------------------------------------- CPU kernels
 
@@ -453,10 +451,10 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     return shapes
 
 
-def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
-    """Fresh scratch arrays for one call of a public entry point: always the im2col path (these are
-    the matrix-product entry points, whose ``cols`` a caller may keep)."""
-    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype, direct=False)
+def _scratch(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype, cols=False):
+    """Fresh scratch arrays for one call of a public entry point: for what a planned step runs on
+    these shapes, or with ``cols`` for the im2col path (whose matrix the caller keeps)."""
+    shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype, direct=not cols)
     return {name: np.empty(shape, dtype) for name, shape in shapes.items()}
 
 
@@ -470,10 +468,12 @@ def _check_cols(fn, cols, like, shape):
 
 
 def conv2d_forward_gemm_cpu(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pad_w=0, cols=None):
-    """Forward convolution by im2col and one matrix product; the arguments of ``conv2d_forward_cpu``.
+    """Forward convolution as a matrix product, the way a Conv2D layer runs it (see the module's
+    text); the arguments of ``conv2d_forward_cpu``.
 
-    ``cols``: optional (C*FH*FW, N*OH*OW) array of x's dtype that receives the im2col matrix of
-    ``x``, for ``conv2d_backward_weight_gemm_cpu(..., cols=cols)`` to reuse.
+    ``cols``: optional (C*FH*FW, N*OH*OW) array of x's dtype; given, the product goes through
+    im2col and ``cols`` receives the im2col matrix of ``x``, for
+    ``conv2d_backward_weight_gemm_cpu(..., cols=cols)`` to reuse.
     """
     fn = "conv2d_forward_gemm_cpu"
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
@@ -481,7 +481,7 @@ def conv2d_forward_gemm_cpu(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pa
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_host, ("x", x), ("w", w), ("y", y), b_pair, stride, padding)
     if b is None:
         b = np.zeros(K, x.dtype)
-    ws = _scratch(x.shape, w.shape, y.shape, stride, padding, False, x.dtype)
+    ws = _scratch(x.shape, w.shape, y.shape, stride, padding, False, x.dtype, cols is not None)
     if cols is not None:
         _check_cols(fn, cols, x, (C * FH * FW, N * OH * OW))
         ws["cols"] = cols
@@ -490,12 +490,12 @@ def conv2d_forward_gemm_cpu(y, x, w, b=None, stride_h=1, stride_w=1, pad_h=0, pa
 
 
 def conv2d_backward_gemm_cpu(dx, dw, db, dy, x, w, stride_h=1, stride_w=1, pad_h=0, pad_w=0, cols=None):
-    """All three gradients of a convolution, with one transposition of ``dy``: ``dx`` (N, C, H, W),
+    """All three gradients of a convolution, as a Conv2D layer computes them: ``dx`` (N, C, H, W),
     or None to skip it; ``dw`` (K, C, FH, FW); ``db`` (K,), or None to skip it.
 
     ``cols``: the im2col matrix of ``x`` as ``conv2d_forward_gemm_cpu(..., cols=cols)`` left it;
-    given, the weight gradient skips recomputing it (the caller vouches that ``x`` has not changed
-    since). Without it, it is recomputed. Returns ``(dx, dw, db)``.
+    given, the gradients go through im2col and the weight gradient skips recomputing it (the
+    caller vouches that ``x`` has not changed since). Returns ``(dx, dw, db)``.
     """
     fn = "conv2d_backward_gemm_cpu"
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
@@ -506,30 +506,38 @@ def conv2d_backward_gemm_cpu(dx, dw, db, dy, x, w, stride_h=1, stride_w=1, pad_h
         check_conv2d(fn, on_host, ("dx", dx), ("w", w), ("dy", dy), None, stride, padding)
     if db is not None:
         check_conv2d_bias(fn, on_host, db, dy)
-    ws = _scratch(x.shape, w.shape, dy.shape, stride, padding, dx is not None, x.dtype)
-    if cols is None:
-        im2col(ws["cols"], x, FH, FW, stride, padding, OH, OW, ws.get("padded"))
-    else:
+    ws = _scratch(x.shape, w.shape, dy.shape, stride, padding, dx is not None, x.dtype, cols is not None)
+    if cols is not None:
         _check_cols(fn, cols, x, ws["cols"].shape)
         ws["cols"] = cols
+    elif "cols" in ws:  # what the forward core leaves for the backward one
+        im2col(ws["cols"], x, FH, FW, stride, padding, OH, OW, ws.get("padded"))
+    elif "planes" in ws:
+        _padded(x, *padding, SimpleNamespace(**ws))
     conv2d_backward_core_cpu(dx, dw, db, dy, x, w, *stride, *padding, False, SimpleNamespace(**ws))
     return dx, dw, db
 
 
 def conv2d_backward_input_gemm_cpu(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, pad_w=0):
-    """Gradient to the input by one matrix product and col2im; the arguments of ``conv2d_backward_input_cpu``."""
+    """Gradient to the input as a matrix product, as a Conv2D layer computes it; the arguments of
+    ``conv2d_backward_input_cpu``."""
     fn = "conv2d_backward_input_gemm_cpu"
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_host, ("dx", dx), ("w", w), ("dy", dy), None, stride,
                                                  padding)
-    ws = _scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype)
+    if implicit_applies(w.shape, stride, padding) and not few_channels(dx.shape, w.shape, stride):
+        shapes = implicit_workspace(dx.shape, w.shape, dy.shape, padding, True)
+        ws = SimpleNamespace(**{name: np.empty(shape, dx.dtype) for name, shape in shapes.items()})
+        implicit_input_gradient(dx, dy, w, dx, *padding, False, ws)  # no mask: x is not read
+        return dx
+    ws = _scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype, cols=True)
     _knp_from_nkp(ws["kt"].reshape(K, N, OH * OW), ws["db"], dy.reshape(N, K, OH * OW))
     input_gradient(dx, w, ws["kt"], ws["dcols"], stride, padding, OH, OW, ws.get("padded"), SimpleNamespace(**ws))
     return dx
 
 
 def conv2d_backward_weight_gemm_cpu(dw, dy, x, stride_h=1, stride_w=1, pad_h=0, pad_w=0, cols=None):
-    """Gradient to the filters by im2col and one matrix product; the arguments of
+    """Gradient to the filters as a matrix product, as a Conv2D layer computes it; the arguments of
     ``conv2d_backward_weight_cpu``, and ``cols`` as in ``conv2d_backward_gemm_cpu``."""
     fn = "conv2d_backward_weight_gemm_cpu"
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)

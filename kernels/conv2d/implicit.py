@@ -376,10 +376,21 @@ def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None):
 
 def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None):
     """dw, and dx when it is not None (times x > 0 with ``mask``); the bias gradient is the caller's."""
-    _, full, scatter, backward_weight = _KERNELS[TILE if tile is None else tile]
+    implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile)
+    if dx is not None:
+        implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile)
+
+
+def implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile=None):
+    """dw alone (``weight_gradient_body``)."""
+    backward_weight = _KERNELS[TILE if tile is None else tile][3]
     backward_weight(dw, dy, x, ph, pw, ws.im_taps, ws.im_xpads, ws.im_b_slivers, ws.im_edges, ws.im_parts)
-    if dx is None:
-        return
+
+
+def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None):
+    """dx alone, times x > 0 with ``mask`` (``x`` is read only then): the scatter or the full
+    convolution of dy, whichever ``ws`` was made for."""
+    _, full, scatter, _ = _KERNELS[TILE if tile is None else tile]
     if hasattr(ws, "im_g"):
         scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_g, ws.im_b_slivers,
                 ws.im_edges)

@@ -30,6 +30,8 @@ CASES = [
     (1, 4, 5, 7, 3, 1, 1, (1, 1), (0, 0)),
     (2, 2, 3, 4, 3, 5, 6, (1, 1), (1, 1)),
     (2, 3, 10, 9, 2, 3, 2, (3, 2), (2, 1)),
+    (2, 5, 6, 7, 3, 3, 3, (1, 1), (1, 1)),  # the implicit product, dx by the full convolution
+    (2, 5, 6, 7, 3, 3, 2, (1, 1), (0, 0)),  # the implicit product, dx by the scatter
 ]
 IDS = [f"N{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}F{c[5]}x{c[6]}S{c[7]}P{c[8]}" for c in CASES]
 
@@ -209,6 +211,29 @@ def test_input_gradient_in_batch_chunks(rng, monkeypatch, samples, stride, pad):
     dx = np.full(x.shape, np.nan)
     gemm.conv2d_backward_core_cpu(dx, np.empty(w.shape), None, dy, x, w, *stride, *pad, False, ws)
     np.testing.assert_allclose(dx, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("C, stride, pad, path", [
+    (2, (1, 1), (1, 1), "few channels"), (5, (1, 1), (1, 1), "implicit"), (5, (1, 1), (3, 3), "im2col"),
+    (5, (2, 2), (1, 1), "im2col")])
+def test_public_entry_points_run_what_a_layer_runs(rng, monkeypatch, C, stride, pad, path):
+    """Without ``cols`` the public entry points take the planned step's way for the shape (few
+    input channels, the implicit product at stride 1, im2col otherwise); with it, im2col."""
+    from nbcnn.kernels.conv2d import gemm
+
+    seen = []
+    for name in ("_few_channels_forward_cpu", "conv2d_forward_implicit_core", "im2col"):
+        monkeypatch.setattr(gemm, name, lambda *a, fn=getattr(gemm, name), name=name: (seen.append(name), fn(*a))[1])
+    x, w = rng.standard_normal((2, C, 6, 7)), rng.standard_normal((3, C, 3, 3))
+    y = np.empty(ref.conv2d(x, w, np.zeros(3), stride, pad).shape)
+    conv2d_forward_gemm_cpu(y, x, w, None, *stride, *pad)
+    np.testing.assert_allclose(y, ref.conv2d(x, w, np.zeros(3), stride, pad), rtol=1e-12, atol=1e-12)
+    assert seen == [{"few channels": "_few_channels_forward_cpu", "implicit": "conv2d_forward_implicit_core",
+                     "im2col": "im2col"}[path]]
+    seen.clear()
+    cols = np.empty((C * 9, 2 * y.shape[2] * y.shape[3]))
+    conv2d_forward_gemm_cpu(y, x, w, None, *stride, *pad, cols=cols)
+    assert seen == ["im2col"]
 
 
 def test_cols_argument_is_checked(rng):
