@@ -1,17 +1,16 @@
-"""Time one training step through the README's public-API loop, in this process.
+"""The host's part of one training step through the public API: the loop a PyTorch user writes
+(``nbcnn.perf.stepbench``'s), with every kernel replaced by one that does nothing.
 
-    python benchmarks/public_api_step.py --impl nbcnn --model default --batch 128
-    python benchmarks/public_api_step.py --impl torch --model lenet5 --batch 128
-    python benchmarks/public_api_step.py --impl nbcnn --noop   # host time alone: kernels replaced by no-ops
-    NUMBA_ENABLE_CUDASIM=1 python benchmarks/public_api_step.py --device cuda --noop-launches
-                                                               # the host's part of a CUDA step
+    python benchmarks/public_api_step.py --model default --batch 64          # the CPU path
+    NUMBA_ENABLE_CUDASIM=1 python benchmarks/public_api_step.py --device cuda --batch 64
+                                            # the CUDA path in Numba's simulator: launches return at once
 
-Models: ``default`` (nbcnn's zoo default: conv 16 5x5 p2, conv 32 5x5, dense 800-128-10, Adam) and
-``lenet5`` (the classic: conv 6 and 16 filters 5x5, max pooling, dense 400-120-84-10, SGD momentum
-0.9). Prints one JSON line: the median step time over ``--repeats`` blocks of ``--steps`` steps.
-A benchmark, not a test: run each implementation in its own process for the separate-process
-comparison, or pass ``--import-torch-first`` to import PyTorch before nbcnn. The models and steps
-are ``nbcnn.perf.stepbench``'s, which ``nbcnn bench`` runs; this script adds the host-only timings.
+What is left is what the framework itself costs a step: argument checks, plans, dispatch,
+launch configuration. On the CPU the step runs once for real first (compilation, allocation),
+then with no-op kernels; in the simulator only the launches are skipped (a real step there
+would take hours). Prints one JSON line: the median step time over ``--repeats`` blocks of
+``--steps`` steps. For the whole step against PyTorch's, run ``nbcnn bench --vs torch`` or
+``python -m nbcnn.perf.stepbench``.
 """
 
 import argparse
@@ -27,14 +26,7 @@ def make_noop():
     """Replace every kernel the framework calls by a function that does nothing."""
     from nbcnn import ops
 
-    def nothing(*args, **kwargs):
-        return None
-
-    if hasattr(ops, "KERNELS"):  # the dispatcher before the planned step
-        for key in ops.KERNELS:
-            ops.KERNELS[key] = nothing
-    else:
-        ops.REGISTRY.replace_all(nothing)
+    ops.REGISTRY.replace_all(lambda *args, **kwargs: None)
 
 
 def make_noop_launches():
@@ -52,50 +44,28 @@ def make_noop_launches():
     simulated.FakeCUDAKernel.__call__ = launch
 
 
-def nbcnn_steps(args, x, y):
-    from nbcnn.perf.stepbench import nbcnn_step
+def main(argv=None):
+    from nbcnn.perf.stepbench import STEP_MODELS, nbcnn_step
 
-    step = nbcnn_step(args.model, x, y, args.device)
-    if args.noop_launches:
-        make_noop_launches()
-    if args.noop:
-        if args.device == "cpu":
-            step()  # compile and allocate for real once (the simulator would take hours at this size)
-        make_noop()  # then time the host's part alone
-    return step
-
-
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=["nbcnn", "torch"], default="nbcnn")
-    p.add_argument("--model", choices=["default", "lenet5"], default="default")
-    p.add_argument("--batch", type=int, default=128)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(STEP_MODELS), default="default")
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--noop", action="store_true")
-    p.add_argument("--noop-launches", action="store_true", help="CUDA simulator only: launches return at once")
-    p.add_argument("--import-torch-first", action="store_true")
-    args = p.parse_args()
-    torch = None
-    if args.impl == "torch" or args.import_torch_first:
-        import torch
-    if args.impl == "nbcnn":
-        import nbcnn  # noqa: F401  (before numba starts its threads: nbcnn sets how they wait)
-    import numba
-
-    threads = numba.get_num_threads()
-    if torch is not None:
-        torch.set_num_threads(threads)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = p.parse_args(argv)
+    simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    if args.device == "cuda" and not simulator:
+        p.error("--device cuda times the host's part in Numba's simulator: set NUMBA_ENABLE_CUDASIM=1")
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
-    y = rng.integers(0, 10, args.batch).astype(np.int32)
-    if args.impl == "torch":
-        from nbcnn.perf.stepbench import torch_step
-
-        step = torch_step(torch, args.model, x, y)
+    x = rng.standard_normal((4 * args.batch, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 4 * args.batch).astype(np.int64)
+    step = nbcnn_step(args.model, x, y, args.batch, args.device)
+    if args.device == "cuda":
+        make_noop_launches()
     else:
-        step = nbcnn_steps(args, x, y)
+        step()  # compile and allocate for real once
+        make_noop()
     for _ in range(3):
         step()
     times = []
@@ -104,10 +74,8 @@ def main():
         for _ in range(args.steps):
             step()
         times.append((time.perf_counter() - start) / args.steps)
-    print(json.dumps(dict(impl=args.impl, model=args.model, batch=args.batch, device=args.device, noop=args.noop,
-                          torch_first=args.import_torch_first, threads=threads, noop_launches=args.noop_launches,
-                          step_ms=1e3 * statistics.median(times), all_ms=[round(1e3 * t, 3) for t in times],
-                          simulator=os.environ.get("NUMBA_ENABLE_CUDASIM") == "1")))
+    print(json.dumps(dict(model=args.model, batch=args.batch, device=args.device, simulator=simulator,
+                          step_ms=1e3 * statistics.median(times), all_ms=[round(1e3 * t, 4) for t in times])))
 
 
 if __name__ == "__main__":

@@ -155,3 +155,20 @@ def test_step_timing_interleaves_step_by_step():
     alone = []
     time_steps({"nbcnn": lambda: alone.append(1)}, steps=5, repeats=3)
     assert len(alone) == 3 + 15
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_host_step_script_runs(device):
+    """benchmarks/public_api_step.py: the host's part of a step, on the CPU path and the CUDA path
+    in the simulator (a process of its own: it patches the simulator's launches)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "public_api_step.py"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if device == "cuda" else "0")
+    done = subprocess.run([sys.executable, str(script), "--device", device, "--batch", "8", "--steps", "2",
+                           "--repeats", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["device"] == device and out["simulator"] == (device == "cuda") and out["step_ms"] > 0
