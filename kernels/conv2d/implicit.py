@@ -241,8 +241,11 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
                 kc = min(KC, K - pc)
                 pack_gradient_rows(sliver, dy, n, pc, kc, col * NR, NR, WP)
                 multiply_sliver(tile, a_pack[pc * Rpad:], sliver, g, 0, kc, pc > 0, edges[t])
-            for r in range(R):
-                add_row(tile, dxp, taps[r] + col * NR, g[r], 0)
+            for c in range(C):  # down each filter column first (see pooled.pooled_input_gradient_body)
+                for fw in range(FW):
+                    for fh in range(FH):
+                        r = (c * FH + fh) * FW + fw
+                        add_row(tile, dxp, taps[r] + col * NR, g[r], 0)
         for c in range(C):
             for i in range(H):
                 row = dxp[(c * HP + i + ph) * WP + pw:]

@@ -13,20 +13,24 @@ On the CPU, with few input channels (``gemm.few_channels``), each task's four ou
 stay in its thread's scratch rows: the forward pools them there, and the backward writes dyp
 into the rows that the weight gradient's dot products read (a quarter of each row, the rest
 zero), instead of a full-size gradient written by the pooling and read back by the
-convolution. The input gradient is never computed: a first layer's input is the data (the
-layer plan falls back to the two ops when asked for it). Other shapes, and CUDA, run the two
-ops' own cores one after the other through a scratch convolution output: the same results.
+convolution. The input gradient, when a caller asks for it (a first layer's input is usually
+the data), comes from the pooled gradient too, as a product in nbcnn's register tile
+(``pooled_input_gradient_body``). Other shapes, and CUDA, run the two ops' own cores one after
+the other through a scratch convolution output: the same results (and, asked for the input
+gradient, the layer plan unfuses them).
 """
 
 import numba
 from numba import njit, prange
 
 from .._index import out_size
+from ..matmul import KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, add_row, copy_row, multiply_sliver, pack_sliver, slivers
 from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, convolve_four, few_channels, filter_block)
+from .implicit import tap_offsets
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -139,39 +143,71 @@ def _few_channels_pool_backward_weight_cpu(dw, db, dyp, argmax, yp, xp, mask, OH
                 db[k0 + j] = s
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def _few_channels_pool_backward_input_cpu(dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, planes, padded):
+@njit(inline="always", cache=True)
+def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs,
+                               g_slivers, b_slivers, dxpads, edges):
     """dx (N, C, H, W), the input gradient of the fused op, from dyp through argmax, without a
-    full-size gradient: for each filter, its gradient plane (zeros but at the maxima, row length
-    WP) is added into the padded input gradient shifted by each tap, times the tap's weight (the
-    forward's shifts, run backwards). A quarter of an input gradient's work: only the maxima
-    carry a gradient. One task per sample, in its thread's plane and padded buffer."""
+    full-size gradient, as ``implicit.input_gradient_scatter_body`` computes a convolution's: per
+    sample, the K gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``)
+    are B, read NR columns at a time (one vector copy a filter); G (C*FH*FW, NR) = w^T @ B in the
+    product's register tile; each tap's row of G is added into the padded input gradient at the
+    tap's offset. One task per sample, in its thread's scratch."""
+    MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
-    WP = OW + FW - 1
+    WP = OW + FW - 1  # = W + 2 * pw
     HP = OH + FH - 1
-    span = OH * WP - (FW - 1)
+    R = C * FH * FW
+    Q = OH * WP  # columns of a gradient plane
+    stride = Q + MAX_NR  # a plane and zeros that the last sliver of the plane reads past its end
+    Rpad = slivers(R, MR) * MR
+    wf = w.reshape(K, R)
+    for s in prange(slivers(R, MR)):  # w^T's slivers, depth (the filters) block by block
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            pack_sliver(a_pack, pc * Rpad + s * kc * MR, wf, s * MR, R, pc, kc, MR, True)
+    taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
+    zero = dx.dtype.type(0)
     for n in prange(N):
         t = numba.get_thread_id()
-        g, dxp = planes[t, 0], padded[t]
-        g[:] = 0
-        dxp[:] = 0
+        g, dxp, sliver, G = gs[t], dxpads[t], b_slivers[t], g_slivers[t, :R * NR].reshape(R, NR)
+        dxp[:] = zero
+        g[:K * stride] = zero
         for k in range(K):
-            _scatter(g, dyp, argmax, yp, n, k, mask, OW, WP)
+            _scatter(g[k * stride:], dyp, argmax, yp, n, k, mask, OW, WP)
+        for col in range(slivers(Q, NR)):
+            for pc in range(0, K, KC):
+                kc = min(KC, K - pc)
+                for p in range(kc):
+                    copy_row(tile, sliver, p * NR, g, (pc + p) * stride + col * NR)
+                multiply_sliver(tile, a_pack[pc * Rpad:], sliver, G, 0, kc, pc > 0, edges[t])
+            # down each filter column first: the runs of taps fw and fw + 1 overlap all but one
+            # value, and adding one right after the other would wait on the store just made
             for c in range(C):
-                for fh in range(FH):
-                    for fw in range(FW):
-                        wv = w[k, c, fh, fw]
-                        into = dxp[(c * HP + fh) * WP + fw:]
-                        for q in range(span):
-                            into[q] += wv * g[q]
-            _unscatter(g, argmax, n, k, OW, WP)
+                for fw in range(FW):
+                    for fh in range(FH):
+                        r = (c * FH + fh) * FW + fw
+                        add_row(tile, dxp, taps[r] + col * NR, G[r], 0)
         for c in range(C):
             for i in range(H):
                 row = dxp[(c * HP + i + ph) * WP + pw:]
                 out = dx[n, c, i]
                 for j in range(W):
                     out[j] = row[j]
+
+
+def _input_gradient_for(tile):
+    @njit(parallel=True, cache=True)
+    def input_gradient(dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, g_slivers, b_slivers, dxpads,
+                       edges):
+        pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, g_slivers,
+                                   b_slivers, dxpads, edges)
+
+    return input_gradient
+
+
+# One compiled input gradient per tile (the tile a constant in each: see kernels/matmul.py)
+_INPUT_GRADIENT = tuple(_input_gradient_for(tile) for tile in range(len(TILE_NAMES)))
 
 
 # ------------------------------------------------------------------ unchecked cores, both devices
@@ -193,22 +229,37 @@ def conv2d_maxpool_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
 
 
 def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
-    """{name: shape} for the fused op's input gradient: a padded input gradient for each of Numba's
-    threads (few input channels; nothing otherwise)."""
+    """{name: shape} for the fused op's input gradient (few input channels; nothing otherwise): the
+    packed filters and the taps' offsets, and for each of Numba's threads the K gradient planes,
+    a padded input gradient and the product's slivers."""
     if not few_channels(x_shape, w_shape, stride):
         return {}
     N, C, H, W = x_shape
-    return {"pool_dx": (numba.config.NUMBA_NUM_THREADS, C * (H + 2 * padding[0]) * (W + 2 * padding[1]))}
+    K, _, FH, FW = w_shape
+    HP, WP = H + 2 * padding[0], W + 2 * padding[1]
+    R = C * FH * FW
+    threads = numba.config.NUMBA_NUM_THREADS
+    return {
+        "pool_a_pack": ((R + MAX_MR) * K,),
+        "pool_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
+        "pool_g": (threads, K * ((HP - FH + 1) * WP + MAX_NR)),
+        "pool_g_slivers": (threads, R * MAX_NR),
+        "pool_b_slivers": (threads, KC * MAX_NR),
+        "pool_dx": (threads, C * HP * WP + MAX_NR + FW),  # the last tap's last sliver ends past the plane
+        "pool_edges": (threads, MAX_MR * MAX_NR),
+    }
 
 
-def conv2d_maxpool_backward_input_core_cpu(dx, dyp, argmax, yp, w, sh, sw, ph, pw, mask, ws):
+def conv2d_maxpool_backward_input_core_cpu(dx, dyp, argmax, yp, w, sh, sw, ph, pw, mask, ws, tile=None):
     """dx of the fused op, from the pooled gradient (after its backward, or before: it reads only
     what the forward left). Returns False, computing nothing, where the op runs as two ops (not
-    few input channels): the caller then unfuses them."""
-    if getattr(ws, "planes", None) is None:
+    few input channels): the caller then unfuses them. ``tile``: a tile's index (None: this CPU's)."""
+    if getattr(ws, "pool_g", None) is None:
         return False
     _, _, COH, COW = conv_output(dx.shape, w.shape, (sh, sw), (ph, pw))
-    _few_channels_pool_backward_input_cpu(dx, dyp, argmax, yp, w, mask, ph, pw, COH, COW, ws.planes, ws.pool_dx)
+    _INPUT_GRADIENT[TILE if tile is None else tile](dx, dyp, argmax, yp, w, mask, ph, pw, COH, COW, ws.pool_a_pack,
+                                                    ws.pool_taps, ws.pool_g, ws.pool_g_slivers, ws.pool_b_slivers,
+                                                    ws.pool_dx, ws.pool_edges)
     return True
 
 

@@ -167,3 +167,41 @@ def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
         db = np.full(K, np.nan, dtype)
         implicit.bias_gradient_cpu(db, dy)
         np.testing.assert_allclose(db, want_db, **tol)
+
+
+# (N, C, H, W, K, FH, FW, ph, pw) of a first layer (few input channels) fused with its 2x2 max
+# pooling: tails of MR in C*FH*FW and of NR in the planes, odd outputs (a row and a column the
+# pooling drops), more filters than a depth block (K > KC)
+POOLED = [(2, 1, 12, 12, 16, 5, 5, 2, 2), (3, 3, 9, 11, 5, 3, 3, 1, 0), (2, 2, 7, 6, 33, 3, 2, 0, 1),
+          (1, 1, 6, 6, KC + 4, 3, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
+    """The fused first layer's input gradient from the pooled gradient (conv2d.pooled) is the
+    convolution's input gradient of the full-size gradient the pooling's backward would write."""
+    from types import SimpleNamespace
+
+    from nbcnn.kernels.conv2d import pooled
+
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    for N, C, H, W, K, FH, FW, ph, pw in POOLED:
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+        shapes = {**pooled.conv2d_maxpool_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype),
+                  **pooled.conv2d_maxpool_backward_input_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype)}
+        ws = SimpleNamespace(**{name: np.zeros(shape, dtype) for name, shape in shapes.items()})
+        OH, OW = H + 2 * ph - FH + 1, W + 2 * pw - FW + 1
+        yp = np.empty((N, K, OH // 2, OW // 2), dtype)
+        argmax = np.empty(yp.shape, np.int32)
+        for relu in (False, True):
+            pooled.conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, np.zeros(K, dtype), 1, 1, ph, pw, relu, ws)
+            dyp = rng.standard_normal(yp.shape).astype(dtype)
+            full = np.zeros((N, K, OH * OW), dtype)  # the pooling's backward: dyp at the maxima
+            np.put_along_axis(full, argmax.reshape(N, K, -1), (dyp * (yp > 0) if relu else dyp).reshape(N, K, -1), 2)
+            want = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))[0]
+            dx = np.full(x.shape, np.nan, dtype)
+            assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dyp, argmax, yp, w, 1, 1, ph, pw, relu, ws,
+                                                                 mm.tile_index(tile))
+            np.testing.assert_allclose(dx, want, **tol)
