@@ -112,6 +112,33 @@ def pack_weights(a_pack, wf, MR):
 
 
 @njit(inline="always", cache=True)
+def pack_filters_transposed(a_pack, w, MR):
+    """w^T (C*FH*FW, K) as A's slivers, depth (the filters) block by block: block pc starts at
+    pc * Rpad (Rpad = C*FH*FW rounded up to MR). For the input gradient's G = w^T @ dy."""
+    K = w.shape[0]
+    R = w.shape[1] * w.shape[2] * w.shape[3]
+    Rpad = slivers(R, MR) * MR
+    wf = w.reshape(K, R)
+    for s in prange(slivers(R, MR)):
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            pack_sliver(a_pack, pc * Rpad + s * kc * MR, wf, s * MR, R, pc, kc, MR, True)
+
+
+@njit(inline="always", cache=True)
+def add_tap_rows(tile, dxp, taps, g, q0, C, FH, FW):
+    """dxp[taps[r] + q0 + j] += g[r, j] for every tap r and j < NR: a sliver of G added back along
+    the taps, down each filter column first. The runs of taps fw and fw + 1 overlap in all but one
+    value, and adding one right after the other would wait on the store just made; taps fh and
+    fh + 1 are a padded row apart."""
+    for c in range(C):
+        for fw in range(FW):
+            for fh in range(FH):
+                r = (c * FH + fh) * FW + fw
+                add_row(tile, dxp, taps[r] + q0, g[r], 0)
+
+
+@njit(inline="always", cache=True)
 def store_sample(y, n, plane, b, relu, mask, masked, WP):
     """y[n, k, oh, ow] = plane[k, oh*WP + ow] + b[k], max(., 0) with ``relu``, times mask[n, k, oh, ow] > 0
     with ``masked``."""
@@ -225,11 +252,7 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
     R = C * FH * FW
     Q = OH * WP
     Rpad = slivers(R, MR) * MR
-    wf = w.reshape(K, R)
-    for s in prange(slivers(R, MR)):  # w^T's slivers, depth (the filters) block by block
-        for pc in range(0, K, KC):
-            kc = min(KC, K - pc)
-            pack_sliver(a_pack, pc * Rpad + s * kc * MR, wf, s * MR, R, pc, kc, MR, True)
+    pack_filters_transposed(a_pack, w, MR)
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
     zero = dx.dtype.type(0)
     for n in prange(N):
@@ -241,11 +264,7 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
                 kc = min(KC, K - pc)
                 pack_gradient_rows(sliver, dy, n, pc, kc, col * NR, NR, WP)
                 multiply_sliver(tile, a_pack[pc * Rpad:], sliver, g, 0, kc, pc > 0, edges[t])
-            for c in range(C):  # down each filter column first (see pooled.pooled_input_gradient_body)
-                for fw in range(FW):
-                    for fh in range(FH):
-                        r = (c * FH + fh) * FW + fw
-                        add_row(tile, dxp, taps[r] + col * NR, g[r], 0)
+            add_tap_rows(tile, dxp, taps, g, col * NR, C, FH, FW)
         for c in range(C):
             for i in range(H):
                 row = dxp[(c * HP + i + ph) * WP + pw:]

@@ -24,13 +24,13 @@ import numba
 from numba import njit, prange
 
 from .._index import out_size
-from ..matmul import KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, add_row, copy_row, multiply_sliver, pack_sliver, slivers
+from ..matmul import KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, copy_row, multiply_sliver, slivers
 from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, convolve_four, few_channels, filter_block)
-from .implicit import tap_offsets
+from .implicit import add_tap_rows, pack_filters_transposed, tap_offsets
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -161,11 +161,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
     Q = OH * WP  # columns of a gradient plane
     stride = Q + MAX_NR  # a plane and zeros that the last sliver of the plane reads past its end
     Rpad = slivers(R, MR) * MR
-    wf = w.reshape(K, R)
-    for s in prange(slivers(R, MR)):  # w^T's slivers, depth (the filters) block by block
-        for pc in range(0, K, KC):
-            kc = min(KC, K - pc)
-            pack_sliver(a_pack, pc * Rpad + s * kc * MR, wf, s * MR, R, pc, kc, MR, True)
+    pack_filters_transposed(a_pack, w, MR)
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
     zero = dx.dtype.type(0)
     for n in prange(N):
@@ -181,13 +177,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
                 for p in range(kc):
                     copy_row(tile, sliver, p * NR, g, (pc + p) * stride + col * NR)
                 multiply_sliver(tile, a_pack[pc * Rpad:], sliver, G, 0, kc, pc > 0, edges[t])
-            # down each filter column first: the runs of taps fw and fw + 1 overlap all but one
-            # value, and adding one right after the other would wait on the store just made
-            for c in range(C):
-                for fw in range(FW):
-                    for fh in range(FH):
-                        r = (c * FH + fh) * FW + fw
-                        add_row(tile, dxp, taps[r] + col * NR, G[r], 0)
+            add_tap_rows(tile, dxp, taps, G, col * NR, C, FH, FW)
         for c in range(C):
             for i in range(H):
                 row = dxp[(c * HP + i + ph) * WP + pw:]
