@@ -172,3 +172,13 @@ def test_host_step_script_runs(device):
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["device"] == device and out["simulator"] == (device == "cuda") and out["step_ms"] > 0
+
+
+def test_user_loop_against_the_trainer_in_one_process():
+    """``stepbench --impl trainer``: the user's loop and the Trainer's step on the same model,
+    alternating in one fresh process, each timed."""
+    from nbcnn.perf.stepbench import measure
+
+    out = measure("trainer", "lenet5", 8, steps=2, repeats=2)
+    assert out["nbcnn_seconds"] > 0 and out["trainer_seconds"] > 0 and not out["torch_first"]
+    assert "torch_seconds" not in out

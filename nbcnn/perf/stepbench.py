@@ -14,6 +14,7 @@ PyTorch imported before nbcnn or not imported at all::
     measure("torch", "default", 128)                    # PyTorch alone (always imported first)
     measure("nbcnn", "default", 128, torch_first=True)  # nbcnn in a process that imported PyTorch first
     measure("both", "default", 128, torch_first=True)   # one process, nbcnn's and PyTorch's steps alternating
+    measure("trainer", "default", 128)                  # the user's loop and the Trainer's step alternating
 
 Each prints one JSON line: per implementation the median step time over ``repeats`` blocks of
 ``steps`` steps (with ``both``, each step of one library is followed by one of the other, and
@@ -85,6 +86,25 @@ def nbcnn_step(name, x, y, batch, device="cpu"):
     return step
 
 
+def trainer_step(name, x, y, batch, device="cpu"):
+    """The same training on the Trainer's step (what ``nbcnn train`` runs): no input gradient for the
+    first layer, the loss added on the device, int32 labels. Returns the step function."""
+    import nbcnn
+    from nbcnn.losses import SoftmaxCrossEntropy
+    from nbcnn.step import Trainer
+
+    model = nbcnn_model(name).to(device)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), _optimizer(nbcnn.optim, name, model.parameters()))
+    batches = _batches(nbcnn.to_device(x, device), nbcnn.to_device(y.astype(np.int32), device), batch)
+    count = [0]
+
+    def step():
+        trainer.step(*batches(count[0]))
+        count[0] += 1
+
+    return step
+
+
 def torch_step(torch, name, x, y, batch):
     model = torch_model(torch, name)
     opt = _optimizer(torch.optim, name, model.parameters())
@@ -152,7 +172,7 @@ def time_steps(steps_by_impl, steps, repeats):
 def run_in_this_process(impl, model, batch, steps, repeats):
     torch_first = _imported_before_nbcnn()
     torch = None
-    if impl != "nbcnn":
+    if impl in ("torch", "both"):
         import torch
     import numba
 
@@ -163,8 +183,10 @@ def run_in_this_process(impl, model, batch, steps, repeats):
     x = rng.standard_normal((4 * batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 4 * batch).astype(np.int64)
     steps_by_impl = {}
-    if impl in ("nbcnn", "both"):
+    if impl in ("nbcnn", "both", "trainer"):
         steps_by_impl["nbcnn"] = nbcnn_step(model, x, y, batch)
+    if impl == "trainer":
+        steps_by_impl["trainer"] = trainer_step(model, x, y, batch)
     if impl in ("torch", "both"):
         steps_by_impl["torch"] = torch_step(torch, model, x, y, batch)
     medians = time_steps(steps_by_impl, steps, repeats)
@@ -201,7 +223,7 @@ def measure(impl, model, batch, steps=20, repeats=7, torch_first=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m nbcnn.perf.stepbench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--impl", choices=["nbcnn", "torch", "both"], default="nbcnn")
+    p.add_argument("--impl", choices=["nbcnn", "torch", "both", "trainer"], default="nbcnn")
     p.add_argument("--model", choices=STEP_MODELS, default="default")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
