@@ -139,6 +139,24 @@ def add_tap_rows(tile, dxp, taps, g, q0, C, FH, FW):
 
 
 @njit(inline="always", cache=True)
+def unpad_sample(dx, n, dxp, ph, pw, x, masked):
+    """dx[n] = the inside of the padded gradient dxp (rows of W + 2*pw, planes of H + 2*ph rows),
+    times x[n] > 0 with ``masked`` (``x`` is read only then)."""
+    C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
+    HP, WP = H + 2 * ph, W + 2 * pw
+    zero = dx.dtype.type(0)
+    for c in range(C):
+        for i in range(H):
+            row = dxp[(c * HP + i + ph) * WP + pw:]
+            out = dx[n, c, i]
+            for j in range(W):
+                v = row[j]
+                if masked and not x[n, c, i, j] > 0:
+                    v = zero
+                out[j] = v
+
+
+@njit(inline="always", cache=True)
 def store_sample(y, n, plane, b, relu, mask, masked, WP):
     """y[n, k, oh, ow] = plane[k, oh*WP + ow] + b[k], max(., 0) with ``relu``, times mask[n, k, oh, ow] > 0
     with ``masked``."""
@@ -265,15 +283,7 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
                 pack_gradient_rows(sliver, dy, n, pc, kc, col * NR, NR, WP)
                 multiply_sliver(tile, a_pack[pc * Rpad:], sliver, g, 0, kc, pc > 0, edges[t])
             add_tap_rows(tile, dxp, taps, g, col * NR, C, FH, FW)
-        for c in range(C):
-            for i in range(H):
-                row = dxp[(c * HP + i + ph) * WP + pw:]
-                out = dx[n, c, i]
-                for j in range(W):
-                    v = row[j]
-                    if masked and not x[n, c, i, j] > 0:
-                        v = zero
-                    out[j] = v
+        unpad_sample(dx, n, dxp, ph, pw, x, masked)
 
 
 @njit(inline="always", cache=True)

@@ -30,7 +30,7 @@ from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backwa
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, convolve_four, few_channels, filter_block)
-from .implicit import add_tap_rows, pack_filters_transposed, tap_offsets
+from .implicit import add_tap_rows, pack_filters_transposed, tap_offsets, unpad_sample
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -178,12 +178,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
                     copy_row(tile, sliver, p * NR, g, (pc + p) * stride + col * NR)
                 multiply_sliver(tile, a_pack[pc * Rpad:], sliver, G, 0, kc, pc > 0, edges[t])
             add_tap_rows(tile, dxp, taps, G, col * NR, C, FH, FW)
-        for c in range(C):
-            for i in range(H):
-                row = dxp[(c * HP + i + ph) * WP + pw:]
-                out = dx[n, c, i]
-                for j in range(W):
-                    out[j] = row[j]
+        unpad_sample(dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
 
 
 def _input_gradient_for(tile):
