@@ -1,0 +1,414 @@
+"""3x3 stride-1 convolution on the CPU by Winograd's F(2x2, 3x3): 16 products where the implicit
+product (``implicit.py``) does 36 multiply-adds a channel for each 2x2 block of outputs.
+
+The idea is the polynomial product of the lecture, evaluated at points. A 1-D convolution of a
+filter g (3 taps) with a run d of 4 inputs gives 2 outputs, which are coefficients of the product
+of the polynomials g(t) and d(t). Instead of multiplying the coefficients out (6 multiplies), evaluate
+both polynomials at the points 0, 1, -1 and infinity, multiply the four values (4 multiplies) and
+interpolate back. In matrices, for one 2x2 output tile of one filter k and channel c, with its
+4x4 input tile d and 3x3 filter g:
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        (* element-wise; 16 products instead of 36)
+
+    B^T = | 1  0 -1  0 |     G = | 1    0    0   |     A^T = | 1  1  1  0 |
+          | 0  1  1  0 |         | 1/2  1/2  1/2 |           | 0  1 -1 -1 |
+          | 0 -1  1  0 |         | 1/2 -1/2  1/2 |
+          | 0  1  0 -1 |         | 0    0    1   |
+
+B^T d B evaluates the input tile at the points (rows, then columns), G g G^T the filter, A^T . A
+interpolates. Summed over the channels, each of the 16 positions (xi, nu) of the 4x4 tile is a
+matrix product over C:
+
+    M[xi, nu] (K, tiles) = U[xi, nu] (K, C) @ V[xi, nu] (C, tiles)     U = G g G^T,  V = B^T d B
+
+and these 16 products run in the register tile of ``kernels/matmul.py``, U packed as A's slivers
+once a call, V written by the input transform straight in the layout of B's slivers. The output
+transform A^T M A then gives each tile's 2x2 outputs, with the bias and ReLU (or the input
+gradient's mask) applied as they are stored. The transforms are additions only.
+
+The tiles of the whole batch are numbered (sample, tile row, tile column) and cut into chunks of
+``NB`` (a whole number of NR-column slivers), one chunk a task: small images from several samples
+share a chunk, so no sliver is left mostly empty. A chunk's V and M (16 x C x NB and 16 x K x NB
+values) stay in the thread's L2 cache between the transforms and the products. Each output is
+computed by one task, so the result does not depend on the number of threads.
+
+The input gradient of a 3x3 stride-1 convolution with padding P is the convolution of dy with
+the filters flipped, padding 2 - P: the same kernel. Rounding: the transforms add up to 16 values
+with coefficients of 1 and 1/2, so float32 results differ from the direct sum by a few units in
+the last place more than the implicit product's do.
+"""
+
+import llvmlite
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, TILES, _MR, _NR, _element_pointer, _literal_tile, _splat, _vector,
+                      multiply_sliver, pack_sliver, slivers)
+from .implicit import flip_filters
+
+
+def winograd_applies(w_shape, stride, padding, y_shape):
+    """Whether F(2x2, 3x3) runs this convolution: 3x3 filters, stride 1, padding at most 2 (the
+    input gradient pads by 2 - P), at least 8 input channels and filters (below that the products
+    are too thin for the transforms to pay), and outputs at least 4 x 4."""
+    K, C, FH, FW = w_shape
+    return ((FH, FW) == (3, 3) and tuple(stride) == (1, 1) and max(padding) <= 2 and min(C, K) >= 8
+            and min(y_shape[2], y_shape[3]) >= 4)
+
+
+def chunk_tiles(C, K, NR=MAX_NR):
+    """Tiles a chunk: V and M of one chunk (16 x (C + K) x NB float32s) in about 1 MB, whole
+    slivers of NR, at least one, at most 8."""
+    return NR * max(1, min(8, (1 << 14) // ((C + K) * NR)))
+
+
+# ----------------------------------------------------------------------------- the transforms
+
+
+@njit(inline="always", cache=True)
+def at_points(a, b, e, half):
+    """The polynomial a + b t + e t^2 at t = 0, 1, -1 and infinity (its leading coefficient), the
+    middle two halved: G applied to (a, b, e)."""
+    return a, (a + b + e) * half, (a - b + e) * half, e
+
+
+@njit(inline="always", cache=True)
+def transform_filters(ut, w):
+    """ut[xi*4 + nu, k, c] = (G g G^T)[xi, nu] for g = w[k, c] (3x3)."""
+    K, C = w.shape[0], w.shape[1]
+    half = w.dtype.type(0.5)
+    for k in prange(K):
+        for c in range(C):
+            g = w[k, c]
+            c0 = at_points(g[0, 0], g[1, 0], g[2, 0], half)  # G g: the filter's columns at the points
+            c1 = at_points(g[0, 1], g[1, 1], g[2, 1], half)
+            c2 = at_points(g[0, 2], g[1, 2], g[2, 2], half)
+            for i in range(4):  # (G g) G^T: then each row at the points
+                r = at_points(c0[i], c1[i], c2[i], half)
+                for j in range(4):
+                    ut[i * 4 + j, k, c] = r[j]
+
+
+@njit(inline="always", cache=True)
+def pack_transformed_filters(u_pack, ut, MR):
+    """U[xi, nu] (K, C) for each of the 16 positions as A's slivers, depth block by depth block:
+    position f's block pc starts at f * Kpad * C + pc * Kpad."""
+    _, K, C = ut.shape
+    Kpad = slivers(K, MR) * MR
+    for f in prange(16):
+        for s in range(slivers(K, MR)):
+            for pc in range(0, C, KC):
+                kc = min(KC, C - pc)
+                pack_sliver(u_pack, f * Kpad * C + pc * Kpad + s * kc * MR, ut[f], s * MR, K, pc, kc, MR, False)
+
+
+# ------------------------------------------------------------- the transforms in vectors
+#
+# Both transforms work on V tiles side by side, one tile a vector lane (V of the tile's lanes),
+# so that a run of adjacent tiles is a few vector instructions. Adjacent tiles are two input
+# columns apart: the input transform loads 2V values and takes the even and odd ones apart
+# (a shuffle); the output transform interleaves its two output columns the same way. Runs of
+# fewer than V tiles store only their lanes (LLVM's masked loads and stores).
+
+_OPAQUE = llvm.llvm_version_info[0] >= 15 and getattr(llvmlite, "opaque_pointers_enabled", True)
+
+
+def _masked(builder, what, vec):
+    """LLVM's ``llvm.masked.load`` or ``llvm.masked.store`` for vectors of type ``vec``."""
+    mask = ir.VectorType(ir.IntType(1), vec.count)
+    ptr = vec.as_pointer()
+    element = "f32" if isinstance(vec.element, ir.FloatType) else "f64"
+    name = f"llvm.masked.{what}.v{vec.count}{element}.p0" + ("" if _OPAQUE else f"v{vec.count}{element}")
+    if what == "load":
+        fn_type = ir.FunctionType(vec, [ptr, ir.IntType(32), mask, vec])
+    else:
+        fn_type = ir.FunctionType(ir.VoidType(), [vec, ptr, ir.IntType(32), mask])
+    return cgutils.get_or_insert_function(builder.module, fn_type, name)
+
+
+def _lanes_below(builder, count, lanes):
+    """The mask of the lanes l < count (an int64)."""
+    i64 = ir.IntType(64)
+    index = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+    return builder.icmp_signed("<", index, _splat(builder, ir.VectorType(i64, lanes), count))
+
+
+def _pick(builder, vec, first):
+    """The even (``first`` 0) or odd (1) lanes of ``vec``."""
+    lanes = vec.type.count // 2
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                                                        [2 * i + first for i in range(lanes)]))
+
+
+@intrinsic(prefer_literal=True)
+def input_tiles(typingctx, tile, x, xi, W, col, rows, v, vi, vstride, count):
+    """B^T d B for ``count`` (at most V) adjacent tiles, read straight from x: their four input rows
+    start at flat offsets xi, xi + W, xi + 2W and xi + 3W (bit r of ``rows`` set where row r is
+    inside x, the others read as zeros), tile l at column col + 2l (``col`` may be negative; columns
+    outside 0 .. W - 1 read as zeros: masked loads). Position f = xi*4 + nu of tile l goes to
+    v[vi + f*vstride + l]."""
+    V32 = _literal_tile(tile)[2]
+    sig = types.void(tile, x, xi, W, col, rows, v, vi, vstride, count)
+
+    def codegen(context, builder, signature, args):
+        _, x_, xi_, W_, col_, rows_, v_, vi_, vstride_, count_ = args
+        scalar, V = _vector(signature.args[1], V32)
+        vec, wide = ir.VectorType(scalar, V), ir.VectorType(scalar, 2 * V)
+        i64 = ir.IntType(64)
+        align = ir.Constant(ir.IntType(32), 4)
+        zeros = ir.Constant(wide, [0.0] * (2 * V))
+        load = _masked(builder, "load", wide)
+        start = _element_pointer(context, builder, signature.args[1], x_, xi_)
+        lane = ir.Constant(ir.VectorType(i64, 2 * V), list(range(2 * V)))
+
+        def row(r, shift):  # 2V values of row r from column col + shift, zero outside x
+            first = builder.add(col_, ir.Constant(i64, shift))
+            cols = builder.add(lane, _splat(builder, ir.VectorType(i64, 2 * V), first))
+            inside = builder.and_(builder.icmp_signed(">=", cols, ir.Constant(cols.type, [0] * (2 * V))),
+                                  builder.icmp_signed("<", cols, _splat(builder, cols.type, W_)))
+            ok = builder.icmp_unsigned("!=", builder.and_(rows_, ir.Constant(i64, 1 << r)), ir.Constant(i64, 0))
+            inside = builder.and_(inside, _splat(builder, ir.VectorType(ir.IntType(1), 2 * V), ok))
+            where = builder.gep(start, [builder.add(builder.mul(W_, ir.Constant(i64, r)), first)])
+            return builder.call(load, [builder.bitcast(where, wide.as_pointer()), align, inside, zeros])
+
+        t = []
+        for shift in (0, 2):  # B^T d on the values of tiles l (columns 2l, 2l + 1) and l + 1 (2l + 2, 2l + 3)
+            d0, d1, d2, d3 = (row(r, shift) for r in range(4))
+            t.append((builder.fsub(d0, d2), builder.fadd(d1, d2), builder.fsub(d2, d1), builder.fsub(d1, d3)))
+        store = _masked(builder, "store", vec)
+        mask = _lanes_below(builder, count_, V)
+        out = _element_pointer(context, builder, signature.args[6], v_, vi_)
+        for xi in range(4):  # (B^T d) B: each row's columns 2l .. 2l + 3 at the four points
+            a, b = _pick(builder, t[0][xi], 0), _pick(builder, t[0][xi], 1)
+            e, f = _pick(builder, t[1][xi], 0), _pick(builder, t[1][xi], 1)
+            for nu, value in enumerate((builder.fsub(a, e), builder.fadd(b, e), builder.fsub(e, b), builder.fsub(b, f))):
+                where = builder.gep(out, [builder.mul(vstride_, ir.Constant(i64, xi * 4 + nu))])
+                builder.call(store, [value, builder.bitcast(where, vec.as_pointer()), align, mask])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def output_tiles(typingctx, tile, m, mi, mstride, count, y, yi, ystride, cols, rows, bias, relu, mask, masked):
+    """A^T M A for ``count`` (at most V) adjacent tiles: position f of tile l is m[mi + f*mstride + l].
+    Their outputs go to the rows of ``y`` at flat offsets yi and yi + ystride (``rows`` of them, 1
+    or 2), ``cols`` columns, plus ``bias``, max(., 0) with ``relu``, zero where ``mask`` (the same
+    offsets) is not > 0 with ``masked``."""
+    V32 = _literal_tile(tile)[2]
+    sig = types.void(tile, m, mi, mstride, count, y, yi, ystride, cols, rows, bias, relu, mask, masked)
+
+    def codegen(context, builder, signature, args):
+        _, m_, mi_, mstride_, count_, y_, yi_, ystride_, cols_, rows_, bias_, relu_, mask_, masked_ = args
+        scalar, V = _vector(signature.args[1], V32)
+        vec, wide = ir.VectorType(scalar, V), ir.VectorType(scalar, 2 * V)
+        i64 = ir.IntType(64)
+        align = ir.Constant(ir.IntType(32), 4)
+        zero, zeros = ir.Constant(vec, [0.0] * V), ir.Constant(wide, [0.0] * (2 * V))
+        load, load_wide, store = _masked(builder, "load", vec), _masked(builder, "load", wide), _masked(builder, "store", wide)
+        start = _element_pointer(context, builder, signature.args[1], m_, mi_)
+        in_run = _lanes_below(builder, count_, V)
+        pos = [builder.call(load, [builder.bitcast(builder.gep(start, [builder.mul(mstride_, ir.Constant(i64, f))]),
+                                                   vec.as_pointer()), align, in_run, zero]) for f in range(16)]
+        b = _splat(builder, vec, bias_)
+        in_cols = _lanes_below(builder, cols_, 2 * V)
+        interleave = ir.Constant(ir.VectorType(ir.IntType(32), 2 * V), [i // 2 + (i % 2) * V for i in range(2 * V)])
+        out = _element_pointer(context, builder, signature.args[5], y_, yi_)
+        gate = _element_pointer(context, builder, signature.args[12], mask_, yi_)
+        for i in range(2):  # A^T down the columns: (1, 1, 1, 0) for output row 0, (0, 1, -1, -1) for row 1
+            if i == 0:
+                s = [builder.fadd(builder.fadd(pos[nu], pos[4 + nu]), pos[8 + nu]) for nu in range(4)]
+            else:
+                s = [builder.fsub(builder.fsub(pos[4 + nu], pos[8 + nu]), pos[12 + nu]) for nu in range(4)]
+            left = builder.fadd(builder.fadd(builder.fadd(s[0], s[1]), s[2]), b)  # then along the row
+            right = builder.fadd(builder.fsub(builder.fsub(s[1], s[2]), s[3]), b)
+            value = builder.shuffle_vector(left, right, interleave)
+            value = builder.select(relu_, builder.select(builder.fcmp_ordered("<", value, zeros), zeros, value), value)
+            lanes = builder.and_(in_cols, _splat(builder, ir.VectorType(ir.IntType(1), 2 * V),
+                                                 builder.icmp_signed("<", ir.Constant(i64, i), rows_)))
+            offset = builder.mul(ystride_, ir.Constant(i64, i))
+            kept = builder.call(load_wide, [builder.bitcast(builder.gep(gate, [offset]), wide.as_pointer()), align,
+                                            builder.and_(lanes, _splat(builder, ir.VectorType(ir.IntType(1), 2 * V),
+                                                                       masked_)), zeros])
+            value = builder.select(masked_, builder.select(builder.fcmp_ordered(">", kept, zeros), value, zeros), value)
+            builder.call(store, [value, builder.bitcast(builder.gep(out, [offset]), wide.as_pointer()), align, lanes])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ------------------------------------------------------------------------------ the kernel
+
+
+@njit(inline="always", cache=True)
+def segment(q, end, TT, TW, NR):
+    """The run of tiles from global tile q on that lies in one tile row and one sliver of its
+    chunk (``end``: the chunk's end; ``q`` is counted from the chunk's start by the caller):
+    (sample, tile row, first tile column, count)."""
+    n, rest = q // TT, q % TT
+    th, tw = rest // TW, rest % TW
+    return n, th, tw, min(TW - tw, end - q)
+
+
+_V = np.array([TILES[t][2] for t in TILE_NAMES], np.int64)  # float32 lanes of each tile's vectors
+
+
+@njit(inline="always", cache=True)
+def transform_input(tile, v, x, n, th, tw0, cnt, s, j0, ph, pw):
+    """v[xi*4 + nu, s, c, j0 + j] = (B^T d B)[xi, nu] for the tiles tw0 .. tw0 + cnt - 1 (at most NR)
+    of tile row th of sample n, every channel c; d is the 4x4 input from row 2*th - ph and column
+    2*tw - pw, zero outside x."""
+    V = _V[tile] if x.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of input_tiles
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    S, NR = v.shape[1], v.shape[3]
+    ih0 = 2 * th - ph
+    rows = 0
+    for r in range(4):
+        if 0 <= ih0 + r < H:
+            rows |= 1 << r
+    xflat, vflat = x.reshape(-1), v.reshape(-1)
+    plane = S * C * NR
+    for c in range(C):
+        xi = ((n * C + c) * H + ih0) * W
+        for j in range(0, cnt, V):
+            input_tiles(tile, xflat, xi, W, 2 * (tw0 + j) - pw, rows, vflat, (s * C + c) * NR + j0 + j, plane,
+                        min(V, cnt - j))
+
+
+@njit(inline="always", cache=True)
+def transform_output(tile, y, m, n, th, tw0, cnt, q0, bias, relu, mask, masked):
+    """y[n, k, 2*th + i, 2*tw + j] = (A^T M A)[i, j] + bias[k] for the tiles tw0 .. tw0 + cnt - 1 of
+    tile row th, M[xi, nu] = m[xi*4 + nu, k, q0 + tw - tw0]; max(., 0) with ``relu``, times mask > 0
+    with ``masked`` (``mask`` is read only then). Outputs past y's edge (odd OH or OW) are dropped."""
+    V = _V[tile] if y.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of output_tiles
+    K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    NB = m.shape[2]
+    rows = min(2, OH - 2 * th)
+    yflat, mflat = y.reshape(-1), m.reshape(-1)
+    maskflat = mask.reshape(-1)
+    for k in range(K):
+        row = ((n * K + k) * OH + 2 * th) * OW
+        for j in range(0, cnt, V):
+            ow = 2 * (tw0 + j)
+            run = min(V, cnt - j)
+            output_tiles(tile, mflat, k * NB + q0 + j, K * NB, run, yflat, row + ow, OW, min(2 * run, OW - ow), rows,
+                         bias[k], relu, maskflat, masked)
+
+
+@njit(inline="always", cache=True)
+def winograd_body(tile, y, x, w, b, ph, pw, relu, mask, masked, S, ut, u_pack, vs, ms, edges):
+    """y (N, K, OH, OW) = the 3x3 stride-1 convolution of x (N, C, H, W) with w (K, C, 3, 3),
+    padding (ph, pw), plus b, then ReLU / mask as ``transform_output`` says. Scratch: ``ut`` (16,
+    K, C) and ``u_pack`` (the filters transformed and packed), per thread ``vs`` (16, S, C, NR),
+    ``ms`` (16, K, S*NR) and ``edges``."""
+    MR, NR = _MR[tile], _NR[tile]
+    N, C = x.shape[0], x.shape[1]
+    K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    TT = TH * TW
+    NB = S * NR
+    Kpad = slivers(K, MR) * MR
+    transform_filters(ut, w)
+    pack_transformed_filters(u_pack, ut, MR)
+    total = N * TT
+    for chunk in prange(slivers(total, NB)):
+        t = numba.get_thread_id()
+        v = vs[t, :16 * S * C * NR].reshape(16, S, C, NR)
+        m = ms[t, :16 * K * NB].reshape(16, K, NB)
+        start, end = chunk * NB, min(total, chunk * NB + NB)
+        q = start
+        while q < end:  # V: the input transform, a run of tiles in one row and one sliver at a time
+            n, th, tw, cnt = segment(q, end, TT, TW, NR)
+            local = q - start
+            cnt = min(cnt, NR - local % NR)
+            transform_input(tile, v, x, n, th, tw, cnt, local // NR, local % NR, ph, pw)
+            q += cnt
+        for f in range(16):  # M = U V, position by position, sliver by sliver
+            for s in range(slivers(end - start, NR)):
+                for pc in range(0, C, KC):
+                    kc = min(KC, C - pc)
+                    multiply_sliver(tile, u_pack[f * Kpad * C + pc * Kpad:], vs[t, ((f * S + s) * C + pc) * NR:], m[f],
+                                    s * NR, kc, pc > 0, edges[t])
+        q = start
+        while q < end:  # Y = A^T M A, a run of tiles in one row at a time
+            n, th, tw, cnt = segment(q, end, TT, TW, NR)
+            transform_output(tile, y, m, n, th, tw, cnt, q - start, b, relu, mask, masked)
+            q += cnt
+
+
+def _compiled_for(tile):
+    @njit(parallel=True, cache=True)
+    def forward(y, x, w, b, ph, pw, relu, S, ut, u_pack, vs, ms, edges):
+        winograd_body(tile, y, x, w, b, ph, pw, relu, y, False, S, ut, u_pack, vs, ms, edges)
+
+    @njit(parallel=True, cache=True)
+    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, S, ut, u_pack, vs, ms, edges):
+        flip_filters(wt, w)
+        winograd_body(tile, dx, dy, wt, zeros, 2 - ph, 2 - pw, False, x, masked, S, ut, u_pack, vs, ms, edges)
+
+    return forward, backward_input
+
+
+# One set of compiled kernels per tile (the tile a constant in each: see kernels/matmul.py)
+_KERNELS = tuple(_compiled_for(tile) for tile in range(len(TILE_NAMES)))
+
+
+def winograd_workspace(x_shape, w_shape, need_dx):
+    """{name: shape} of the scratch for the forward (and with ``need_dx`` the input gradient):
+    the transformed filters and their packing, and for each of Numba's threads a chunk's V and
+    M and an edge tile. Sized for any tile (any NR up to MAX_NR)."""
+    N, C = x_shape[0], x_shape[1]
+    K = w_shape[0]
+    threads = numba.config.NUMBA_NUM_THREADS
+    CK = max(C, K)  # the input gradient swaps the two
+    S = chunk_tiles(CK, CK) // MAX_NR
+    shapes = {
+        "wg_ut": (16, CK, CK),
+        "wg_u_pack": (16 * (CK + MAX_MR) * CK,),
+        "wg_v": (threads, 16 * S * CK * MAX_NR),
+        "wg_m": (threads, 16 * CK * S * MAX_NR),
+        "wg_edges": (threads, MAX_MR * MAX_NR),
+    }
+    if need_dx:
+        shapes.update({"wg_flipped": (C, K, 3, 3), "wg_zeros": (C,)})
+    return shapes
+
+
+def _slivers_a_chunk(ws):
+    return ws.wg_v.shape[1] // (16 * ws.wg_ut.shape[1] * MAX_NR)
+
+
+def _ut(ws, K, C):
+    return ws.wg_ut.reshape(-1)[:16 * K * C].reshape(16, K, C)
+
+
+def conv2d_forward_winograd_core(y, x, w, b, ph, pw, relu, ws, tile=None):
+    """y = conv(x, w) + b (3x3, stride 1, padding ph, pw), max(., 0) with ``relu``; ``ws`` from
+    ``winograd_workspace``, ``tile`` a tile's index (None: this CPU's)."""
+    forward = _KERNELS[TILE if tile is None else tile][0]
+    K, C = w.shape[0], w.shape[1]
+    forward(y, x, w, b, ph, pw, relu, _slivers_a_chunk(ws), _ut(ws, K, C), ws.wg_u_pack, ws.wg_v, ws.wg_m,
+            ws.wg_edges)
+
+
+def winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None):
+    """dx = the input gradient of that convolution (the convolution of dy with the flipped filters,
+    padding 2 - P), times x > 0 with ``mask`` (``x`` is read only then)."""
+    backward_input = _KERNELS[TILE if tile is None else tile][1]
+    K, C = w.shape[0], w.shape[1]
+    ws.wg_zeros[:] = 0
+    backward_input(dx, dy, w, ws.wg_flipped, ws.wg_zeros, ph, pw, x, bool(mask), _slivers_a_chunk(ws),
+                   _ut(ws, C, K), ws.wg_u_pack, ws.wg_v, ws.wg_m, ws.wg_edges)
+
+
+def winograd_scratch(x_shape, w_shape, need_dx, dtype):
+    """Fresh scratch arrays for the Winograd kernels (tests, and calls outside a planned step)."""
+    from types import SimpleNamespace
+
+    shapes = winograd_workspace(x_shape, w_shape, need_dx)
+    return SimpleNamespace(**{name: np.empty(shape, dtype) for name, shape in shapes.items()})
