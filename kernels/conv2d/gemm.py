@@ -8,7 +8,9 @@ machine's peak. Three ways, chosen per shape (``conv2d_workspace_cpu``), the fir
   packing; two direct kernels over flat padded planes compute y and dw, four filters a task.
 - Stride 1 with padding under the filter's size (``implicit.implicit_applies``): the implicit
   product of ``implicit.py``, the patches copied tap by tap into the product's panels, no
-  matrix of patches written at all.
+  matrix of patches written at all. Where the filters are 3x3 and the layer is not thin
+  (``winograd.winograd_applies``), the forward and the input gradient run Winograd's F(2x2, 3x3)
+  of ``winograd.py`` instead: 16 multiplies for each 2x2 block of outputs where the product does 36.
 - Anything else: im2col, then one product a pass, with
 
     cols[(c*FH + fh)*FW + fw, n*OH*OW + oh*OW + ow] = x[n, c, oh*S - P + fh, ow*S - P + fw]
@@ -44,8 +46,9 @@ from .._index import in_coord_cpu, valid_out_range_cpu
 from ..activation import relu_backward_core_cpu
 from ..matmul import matmul_core_cpu, matmul_workspace
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
-from .implicit import (bias_gradient_cpu, conv2d_backward_implicit_core, conv2d_forward_implicit_core, implicit_applies,
-                       implicit_input_gradient, implicit_workspace)
+from .implicit import (bias_gradient_cpu, conv2d_forward_implicit_core, implicit_applies, implicit_input_gradient,
+                       implicit_weight_gradient, implicit_workspace)
+from .winograd import conv2d_forward_winograd_core, winograd_applies, winograd_input_gradient, winograd_workspace
 
 # ----------------------------------------------------------------------------- CPU kernels
 
@@ -417,7 +420,8 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
 
     - few input channels (``few_channels``): ``planes`` for the direct kernels, ``padded`` for the
       zero-bordered input, ``kt`` for the input gradient's product;
-    - stride 1 (``implicit.implicit_applies``): the implicit product's scratch (``im_*``);
+    - stride 1 (``implicit.implicit_applies``): the implicit product's scratch (``im_*``), and
+      Winograd's (``wg_*``) where it applies, which then computes y and dx;
     - otherwise im2col: the matrix ``cols`` (kept from forward for backward), ``kt`` (K, N*OH*OW)
       for the products in their layout, ``padded`` for stride 1, ``dcols`` when the input gradient
       is needed, and the product's own scratch (``mm_*``).
@@ -430,6 +434,9 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     rows = C * FH * FW
     shapes = {"db": (K,)}
     if direct and implicit_applies(w_shape, stride, padding) and not few_channels(x_shape, w_shape, stride):
+        if winograd_applies(w_shape, stride, padding, y_shape):  # y and dx by Winograd, dw by the implicit product
+            return {**shapes, **winograd_workspace(x_shape, w_shape, need_dx),
+                    **implicit_workspace(x_shape, w_shape, y_shape, padding, False)}
         return {**shapes, **implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx)}
     shapes["kt"] = (K, N * OH * OW)
     if tuple(stride) == (1, 1):
@@ -526,9 +533,8 @@ def conv2d_backward_input_gemm_cpu(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, p
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_host, ("dx", dx), ("w", w), ("dy", dy), None, stride,
                                                  padding)
     if implicit_applies(w.shape, stride, padding) and not few_channels(dx.shape, w.shape, stride):
-        shapes = implicit_workspace(dx.shape, w.shape, dy.shape, padding, True)
-        ws = SimpleNamespace(**{name: np.empty(shape, dx.dtype) for name, shape in shapes.items()})
-        implicit_input_gradient(dx, dy, w, dx, *padding, False, ws)  # no mask: x is not read
+        ws = SimpleNamespace(**_scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype))
+        _input_gradient_of_stride_one(dx, dy, w, dx, *padding, False, ws)  # no mask: x is not read
         return dx
     ws = _scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype, cols=True)
     _knp_from_nkp(ws["kt"].reshape(K, N, OH * OW), ws["db"], dy.reshape(N, K, OH * OW))
@@ -564,6 +570,14 @@ def _padded(x, ph, pw, ws):
     return x
 
 
+def _input_gradient_of_stride_one(dx, dy, w, x, ph, pw, mask, ws):
+    """dx by Winograd where ``ws`` was made for it, by the implicit product otherwise."""
+    if getattr(ws, "wg_v", None) is not None:
+        winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws)
+    else:
+        implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws)
+
+
 def conv2d_forward_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
@@ -571,6 +585,9 @@ def conv2d_forward_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
     if getattr(ws, "planes", None) is not None:  # few input channels (see few_channels)
         xp = _padded(x, ph, pw, ws)
         _few_channels_forward_cpu(y, xp.reshape(N, C, -1), w, b, relu, ws.planes)
+        return
+    if getattr(ws, "wg_v", None) is not None:  # 3x3, stride 1: Winograd
+        conv2d_forward_winograd_core(y, x, w, b, ph, pw, relu, ws)
         return
     if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit product
         conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws)
@@ -584,8 +601,10 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products
-        conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws)
+    if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products (and Winograd's)
+        implicit_weight_gradient(dw, dy, x, ph, pw, ws)
+        if dx is not None:
+            _input_gradient_of_stride_one(dx, dy, w, x, ph, pw, mask, ws)
         bias_gradient_cpu(ws.db if db is None else db, dy)
         return
     if getattr(ws, "planes", None) is not None:  # few input channels: the forward left ws.padded filled

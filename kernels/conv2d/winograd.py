@@ -362,7 +362,7 @@ def winograd_workspace(x_shape, w_shape, need_dx):
     """{name: shape} of the scratch for the forward (and with ``need_dx`` the input gradient):
     the transformed filters and their packing, and for each of Numba's threads a chunk's V and
     M and an edge tile. Sized for any tile (any NR up to MAX_NR)."""
-    N, C = x_shape[0], x_shape[1]
+    C = x_shape[1]
     K = w_shape[0]
     threads = numba.config.NUMBA_NUM_THREADS
     CK = max(C, K)  # the input gradient swaps the two

@@ -32,6 +32,8 @@ CASES = [
     (2, 3, 10, 9, 2, 3, 2, (3, 2), (2, 1)),
     (2, 5, 6, 7, 3, 3, 3, (1, 1), (1, 1)),  # the implicit product, dx by the full convolution
     (2, 5, 6, 7, 3, 3, 2, (1, 1), (0, 0)),  # the implicit product, dx by the scatter
+    (2, 8, 9, 7, 9, 3, 3, (1, 1), (1, 1)),  # Winograd for y and dx (odd output, tail of MR in K)
+    (3, 9, 6, 13, 8, 3, 3, (1, 1), (0, 0)),  # Winograd, no padding (dx pads dy by 2)
 ]
 IDS = [f"N{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}F{c[5]}x{c[6]}S{c[7]}P{c[8]}" for c in CASES]
 
@@ -214,22 +216,25 @@ def test_input_gradient_in_batch_chunks(rng, monkeypatch, samples, stride, pad):
 
 
 @pytest.mark.parametrize("C, stride, pad, path", [
-    (2, (1, 1), (1, 1), "few channels"), (5, (1, 1), (1, 1), "implicit"), (5, (1, 1), (3, 3), "im2col"),
-    (5, (2, 2), (1, 1), "im2col")])
+    (2, (1, 1), (1, 1), "few channels"), (5, (1, 1), (1, 1), "implicit"), (8, (1, 1), (1, 1), "winograd"),
+    (5, (1, 1), (3, 3), "im2col"), (5, (2, 2), (1, 1), "im2col")])
 def test_public_entry_points_run_what_a_layer_runs(rng, monkeypatch, C, stride, pad, path):
     """Without ``cols`` the public entry points take the planned step's way for the shape (few
-    input channels, the implicit product at stride 1, im2col otherwise); with it, im2col."""
+    input channels, Winograd for 3x3 filters at stride 1, the implicit product at stride 1,
+    im2col otherwise); with it, im2col."""
     from nbcnn.kernels.conv2d import gemm
 
+    names = {"few channels": "_few_channels_forward_cpu", "implicit": "conv2d_forward_implicit_core",
+             "winograd": "conv2d_forward_winograd_core", "im2col": "im2col"}
     seen = []
-    for name in ("_few_channels_forward_cpu", "conv2d_forward_implicit_core", "im2col"):
+    for name in names.values():
         monkeypatch.setattr(gemm, name, lambda *a, fn=getattr(gemm, name), name=name: (seen.append(name), fn(*a))[1])
-    x, w = rng.standard_normal((2, C, 6, 7)), rng.standard_normal((3, C, 3, 3))
-    y = np.empty(ref.conv2d(x, w, np.zeros(3), stride, pad).shape)
+    K = 8 if path == "winograd" else 3
+    x, w = rng.standard_normal((2, C, 6, 7)), rng.standard_normal((K, C, 3, 3))
+    y = np.empty(ref.conv2d(x, w, np.zeros(K), stride, pad).shape)
     conv2d_forward_gemm_cpu(y, x, w, None, *stride, *pad)
-    np.testing.assert_allclose(y, ref.conv2d(x, w, np.zeros(3), stride, pad), rtol=1e-12, atol=1e-12)
-    assert seen == [{"few channels": "_few_channels_forward_cpu", "implicit": "conv2d_forward_implicit_core",
-                     "im2col": "im2col"}[path]]
+    np.testing.assert_allclose(y, ref.conv2d(x, w, np.zeros(K), stride, pad), rtol=1e-12, atol=1e-12)
+    assert seen == [names[path]]
     seen.clear()
     cols = np.empty((C * 9, 2 * y.shape[2] * y.shape[3]))
     conv2d_forward_gemm_cpu(y, x, w, None, *stride, *pad, cols=cols)

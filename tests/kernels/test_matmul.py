@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nbcnn.kernels import matmul as mm
-from nbcnn.kernels.conv2d import implicit
+from nbcnn.kernels.conv2d import implicit, winograd
 from tests import reference as ref
 
 MAX_MR, MAX_NR, KC = mm.MAX_MR, mm.MAX_NR, mm.KC
@@ -167,6 +167,55 @@ def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
         db = np.full(K, np.nan, dtype)
         implicit.bias_gradient_cpu(db, dy)
         np.testing.assert_allclose(db, want_db, **tol)
+
+
+# (N, C, H, W, K, ph, pw) of 3x3 convolutions by Winograd: odd outputs (a tile's last row and
+# column dropped), runs of more tiles than a vector's lanes, chunks cut mid-row and a last one
+# cut short, a tail of MR in K, more channels than a depth block (C > KC, and K > KC for the
+# input gradient), padding 2 (dy not padded for dx), a single tile
+WINOGRAD = [(2, 8, 9, 7, 9, 1, 1), (3, 16, 34, 40, 8, 1, 0), (2, KC + 4, 6, 6, 5, 0, 0), (5, 8, 13, 13, 33, 2, 2),
+            (1, 8, 3, 3, 8, 0, 0)]
+
+
+@pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_against_the_reference(rng, tile, dtype, threads):
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    index = mm.tile_index(tile)
+    for N, C, H, W, K, ph, pw in WINOGRAD:
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((K, C, 3, 3)).astype(dtype)
+        b = rng.standard_normal(K).astype(dtype)
+        want = ref.conv2d(x, w, b, pad=(ph, pw))
+        ws = winograd.winograd_scratch(x.shape, w.shape, True, dtype)
+        for relu in (False, True):
+            y = np.full(want.shape, np.nan, dtype)
+            winograd.conv2d_forward_winograd_core(y, x, w, b, ph, pw, relu, ws, index)
+            np.testing.assert_allclose(y, np.maximum(want, 0) if relu else want, **tol)
+        dy = rng.standard_normal(want.shape).astype(dtype)
+        want_dx = ref.conv2d_grads(dy, x, w, pad=(ph, pw))[0]
+        for mask in (False, True):
+            dx = np.full(x.shape, np.nan, dtype)
+            winograd.winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws, index)
+            np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
+
+
+def test_winograd_gives_the_same_bits_on_any_thread_count(rng):
+    """Each output is computed whole by one task: 1 and 2 threads give the same bits."""
+    x = rng.standard_normal((4, 16, 20, 20)).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    ws = winograd.winograd_scratch(x.shape, w.shape, True, np.float32)
+    before = numba.get_num_threads()
+    ys = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            y = np.empty((4, 24, 20, 20), np.float32)
+            winograd.conv2d_forward_winograd_core(y, x, w, np.zeros(24, np.float32), 1, 1, False, ws)
+            ys.append(y)
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(ys[0], ys[1])
 
 
 # (N, C, H, W, K, FH, FW, ph, pw) of a first layer (few input channels) fused with its 2x2 max
