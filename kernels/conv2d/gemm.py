@@ -9,8 +9,8 @@ machine's peak. Three ways, chosen per shape (``conv2d_workspace_cpu``), the fir
 - Stride 1 with padding under the filter's size (``implicit.implicit_applies``): the implicit
   product of ``implicit.py``, the patches copied tap by tap into the product's panels, no
   matrix of patches written at all. Where the filters are 3x3 and the layer is not thin
-  (``winograd.winograd_applies``), the forward and the input gradient run Winograd's F(2x2, 3x3)
-  of ``winograd.py`` instead: 16 multiplies for each 2x2 block of outputs where the product does 36.
+  (``winograd.winograd_applies``), all three passes run Winograd's F(2x2, 3x3) of
+  ``winograd.py`` instead: 16 multiplies for each 2x2 block of outputs where the product does 36.
 - Anything else: im2col, then one product a pass, with
 
     cols[(c*FH + fh)*FW + fw, n*OH*OW + oh*OW + ow] = x[n, c, oh*S - P + fh, ow*S - P + fw]
@@ -46,9 +46,10 @@ from .._index import in_coord_cpu, valid_out_range_cpu
 from ..activation import relu_backward_core_cpu
 from ..matmul import matmul_core_cpu, matmul_workspace
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
-from .implicit import (bias_gradient_cpu, conv2d_forward_implicit_core, implicit_applies, implicit_input_gradient,
-                       implicit_weight_gradient, implicit_workspace)
-from .winograd import conv2d_forward_winograd_core, winograd_applies, winograd_input_gradient, winograd_workspace
+from .implicit import (bias_gradient_cpu, conv2d_backward_implicit_core, conv2d_forward_implicit_core, implicit_applies,
+                       implicit_input_gradient, implicit_workspace)
+from .winograd import (conv2d_forward_winograd_core, winograd_applies, winograd_input_gradient, winograd_weight_gradient,
+                       winograd_workspace)
 
 # ----------------------------------------------------------------------------- CPU kernels
 
@@ -420,8 +421,8 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
 
     - few input channels (``few_channels``): ``planes`` for the direct kernels, ``padded`` for the
       zero-bordered input, ``kt`` for the input gradient's product;
-    - stride 1 (``implicit.implicit_applies``): the implicit product's scratch (``im_*``), and
-      Winograd's (``wg_*``) where it applies, which then computes y and dx;
+    - stride 1 (``implicit.implicit_applies``): Winograd's scratch (``wg_*``) where it applies,
+      the implicit product's (``im_*``) otherwise;
     - otherwise im2col: the matrix ``cols`` (kept from forward for backward), ``kt`` (K, N*OH*OW)
       for the products in their layout, ``padded`` for stride 1, ``dcols`` when the input gradient
       is needed, and the product's own scratch (``mm_*``).
@@ -434,9 +435,8 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     rows = C * FH * FW
     shapes = {"db": (K,)}
     if direct and implicit_applies(w_shape, stride, padding) and not few_channels(x_shape, w_shape, stride):
-        if winograd_applies(w_shape, stride, padding, y_shape):  # y and dx by Winograd, dw by the implicit product
-            return {**shapes, **winograd_workspace(x_shape, w_shape, need_dx),
-                    **implicit_workspace(x_shape, w_shape, y_shape, padding, False)}
+        if winograd_applies(w_shape, stride, padding, y_shape):
+            return {**shapes, **winograd_workspace(x_shape, w_shape, need_dx)}
         return {**shapes, **implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx)}
     shapes["kt"] = (K, N * OH * OW)
     if tuple(stride) == (1, 1):
@@ -601,10 +601,14 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH, OW = dy.shape[2], dy.shape[3]
-    if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products (and Winograd's)
-        implicit_weight_gradient(dw, dy, x, ph, pw, ws)
+    if getattr(ws, "wg_v", None) is not None:  # 3x3, stride 1: Winograd
+        winograd_weight_gradient(dw, dy, x, ph, pw, ws)
         if dx is not None:
-            _input_gradient_of_stride_one(dx, dy, w, x, ph, pw, mask, ws)
+            winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws)
+        bias_gradient_cpu(ws.db if db is None else db, dy)
+        return
+    if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products
+        conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws)
         bias_gradient_cpu(ws.db if db is None else db, dy)
         return
     if getattr(ws, "planes", None) is not None:  # few input channels: the forward left ws.padded filled

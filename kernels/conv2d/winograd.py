@@ -48,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, TILES, _MR, _NR, _element_pointer, _literal_tile, _splat, _vector,
-                      multiply_sliver, pack_sliver, slivers)
+                      multiply_rows, multiply_sliver, pack_sliver, slivers)
 from .implicit import flip_filters
 
 
@@ -242,6 +242,53 @@ def output_tiles(typingctx, tile, m, mi, mstride, count, y, yi, ystride, cols, r
     return sig, codegen
 
 
+@intrinsic(prefer_literal=True)
+def gradient_tiles(typingctx, tile, dy, di, plane, OW, right, below, dm, mi, mstride, count):
+    """A dY A^T for one tile and ``count`` (at most V) filters side by side: filter l's 2x2 block of
+    dy starts at flat offset di + l*plane (its right column read where ``right``, its lower row
+    where ``below``, zeros otherwise); position f goes to dm[mi + f*mstride + l]. The filters'
+    values are ``plane`` apart: each lane is loaded on its own."""
+    V32 = _literal_tile(tile)[2]
+    sig = types.void(tile, dy, di, plane, OW, right, below, dm, mi, mstride, count)
+
+    def codegen(context, builder, signature, args):
+        _, dy_, di_, plane_, OW_, right_, below_, dm_, mi_, mstride_, count_ = args
+        scalar, V = _vector(signature.args[1], V32)
+        vec = ir.VectorType(scalar, V)
+        i64 = ir.IntType(64)
+        zero = ir.Constant(vec, [0.0] * V)
+        start = _element_pointer(context, builder, signature.args[1], dy_, di_)
+        last = builder.sub(count_, ir.Constant(i64, 1))
+
+        def block(shift):  # dy at offset ``shift`` from each filter's block (lanes past count: the last one's)
+            value = ir.Constant(vec, ir.Undefined)
+            for lane in range(V):
+                k = builder.select(builder.icmp_signed("<", ir.Constant(i64, lane), count_), ir.Constant(i64, lane), last)
+                where = builder.gep(start, [builder.add(builder.mul(k, plane_), shift)])
+                value = builder.insert_element(value, builder.load(where), ir.Constant(ir.IntType(32), lane))
+            return value
+
+        one = ir.Constant(i64, 1)
+        y00 = block(ir.Constant(i64, 0))
+        y01 = builder.select(right_, block(builder.select(right_, one, ir.Constant(i64, 0))), zero)
+        y10 = builder.select(below_, block(builder.select(below_, OW_, ir.Constant(i64, 0))), zero)
+        corner = builder.and_(right_, below_)
+        y11 = builder.select(corner, block(builder.select(corner, builder.add(OW_, one), ir.Constant(i64, 0))), zero)
+        rows = ((y00, y01), (builder.fadd(y00, y10), builder.fadd(y01, y11)), (builder.fsub(y00, y10), builder.fsub(y01, y11)),
+                (builder.fsub(zero, y10), builder.fsub(zero, y11)))  # A dY
+        store = _masked(builder, "store", vec)
+        mask = _lanes_below(builder, count_, V)
+        out = _element_pointer(context, builder, signature.args[7], dm_, mi_)
+        align = ir.Constant(ir.IntType(32), 4)
+        for xi, (a, b) in enumerate(rows):  # (A dY) A^T
+            for nu, value in enumerate((a, builder.fadd(a, b), builder.fsub(a, b), builder.fsub(zero, b))):
+                where = builder.gep(out, [builder.mul(mstride_, ir.Constant(i64, xi * 4 + nu))])
+                builder.call(store, [value, builder.bitcast(where, vec.as_pointer()), align, mask])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ------------------------------------------------------------------------------ the kernel
 
 
@@ -341,6 +388,98 @@ def winograd_body(tile, y, x, w, b, ph, pw, relu, mask, masked, S, ut, u_pack, v
             q += cnt
 
 
+@njit(inline="always", cache=True)
+def from_points(a, b, e, f, half):
+    """G^T applied to the values at the points 0, 1, -1, infinity: the way back of ``at_points``."""
+    return a + (b + e) * half, (b - e) * half, (b + e) * half + f
+
+
+@njit(inline="always", cache=True)
+def transform_gradient(tile, dmt, dy, n, th, tw0, cnt, s, j0):
+    """dmt[xi*4 + nu, s, k // NR, j0 + j, k % NR] = (A dY A^T)[xi, nu] for the tiles tw0 .. tw0 + cnt - 1
+    of tile row th of sample n and every filter k, dY the tile's 2x2 block of dy (zero past its
+    edge): the output transform's way back, filters side by side (B's slivers of the weight
+    gradient's product)."""
+    V = _V[tile] if dy.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of gradient_tiles
+    K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    S, KS, NR = dmt.shape[1], dmt.shape[2], dmt.shape[4]
+    oh = 2 * th
+    dyflat, dmflat = dy.reshape(-1), dmt.reshape(-1)
+    for j in range(cnt):
+        ow = 2 * (tw0 + j)
+        corner = ((n * K) * OH + oh) * OW + ow
+        for k in range(0, K, V):
+            at = ((s * KS + k // NR) * NR + j0 + j) * NR + k % NR
+            gradient_tiles(tile, dyflat, corner + k * OH * OW, OH * OW, OW, ow + 1 < OW, oh + 1 < OH, dmflat, at,
+                           S * KS * NR * NR, min(V, K - k))
+
+
+@njit(inline="always", cache=True)
+def winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts_scratch, edges, parts):
+    """dw (K, C, 3, 3) = the weight gradient of the 3x3 stride-1 convolution, through the transforms
+    taken backwards: dU[xi, nu] = sum over the tiles of (A dY A^T)[xi, nu] * V[xi, nu], then
+    dw = G^T dU G. Each chunk's 16 products dU^T (C, K) += V (C, tiles) @ dM^T (tiles, K) read V
+    in place as A's rows (``multiply_rows``) and the gradient's transform as B's slivers; each
+    thread adds into its own ``parts[t]`` (16, C, K), summed in thread order at the end."""
+    NR = _NR[tile]
+    N, C = x.shape[0], x.shape[1]
+    K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    TT = TH * TW
+    NB = S * NR
+    KS = slivers(K, NR)
+    threads = parts.shape[0]
+    starts = starts_scratch.view(np.int64)
+    for c in range(C + MAX_MR):  # A's rows: channel c of a sliver of V
+        starts[c] = c * NR
+    for t in prange(threads):
+        parts[t] = 0
+    total = N * TT
+    for chunk in prange(slivers(total, NB)):
+        t = numba.get_thread_id()
+        v = vs[t, :16 * S * C * NR].reshape(16, S, C, NR)
+        dmt = dms[t, :16 * S * KS * NR * NR].reshape(16, S, KS, NR, NR)
+        start, end = chunk * NB, min(total, chunk * NB + NB)
+        q = start
+        while q < end:  # V and dM, a run of tiles in one row and one sliver at a time
+            n, th, tw, cnt = segment(q, end, TT, TW, NR)
+            local = q - start
+            cnt = min(cnt, NR - local % NR)
+            transform_input(tile, v, x, n, th, tw, cnt, local // NR, local % NR, ph, pw)
+            transform_gradient(tile, dmt, dy, n, th, tw, cnt, local // NR, local % NR)
+            q += cnt
+        for f in range(16):
+            for s in range(slivers(end - start, NR)):
+                kc = min(NR, end - start - s * NR)  # the sliver's tiles: the products' depth
+                for ks in range(KS):
+                    multiply_rows(tile, vs[t], (f * S + s) * C * NR, starts, dms[t, (((f * S + s) * KS + ks) * NR) * NR:],
+                                  parts[t, f], ks * NR, kc, True, edges[t])
+    half = dw.dtype.type(0.5)
+    for k in prange(K):
+        for c in range(C):
+            u = (summed(parts, 0, c, k), summed(parts, 1, c, k), summed(parts, 2, c, k), summed(parts, 3, c, k))
+            r0 = from_points(u[0], u[1], u[2], u[3], half)  # dU G: each row of dU, to three values
+            u = (summed(parts, 4, c, k), summed(parts, 5, c, k), summed(parts, 6, c, k), summed(parts, 7, c, k))
+            r1 = from_points(u[0], u[1], u[2], u[3], half)
+            u = (summed(parts, 8, c, k), summed(parts, 9, c, k), summed(parts, 10, c, k), summed(parts, 11, c, k))
+            r2 = from_points(u[0], u[1], u[2], u[3], half)
+            u = (summed(parts, 12, c, k), summed(parts, 13, c, k), summed(parts, 14, c, k), summed(parts, 15, c, k))
+            r3 = from_points(u[0], u[1], u[2], u[3], half)
+            for j in range(3):  # then down each column: dw = G^T dU G
+                out = from_points(r0[j], r1[j], r2[j], r3[j], half)
+                for i in range(3):
+                    dw[k, c, i, j] = out[i]
+
+
+@njit(inline="always", cache=True)
+def summed(parts, f, c, k):
+    """parts[:, f, c, k] added in thread order."""
+    total = parts[0, f, c, k]
+    for t in range(1, parts.shape[0]):
+        total += parts[t, f, c, k]
+    return total
+
+
 def _compiled_for(tile):
     @njit(parallel=True, cache=True)
     def forward(y, x, w, b, ph, pw, relu, S, ut, u_pack, vs, ms, edges):
@@ -351,7 +490,11 @@ def _compiled_for(tile):
         flip_filters(wt, w)
         winograd_body(tile, dx, dy, wt, zeros, 2 - ph, 2 - pw, False, x, masked, S, ut, u_pack, vs, ms, edges)
 
-    return forward, backward_input
+    @njit(parallel=True, cache=True)
+    def backward_weight(dw, dy, x, ph, pw, S, vs, dms, starts, edges, parts):
+        winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts, edges, parts)
+
+    return forward, backward_input, backward_weight
 
 
 # One set of compiled kernels per tile (the tile a constant in each: see kernels/matmul.py)
@@ -359,9 +502,10 @@ _KERNELS = tuple(_compiled_for(tile) for tile in range(len(TILE_NAMES)))
 
 
 def winograd_workspace(x_shape, w_shape, need_dx):
-    """{name: shape} of the scratch for the forward (and with ``need_dx`` the input gradient):
-    the transformed filters and their packing, and for each of Numba's threads a chunk's V and
-    M and an edge tile. Sized for any tile (any NR up to MAX_NR)."""
+    """{name: shape} of the scratch for the forward, the weight gradient (and with ``need_dx`` the
+    input gradient): the transformed filters and their packing, the weight gradient's row
+    offsets, and for each of Numba's threads a chunk's V and M (or dM), an edge tile and its own
+    part of the weight gradient. Sized for any tile (any NR up to MAX_NR)."""
     C = x_shape[1]
     K = w_shape[0]
     threads = numba.config.NUMBA_NUM_THREADS
@@ -370,9 +514,11 @@ def winograd_workspace(x_shape, w_shape, need_dx):
     shapes = {
         "wg_ut": (16, CK, CK),
         "wg_u_pack": (16 * (CK + MAX_MR) * CK,),
-        "wg_v": (threads, 16 * S * CK * MAX_NR),
-        "wg_m": (threads, 16 * CK * S * MAX_NR),
+        "wg_v": (threads, 16 * S * CK * MAX_NR + MAX_MR * MAX_NR),  # the weight gradient reads MR rows past C
+        "wg_m": (threads, 16 * (CK + MAX_NR) * S * MAX_NR),  # M, or the gradient's transform (K up to whole slivers)
         "wg_edges": (threads, MAX_MR * MAX_NR),
+        "wg_starts": (2 * (C + MAX_MR),),  # int64s: two float32s each
+        "wg_parts": (threads, 16, C, K),
     }
     if need_dx:
         shapes.update({"wg_flipped": (C, K, 3, 3), "wg_zeros": (C,)})
@@ -380,7 +526,7 @@ def winograd_workspace(x_shape, w_shape, need_dx):
 
 
 def _slivers_a_chunk(ws):
-    return ws.wg_v.shape[1] // (16 * ws.wg_ut.shape[1] * MAX_NR)
+    return (ws.wg_v.shape[1] - MAX_MR * MAX_NR) // (16 * ws.wg_ut.shape[1] * MAX_NR)
 
 
 def _ut(ws, K, C):
@@ -394,6 +540,12 @@ def conv2d_forward_winograd_core(y, x, w, b, ph, pw, relu, ws, tile=None):
     K, C = w.shape[0], w.shape[1]
     forward(y, x, w, b, ph, pw, relu, _slivers_a_chunk(ws), _ut(ws, K, C), ws.wg_u_pack, ws.wg_v, ws.wg_m,
             ws.wg_edges)
+
+
+def winograd_weight_gradient(dw, dy, x, ph, pw, ws, tile=None):
+    """dw = the weight gradient of that convolution (``winograd_weight_gradient_body``)."""
+    backward_weight = _KERNELS[TILE if tile is None else tile][2]
+    backward_weight(dw, dy, x, ph, pw, _slivers_a_chunk(ws), ws.wg_v, ws.wg_m, ws.wg_starts, ws.wg_edges, ws.wg_parts)
 
 
 def winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None):

@@ -193,15 +193,20 @@ def test_winograd_against_the_reference(rng, tile, dtype, threads):
             winograd.conv2d_forward_winograd_core(y, x, w, b, ph, pw, relu, ws, index)
             np.testing.assert_allclose(y, np.maximum(want, 0) if relu else want, **tol)
         dy = rng.standard_normal(want.shape).astype(dtype)
-        want_dx = ref.conv2d_grads(dy, x, w, pad=(ph, pw))[0]
+        want_dx, want_dw, _ = ref.conv2d_grads(dy, x, w, pad=(ph, pw))
         for mask in (False, True):
             dx = np.full(x.shape, np.nan, dtype)
             winograd.winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws, index)
             np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
+        dw = np.full(w.shape, np.nan, dtype)
+        winograd.winograd_weight_gradient(dw, dy, x, ph, pw, ws, index)
+        np.testing.assert_allclose(dw, want_dw, **tol)
 
 
 def test_winograd_gives_the_same_bits_on_any_thread_count(rng):
-    """Each output is computed whole by one task: 1 and 2 threads give the same bits."""
+    """Each output is computed whole by one task: 1 and 2 threads give the same bits (the weight
+    gradient's parts are summed in thread order, so its bits depend on the thread count and are
+    checked for repeatability only)."""
     x = rng.standard_normal((4, 16, 20, 20)).astype(np.float32)
     w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
     ws = winograd.winograd_scratch(x.shape, w.shape, True, np.float32)
@@ -216,6 +221,10 @@ def test_winograd_gives_the_same_bits_on_any_thread_count(rng):
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(ys[0], ys[1])
+    dws = [np.empty(w.shape, np.float32) for _ in range(2)]
+    for dw in dws:
+        winograd.winograd_weight_gradient(dw, ys[0], x, 1, 1, ws)
+    assert np.array_equal(dws[0], dws[1])
 
 
 # (N, C, H, W, K, FH, FW, ph, pw) of a first layer (few input channels) fused with its 2x2 max
