@@ -49,7 +49,6 @@ from numba.extending import intrinsic
 
 from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, TILES, _MR, _NR, _element_pointer, _literal_tile, _splat, _vector,
                       multiply_rows, multiply_sliver, pack_sliver, slivers)
-from .implicit import flip_filters
 
 
 def winograd_applies(w_shape, stride, padding, y_shape):
@@ -78,33 +77,36 @@ def at_points(a, b, e, half):
 
 
 @njit(inline="always", cache=True)
-def transform_filters(ut, w):
-    """ut[xi*4 + nu, k, c] = (G g G^T)[xi, nu] for g = w[k, c] (3x3)."""
-    K, C = w.shape[0], w.shape[1]
-    half = w.dtype.type(0.5)
-    for k in prange(K):
-        for c in range(C):
-            g = w[k, c]
-            c0 = at_points(g[0, 0], g[1, 0], g[2, 0], half)  # G g: the filter's columns at the points
-            c1 = at_points(g[0, 1], g[1, 1], g[2, 1], half)
-            c2 = at_points(g[0, 2], g[1, 2], g[2, 2], half)
-            for i in range(4):  # (G g) G^T: then each row at the points
-                r = at_points(c0[i], c1[i], c2[i], half)
-                for j in range(4):
-                    ut[i * 4 + j, k, c] = r[j]
+def tap(w, k, c, i, j, flipped):
+    """g[i, j] of filter k, channel c: w[k, c, i, j], or with ``flipped`` the input gradient's
+    filters (filter and channel swapped, the window turned by 180 degrees)."""
+    return w[c, k, 2 - i, 2 - j] if flipped else w[k, c, i, j]
 
 
 @njit(inline="always", cache=True)
-def pack_transformed_filters(u_pack, ut, MR):
-    """U[xi, nu] (K, C) for each of the 16 positions as A's slivers, depth block by depth block:
-    position f's block pc starts at f * Kpad * C + pc * Kpad."""
+def transform_filters(u_pack, ut, w, flipped, MR):
+    """U[xi, nu] = (G g G^T)[xi, nu] (K, C) for every filter g of the convolution (``tap``), into
+    ut[xi*4 + nu] and from there as A's slivers, depth block by depth block: position f's block pc
+    starts at f * Kpad * C + pc * Kpad. One task a position: each computes and packs its own."""
     _, K, C = ut.shape
     Kpad = slivers(K, MR) * MR
+    half = w.dtype.type(0.5)
     for f in prange(16):
+        xi, nu = f // 4, f % 4
+        u = ut[f]
+        for k in range(K):
+            for c in range(C):
+                r = (at_points(tap(w, k, c, 0, 0, flipped), tap(w, k, c, 1, 0, flipped), tap(w, k, c, 2, 0, flipped),
+                               half)[xi],  # G g: the filter's columns at point xi
+                     at_points(tap(w, k, c, 0, 1, flipped), tap(w, k, c, 1, 1, flipped), tap(w, k, c, 2, 1, flipped),
+                               half)[xi],
+                     at_points(tap(w, k, c, 0, 2, flipped), tap(w, k, c, 1, 2, flipped), tap(w, k, c, 2, 2, flipped),
+                               half)[xi])
+                u[k, c] = at_points(r[0], r[1], r[2], half)[nu]  # (G g) G^T: that row at point nu
         for s in range(slivers(K, MR)):
             for pc in range(0, C, KC):
                 kc = min(KC, C - pc)
-                pack_sliver(u_pack, f * Kpad * C + pc * Kpad + s * kc * MR, ut[f], s * MR, K, pc, kc, MR, False)
+                pack_sliver(u_pack, f * Kpad * C + pc * Kpad + s * kc * MR, u, s * MR, K, pc, kc, MR, False)
 
 
 # ------------------------------------------------------------- the transforms in vectors
@@ -348,9 +350,10 @@ def transform_output(tile, y, m, n, th, tw0, cnt, q0, bias, relu, mask, masked):
 
 
 @njit(inline="always", cache=True)
-def winograd_body(tile, y, x, w, b, ph, pw, relu, mask, masked, S, ut, u_pack, vs, ms, edges):
-    """y (N, K, OH, OW) = the 3x3 stride-1 convolution of x (N, C, H, W) with w (K, C, 3, 3),
-    padding (ph, pw), plus b, then ReLU / mask as ``transform_output`` says. Scratch: ``ut`` (16,
+def winograd_body(tile, y, x, w, flipped, b, ph, pw, relu, mask, masked, S, ut, u_pack, vs, ms, edges):
+    """y (N, K, OH, OW) = the 3x3 stride-1 convolution of x (N, C, H, W) with w (K, C, 3, 3) (or
+    with ``flipped`` the input gradient's filters of w (C, K, 3, 3): see ``tap``), padding (ph,
+    pw), plus b, then ReLU / mask as ``transform_output`` says. Scratch: ``ut`` (16,
     K, C) and ``u_pack`` (the filters transformed and packed), per thread ``vs`` (16, S, C, NR),
     ``ms`` (16, K, S*NR) and ``edges``."""
     MR, NR = _MR[tile], _NR[tile]
@@ -360,8 +363,7 @@ def winograd_body(tile, y, x, w, b, ph, pw, relu, mask, masked, S, ut, u_pack, v
     TT = TH * TW
     NB = S * NR
     Kpad = slivers(K, MR) * MR
-    transform_filters(ut, w)
-    pack_transformed_filters(u_pack, ut, MR)
+    transform_filters(u_pack, ut, w, flipped, MR)
     total = N * TT
     for chunk in prange(slivers(total, NB)):
         t = numba.get_thread_id()
@@ -429,14 +431,18 @@ def winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts_sc
     NB = S * NR
     KS = slivers(K, NR)
     threads = parts.shape[0]
-    starts = starts_scratch.view(np.int64)
+    starts = starts_scratch[:2 * (C + MAX_MR)].view(np.int64)
     for c in range(C + MAX_MR):  # A's rows: channel c of a sliver of V
         starts[c] = c * NR
-    for t in prange(threads):
-        parts[t] = 0
+    fresh = starts_scratch[2 * (C + MAX_MR):].view(np.int64)  # whether thread t has yet to zero its part
+    for t in range(threads):
+        fresh[t] = 1
     total = N * TT
     for chunk in prange(slivers(total, NB)):
         t = numba.get_thread_id()
+        if fresh[t]:  # the thread's first chunk: only this thread reads or writes fresh[t] and parts[t]
+            parts[t] = 0
+            fresh[t] = 0
         v = vs[t, :16 * S * C * NR].reshape(16, S, C, NR)
         dmt = dms[t, :16 * S * KS * NR * NR].reshape(16, S, KS, NR, NR)
         start, end = chunk * NB, min(total, chunk * NB + NB)
@@ -457,14 +463,8 @@ def winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts_sc
     half = dw.dtype.type(0.5)
     for k in prange(K):
         for c in range(C):
-            u = (summed(parts, 0, c, k), summed(parts, 1, c, k), summed(parts, 2, c, k), summed(parts, 3, c, k))
-            r0 = from_points(u[0], u[1], u[2], u[3], half)  # dU G: each row of dU, to three values
-            u = (summed(parts, 4, c, k), summed(parts, 5, c, k), summed(parts, 6, c, k), summed(parts, 7, c, k))
-            r1 = from_points(u[0], u[1], u[2], u[3], half)
-            u = (summed(parts, 8, c, k), summed(parts, 9, c, k), summed(parts, 10, c, k), summed(parts, 11, c, k))
-            r2 = from_points(u[0], u[1], u[2], u[3], half)
-            u = (summed(parts, 12, c, k), summed(parts, 13, c, k), summed(parts, 14, c, k), summed(parts, 15, c, k))
-            r3 = from_points(u[0], u[1], u[2], u[3], half)
+            r0, r1 = row_from_points(parts, fresh, 0, c, k, half), row_from_points(parts, fresh, 1, c, k, half)
+            r2, r3 = row_from_points(parts, fresh, 2, c, k, half), row_from_points(parts, fresh, 3, c, k, half)
             for j in range(3):  # then down each column: dw = G^T dU G
                 out = from_points(r0[j], r1[j], r2[j], r3[j], half)
                 for i in range(3):
@@ -472,23 +472,30 @@ def winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts_sc
 
 
 @njit(inline="always", cache=True)
-def summed(parts, f, c, k):
-    """parts[:, f, c, k] added in thread order."""
-    total = parts[0, f, c, k]
-    for t in range(1, parts.shape[0]):
-        total += parts[t, f, c, k]
+def row_from_points(parts, fresh, xi, c, k, half):
+    """Row xi of dU G for filter k and channel c: the threads' parts summed, then G^T on the row."""
+    return from_points(summed(parts, fresh, xi * 4, c, k), summed(parts, fresh, xi * 4 + 1, c, k),
+                       summed(parts, fresh, xi * 4 + 2, c, k), summed(parts, fresh, xi * 4 + 3, c, k), half)
+
+
+@njit(inline="always", cache=True)
+def summed(parts, fresh, f, c, k):
+    """parts[:, f, c, k] added in thread order, the parts of threads that took no chunk left out."""
+    total = parts.dtype.type(0)
+    for t in range(parts.shape[0]):
+        if not fresh[t]:
+            total += parts[t, f, c, k]
     return total
 
 
 def _compiled_for(tile):
     @njit(parallel=True, cache=True)
     def forward(y, x, w, b, ph, pw, relu, S, ut, u_pack, vs, ms, edges):
-        winograd_body(tile, y, x, w, b, ph, pw, relu, y, False, S, ut, u_pack, vs, ms, edges)
+        winograd_body(tile, y, x, w, False, b, ph, pw, relu, y, False, S, ut, u_pack, vs, ms, edges)
 
     @njit(parallel=True, cache=True)
-    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, S, ut, u_pack, vs, ms, edges):
-        flip_filters(wt, w)
-        winograd_body(tile, dx, dy, wt, zeros, 2 - ph, 2 - pw, False, x, masked, S, ut, u_pack, vs, ms, edges)
+    def backward_input(dx, dy, w, zeros, ph, pw, x, masked, S, ut, u_pack, vs, ms, edges):
+        winograd_body(tile, dx, dy, w, True, zeros, 2 - ph, 2 - pw, False, x, masked, S, ut, u_pack, vs, ms, edges)
 
     @njit(parallel=True, cache=True)
     def backward_weight(dw, dy, x, ph, pw, S, vs, dms, starts, edges, parts):
@@ -517,11 +524,11 @@ def winograd_workspace(x_shape, w_shape, need_dx):
         "wg_v": (threads, 16 * S * CK * MAX_NR + MAX_MR * MAX_NR),  # the weight gradient reads MR rows past C
         "wg_m": (threads, 16 * (CK + MAX_NR) * S * MAX_NR),  # M, or the gradient's transform (K up to whole slivers)
         "wg_edges": (threads, MAX_MR * MAX_NR),
-        "wg_starts": (2 * (C + MAX_MR),),  # int64s: two float32s each
+        "wg_starts": (2 * (C + MAX_MR + threads),),  # int64s (two float32s each): row offsets, then a flag a thread
         "wg_parts": (threads, 16, C, K),
     }
     if need_dx:
-        shapes.update({"wg_flipped": (C, K, 3, 3), "wg_zeros": (C,)})
+        shapes["wg_zeros"] = (C,)
     return shapes
 
 
@@ -554,7 +561,7 @@ def winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None):
     backward_input = _KERNELS[TILE if tile is None else tile][1]
     K, C = w.shape[0], w.shape[1]
     ws.wg_zeros[:] = 0
-    backward_input(dx, dy, w, ws.wg_flipped, ws.wg_zeros, ph, pw, x, bool(mask), _slivers_a_chunk(ws),
+    backward_input(dx, dy, w, ws.wg_zeros, ph, pw, x, bool(mask), _slivers_a_chunk(ws),
                    _ut(ws, C, K), ws.wg_u_pack, ws.wg_v, ws.wg_m, ws.wg_edges)
 
 
