@@ -186,7 +186,8 @@ REGISTRY = Registry()
 _add = REGISTRY.add
 
 # On the CPU, convolution is a matrix product in nbcnn's own register tiles (kernels/matmul.py):
-# implicit at stride 1 (conv2d/implicit.py), through im2col otherwise, direct kernels for a few
+# Winograd's F(2x2, 3x3) for 3x3 filters at stride 1 (conv2d/winograd.py), implicit at stride 1
+# otherwise (conv2d/implicit.py), through im2col for other strides, direct kernels for a few
 # input channels (conv2d/gemm.py); the loops of the definition (conv2d/cpu.py) stay available as
 # "direct". On a GPU, implicit matrix products in register-blocked tiles (conv2d/cuda.py); the
 # simpler shared-memory kernels they replaced stay available as "tiled".
