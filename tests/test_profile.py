@@ -182,3 +182,17 @@ def test_user_loop_against_the_trainer_in_one_process():
     out = measure("trainer", "lenet5", 8, steps=2, repeats=2)
     assert out["nbcnn_seconds"] > 0 and out["trainer_seconds"] > 0 and not out["torch_first"]
     assert "torch_seconds" not in out
+
+
+def test_winograd_against_implicit_script():
+    """benchmarks/winograd_vs_implicit.py: both algorithms on a layer, their weight gradients
+    checked against each other, each timed (a process of its own: it re-plans the layer)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "winograd_vs_implicit.py"
+    done = subprocess.run([sys.executable, str(script), "--batch", "2", "--repeats", "1", "--shapes", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["shape"] == "32->64 13x13 batch 2" and row["ms"]["winograd"] > 0 and row["ms"]["implicit"] > 0

@@ -48,7 +48,19 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, TILES, _MR, _NR, _element_pointer, _literal_tile, _splat, _vector,
-                      multiply_rows, multiply_sliver, pack_sliver, slivers)
+                      multiply_rows, multiply_sliver, slivers)
+
+
+# The 16 positions' blocks of U, V and M lie PAD values apart more than their size: blocks a power
+# of two apart would fall on the same few sets of the L1 cache, and a transform that writes or
+# reads all 16 at once would evict its own lines (measured: the filters' transform 8x slower).
+PAD = 16
+
+
+@njit(inline="always", cache=True)
+def apart(size):
+    """Distance between two positions' blocks of ``size`` values."""
+    return size + PAD
 
 
 def winograd_applies(w_shape, stride, padding, y_shape):
@@ -84,29 +96,36 @@ def tap(w, k, c, i, j, flipped):
 
 
 @njit(inline="always", cache=True)
-def transform_filters(u_pack, ut, w, flipped, MR):
-    """U[xi, nu] = (G g G^T)[xi, nu] (K, C) for every filter g of the convolution (``tap``), into
-    ut[xi*4 + nu] and from there as A's slivers, depth block by depth block: position f's block pc
-    starts at f * Kpad * C + pc * Kpad. One task a position: each computes and packs its own."""
-    _, K, C = ut.shape
+def transform_filters(u_pack, w, K, C, flipped, MR):
+    """U[xi, nu] = (G g G^T)[xi, nu] (K, C) for every filter g of the convolution (``tap``), written
+    straight as A's slivers of the 16 products, depth block by depth block: position f's block
+    pc starts at f * apart(Kpad * C) + pc * Kpad (Kpad = K rounded up to MR, the rows past K zero).
+    One task a sliver of MR filters."""
     Kpad = slivers(K, MR) * MR
+    ustride = apart(Kpad * C)
     half = w.dtype.type(0.5)
-    for f in prange(16):
-        xi, nu = f // 4, f % 4
-        u = ut[f]
-        for k in range(K):
-            for c in range(C):
-                r = (at_points(tap(w, k, c, 0, 0, flipped), tap(w, k, c, 1, 0, flipped), tap(w, k, c, 2, 0, flipped),
-                               half)[xi],  # G g: the filter's columns at point xi
-                     at_points(tap(w, k, c, 0, 1, flipped), tap(w, k, c, 1, 1, flipped), tap(w, k, c, 2, 1, flipped),
-                               half)[xi],
-                     at_points(tap(w, k, c, 0, 2, flipped), tap(w, k, c, 1, 2, flipped), tap(w, k, c, 2, 2, flipped),
-                               half)[xi])
-                u[k, c] = at_points(r[0], r[1], r[2], half)[nu]  # (G g) G^T: that row at point nu
-        for s in range(slivers(K, MR)):
-            for pc in range(0, C, KC):
-                kc = min(KC, C - pc)
-                pack_sliver(u_pack, f * Kpad * C + pc * Kpad + s * kc * MR, u, s * MR, K, pc, kc, MR, False)
+    zero = w.dtype.type(0)
+    for s in prange(slivers(K, MR)):
+        for pc in range(0, C, KC):
+            block = pc * Kpad + s * min(KC, C - pc) * MR
+            for c in range(pc, min(C, pc + KC)):
+                for i in range(MR):
+                    at = block + (c - pc) * MR + i  # A[k, c] of each position's sliver s
+                    k = s * MR + i
+                    if k >= K:
+                        for f in range(16):
+                            u_pack[f * ustride + at] = zero
+                        continue
+                    c0 = at_points(tap(w, k, c, 0, 0, flipped), tap(w, k, c, 1, 0, flipped),
+                                   tap(w, k, c, 2, 0, flipped), half)  # G g: the filter's columns at the points
+                    c1 = at_points(tap(w, k, c, 0, 1, flipped), tap(w, k, c, 1, 1, flipped),
+                                   tap(w, k, c, 2, 1, flipped), half)
+                    c2 = at_points(tap(w, k, c, 0, 2, flipped), tap(w, k, c, 1, 2, flipped),
+                                   tap(w, k, c, 2, 2, flipped), half)
+                    for xi in range(4):  # (G g) G^T: then each row at the points
+                        r = at_points(c0[xi], c1[xi], c2[xi], half)
+                        for nu in range(4):
+                            u_pack[(xi * 4 + nu) * ustride + at] = r[nu]
 
 
 # ------------------------------------------------------------- the transforms in vectors
@@ -308,54 +327,52 @@ _V = np.array([TILES[t][2] for t in TILE_NAMES], np.int64)  # float32 lanes of e
 
 
 @njit(inline="always", cache=True)
-def transform_input(tile, v, x, n, th, tw0, cnt, s, j0, ph, pw):
-    """v[xi*4 + nu, s, c, j0 + j] = (B^T d B)[xi, nu] for the tiles tw0 .. tw0 + cnt - 1 (at most NR)
+def transform_input(tile, v, vstride, x, n, th, tw0, cnt, s, j0, ph, pw):
+    """V[xi*4 + nu][s, c, j0 + j] = (B^T d B)[xi, nu] for the tiles tw0 .. tw0 + cnt - 1 (at most NR)
     of tile row th of sample n, every channel c; d is the 4x4 input from row 2*th - ph and column
-    2*tw - pw, zero outside x."""
+    2*tw - pw, zero outside x. Position f's block of V, (S, C, NR), starts at v[f * vstride]."""
     V = _V[tile] if x.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of input_tiles
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    S, NR = v.shape[1], v.shape[3]
+    NR = _NR[tile]
     ih0 = 2 * th - ph
     rows = 0
     for r in range(4):
         if 0 <= ih0 + r < H:
             rows |= 1 << r
-    xflat, vflat = x.reshape(-1), v.reshape(-1)
-    plane = S * C * NR
+    xflat = x.reshape(-1)
     for c in range(C):
         xi = ((n * C + c) * H + ih0) * W
         for j in range(0, cnt, V):
-            input_tiles(tile, xflat, xi, W, 2 * (tw0 + j) - pw, rows, vflat, (s * C + c) * NR + j0 + j, plane,
+            input_tiles(tile, xflat, xi, W, 2 * (tw0 + j) - pw, rows, v, (s * C + c) * NR + j0 + j, vstride,
                         min(V, cnt - j))
 
 
 @njit(inline="always", cache=True)
-def transform_output(tile, y, m, n, th, tw0, cnt, q0, bias, relu, mask, masked):
+def transform_output(tile, y, m, mstride, NB, n, th, tw0, cnt, q0, bias, relu, mask, masked):
     """y[n, k, 2*th + i, 2*tw + j] = (A^T M A)[i, j] + bias[k] for the tiles tw0 .. tw0 + cnt - 1 of
-    tile row th, M[xi, nu] = m[xi*4 + nu, k, q0 + tw - tw0]; max(., 0) with ``relu``, times mask > 0
-    with ``masked`` (``mask`` is read only then). Outputs past y's edge (odd OH or OW) are dropped."""
+    tile row th, M[xi, nu] = m[(xi*4 + nu) * mstride + k*NB + q0 + tw - tw0]; max(., 0) with ``relu``,
+    times mask > 0 with ``masked`` (``mask`` is read only then). Outputs past y's edge (odd OH or
+    OW) are dropped."""
     V = _V[tile] if y.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of output_tiles
     K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
-    NB = m.shape[2]
     rows = min(2, OH - 2 * th)
-    yflat, mflat = y.reshape(-1), m.reshape(-1)
-    maskflat = mask.reshape(-1)
+    yflat, maskflat = y.reshape(-1), mask.reshape(-1)
     for k in range(K):
         row = ((n * K + k) * OH + 2 * th) * OW
         for j in range(0, cnt, V):
             ow = 2 * (tw0 + j)
             run = min(V, cnt - j)
-            output_tiles(tile, mflat, k * NB + q0 + j, K * NB, run, yflat, row + ow, OW, min(2 * run, OW - ow), rows,
+            output_tiles(tile, m, k * NB + q0 + j, mstride, run, yflat, row + ow, OW, min(2 * run, OW - ow), rows,
                          bias[k], relu, maskflat, masked)
 
 
 @njit(inline="always", cache=True)
-def winograd_body(tile, y, x, w, flipped, b, ph, pw, relu, mask, masked, S, ut, u_pack, vs, ms, edges):
+def winograd_body(tile, y, x, w, flipped, b, ph, pw, relu, mask, masked, S, u_pack, vs, ms, edges):
     """y (N, K, OH, OW) = the 3x3 stride-1 convolution of x (N, C, H, W) with w (K, C, 3, 3) (or
     with ``flipped`` the input gradient's filters of w (C, K, 3, 3): see ``tap``), padding (ph,
-    pw), plus b, then ReLU / mask as ``transform_output`` says. Scratch: ``ut`` (16,
-    K, C) and ``u_pack`` (the filters transformed and packed), per thread ``vs`` (16, S, C, NR),
-    ``ms`` (16, K, S*NR) and ``edges``."""
+    pw), plus b, then ReLU / mask as ``transform_output`` says. Scratch: ``u_pack`` (the filters
+    transformed and packed), and per thread ``vs`` (room for V: 16 blocks of S x C x NR, S
+    slivers a chunk), ``ms`` (M: 16 blocks of K x S*NR) and ``edges``."""
     MR, NR = _MR[tile], _NR[tile]
     N, C = x.shape[0], x.shape[1]
     K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
@@ -363,30 +380,30 @@ def winograd_body(tile, y, x, w, flipped, b, ph, pw, relu, mask, masked, S, ut, 
     TT = TH * TW
     NB = S * NR
     Kpad = slivers(K, MR) * MR
-    transform_filters(u_pack, ut, w, flipped, MR)
+    ustride, vstride, mstride = apart(Kpad * C), apart(S * C * NR), apart(K * NB)
+    transform_filters(u_pack, w, K, C, flipped, MR)
     total = N * TT
     for chunk in prange(slivers(total, NB)):
         t = numba.get_thread_id()
-        v = vs[t, :16 * S * C * NR].reshape(16, S, C, NR)
-        m = ms[t, :16 * K * NB].reshape(16, K, NB)
+        v, m = vs[t], ms[t]
         start, end = chunk * NB, min(total, chunk * NB + NB)
         q = start
         while q < end:  # V: the input transform, a run of tiles in one row and one sliver at a time
             n, th, tw, cnt = segment(q, end, TT, TW, NR)
             local = q - start
             cnt = min(cnt, NR - local % NR)
-            transform_input(tile, v, x, n, th, tw, cnt, local // NR, local % NR, ph, pw)
+            transform_input(tile, v, vstride, x, n, th, tw, cnt, local // NR, local % NR, ph, pw)
             q += cnt
         for f in range(16):  # M = U V, position by position, sliver by sliver
             for s in range(slivers(end - start, NR)):
                 for pc in range(0, C, KC):
                     kc = min(KC, C - pc)
-                    multiply_sliver(tile, u_pack[f * Kpad * C + pc * Kpad:], vs[t, ((f * S + s) * C + pc) * NR:], m[f],
-                                    s * NR, kc, pc > 0, edges[t])
+                    multiply_sliver(tile, u_pack[f * ustride + pc * Kpad:], v[f * vstride + (s * C + pc) * NR:],
+                                    m[f * mstride:f * mstride + K * NB].reshape(K, NB), s * NR, kc, pc > 0, edges[t])
         q = start
         while q < end:  # Y = A^T M A, a run of tiles in one row at a time
             n, th, tw, cnt = segment(q, end, TT, TW, NR)
-            transform_output(tile, y, m, n, th, tw, cnt, q - start, b, relu, mask, masked)
+            transform_output(tile, y, m, mstride, NB, n, th, tw, cnt, q - start, b, relu, mask, masked)
             q += cnt
 
 
@@ -397,23 +414,23 @@ def from_points(a, b, e, f, half):
 
 
 @njit(inline="always", cache=True)
-def transform_gradient(tile, dmt, dy, n, th, tw0, cnt, s, j0):
-    """dmt[xi*4 + nu, s, k // NR, j0 + j, k % NR] = (A dY A^T)[xi, nu] for the tiles tw0 .. tw0 + cnt - 1
+def transform_gradient(tile, dm, dstride, KS, dy, n, th, tw0, cnt, s, j0):
+    """dM[xi*4 + nu][s, k // NR, j0 + j, k % NR] = (A dY A^T)[xi, nu] for the tiles tw0 .. tw0 + cnt - 1
     of tile row th of sample n and every filter k, dY the tile's 2x2 block of dy (zero past its
     edge): the output transform's way back, filters side by side (B's slivers of the weight
-    gradient's product)."""
+    gradient's product). Position f's block, (S, KS, NR, NR), starts at dm[f * dstride]."""
     V = _V[tile] if dy.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of gradient_tiles
     K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
-    S, KS, NR = dmt.shape[1], dmt.shape[2], dmt.shape[4]
+    NR = _NR[tile]
     oh = 2 * th
-    dyflat, dmflat = dy.reshape(-1), dmt.reshape(-1)
+    dyflat = dy.reshape(-1)
     for j in range(cnt):
         ow = 2 * (tw0 + j)
         corner = ((n * K) * OH + oh) * OW + ow
         for k in range(0, K, V):
             at = ((s * KS + k // NR) * NR + j0 + j) * NR + k % NR
-            gradient_tiles(tile, dyflat, corner + k * OH * OW, OH * OW, OW, ow + 1 < OW, oh + 1 < OH, dmflat, at,
-                           S * KS * NR * NR, min(V, K - k))
+            gradient_tiles(tile, dyflat, corner + k * OH * OW, OH * OW, OW, ow + 1 < OW, oh + 1 < OH, dm, at, dstride,
+                           min(V, K - k))
 
 
 @njit(inline="always", cache=True)
@@ -430,6 +447,7 @@ def winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts_sc
     TT = TH * TW
     NB = S * NR
     KS = slivers(K, NR)
+    vstride, dstride = apart(S * C * NR), apart(S * KS * NR * NR)
     threads = parts.shape[0]
     starts = starts_scratch[:2 * (C + MAX_MR)].view(np.int64)
     for c in range(C + MAX_MR):  # A's rows: channel c of a sliver of V
@@ -443,22 +461,21 @@ def winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts_sc
         if fresh[t]:  # the thread's first chunk: only this thread reads or writes fresh[t] and parts[t]
             parts[t] = 0
             fresh[t] = 0
-        v = vs[t, :16 * S * C * NR].reshape(16, S, C, NR)
-        dmt = dms[t, :16 * S * KS * NR * NR].reshape(16, S, KS, NR, NR)
+        v, dm = vs[t], dms[t]
         start, end = chunk * NB, min(total, chunk * NB + NB)
         q = start
         while q < end:  # V and dM, a run of tiles in one row and one sliver at a time
             n, th, tw, cnt = segment(q, end, TT, TW, NR)
             local = q - start
             cnt = min(cnt, NR - local % NR)
-            transform_input(tile, v, x, n, th, tw, cnt, local // NR, local % NR, ph, pw)
-            transform_gradient(tile, dmt, dy, n, th, tw, cnt, local // NR, local % NR)
+            transform_input(tile, v, vstride, x, n, th, tw, cnt, local // NR, local % NR, ph, pw)
+            transform_gradient(tile, dm, dstride, KS, dy, n, th, tw, cnt, local // NR, local % NR)
             q += cnt
         for f in range(16):
             for s in range(slivers(end - start, NR)):
                 kc = min(NR, end - start - s * NR)  # the sliver's tiles: the products' depth
                 for ks in range(KS):
-                    multiply_rows(tile, vs[t], (f * S + s) * C * NR, starts, dms[t, (((f * S + s) * KS + ks) * NR) * NR:],
+                    multiply_rows(tile, v, f * vstride + s * C * NR, starts, dm[f * dstride + (s * KS + ks) * NR * NR:],
                                   parts[t, f], ks * NR, kc, True, edges[t])
     half = dw.dtype.type(0.5)
     for k in prange(K):
@@ -490,12 +507,12 @@ def summed(parts, fresh, f, c, k):
 
 def _compiled_for(tile):
     @njit(parallel=True, cache=True)
-    def forward(y, x, w, b, ph, pw, relu, S, ut, u_pack, vs, ms, edges):
-        winograd_body(tile, y, x, w, False, b, ph, pw, relu, y, False, S, ut, u_pack, vs, ms, edges)
+    def forward(y, x, w, b, ph, pw, relu, S, u_pack, vs, ms, edges):
+        winograd_body(tile, y, x, w, False, b, ph, pw, relu, y, False, S, u_pack, vs, ms, edges)
 
     @njit(parallel=True, cache=True)
-    def backward_input(dx, dy, w, zeros, ph, pw, x, masked, S, ut, u_pack, vs, ms, edges):
-        winograd_body(tile, dx, dy, w, True, zeros, 2 - ph, 2 - pw, False, x, masked, S, ut, u_pack, vs, ms, edges)
+    def backward_input(dx, dy, w, zeros, ph, pw, x, masked, S, u_pack, vs, ms, edges):
+        winograd_body(tile, dx, dy, w, True, zeros, 2 - ph, 2 - pw, False, x, masked, S, u_pack, vs, ms, edges)
 
     @njit(parallel=True, cache=True)
     def backward_weight(dw, dy, x, ph, pw, S, vs, dms, starts, edges, parts):
@@ -510,19 +527,18 @@ _KERNELS = tuple(_compiled_for(tile) for tile in range(len(TILE_NAMES)))
 
 def winograd_workspace(x_shape, w_shape, need_dx):
     """{name: shape} of the scratch for the forward, the weight gradient (and with ``need_dx`` the
-    input gradient): the transformed filters and their packing, the weight gradient's row
-    offsets, and for each of Numba's threads a chunk's V and M (or dM), an edge tile and its own
-    part of the weight gradient. Sized for any tile (any NR up to MAX_NR)."""
+    input gradient): the transformed filters as A's slivers, the weight gradient's row offsets,
+    and for each of Numba's threads a chunk's V and M (or dM), an edge tile and its own part of
+    the weight gradient. Sized for any tile (any NR up to MAX_NR)."""
     C = x_shape[1]
     K = w_shape[0]
     threads = numba.config.NUMBA_NUM_THREADS
     CK = max(C, K)  # the input gradient swaps the two
     S = chunk_tiles(CK, CK) // MAX_NR
     shapes = {
-        "wg_ut": (16, CK, CK),
-        "wg_u_pack": (16 * (CK + MAX_MR) * CK,),
-        "wg_v": (threads, 16 * S * CK * MAX_NR + MAX_MR * MAX_NR),  # the weight gradient reads MR rows past C
-        "wg_m": (threads, 16 * (CK + MAX_NR) * S * MAX_NR),  # M, or the gradient's transform (K up to whole slivers)
+        "wg_u_pack": (16 * ((CK + MAX_MR) * CK + PAD),),
+        "wg_v": (threads, 16 * (S * CK * MAX_NR + PAD) + MAX_MR * MAX_NR),  # the weight gradient reads MR rows past C
+        "wg_m": (threads, 16 * ((CK + MAX_NR) * S * MAX_NR + PAD)),  # M, or dM (K up to whole slivers)
         "wg_edges": (threads, MAX_MR * MAX_NR),
         "wg_starts": (2 * (C + MAX_MR + threads),),  # int64s (two float32s each): row offsets, then a flag a thread
         "wg_parts": (threads, 16, C, K),
@@ -532,37 +548,40 @@ def winograd_workspace(x_shape, w_shape, need_dx):
     return shapes
 
 
-def _slivers_a_chunk(ws):
-    return (ws.wg_v.shape[1] - MAX_MR * MAX_NR) // (16 * ws.wg_ut.shape[1] * MAX_NR)
-
-
-def _ut(ws, K, C):
-    return ws.wg_ut.reshape(-1)[:16 * K * C].reshape(16, K, C)
+def _slivers_a_chunk(ws, y_shape, tile):
+    """Slivers of NR tiles a chunk: at most what the scratch holds, and such that the chunks come
+    in whole rounds of Numba's threads (a parallel loop hands each thread a run of them)."""
+    CK = max(ws.wg_parts.shape[2], ws.wg_parts.shape[3])
+    room = (ws.wg_v.shape[1] - MAX_MR * MAX_NR - 16 * PAD) // (16 * CK * MAX_NR)
+    N, _, OH, OW = y_shape
+    total = -(-N * ((OH + 1) // 2) * ((OW + 1) // 2) // int(_NR[TILE if tile is None else tile]))  # slivers
+    threads = numba.get_num_threads()
+    rounds = -(-total // (threads * room))
+    return max(1, -(-total // (threads * rounds)))
 
 
 def conv2d_forward_winograd_core(y, x, w, b, ph, pw, relu, ws, tile=None):
     """y = conv(x, w) + b (3x3, stride 1, padding ph, pw), max(., 0) with ``relu``; ``ws`` from
     ``winograd_workspace``, ``tile`` a tile's index (None: this CPU's)."""
     forward = _KERNELS[TILE if tile is None else tile][0]
-    K, C = w.shape[0], w.shape[1]
-    forward(y, x, w, b, ph, pw, relu, _slivers_a_chunk(ws), _ut(ws, K, C), ws.wg_u_pack, ws.wg_v, ws.wg_m,
+    forward(y, x, w, b, ph, pw, relu, _slivers_a_chunk(ws, y.shape, tile), ws.wg_u_pack, ws.wg_v, ws.wg_m,
             ws.wg_edges)
 
 
 def winograd_weight_gradient(dw, dy, x, ph, pw, ws, tile=None):
     """dw = the weight gradient of that convolution (``winograd_weight_gradient_body``)."""
     backward_weight = _KERNELS[TILE if tile is None else tile][2]
-    backward_weight(dw, dy, x, ph, pw, _slivers_a_chunk(ws), ws.wg_v, ws.wg_m, ws.wg_starts, ws.wg_edges, ws.wg_parts)
+    backward_weight(dw, dy, x, ph, pw, _slivers_a_chunk(ws, dy.shape, tile), ws.wg_v, ws.wg_m, ws.wg_starts,
+                    ws.wg_edges, ws.wg_parts)
 
 
 def winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None):
     """dx = the input gradient of that convolution (the convolution of dy with the flipped filters,
     padding 2 - P), times x > 0 with ``mask`` (``x`` is read only then)."""
     backward_input = _KERNELS[TILE if tile is None else tile][1]
-    K, C = w.shape[0], w.shape[1]
     ws.wg_zeros[:] = 0
-    backward_input(dx, dy, w, ws.wg_zeros, ph, pw, x, bool(mask), _slivers_a_chunk(ws),
-                   _ut(ws, C, K), ws.wg_u_pack, ws.wg_v, ws.wg_m, ws.wg_edges)
+    backward_input(dx, dy, w, ws.wg_zeros, ph, pw, x, bool(mask), _slivers_a_chunk(ws, dx.shape, tile),
+                   ws.wg_u_pack, ws.wg_v, ws.wg_m, ws.wg_edges)
 
 
 def winograd_scratch(x_shape, w_shape, need_dx, dtype):
