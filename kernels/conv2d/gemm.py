@@ -435,7 +435,7 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     rows = C * FH * FW
     shapes = {"db": (K,)}
     if direct and implicit_applies(w_shape, stride, padding) and not few_channels(x_shape, w_shape, stride):
-        if winograd_applies(w_shape, stride, padding, y_shape):
+        if winograd_applies(w_shape, stride, padding):
             return {**shapes, **winograd_workspace(x_shape, w_shape, need_dx)}
         return {**shapes, **implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx)}
     shapes["kt"] = (K, N * OH * OW)

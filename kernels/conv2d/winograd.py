@@ -63,13 +63,13 @@ def apart(size):
     return size + PAD
 
 
-def winograd_applies(w_shape, stride, padding, y_shape):
+def winograd_applies(w_shape, stride, padding):
     """Whether F(2x2, 3x3) runs this convolution: 3x3 filters, stride 1, padding at most 2 (the
-    input gradient pads by 2 - P), at least 8 input channels and filters (below that the products
-    are too thin for the transforms to pay), and outputs at least 4 x 4."""
+    input gradient pads by 2 - P), and at least 8 input channels and filters (below that the
+    products are too thin for the transforms to pay). Small images too: the tiles of several
+    samples share a chunk, where the implicit product computes a sliver of 32 columns a sample."""
     K, C, FH, FW = w_shape
-    return ((FH, FW) == (3, 3) and tuple(stride) == (1, 1) and max(padding) <= 2 and min(C, K) >= 8
-            and min(y_shape[2], y_shape[3]) >= 4)
+    return (FH, FW) == (3, 3) and tuple(stride) == (1, 1) and max(padding) <= 2 and min(C, K) >= 8
 
 
 def chunk_tiles(C, K, NR=MAX_NR):
@@ -478,8 +478,8 @@ def winograd_weight_gradient_body(tile, dw, dy, x, ph, pw, S, vs, dms, starts_sc
                     multiply_rows(tile, v, f * vstride + s * C * NR, starts, dm[f * dstride + (s * KS + ks) * NR * NR:],
                                   parts[t, f], ks * NR, kc, True, edges[t])
     half = dw.dtype.type(0.5)
-    for k in prange(K):
-        for c in range(C):
+    for c in prange(C):  # parts[t, f, c] is a run over k: read along it
+        for k in range(K):
             r0, r1 = row_from_points(parts, fresh, 0, c, k, half), row_from_points(parts, fresh, 1, c, k, half)
             r2, r3 = row_from_points(parts, fresh, 2, c, k, half), row_from_points(parts, fresh, 3, c, k, half)
             for j in range(3):  # then down each column: dw = G^T dU G
