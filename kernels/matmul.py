@@ -454,6 +454,16 @@ def split_depth(tile, c, a, b, trans_a, trans_b, accumulate, a_packs, b_slivers,
 
 
 A_WHOLE_BELOW = 1 << 17  # elements of A (512 KB of float32, half of an L2): packed whole, not by depth block
+DEEP = 8  # a product whose depth is this many times its width is split along the depth when A is large
+
+
+@njit(inline="always", cache=True)
+def deep(M, N, K):
+    """Whether a product with a large A (packed depth block by depth block, two parallel loops a
+    block) is deep enough against its width N to be split along the depth instead: the threads'
+    parts of C (M x N each) are then cheap to add, and the pool wakes twice in all (a dense
+    layer's forward, 9216 inputs to 128: 72 wake-ups before)."""
+    return M * K >= A_WHOLE_BELOW and DEEP * N <= K
 
 
 @njit(inline="always", cache=True)
@@ -473,9 +483,9 @@ def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, 
     threads.
 
     A product with fewer column slivers than threads and a long depth (a weight gradient: few
-    filters times few taps, summed over every position of the batch) is split along its depth
-    instead (``split_depth``), given the scratch for it (``a_packs``, ``parts``) and ``threads``, the
-    number of Numba's threads.
+    filters times few taps, summed over every position of the batch), or a large A and a depth
+    many times the width (``deep``), is split along its depth instead (``split_depth``), given the
+    scratch for it (``a_packs``, ``parts``) and ``threads``, the number of Numba's threads.
     """
     MR, NR = _MR[tile], _NR[tile]
     M, N = c.shape
@@ -486,7 +496,7 @@ def matmul_body(tile, c, a, b, trans_a, trans_b, accumulate, a_pack, b_slivers, 
         return
     Mpad = slivers(M, MR) * MR
     threads = min(threads, parts.shape[0])
-    if threads > 1 and slivers(N, NR) < threads and K >= threads * KC and parts.shape[1] >= M * N:
+    if threads > 1 and K >= threads * KC and parts.shape[1] >= M * N and (slivers(N, NR) < threads or deep(M, N, K)):
         split_depth(tile, c, a, b, trans_a, trans_b, accumulate, a_packs, b_slivers, edges, parts, threads)
         return
     if M * K < A_WHOLE_BELOW:
@@ -553,7 +563,8 @@ def matmul_workspace(*products):
     along its depth (see ``matmul_body``) each thread's packed A and its part of C."""
     threads = numba.config.NUMBA_NUM_THREADS
     a_pack = max((M + MAX_MR) * (K if M * K < A_WHOLE_BELOW else min(K, KC)) for M, N, K in products)
-    split = [(M, N) for M, N, K in products if threads > 1 and N < threads * MAX_NR and K >= threads * KC]
+    split = [(M, N) for M, N, K in products
+             if threads > 1 and K >= threads * KC and (N < threads * MAX_NR or deep(M, N, K))]
     return {"mm_a_pack": (max(1, a_pack),),
             "mm_b_slivers": (threads, KC * MAX_NR),
             "mm_edges": (threads, MAX_MR * MAX_NR),

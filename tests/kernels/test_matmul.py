@@ -15,9 +15,9 @@ MAX_MR, MAX_NR, KC = mm.MAX_MR, mm.MAX_NR, mm.KC
 # (M, N, K): one of everything, tails of every tile's MR and NR (primes), a whole and a partial
 # depth block (KC and KC + 1), several of them, a single row and a single column; and narrow
 # products with a long depth, which two threads split along the depth (runs of whole blocks,
-# one of them cut short)
+# one of them cut short), and a wider one whose A is large (``mm.deep``)
 SHAPES = [(1, 1, 1), (1, 40, 3), (37, 1, 5), (7, 33, 1), (13, 97, KC), (29, 31, KC + 1), (50, 70, 2 * KC + 3),
-          (97, 131, 300), (9, 5, 3 * KC + 7), (17, 20, 4 * KC + 1)]
+          (97, 131, 300), (9, 5, 3 * KC + 7), (17, 20, 4 * KC + 1), (17, 70, 31 * KC + 5)]
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
