@@ -60,6 +60,7 @@ TILES = {"avx512": (8, 32, 16), "avx2": (6, 16, 8), "neon": (8, 12, 4), "portabl
 TILE_NAMES = tuple(TILES)
 _MR = np.array([TILES[t][0] for t in TILE_NAMES], np.int64)
 _NR = np.array([TILES[t][1] for t in TILE_NAMES], np.int64)
+_V = np.array([TILES[t][2] for t in TILE_NAMES], np.int64)
 MAX_MR, MAX_NR = int(_MR.max()), int(_NR.max())
 assert MAX_MR == 8  # multiply_rows passes eight row offsets to the micro-kernel
 KC = 256  # depth of the packed slivers: a KC x NR sliver of B stays in L1 (32 KB at NR = 32)

@@ -51,8 +51,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, TILES, _MR, _NR, _element_pointer, _literal_tile, _splat, _vector,
-                      multiply_rows, multiply_sliver, slivers)
+from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, _V, _element_pointer, _literal_tile, _splat,
+                      _vector, multiply_rows, multiply_sliver, slivers)
 
 
 # The 16 positions' blocks of U, V and M lie PAD values apart more than their size: blocks a power
@@ -76,10 +76,10 @@ def winograd_applies(w_shape, stride, padding):
     return (FH, FW) == (3, 3) and tuple(stride) == (1, 1) and max(padding) <= 2 and min(C, K) >= 8
 
 
-def chunk_tiles(C, K, NR=MAX_NR):
-    """Tiles a chunk: V and M of one chunk (16 x (C + K) x NB float32s) in about 1 MB, whole
-    slivers of NR, at least one, at most 8."""
-    return NR * max(1, min(8, (1 << 14) // ((C + K) * NR)))
+def chunk_room(CK):
+    """Slivers of MAX_NR tiles the scratch holds a chunk, for up to CK channels and filters: V and
+    M of one chunk (16 x 2CK x NB float32s) in about 1 MB, at least one sliver, at most 8."""
+    return max(1, min(8, (1 << 14) // (2 * CK * MAX_NR)))
 
 
 # ----------------------------------------------------------------------------- the transforms
@@ -320,14 +320,18 @@ def gradient_tiles(typingctx, tile, dy, di, plane, OW, right, below, dm, mi, mst
 @njit(inline="always", cache=True)
 def segment(q, end, TT, TW, NR):
     """The run of tiles from global tile q on that lies in one tile row and one sliver of its
-    chunk (``end``: the chunk's end; ``q`` is counted from the chunk's start by the caller):
-    (sample, tile row, first tile column, count)."""
+    chunk (``end``: the chunk's end, tiles numbered over the whole batch): (sample, tile row, first
+    tile column, count). Cutting the run at a sliver's end is the caller's."""
     n, rest = q // TT, q % TT
     th, tw = rest // TW, rest % TW
     return n, th, tw, min(TW - tw, end - q)
 
 
-_V = np.array([TILES[t][2] for t in TILE_NAMES], np.int64)  # float32 lanes of each tile's vectors
+@njit(inline="always", cache=True)
+def lanes(tile, a):
+    """Lanes of the tile's vectors for a's dtype (``matmul._vector``'s count): V in float32, V/2 in
+    float64: the tiles one call of a transform's intrinsic takes."""
+    return _V[tile] if a.itemsize == 4 else max(1, _V[tile] // 2)
 
 
 @njit(inline="always", cache=True)
@@ -335,7 +339,7 @@ def transform_input(tile, v, vstride, x, n, th, tw0, cnt, s, j0, ph, pw):
     """V[xi*4 + nu][s, c, j0 + j] = (B^T d B)[xi, nu] for the tiles tw0 .. tw0 + cnt - 1 (at most NR)
     of tile row th of sample n, every channel c; d is the 4x4 input from row 2*th - ph and column
     2*tw - pw, zero outside x. Position f's block of V, (S, C, NR), starts at v[f * vstride]."""
-    V = _V[tile] if x.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of input_tiles
+    V = lanes(tile, x)
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     NR = _NR[tile]
     ih0 = 2 * th - ph
@@ -357,7 +361,7 @@ def transform_output(tile, y, m, mstride, NB, n, th, tw0, cnt, q0, bias, relu, m
     tile row th, M[xi, nu] = m[(xi*4 + nu) * mstride + k*NB + q0 + tw - tw0]; max(., 0) with ``relu``,
     times mask > 0 with ``masked`` (``mask`` is read only then). Outputs past y's edge (odd OH or
     OW) are dropped."""
-    V = _V[tile] if y.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of output_tiles
+    V = lanes(tile, y)
     K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
     rows = min(2, OH - 2 * th)
     yflat, maskflat = y.reshape(-1), mask.reshape(-1)
@@ -423,7 +427,7 @@ def transform_gradient(tile, dm, dstride, KS, dy, n, th, tw0, cnt, s, j0):
     of tile row th of sample n and every filter k, dY the tile's 2x2 block of dy (zero past its
     edge): the output transform's way back, filters side by side (B's slivers of the weight
     gradient's product). Position f's block, (S, KS, NR, NR), starts at dm[f * dstride]."""
-    V = _V[tile] if dy.itemsize == 4 else max(1, _V[tile] // 2)  # the lanes of gradient_tiles
+    V = lanes(tile, dy)
     K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
     NR = _NR[tile]
     oh = 2 * th
@@ -538,7 +542,7 @@ def winograd_workspace(x_shape, w_shape, need_dx):
     K = w_shape[0]
     threads = numba.config.NUMBA_NUM_THREADS
     CK = max(C, K)  # the input gradient swaps the two
-    S = chunk_tiles(CK, CK) // MAX_NR
+    S = chunk_room(CK)
     shapes = {
         "wg_u_pack": (16 * ((CK + MAX_MR) * CK + PAD),),
         "wg_v": (threads, 16 * (S * CK * MAX_NR + PAD) + MAX_MR * MAX_NR),  # the weight gradient reads MR rows past C
@@ -556,7 +560,7 @@ def _slivers_a_chunk(ws, y_shape, tile):
     """Slivers of NR tiles a chunk: at most what the scratch holds, and such that the chunks come
     in whole rounds of Numba's threads (a parallel loop hands each thread a run of them)."""
     CK = max(ws.wg_parts.shape[2], ws.wg_parts.shape[3])
-    room = (ws.wg_v.shape[1] - MAX_MR * MAX_NR - 16 * PAD) // (16 * CK * MAX_NR)
+    room = chunk_room(CK)
     N, _, OH, OW = y_shape
     total = -(-N * ((OH + 1) // 2) * ((OW + 1) // 2) // int(_NR[TILE if tile is None else tile]))  # slivers
     threads = numba.get_num_threads()
