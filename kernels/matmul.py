@@ -48,6 +48,8 @@ per register (twice the registers: correct everywhere, fast only in float32).
 import os
 from types import SimpleNamespace
 
+import llvmlite
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
@@ -131,6 +133,36 @@ def _splat(builder, vec, scalar):
     undef = ir.Constant(vec, ir.Undefined)
     first = builder.insert_element(undef, scalar, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(ir.IntType(32), vec.count), [0] * vec.count))
+
+
+_OPAQUE = llvm.llvm_version_info[0] >= 15 and getattr(llvmlite, "opaque_pointers_enabled", True)
+
+
+def _masked(builder, what, vec):
+    """LLVM's ``llvm.masked.load`` or ``llvm.masked.store`` for vectors of type ``vec`` (floats or integers)."""
+    mask = ir.VectorType(ir.IntType(1), vec.count)
+    ptr = vec.as_pointer()
+    element = {ir.FloatType: "f32", ir.DoubleType: "f64"}.get(type(vec.element)) or f"i{vec.element.width}"
+    name = f"llvm.masked.{what}.v{vec.count}{element}.p0" + ("" if _OPAQUE else f"v{vec.count}{element}")
+    if what == "load":
+        fn_type = ir.FunctionType(vec, [ptr, ir.IntType(32), mask, vec])
+    else:
+        fn_type = ir.FunctionType(ir.VoidType(), [vec, ptr, ir.IntType(32), mask])
+    return cgutils.get_or_insert_function(builder.module, fn_type, name)
+
+
+def _lanes_below(builder, count, lanes):
+    """The mask of the lanes l < count (an int64)."""
+    i64 = ir.IntType(64)
+    index = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+    return builder.icmp_signed("<", index, _splat(builder, ir.VectorType(i64, lanes), count))
+
+
+def _pick(builder, vec, first):
+    """The even (``first`` 0) or odd (1) lanes of ``vec``."""
+    lanes = vec.type.count // 2
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                                                        [2 * i + first for i in range(lanes)]))
 
 
 def _tile_codegen(MR, NR, V32, a_type, c_type, a_pointer):
@@ -275,6 +307,38 @@ def add_row(typingctx, tile, dst, di, src, si):
 
 
 @intrinsic(prefer_literal=True)
+def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked):
+    """dst[di + l] = src[si + l] + bias for l < count (at most the tile's V lanes), max(., 0) with
+    ``relu``, zero where keep[di + l] is not > 0 with ``masked`` (``keep`` laid out as ``dst``; read
+    only then). One masked load and store a run, so a short row (an output row of a small image)
+    is one vector, not a scalar loop."""
+    V32 = _literal_tile(tile)[2]
+    sig = types.void(tile, dst, di, src, si, count, bias, relu, keep, masked)
+
+    def codegen(context, builder, signature, args):
+        _, dst_, di_, src_, si_, count_, bias_, relu_, keep_, masked_ = args
+        scalar, V = _vector(signature.args[1], V32)
+        vec = ir.VectorType(scalar, V)
+        align = ir.Constant(ir.IntType(32), 4)
+        zeros = ir.Constant(vec, [0.0] * V)
+        load, store = _masked(builder, "load", vec), _masked(builder, "store", vec)
+        lanes = _lanes_below(builder, count_, V)
+        frm = _element_pointer(context, builder, signature.args[3], src_, si_)
+        to = _element_pointer(context, builder, signature.args[1], dst_, di_)
+        gate = _element_pointer(context, builder, signature.args[8], keep_, di_)
+        value = builder.fadd(builder.call(load, [builder.bitcast(frm, vec.as_pointer()), align, lanes, zeros]),
+                             _splat(builder, vec, bias_))
+        value = builder.select(relu_, builder.select(builder.fcmp_ordered("<", value, zeros), zeros, value), value)
+        read = builder.and_(lanes, _splat(builder, ir.VectorType(ir.IntType(1), V), masked_))
+        kept = builder.call(load, [builder.bitcast(gate, vec.as_pointer()), align, read, zeros])
+        value = builder.select(masked_, builder.select(builder.fcmp_ordered(">", kept, zeros), value, zeros), value)
+        builder.call(store, [value, builder.bitcast(to, vec.as_pointer()), align, lanes])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
 def fma_chains(typingctx, tile, reps, out, oi):
     """The FMA peak's loop: MR x NR/V independent chains acc = fma(acc, x, y) over ``reps``
     steps, in the tile's vectors (as many as the tile's accumulators: at least the 8 that two
@@ -347,6 +411,13 @@ def fma_peak_cpu(out, reps, tile=None):
 
 
 # ------------------------------------------------------------------------------ packing
+
+
+@njit(inline="always", cache=True)
+def lanes(tile, a):
+    """Lanes of the tile's vectors for a's dtype (``matmul._vector``'s count): V in float32, V/2 in
+    float64: the values one call of a vector intrinsic (``store_run``, Winograd's transforms) takes."""
+    return _V[tile] if a.itemsize == 4 else max(1, _V[tile] // 2)
 
 
 @njit(inline="always", cache=True)

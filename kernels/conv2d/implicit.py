@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, add_row, copy_row, multiply_rows, multiply_sliver,
-                      pack_sliver, slivers)
+                      lanes, pack_sliver, slivers, store_run)
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -157,30 +157,37 @@ def unpad_sample(dx, n, dxp, ph, pw, x, masked):
 
 
 @njit(inline="always", cache=True)
-def store_sample(y, n, plane, b, relu, mask, masked, WP):
+def store_sample(tile, y, n, plane, b, relu, mask, masked, WP):
     """y[n, k, oh, ow] = plane[k, oh*WP + ow] + b[k], max(., 0) with ``relu``, times mask[n, k, oh, ow] > 0
-    with ``masked``."""
+    with ``masked``: a row at a time in runs of the tile's vectors (``store_run``)."""
     K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
-    zero = y.dtype.type(0)
+    V = lanes(tile, y)
     for k in range(K):
-        bk = b[k]
         for oh in range(OH):
-            row = plane[k, oh * WP:oh * WP + OW]
-            out = y[n, k, oh]
-            for ow in range(OW):
-                v = row[ow] + bk
-                if relu:
-                    v = max(v, zero)
-                if masked and not mask[n, k, oh, ow] > 0:
-                    v = zero
-                out[ow] = v
+            at = ((n * K + k) * OH + oh) * OW
+            for ow in range(0, OW, V):
+                store_run(tile, y, at + ow, plane[k], oh * WP + ow, min(V, OW - ow), b[k], relu, mask, masked)
+
+
+@njit(inline="always", cache=True)
+def whole_tiles(scratch, rows, cols, MR, NR):
+    """scratch's first values as a (rows, cols) matrix rounded up to whole MR x NR tiles: the
+    micro-kernel stores every tile straight into it, none through an edge buffer."""
+    R, Q = slivers(rows, MR) * MR, slivers(cols, NR) * NR
+    return scratch[:R * Q].reshape(R, Q)
+
+
+def tiles_size(rows, cols):
+    """Values ``whole_tiles`` needs for any tile."""
+    return (rows + MAX_MR) * (cols + MAX_NR)
 
 
 @njit(inline="always", cache=True)
 def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, xpads, planes, b_slivers, edges):
     """y (N, K, OH, OW) = the stride-1 convolution of x (N, C, H, W) with w (K, C, FH, FW), padding
     (ph, pw), plus b, then ReLU / mask as ``store_sample`` says. Scratch: ``a_pack`` (packed filters),
-    per thread ``xpads`` (a padded sample), ``planes`` (K, OH*WP), ``b_slivers``, ``edges``."""
+    per thread ``xpads`` (a padded sample), ``planes`` (K, OH*WP in whole tiles, flat: ``whole_tiles``),
+    ``b_slivers``, ``edges``."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
@@ -191,14 +198,14 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, xpads, p
     pack_weights(a_pack, w.reshape(K, R), MR)
     for n in prange(N):
         t = numba.get_thread_id()
-        xp, plane, sliver = xpads[t], planes[t], b_slivers[t]
+        xp, plane, sliver = xpads[t], whole_tiles(planes[t], K, OH * WP, MR, NR), b_slivers[t]
         pad_sample(xp, x, n, ph, pw)
         for pc in range(0, R, KC):
             kc = min(KC, R - pc)
             for col in range(slivers(OH * WP, NR)):
                 pack_patches(tile, sliver, xp, pc, kc, col * NR, FH, FW, HP, WP)
                 multiply_sliver(tile, a_pack[pc * Kpad:], sliver, plane, col * NR, kc, pc > 0, edges[t])
-        store_sample(y, n, plane, b, relu, mask, masked, WP)
+        store_sample(tile, y, n, plane, b, relu, mask, masked, WP)
 
 
 @njit(inline="always", cache=True)
@@ -375,7 +382,7 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
         "im_a_pack": ((K + MAX_MR) * R,),
         "im_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
         "im_xpads": (threads, C * HP * WP + tail),
-        "im_planes": (threads, K, OH * WP),
+        "im_planes": (threads, tiles_size(K, OH * WP)),
         "im_b_slivers": (threads, KC * MAX_NR),
         "im_edges": (threads, MAX_MR * MAX_NR),
         "im_parts": (threads, R, K),
@@ -394,7 +401,7 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
             "im_zeros": (C,),
             "im_dx_pack": ((C + MAX_MR) * K * FH * FW,),
             "im_dy_pads": (threads, K * dHP * dWP + tail),
-            "im_dx_planes": (threads, C, H * dWP),
+            "im_dx_planes": (threads, tiles_size(C, H * dWP)),
         })
     return shapes
 

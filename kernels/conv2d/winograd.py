@@ -42,17 +42,14 @@ float64 reference, the float32 results are off by 1e-7 to 2e-6 of the largest va
 tests' shapes (the transforms add up to 16 values with coefficients of 1 and 1/2).
 """
 
-import llvmlite
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, _V, _element_pointer, _literal_tile, _splat,
-                      _vector, multiply_rows, multiply_sliver, slivers)
+from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, _element_pointer, _lanes_below, _literal_tile,
+                      _masked, _pick, _splat, _vector, lanes, multiply_rows, multiply_sliver, slivers)
 
 
 # The 16 positions' blocks of U, V and M lie PAD values apart more than their size: blocks a power
@@ -139,36 +136,6 @@ def transform_filters(u_pack, w, K, C, flipped, MR):
 # columns apart: the input transform loads 2V values and takes the even and odd ones apart
 # (a shuffle); the output transform interleaves its two output columns the same way. Runs of
 # fewer than V tiles store only their lanes (LLVM's masked loads and stores).
-
-_OPAQUE = llvm.llvm_version_info[0] >= 15 and getattr(llvmlite, "opaque_pointers_enabled", True)
-
-
-def _masked(builder, what, vec):
-    """LLVM's ``llvm.masked.load`` or ``llvm.masked.store`` for vectors of type ``vec``."""
-    mask = ir.VectorType(ir.IntType(1), vec.count)
-    ptr = vec.as_pointer()
-    element = "f32" if isinstance(vec.element, ir.FloatType) else "f64"
-    name = f"llvm.masked.{what}.v{vec.count}{element}.p0" + ("" if _OPAQUE else f"v{vec.count}{element}")
-    if what == "load":
-        fn_type = ir.FunctionType(vec, [ptr, ir.IntType(32), mask, vec])
-    else:
-        fn_type = ir.FunctionType(ir.VoidType(), [vec, ptr, ir.IntType(32), mask])
-    return cgutils.get_or_insert_function(builder.module, fn_type, name)
-
-
-def _lanes_below(builder, count, lanes):
-    """The mask of the lanes l < count (an int64)."""
-    i64 = ir.IntType(64)
-    index = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
-    return builder.icmp_signed("<", index, _splat(builder, ir.VectorType(i64, lanes), count))
-
-
-def _pick(builder, vec, first):
-    """The even (``first`` 0) or odd (1) lanes of ``vec``."""
-    lanes = vec.type.count // 2
-    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), lanes),
-                                                        [2 * i + first for i in range(lanes)]))
-
 
 @intrinsic(prefer_literal=True)
 def input_tiles(typingctx, tile, x, xi, W, col, rows, v, vi, vstride, count):
@@ -325,13 +292,6 @@ def segment(q, end, TT, TW, NR):
     n, rest = q // TT, q % TT
     th, tw = rest // TW, rest % TW
     return n, th, tw, min(TW - tw, end - q)
-
-
-@njit(inline="always", cache=True)
-def lanes(tile, a):
-    """Lanes of the tile's vectors for a's dtype (``matmul._vector``'s count): V in float32, V/2 in
-    float64: the tiles one call of a transform's intrinsic takes."""
-    return _V[tile] if a.itemsize == 4 else max(1, _V[tile] // 2)
 
 
 @njit(inline="always", cache=True)
