@@ -64,6 +64,8 @@ _MR = np.array([TILES[t][0] for t in TILE_NAMES], np.int64)
 _NR = np.array([TILES[t][1] for t in TILE_NAMES], np.int64)
 _V = np.array([TILES[t][2] for t in TILE_NAMES], np.int64)
 MAX_MR, MAX_NR = int(_MR.max()), int(_NR.max())
+# the width of a half tile (``microkernel_gather``'s ``half``): NR/2 where that is whole vectors, NR otherwise
+HALF_NR = np.array([nr // 2 if (nr // 2) % v == 0 else nr for _, nr, v in TILES.values()], np.int64)
 assert MAX_MR == 8  # multiply_rows passes eight row offsets to the micro-kernel
 KC = 256  # depth of the packed slivers: a KC x NR sliver of B stays in L1 (32 KB at NR = 32)
 
@@ -165,18 +167,17 @@ def _pick(builder, vec, first):
                                                         [2 * i + first for i in range(lanes)]))
 
 
-def _tile_codegen(MR, NR, V32, a_type, c_type, a_pointer):
-    """The micro-kernel's code, for either way of reading A: ``a_pointer(builder, i, p)`` gives
-    the address of A[i, p] (row i of the tile, step p)."""
+def _tile_codegen(MR, NR, V32, a_type, a_pointer, b_pointer, c_pointer):
+    """The micro-kernel's code for any way of finding its operands: ``a_pointer(builder, i, p)``
+    gives the address of A[i, p] (row i of the tile, step p), ``b_pointer(builder, p)`` that of
+    B's row p (NR adjacent values), ``c_pointer(builder, i)`` that of C's row i of the tile."""
 
-    def emit(context, builder, kc_, b_type, b_, bi_, c_, ci_, ldc_, accumulate_):
+    def emit(builder, kc_, accumulate_):
         i64 = ir.IntType(64)
         const = lambda v: ir.Constant(i64, v)  # noqa: E731
         scalar, V = _vector(a_type, V32)
         vec, vptr = ir.VectorType(scalar, V), ir.VectorType(scalar, V).as_pointer()
         NJ = NR // V
-        bp = _element_pointer(context, builder, b_type, b_, bi_)
-        cp = _element_pointer(context, builder, c_type, c_, ci_)
         fma = _fma(builder, vec)
         zero = ir.Constant(vec, [0.0] * V)
         entry = builder.block
@@ -191,7 +192,7 @@ def _tile_codegen(MR, NR, V32, a_type, c_type, a_pointer):
         acc = [builder.phi(vec) for _ in range(MR * NJ)]
         for v in acc:
             v.add_incoming(zero, entry)
-        b_row = builder.gep(bp, [builder.mul(p, const(NR))])
+        b_row = b_pointer(builder, p)
         b_vec = [builder.load(builder.bitcast(builder.gep(b_row, [const(j * V)]), vptr), align=4) for j in range(NJ)]
         new = []
         for i in range(MR):
@@ -203,22 +204,36 @@ def _tile_codegen(MR, NR, V32, a_type, c_type, a_pointer):
             v.add_incoming(n, loop)
         builder.cbranch(builder.icmp_signed("<", p_next, kc_), loop, done)
 
-        # store the tile: rows ldc apart, added to what C held with accumulate
+        # store the tile, added to what C held with accumulate
         builder.position_at_end(done)
         totals = [builder.phi(vec) for _ in range(MR * NJ)]  # phi nodes first in their block
         for total, n in zip(totals, new):
             total.add_incoming(zero, entry)
             total.add_incoming(n, loop)
         for i in range(MR):
-            c_row = builder.gep(cp, [builder.mul(const(i), ldc_)])
+            c_row = c_pointer(builder, i)
             for j in range(NJ):
                 total = totals[i * NJ + j]
                 where = builder.bitcast(builder.gep(c_row, [const(j * V)]), vptr)
                 old = builder.load(where, align=4)
                 builder.store(builder.select(accumulate_, builder.fadd(old, total), total), where, align=4)
-        return context.get_dummy_value()
 
     return emit
+
+
+def _packed_a(context, builder, a_type, a_, ai_, MR):
+    """A's packed sliver from flat offset ai: A[i, p] at p*MR + i."""
+    i64 = ir.IntType(64)
+    ap = _element_pointer(context, builder, a_type, a_, ai_)
+    return lambda builder, i, p: builder.gep(ap, [builder.add(builder.mul(p, ir.Constant(i64, MR)),
+                                                              ir.Constant(i64, i))])
+
+
+def _strided(context, builder, ty, array, index, stride):
+    """Row r of a matrix whose rows are ``stride`` values apart, from flat offset ``index``."""
+    base = _element_pointer(context, builder, ty, array, index)
+    return lambda builder, r: builder.gep(base, [builder.mul(r if not isinstance(r, int) else ir.Constant(
+        ir.IntType(64), r), stride)])
 
 
 @intrinsic(prefer_literal=True)
@@ -235,14 +250,12 @@ def microkernel(typingctx, tile, kc, a, ai, b, bi, c, ci, ldc, accumulate):
 
     def codegen(context, builder, signature, args):
         _, kc_, a_, ai_, b_, bi_, c_, ci_, ldc_, accumulate_ = args
-        i64 = ir.IntType(64)
-        ap = _element_pointer(context, builder, signature.args[2], a_, ai_)
-
-        def a_pointer(builder, i, p):  # packed: A[i, p] at p*MR + i
-            return builder.gep(ap, [builder.add(builder.mul(p, ir.Constant(i64, MR)), ir.Constant(i64, i))])
-
-        emit = _tile_codegen(MR, NR, V32, signature.args[2], signature.args[6], a_pointer)
-        return emit(context, builder, kc_, signature.args[4], b_, bi_, c_, ci_, ldc_, accumulate_)
+        ty = signature.args
+        emit = _tile_codegen(MR, NR, V32, ty[2], _packed_a(context, builder, ty[2], a_, ai_, MR),
+                             _strided(context, builder, ty[4], b_, bi_, ir.Constant(ir.IntType(64), NR)),
+                             _strided(context, builder, ty[6], c_, ci_, ldc_))
+        emit(builder, kc_, accumulate_)
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -259,14 +272,74 @@ def microkernel_rows(typingctx, tile, kc, a, ai, starts, b, bi, c, ci, ldc, accu
 
     def codegen(context, builder, signature, args):
         _, kc_, a_, ai_, starts_, b_, bi_, c_, ci_, ldc_, accumulate_ = args
-        rows = [_element_pointer(context, builder, signature.args[2], a_,
-                                 builder.add(ai_, builder.extract_value(starts_, i))) for i in range(MR)]
+        ty = signature.args
+        rows = [_element_pointer(context, builder, ty[2], a_, builder.add(ai_, builder.extract_value(starts_, i)))
+                for i in range(MR)]
+        emit = _tile_codegen(MR, NR, V32, ty[2], lambda builder, i, p: builder.gep(rows[i], [p]),
+                             _strided(context, builder, ty[5], b_, bi_, ir.Constant(ir.IntType(64), NR)),
+                             _strided(context, builder, ty[7], c_, ci_, ldc_))
+        emit(builder, kc_, accumulate_)
+        return context.get_dummy_value()
 
-        def a_pointer(builder, i, p):  # in place: A[i, p] at starts[i] + p
-            return builder.gep(rows[i], [p])
+    return sig, codegen
 
-        emit = _tile_codegen(MR, NR, V32, signature.args[2], signature.args[7], a_pointer)
-        return emit(context, builder, kc_, signature.args[5], b_, bi_, c_, ci_, ldc_, accumulate_)
+
+def _literal_width(tile, half):
+    """The tile's MR, NR, V with NR halved where ``half`` (a literal bool) says so and NR/2 is
+    still whole vectors (``HALF_NR``)."""
+    MR, NR, V32 = _literal_tile(tile)
+    if not isinstance(half, types.BooleanLiteral):
+        raise errors.RequireLiteralValue("half must be a compile-time constant")
+    return MR, (HALF_NR[tile.literal_value] if half.literal_value else NR), V32
+
+
+@intrinsic(prefer_literal=True)
+def microkernel_gather(typingctx, tile, half, kc, a, ai, b, bi, offsets, oi, c, ci, ldc, accumulate):
+    """The micro-kernel with B read in place: B's row p is the run ``b[bi + offsets[oi + p]:]``
+    (``offsets`` int64), so nothing is packed. A convolution's patches for NR adjacent output
+    columns are, tap by tap, NR adjacent values of the padded input: B's rows are the input at
+    the taps' offsets. ``half`` (a literal): the tile's left half only (``HALF_NR`` columns), for
+    a last sliver that would be mostly beyond the plane. A packed and C as in ``microkernel``."""
+    MR, NR, V32 = _literal_width(tile, half)
+    sig = types.void(tile, half, kc, a, ai, b, bi, offsets, oi, c, ci, ldc, accumulate)
+
+    def codegen(context, builder, signature, args):
+        _, _, kc_, a_, ai_, b_, bi_, offsets_, oi_, c_, ci_, ldc_, accumulate_ = args
+        ty = signature.args
+        base = _element_pointer(context, builder, ty[5], b_, bi_)
+        offs = _element_pointer(context, builder, ty[7], offsets_, oi_)
+
+        def b_pointer(builder, p):
+            return builder.gep(base, [builder.load(builder.gep(offs, [p]))])
+
+        emit = _tile_codegen(MR, NR, V32, ty[3], _packed_a(context, builder, ty[3], a_, ai_, MR), b_pointer,
+                             _strided(context, builder, ty[9], c_, ci_, ldc_))
+        emit(builder, kc_, accumulate_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def microkernel_scatter(typingctx, tile, half, kc, a, ai, b, bi, ldb, c, ci, starts):
+    """The micro-kernel adding its tile into C's rows in place: row i of the tile is added to the
+    run ``c[ci + starts[i]:]`` (``starts`` a tuple of at least MR offsets). B's row p is
+    ``b[bi + p*ldb:]`` (a matrix read in place, rows ``ldb`` apart); A packed as in
+    ``microkernel``; ``half`` as in ``microkernel_gather``. The transpose of the gather: a sliver of
+    w^T @ dy added back along the taps into the padded input gradient, with no matrix of it stored
+    in between. Rows may overlap: each is read, added and stored in turn."""
+    MR, NR, V32 = _literal_width(tile, half)
+    sig = types.void(tile, half, kc, a, ai, b, bi, ldb, c, ci, starts)
+
+    def codegen(context, builder, signature, args):
+        _, _, kc_, a_, ai_, b_, bi_, ldb_, c_, ci_, starts_ = args
+        ty = signature.args
+        rows = [_element_pointer(context, builder, ty[8], c_, builder.add(ci_, builder.extract_value(starts_, i)))
+                for i in range(MR)]
+        emit = _tile_codegen(MR, NR, V32, ty[3], _packed_a(context, builder, ty[3], a_, ai_, MR),
+                             _strided(context, builder, ty[5], b_, bi_, ldb_), lambda builder, i: rows[i])
+        emit(builder, kc_, ir.Constant(ir.IntType(1), 1))
+        return context.get_dummy_value()
 
     return sig, codegen
 

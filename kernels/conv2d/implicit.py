@@ -28,8 +28,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, add_row, copy_row, multiply_rows, multiply_sliver,
-                      lanes, pack_sliver, slivers, store_run)
+from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, add_row, lanes, microkernel_gather,
+                      microkernel_scatter, multiply_rows, pack_sliver, slivers, store_run)
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -83,23 +83,6 @@ def tap_offsets(scratch, C, FH, FW, HP, WP):
 
 
 @njit(inline="always", cache=True)
-def pack_patches(tile, dst, xp, r0, kc, q0, FH, FW, HP, WP):
-    """dst[p*NR + j] = patches[r0 + p, q0 + j]: for each tap, NR adjacent values of xp (one vector
-    copy); the tap's offset is counted along, not divided out."""
-    NR = _NR[tile]
-    c, fh, fw = r0 // (FH * FW), (r0 // FW) % FH, r0 % FW
-    for p in range(kc):
-        copy_row(tile, dst, p * NR, xp, (c * HP + fh) * WP + fw + q0)
-        fw += 1
-        if fw == FW:
-            fw = 0
-            fh += 1
-            if fh == FH:
-                fh = 0
-                c += 1
-
-
-@njit(inline="always", cache=True)
 def pack_weights(a_pack, wf, MR):
     """The filters wf (K, R) as A's slivers, depth block by depth block: block pc starts at
     pc * Kpad (Kpad = K rounded up to MR)."""
@@ -139,21 +122,19 @@ def add_tap_rows(tile, dxp, taps, g, q0, C, FH, FW):
 
 
 @njit(inline="always", cache=True)
-def unpad_sample(dx, n, dxp, ph, pw, x, masked):
+def unpad_sample(tile, dx, n, dxp, ph, pw, x, masked):
     """dx[n] = the inside of the padded gradient dxp (rows of W + 2*pw, planes of H + 2*ph rows),
-    times x[n] > 0 with ``masked`` (``x`` is read only then)."""
+    times x[n] > 0 with ``masked`` (``x`` is read only then): a row at a time in vector runs."""
     C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
     HP, WP = H + 2 * ph, W + 2 * pw
+    V = lanes(tile, dx)
     zero = dx.dtype.type(0)
     for c in range(C):
         for i in range(H):
-            row = dxp[(c * HP + i + ph) * WP + pw:]
-            out = dx[n, c, i]
-            for j in range(W):
-                v = row[j]
-                if masked and not x[n, c, i, j] > 0:
-                    v = zero
-                out[j] = v
+            at = ((n * C + c) * H + i) * W
+            for j in range(0, W, V):
+                store_run(tile, dx, at + j, dxp, (c * HP + i + ph) * WP + pw + j, min(V, W - j), zero, False, x,
+                          masked)
 
 
 @njit(inline="always", cache=True)
@@ -183,28 +164,41 @@ def tiles_size(rows, cols):
 
 
 @njit(inline="always", cache=True)
-def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, xpads, planes, b_slivers, edges):
+def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scratch, xpads, planes):
     """y (N, K, OH, OW) = the stride-1 convolution of x (N, C, H, W) with w (K, C, FH, FW), padding
-    (ph, pw), plus b, then ReLU / mask as ``store_sample`` says. Scratch: ``a_pack`` (packed filters),
-    per thread ``xpads`` (a padded sample), ``planes`` (K, OH*WP in whole tiles, flat: ``whole_tiles``),
-    ``b_slivers``, ``edges``."""
-    MR, NR = _MR[tile], _NR[tile]
+    (ph, pw), plus b, then ReLU / mask as ``store_sample`` says. The patches are read in place:
+    for NR adjacent columns of the plane, tap r's row of B is NR adjacent values of the padded
+    sample from the tap's offset (``microkernel_gather``); the last sliver takes a half tile where
+    it is no wider than one. Scratch: ``a_pack`` (packed filters), ``taps_scratch`` (the taps'
+    offsets), per thread ``xpads`` (a padded sample) and ``planes`` (K, OH*WP in whole tiles,
+    flat: ``whole_tiles``)."""
+    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH = y.shape[2]
     HP, WP = H + 2 * ph, W + 2 * pw
     R = C * FH * FW
+    Q = OH * WP
     Kpad = slivers(K, MR) * MR
     pack_weights(a_pack, w.reshape(K, R), MR)
+    taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
     for n in prange(N):
         t = numba.get_thread_id()
-        xp, plane, sliver = xpads[t], whole_tiles(planes[t], K, OH * WP, MR, NR), b_slivers[t]
+        xp, plane = xpads[t], whole_tiles(planes[t], K, Q, MR, NR)
+        ldc = plane.shape[1]
         pad_sample(xp, x, n, ph, pw)
         for pc in range(0, R, KC):
             kc = min(KC, R - pc)
-            for col in range(slivers(OH * WP, NR)):
-                pack_patches(tile, sliver, xp, pc, kc, col * NR, FH, FW, HP, WP)
-                multiply_sliver(tile, a_pack[pc * Kpad:], sliver, plane, col * NR, kc, pc > 0, edges[t])
+            for q0 in range(0, Q, NR):
+                half = HALF < NR and Q - q0 <= HALF
+                for i in range(0, Kpad, MR):
+                    ai = pc * Kpad + i * kc
+                    if half:
+                        microkernel_gather(tile, True, kc, a_pack, ai, xp, q0, taps, pc, plane, i * ldc + q0, ldc,
+                                           pc > 0)
+                    else:
+                        microkernel_gather(tile, False, kc, a_pack, ai, xp, q0, taps, pc, plane, i * ldc + q0, ldc,
+                                           pc > 0)
         store_sample(tile, y, n, plane, b, relu, mask, masked, WP)
 
 
@@ -262,52 +256,96 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, xpads, b_slivers
 
 
 @njit(inline="always", cache=True)
-def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps_scratch, dxpads, g_slivers,
-                                b_slivers, edges):
+def scatter_taps(scratch, C, FH, FW, HP, WP, sink):
+    """The taps' offsets in the scatter's row order r = (fh*FW + fw)*C + c, so that a tile's rows
+    are different channels (planes apart: adding one row does not wait on the last one's store),
+    then MAX_MR offsets of ``sink`` for the rows past the last tap: int64s, as ``tap_offsets``."""
+    taps = scratch.view(np.int64)
+    R = C * FH * FW
+    for fh in range(FH):
+        for fw in range(FW):
+            for c in range(C):
+                taps[(fh * FW + fw) * C + c] = (c * HP + fh) * WP + fw
+    for i in range(MAX_MR):
+        taps[R + i] = sink
+    return taps
+
+
+@njit(inline="always", cache=True)
+def pack_scatter_filters(a_pack, w, MR):
+    """w^T as A's slivers in ``scatter_taps``' row order: A[r, k] = w[k, c, fh, fw] for r = (fh*FW +
+    fw)*C + c, zero past the last row; the filters (the depth) block by block, block pc at
+    pc * Rpad, sliver s at s * kc * MR within it."""
+    K, C, FH, FW = w.shape
+    R = C * FH * FW
+    Rpad = slivers(R, MR) * MR
+    zero = a_pack.dtype.type(0)
+    for s in prange(slivers(R, MR)):
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            at = pc * Rpad + s * kc * MR
+            for i in range(MR):
+                r = s * MR + i
+                c, tap = r % C, r // C
+                for p in range(kc):
+                    a_pack[at + p * MR + i] = w[pc + p, c, tap // FW, tap % FW] if r < R else zero
+
+
+@njit(inline="always", cache=True)
+def gradient_plane(tile, dyq, dy, n, WP):
+    """dyq (K, Qpad) = dy[n] laid out in rows of length WP, as the forward's output plane: zero in
+    the columns past OW and past the plane's end. B of the input gradient's product, read in
+    place."""
+    K, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    V = lanes(tile, dy)
+    dyq[:] = 0
+    zero = dy.dtype.type(0)
+    for k in range(K):
+        for oh in range(OH):
+            at = ((n * K + k) * OH + oh) * OW
+            for ow in range(0, OW, V):
+                store_run(tile, dyq, k * dyq.shape[1] + oh * WP + ow, dy, at + ow, min(V, OW - ow), zero,
+                          False, dyq, False)
+
+
+@njit(inline="always", cache=True)
+def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps_scratch, dxpads, dyqs):
     """dx (N, C, H, W) = the input gradient of the stride-1 convolution as the forward's gather run
-    backwards: per sample, G (C*FH*FW, OH*WP) = w^T @ dy[n] one NR-column sliver at a time, then
-    each tap's row of G added into the padded input gradient at the tap's offset (``add_row``), the
-    transpose of ``pack_patches``. Where the filters are large against the image (no padding),
-    this multiplies fewer zeros than the full convolution of dy. Times x > 0 with ``masked``."""
-    MR, NR = _MR[tile], _NR[tile]
+    backwards: per sample, G (C*FH*FW, OH*WP) = w^T @ dy[n], each tile of G added straight into
+    the padded input gradient along its rows' taps (``microkernel_scatter``), no G stored. B is
+    dy[n] laid out as the forward's plane (``gradient_plane``), read in place. Where the filters
+    are large against the image (no padding), this multiplies fewer zeros than the full
+    convolution of dy. Times x > 0 with ``masked``."""
+    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     OH = dy.shape[2]
     HP, WP = H + 2 * ph, W + 2 * pw
     R = C * FH * FW
     Q = OH * WP
+    Qpad = slivers(Q, NR) * NR
     Rpad = slivers(R, MR) * MR
-    pack_filters_transposed(a_pack, w, MR)
-    taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
-    zero = dx.dtype.type(0)
+    pack_scatter_filters(a_pack, w, MR)
+    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP, C * HP * WP + MAX_NR + FW)  # the sink: past what a tap reaches
     for n in prange(N):
         t = numba.get_thread_id()
-        dxp, sliver, g = dxpads[t], b_slivers[t], g_slivers[t, :R * NR].reshape(R, NR)
-        dxp[:] = zero
-        for col in range(slivers(Q, NR)):
+        dxp, dyq = dxpads[t], dyqs[t, :K * Qpad].reshape(K, Qpad)
+        dxp[:] = 0
+        gradient_plane(tile, dyq, dy, n, WP)
+        for q0 in range(0, Q, NR):
+            half = HALF < NR and Q - q0 <= HALF
             for pc in range(0, K, KC):
                 kc = min(KC, K - pc)
-                pack_gradient_rows(sliver, dy, n, pc, kc, col * NR, NR, WP)
-                multiply_sliver(tile, a_pack[pc * Rpad:], sliver, g, 0, kc, pc > 0, edges[t])
-            add_tap_rows(tile, dxp, taps, g, col * NR, C, FH, FW)
-        unpad_sample(dx, n, dxp, ph, pw, x, masked)
-
-
-@njit(inline="always", cache=True)
-def pack_gradient_rows(dst, dy, n, k0, kc, q0, width, WP):
-    """dst[p*width + j] = dy[n, k0 + p] at q = q0 + j of a plane of row length WP: zero in the
-    unused columns (ow >= OW) and past the plane's end."""
-    OH, OW = dy.shape[2], dy.shape[3]
-    zero = dy.dtype.type(0)
-    for p in range(kc):
-        plane = dy[n, k0 + p]
-        oh, ow = q0 // WP, q0 % WP
-        for j in range(width):
-            dst[p * width + j] = plane[oh, ow] if (oh < OH and ow < OW) else zero
-            ow += 1
-            if ow == WP:
-                ow = 0
-                oh += 1
+                for i in range(0, Rpad, MR):
+                    rows = (taps[i], taps[i + 1], taps[i + 2], taps[i + 3],
+                            taps[i + 4], taps[i + 5], taps[i + 6], taps[i + 7])  # MAX_MR of them
+                    if half:
+                        microkernel_scatter(tile, True, kc, a_pack, pc * Rpad + i * kc, dyq, pc * Qpad + q0, Qpad,
+                                            dxp, q0, rows)
+                    else:
+                        microkernel_scatter(tile, False, kc, a_pack, pc * Rpad + i * kc, dyq, pc * Qpad + q0, Qpad,
+                                            dxp, q0, rows)
+        unpad_sample(tile, dx, n, dxp, ph, pw, x, masked)
 
 
 @njit(inline="always", cache=True)
@@ -324,20 +362,19 @@ def flip_filters(wt, w):
 
 def _compiled_for(tile):
     @njit(parallel=True, cache=True)
-    def forward(y, x, w, b, ph, pw, relu, a_pack, xpads, planes, b_slivers, edges):
-        convolve_body(tile, y, x, w, b, ph, pw, relu, y, False, a_pack, xpads, planes, b_slivers, edges)
+    def forward(y, x, w, b, ph, pw, relu, a_pack, taps, xpads, planes):
+        convolve_body(tile, y, x, w, b, ph, pw, relu, y, False, a_pack, taps, xpads, planes)
 
     @njit(parallel=True, cache=True)
-    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, a_pack, xpads, planes, b_slivers, edges):
+    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, a_pack, taps, xpads, planes):
         flip_filters(wt, w)
         FH, FW = w.shape[2], w.shape[3]
-        convolve_body(tile, dx, dy, wt, zeros, FH - 1 - ph, FW - 1 - pw, False, x, masked, a_pack, xpads, planes,
-                      b_slivers, edges)
+        convolve_body(tile, dx, dy, wt, zeros, FH - 1 - ph, FW - 1 - pw, False, x, masked, a_pack, taps, xpads,
+                      planes)
 
     @njit(parallel=True, cache=True)
-    def backward_input_scatter(dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, g_slivers, b_slivers, edges):
-        input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, g_slivers, b_slivers,
-                                    edges)
+    def backward_input_scatter(dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs):
+        input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs)
 
     @njit(parallel=True, cache=True)
     def backward_weight(dw, dy, x, ph, pw, taps, xpads, b_slivers, edges, parts):
@@ -368,8 +405,8 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
     taps' offsets, and for each of Numba's threads a padded sample, an output plane, a sliver of
     B, an edge tile and its own weight gradient; with ``need_dx``, what the input gradient's
     product needs (the flipped filters and the padded gradient and planes of the full
-    convolution, or a sliver of G for the scatter; ``scatter`` None: as
-    ``scatter_input_gradient`` says)."""
+    convolution, or for the scatter dy's plane and room past the padded sample for the rows
+    past the last tap; ``scatter`` None: as ``scatter_input_gradient`` says)."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
@@ -378,21 +415,22 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
     HP, WP = H + 2 * ph, W + 2 * pw
     R = C * FH * FW
     tail = MAX_NR + FW  # read past the last plane by the last sliver
+    if scatter is None:
+        scatter = scatter_input_gradient(x_shape, w_shape, padding)
+    sink = OH * WP + MAX_NR if need_dx and scatter else 0  # where the scatter adds its rows past the last tap
     shapes = {
         "im_a_pack": ((K + MAX_MR) * R,),
-        "im_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
-        "im_xpads": (threads, C * HP * WP + tail),
+        "im_taps": (2 * (max(C, K) * FH * FW + MAX_MR),),  # int64s (two float32s each), forward's or dx's taps
+        "im_xpads": (threads, C * HP * WP + tail + sink),
         "im_planes": (threads, tiles_size(K, OH * WP)),
         "im_b_slivers": (threads, KC * MAX_NR),
         "im_edges": (threads, MAX_MR * MAX_NR),
         "im_parts": (threads, R, K),
     }
-    if scatter is None:
-        scatter = scatter_input_gradient(x_shape, w_shape, padding)
     if need_dx and scatter:
         shapes.update({
             "im_dx_pack": ((R + MAX_MR) * K,),
-            "im_g": (threads, R * MAX_NR),
+            "im_dyq": (threads, K * (OH * WP + MAX_NR)),
         })
     elif need_dx:  # the full convolution of dy: padding F - 1 - P, planes of row length OW + 2*(FW - 1 - pw)
         dHP, dWP = OH + 2 * (FH - 1 - ph), OW + 2 * (FW - 1 - pw)
@@ -410,7 +448,7 @@ def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None):
     """y = conv(x, w) + b (stride 1, padding ph, pw), max(., 0) with ``relu``; ``ws`` from
     ``implicit_workspace``, ``tile`` a tile's index (None: this CPU's)."""
     forward = _KERNELS[TILE if tile is None else tile][0]
-    forward(y, x, w, b, ph, pw, relu, ws.im_a_pack, ws.im_xpads, ws.im_planes, ws.im_b_slivers, ws.im_edges)
+    forward(y, x, w, b, ph, pw, relu, ws.im_a_pack, ws.im_taps, ws.im_xpads, ws.im_planes)
 
 
 def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None):
@@ -430,13 +468,12 @@ def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None):
     """dx alone, times x > 0 with ``mask`` (``x`` is read only then): the scatter or the full
     convolution of dy, whichever ``ws`` was made for."""
     _, full, scatter, _ = _KERNELS[TILE if tile is None else tile]
-    if hasattr(ws, "im_g"):
-        scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_g, ws.im_b_slivers,
-                ws.im_edges)
+    if hasattr(ws, "im_dyq"):
+        scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_dyq)
     else:
         ws.im_zeros[:] = 0
-        full(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_dy_pads,
-             ws.im_dx_planes, ws.im_b_slivers, ws.im_edges)
+        full(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_dy_pads,
+             ws.im_dx_planes)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})

@@ -178,7 +178,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
                     copy_row(tile, sliver, p * NR, g, (pc + p) * stride + col * NR)
                 multiply_sliver(tile, a_pack[pc * Rpad:], sliver, G, 0, kc, pc > 0, edges[t])
             add_tap_rows(tile, dxp, taps, G, col * NR, C, FH, FW)
-        unpad_sample(dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
+        unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
 
 
 def _input_gradient_for(tile):

@@ -152,7 +152,7 @@ def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
         ws = implicit.implicit_scratch(x.shape, w.shape, y.shape, (ph, pw), True, dtype)
         # the input gradient both ways: the full convolution of dy and the scatter of w^T dy
         other = implicit.implicit_scratch(x.shape, w.shape, y.shape, (ph, pw), True, dtype,
-                                          not hasattr(ws, "im_g"))
+                                          not hasattr(ws, "im_dyq"))
         for relu in (False, True):
             implicit.conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, index)
             np.testing.assert_allclose(y, np.maximum(want, 0) if relu else want, **tol)
