@@ -344,41 +344,6 @@ def microkernel_scatter(typingctx, tile, half, kc, a, ai, b, bi, ldb, c, ci, sta
     return sig, codegen
 
 
-def _row_codegen(NR, V32, add):
-    """dst[di:di + NR] = src[si:si + NR] (``add``: +=) in the tile's vectors, unaligned."""
-
-    def codegen(context, builder, signature, args):
-        _, dst_, di_, src_, si_ = args
-        i64 = ir.IntType(64)
-        scalar, V = _vector(signature.args[1], V32)
-        vptr = ir.VectorType(scalar, V).as_pointer()
-        to = _element_pointer(context, builder, signature.args[1], dst_, di_)
-        frm = _element_pointer(context, builder, signature.args[3], src_, si_)
-        for j in range(NR // V):
-            value = builder.load(builder.bitcast(builder.gep(frm, [ir.Constant(i64, j * V)]), vptr), align=4)
-            where = builder.bitcast(builder.gep(to, [ir.Constant(i64, j * V)]), vptr)
-            if add:
-                value = builder.fadd(builder.load(where, align=4), value)
-            builder.store(value, where, align=4)
-        return context.get_dummy_value()
-
-    return codegen
-
-
-@intrinsic(prefer_literal=True)
-def copy_row(typingctx, tile, dst, di, src, si):
-    """dst[di:di + NR] = src[si:si + NR] in the tile's vectors (unaligned loads and stores, no
-    bounds check): one row of a B sliver copied from a run of adjacent values."""
-    return types.void(tile, dst, di, src, si), _row_codegen(*_literal_tile(tile)[1:], False)
-
-
-@intrinsic(prefer_literal=True)
-def add_row(typingctx, tile, dst, di, src, si):
-    """dst[di:di + NR] += src[si:si + NR] in the tile's vectors (no bounds check): ``copy_row``'s
-    way back, one row of a product's result added into a run of adjacent values."""
-    return types.void(tile, dst, di, src, si), _row_codegen(*_literal_tile(tile)[1:], True)
-
-
 @intrinsic(prefer_literal=True)
 def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked):
     """dst[di + l] = src[si + l] + bias for l < count (at most the tile's V lanes), max(., 0) with

@@ -1,5 +1,6 @@
-"""2-D convolution on the CPU as an implicit matrix product: the patches are packed straight
-into the micro-kernel's slivers (``kernels/matmul.py``), never written out as an im2col matrix.
+"""2-D convolution on the CPU as an implicit matrix product: the micro-kernel (``kernels/matmul.py``)
+reads the patches where they lie, in the padded input; no im2col matrix is written, and no
+sliver of patches either.
 
 Stride 1. A sample's input, zero-padded to HP x WP planes, is one flat run of values: tap
 (c, fh, fw) of output (oh, ow) reads it at (c*HP + fh)*WP + fw + (oh*WP + ow). Give the output
@@ -8,18 +9,23 @@ patches matrix of im2col is the flat input shifted by the tap's offset:
 
     patches[r, q] = xpad[offset(r) + q]      r = (c, fh, fw),  q = oh*WP + ow,  offset(r) = (c*HP + fh)*WP + fw
 
-so a sliver of NR columns of it is NR adjacent input values for each tap: one contiguous copy a
-tap, from the padded sample in L2 to the sliver in L1. The three products, per sample n:
+so NR adjacent columns of it are NR adjacent input values for each tap: the micro-kernel takes
+B's row r straight from xpad at offset(r) (``microkernel_gather``), the padded sample staying in
+L1 or L2. The three products, per sample n:
 
     forward          y[n]  (K, OH*WP)   = w (K, C*FH*FW) @ patches          (+ bias, ReLU when stored)
-    backward input   dx[n] (C, H*WP')   = w' (C, K*FH*FW) @ patches of dy    (dy padded by F - 1 - P:
-                                          a full convolution with the filters flipped, w'[c, k, fh, fw]
-                                          = w[k, c, FH-1-fh, FW-1-fw]; times x > 0 with ``mask``)
+    backward input   dx[n]              = patches^T of (w^T (C*FH*FW, K) @ dy[n] (K, OH*WP)): each
+                                          tile of the product added back along its rows' taps into
+                                          the padded gradient (``microkernel_scatter``); or, where
+                                          the padding is at least half the filter, the full
+                                          convolution of dy padded by F - 1 - P with the filters
+                                          flipped, w'[c, k, fh, fw] = w[k, c, FH-1-fh, FW-1-fw], as the
+                                          forward; times x > 0 with ``mask``
     backward weight  dw    (K, C*FH*FW) += dy[n] (K, OH*WP) @ patches^T     (dy with zeros in the unused
                                           columns; summed over the samples)
 
-Threads take whole samples: each pads its sample into its own buffer, packs and multiplies, and
-stores its sample's output (forward, input gradient) or adds into its own copy of dw, summed in a
+Threads take whole samples: each pads its sample into its own buffer, multiplies, and stores
+its sample's output (forward, input gradient) or adds into its own copy of dw, summed in a
 fixed order at the end (weight gradient): no two threads write one element, and the same thread
 count gives the same bits. Every buffer comes from the caller (``implicit_workspace``).
 """
@@ -28,7 +34,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, add_row, lanes, microkernel_gather,
+from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_gather,
                       microkernel_scatter, multiply_rows, pack_sliver, slivers, store_run)
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -92,33 +98,6 @@ def pack_weights(a_pack, wf, MR):
         for pc in range(0, R, KC):
             kc = min(KC, R - pc)
             pack_sliver(a_pack, pc * Kpad + s * kc * MR, wf, s * MR, K, pc, kc, MR, False)
-
-
-@njit(inline="always", cache=True)
-def pack_filters_transposed(a_pack, w, MR):
-    """w^T (C*FH*FW, K) as A's slivers, depth (the filters) block by block: block pc starts at
-    pc * Rpad (Rpad = C*FH*FW rounded up to MR). For the input gradient's G = w^T @ dy."""
-    K = w.shape[0]
-    R = w.shape[1] * w.shape[2] * w.shape[3]
-    Rpad = slivers(R, MR) * MR
-    wf = w.reshape(K, R)
-    for s in prange(slivers(R, MR)):
-        for pc in range(0, K, KC):
-            kc = min(KC, K - pc)
-            pack_sliver(a_pack, pc * Rpad + s * kc * MR, wf, s * MR, R, pc, kc, MR, True)
-
-
-@njit(inline="always", cache=True)
-def add_tap_rows(tile, dxp, taps, g, q0, C, FH, FW):
-    """dxp[taps[r] + q0 + j] += g[r, j] for every tap r and j < NR: a sliver of G added back along
-    the taps, down each filter column first. The runs of taps fw and fw + 1 overlap in all but one
-    value, and adding one right after the other would wait on the store just made; taps fh and
-    fh + 1 are a padded row apart."""
-    for c in range(C):
-        for fw in range(FW):
-            for fh in range(FH):
-                r = (c * FH + fh) * FW + fw
-                add_row(tile, dxp, taps[r] + q0, g[r], 0)
 
 
 @njit(inline="always", cache=True)
@@ -257,15 +236,17 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, xpads, b_slivers
 
 @njit(inline="always", cache=True)
 def scatter_taps(scratch, C, FH, FW, HP, WP, sink):
-    """The taps' offsets in the scatter's row order r = (fh*FW + fw)*C + c, so that a tile's rows
-    are different channels (planes apart: adding one row does not wait on the last one's store),
-    then MAX_MR offsets of ``sink`` for the rows past the last tap: int64s, as ``tap_offsets``."""
+    """The taps' offsets in the scatter's row order r = (fw*FH + fh)*C + c, so that the rows a tile
+    adds one after the other do not overlap: channels are planes apart, filter rows a padded row
+    (apart from rows shorter than a tile), and only taps fw and fw + 1, C*FH rows apart, share all
+    but one value (adding a row that overlaps one just added waits for that store). Then MAX_MR
+    offsets of ``sink`` for the rows past the last tap: int64s, as ``tap_offsets``."""
     taps = scratch.view(np.int64)
     R = C * FH * FW
-    for fh in range(FH):
-        for fw in range(FW):
+    for fw in range(FW):
+        for fh in range(FH):
             for c in range(C):
-                taps[(fh * FW + fw) * C + c] = (c * HP + fh) * WP + fw
+                taps[(fw * FH + fh) * C + c] = (c * HP + fh) * WP + fw
     for i in range(MAX_MR):
         taps[R + i] = sink
     return taps
@@ -273,8 +254,8 @@ def scatter_taps(scratch, C, FH, FW, HP, WP, sink):
 
 @njit(inline="always", cache=True)
 def pack_scatter_filters(a_pack, w, MR):
-    """w^T as A's slivers in ``scatter_taps``' row order: A[r, k] = w[k, c, fh, fw] for r = (fh*FW +
-    fw)*C + c, zero past the last row; the filters (the depth) block by block, block pc at
+    """w^T as A's slivers in ``scatter_taps``' row order: A[r, k] = w[k, c, fh, fw] for r = (fw*FH +
+    fh)*C + c, zero past the last row; the filters (the depth) block by block, block pc at
     pc * Rpad, sliver s at s * kc * MR within it."""
     K, C, FH, FW = w.shape
     R = C * FH * FW
@@ -288,7 +269,7 @@ def pack_scatter_filters(a_pack, w, MR):
                 r = s * MR + i
                 c, tap = r % C, r // C
                 for p in range(kc):
-                    a_pack[at + p * MR + i] = w[pc + p, c, tap // FW, tap % FW] if r < R else zero
+                    a_pack[at + p * MR + i] = w[pc + p, c, tap % FH, tap // FH] if r < R else zero
 
 
 @njit(inline="always", cache=True)

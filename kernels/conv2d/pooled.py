@@ -24,13 +24,13 @@ import numba
 from numba import njit, prange
 
 from .._index import out_size
-from ..matmul import KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, copy_row, multiply_sliver, slivers
+from ..matmul import HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, microkernel_scatter, slivers
 from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, convolve_four, few_channels, filter_block)
-from .implicit import add_tap_rows, pack_filters_transposed, tap_offsets, unpad_sample
+from .implicit import pack_scatter_filters, scatter_taps, unpad_sample
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -144,15 +144,13 @@ def _few_channels_pool_backward_weight_cpu(dw, db, dyp, argmax, yp, xp, mask, OH
 
 
 @njit(inline="always", cache=True)
-def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs,
-                               g_slivers, b_slivers, dxpads, edges):
+def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs, dxpads):
     """dx (N, C, H, W), the input gradient of the fused op, from dyp through argmax, without a
     full-size gradient, as ``implicit.input_gradient_scatter_body`` computes a convolution's: per
     sample, the K gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``)
-    are B, read NR columns at a time (one vector copy a filter); G (C*FH*FW, NR) = w^T @ B in the
-    product's register tile; each tap's row of G is added into the padded input gradient at the
-    tap's offset. One task per sample, in its thread's scratch."""
-    MR, NR = _MR[tile], _NR[tile]
+    are B, read in place; each tile of G = w^T @ B is added into the padded input gradient along
+    its rows' taps (``microkernel_scatter``). One task per sample, in its thread's scratch."""
+    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     WP = OW + FW - 1  # = W + 2 * pw
@@ -161,32 +159,36 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
     Q = OH * WP  # columns of a gradient plane
     stride = Q + MAX_NR  # a plane and zeros that the last sliver of the plane reads past its end
     Rpad = slivers(R, MR) * MR
-    pack_filters_transposed(a_pack, w, MR)
-    taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
+    pack_scatter_filters(a_pack, w, MR)
+    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP, C * HP * WP + MAX_NR + FW)  # the sink past the taps' reach
     zero = dx.dtype.type(0)
     for n in prange(N):
         t = numba.get_thread_id()
-        g, dxp, sliver, G = gs[t], dxpads[t], b_slivers[t], g_slivers[t, :R * NR].reshape(R, NR)
+        g, dxp = gs[t], dxpads[t]
         dxp[:] = zero
         g[:K * stride] = zero
         for k in range(K):
             _scatter(g[k * stride:], dyp, argmax, yp, n, k, mask, OW, WP)
-        for col in range(slivers(Q, NR)):
+        for q0 in range(0, Q, NR):
+            half = HALF < NR and Q - q0 <= HALF
             for pc in range(0, K, KC):
                 kc = min(KC, K - pc)
-                for p in range(kc):
-                    copy_row(tile, sliver, p * NR, g, (pc + p) * stride + col * NR)
-                multiply_sliver(tile, a_pack[pc * Rpad:], sliver, G, 0, kc, pc > 0, edges[t])
-            add_tap_rows(tile, dxp, taps, G, col * NR, C, FH, FW)
+                for i in range(0, Rpad, MR):
+                    rows = (taps[i], taps[i + 1], taps[i + 2], taps[i + 3],
+                            taps[i + 4], taps[i + 5], taps[i + 6], taps[i + 7])  # MAX_MR of them
+                    if half:
+                        microkernel_scatter(tile, True, kc, a_pack, pc * Rpad + i * kc, g, pc * stride + q0, stride,
+                                            dxp, q0, rows)
+                    else:
+                        microkernel_scatter(tile, False, kc, a_pack, pc * Rpad + i * kc, g, pc * stride + q0, stride,
+                                            dxp, q0, rows)
         unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
 
 
 def _input_gradient_for(tile):
     @njit(parallel=True, cache=True)
-    def input_gradient(dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, g_slivers, b_slivers, dxpads,
-                       edges):
-        pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, g_slivers,
-                                   b_slivers, dxpads, edges)
+    def input_gradient(dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads):
+        pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads)
 
     return input_gradient
 
@@ -215,8 +217,8 @@ def conv2d_maxpool_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
 
 def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
     """{name: shape} for the fused op's input gradient (few input channels; nothing otherwise): the
-    packed filters and the taps' offsets, and for each of Numba's threads the K gradient planes,
-    a padded input gradient and the product's slivers."""
+    packed filters and the taps' offsets, and for each of Numba's threads the K gradient planes
+    and a padded input gradient."""
     if not few_channels(x_shape, w_shape, stride):
         return {}
     N, C, H, W = x_shape
@@ -228,10 +230,8 @@ def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, paddin
         "pool_a_pack": ((R + MAX_MR) * K,),
         "pool_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
         "pool_g": (threads, K * ((HP - FH + 1) * WP + MAX_NR)),
-        "pool_g_slivers": (threads, R * MAX_NR),
-        "pool_b_slivers": (threads, KC * MAX_NR),
-        "pool_dx": (threads, C * HP * WP + MAX_NR + FW),  # the last tap's last sliver ends past the plane
-        "pool_edges": (threads, MAX_MR * MAX_NR),
+        # the last tap's last sliver ends past the planes, and the rows past the last tap go further on
+        "pool_dx": (threads, C * HP * WP + MAX_NR + FW + (HP - FH + 1) * WP + MAX_NR),
     }
 
 
@@ -243,8 +243,7 @@ def conv2d_maxpool_backward_input_core_cpu(dx, dyp, argmax, yp, w, sh, sw, ph, p
         return False
     _, _, COH, COW = conv_output(dx.shape, w.shape, (sh, sw), (ph, pw))
     _INPUT_GRADIENT[TILE if tile is None else tile](dx, dyp, argmax, yp, w, mask, ph, pw, COH, COW, ws.pool_a_pack,
-                                                    ws.pool_taps, ws.pool_g, ws.pool_g_slivers, ws.pool_b_slivers,
-                                                    ws.pool_dx, ws.pool_edges)
+                                                    ws.pool_taps, ws.pool_g, ws.pool_dx)
     return True
 
 
