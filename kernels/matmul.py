@@ -377,6 +377,60 @@ def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked
 
 
 @intrinsic(prefer_literal=True)
+def unpool_rows(typingctx, tile, g, gi, WP, dy, di, argmax, first, OW, keep, masked, pooled, count):
+    """The gradient of a 2x2, stride-2 max pooling, two rows of it at once, dense: for the chunk of
+    ``pooled`` (at most V/2) adjacent pooled outputs from dy[di] whose windows start at conv
+    column j0 of conv rows 2i and 2i + 1, g[gi + j] (row 2i) and g[gi + WP + j] (row 2i + 1) for
+    j < ``count`` (at most V) get dy's value where argmax[di + j // 2] (flat in rows of OW)
+    is that position, zero elsewhere; ``first`` is the flat position of (2i, j0). With ``masked``,
+    zero too where keep[di + j // 2] (the pooled output, laid out as dy) is not > 0. Each window's
+    value is read once and spread over two lanes by a shuffle: no scatter, no zeroing pass."""
+    V32 = _literal_tile(tile)[2]
+    sig = types.void(tile, g, gi, WP, dy, di, argmax, first, OW, keep, masked, pooled, count)
+
+    def codegen(context, builder, signature, args):
+        _, g_, gi_, WP_, dy_, di_, argmax_, first_, OW_, keep_, masked_, pooled_, count_ = args
+        ty = signature.args
+        i64 = ir.IntType(64)
+        scalar, V = _vector(ty[1], V32)
+        H = V // 2
+        vec, half = ir.VectorType(scalar, V), ir.VectorType(scalar, H)
+        ity = context.get_value_type(ty[6].dtype)
+        ivec = ir.VectorType(ity, H)
+        align = ir.Constant(ir.IntType(32), 4)
+        read = _lanes_below(builder, pooled_, H)
+
+        def load(ty_, array, index, vtype, lanes):
+            where = builder.bitcast(_element_pointer(context, builder, ty_, array, index), vtype.as_pointer())
+            zeros = ir.Constant(vtype, [0] * vtype.count if isinstance(vtype.element, ir.IntType) else
+                                [0.0] * vtype.count)
+            return builder.call(_masked(builder, "load", vtype), [where, align, lanes, zeros])
+
+        spread = ir.Constant(ir.VectorType(ir.IntType(32), V), [j // 2 for j in range(V)])
+        twice = lambda v: builder.shuffle_vector(v, v, spread)  # noqa: E731
+        values = twice(load(ty[4], dy_, di_, half, read))
+        where = builder.sext(twice(load(ty[6], argmax_, di_, ivec, read)), ir.VectorType(i64, V)) \
+            if ity.width < 64 else twice(load(ty[6], argmax_, di_, ivec, read))
+        zeros = ir.Constant(vec, [0.0] * V)
+        kept = builder.fcmp_ordered(">", twice(load(ty[9], keep_, di_, half,
+                                                     builder.and_(read, _splat(builder, ir.VectorType(ir.IntType(1), H),
+                                                                               masked_)))), zeros)
+        kept = builder.or_(kept, _splat(builder, ir.VectorType(ir.IntType(1), V), builder.not_(masked_)))
+        iota = ir.Constant(ir.VectorType(i64, V), list(range(V)))
+        top = builder.add(_splat(builder, ir.VectorType(i64, V), first_), iota)
+        bottom = builder.add(top, _splat(builder, ir.VectorType(i64, V), OW_))
+        write = _lanes_below(builder, count_, V)
+        store = _masked(builder, "store", vec)
+        for position, offset in ((top, gi_), (bottom, builder.add(gi_, WP_))):
+            hit = builder.and_(builder.icmp_signed("==", where, position), kept)
+            to = builder.bitcast(_element_pointer(context, builder, ty[1], g_, offset), vec.as_pointer())
+            builder.call(store, [builder.select(hit, values, zeros), to, align, write])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
 def fma_chains(typingctx, tile, reps, out, oi):
     """The FMA peak's loop: MR x NR/V independent chains acc = fma(acc, x, y) over ``reps``
     steps, in the tile's vectors (as many as the tile's accumulators: at least the 8 that two

@@ -24,7 +24,8 @@ import numba
 from numba import njit, prange
 
 from .._index import out_size
-from ..matmul import HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, microkernel_scatter, slivers
+from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_scatter, slivers,
+                      unpool_rows)
 from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
@@ -147,9 +148,10 @@ def _few_channels_pool_backward_weight_cpu(dw, db, dyp, argmax, yp, xp, mask, OH
 def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs, dxpads):
     """dx (N, C, H, W), the input gradient of the fused op, from dyp through argmax, without a
     full-size gradient, as ``implicit.input_gradient_scatter_body`` computes a convolution's: per
-    sample, the K gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``)
-    are B, read in place; each tile of G = w^T @ B is added into the padded input gradient along
-    its rows' taps (``microkernel_scatter``). One task per sample, in its thread's scratch."""
+    sample, the K gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``,
+    written two conv rows at a time by ``unpool_rows``) are B, read in place; each tile of G =
+    w^T @ B is added into the padded input gradient along its rows' taps
+    (``microkernel_scatter``). One task per sample, in its thread's scratch."""
     MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
@@ -161,14 +163,21 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
     Rpad = slivers(R, MR) * MR
     pack_scatter_filters(a_pack, w, MR)
     taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP, C * HP * WP + MAX_NR + FW)  # the sink past the taps' reach
-    zero = dx.dtype.type(0)
+    PH, PW = dyp.shape[2], dyp.shape[3]
+    V = lanes(tile, dx)
+    for t in prange(gs.shape[0]):  # what the planes never get: columns past OW, a last odd row, the tail
+        gs[t, :K * stride] = 0
     for n in prange(N):
         t = numba.get_thread_id()
         g, dxp = gs[t], dxpads[t]
-        dxp[:] = zero
-        g[:K * stride] = zero
+        dxp[:] = 0
         for k in range(K):
-            _scatter(g[k * stride:], dyp, argmax, yp, n, k, mask, OW, WP)
+            for i in range(PH):
+                at = ((n * K + k) * PH + i) * PW
+                for p0 in range(0, PW, V // 2):
+                    j0 = 2 * p0
+                    unpool_rows(tile, g, k * stride + 2 * i * WP + j0, WP, dyp, at + p0, argmax, 2 * i * OW + j0, OW,
+                                yp, mask, min(V // 2, PW - p0), min(V, OW - j0))
         for q0 in range(0, Q, NR):
             half = HALF < NR and Q - q0 <= HALF
             for pc in range(0, K, KC):

@@ -249,7 +249,8 @@ def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
         w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
         shapes = {**pooled.conv2d_maxpool_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype),
                   **pooled.conv2d_maxpool_backward_input_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype)}
-        ws = SimpleNamespace(**{name: np.zeros(shape, dtype) for name, shape in shapes.items()})
+        # scratch as a planned step leaves it: whatever was there (NaN here, so nothing relies on zeros)
+        ws = SimpleNamespace(**{name: np.full(shape, np.nan, dtype) for name, shape in shapes.items()})
         OH, OW = H + 2 * ph - FH + 1, W + 2 * pw - FW + 1
         yp = np.empty((N, K, OH // 2, OW // 2), dtype)
         argmax = np.empty(yp.shape, np.int32)
