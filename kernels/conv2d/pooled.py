@@ -79,44 +79,38 @@ def _few_channels_pool_forward_cpu(yp, argmax, xp, w, b, relu, OH, OW, planes):
 
 
 @njit(inline="always", cache=True)
-def _place(argmax, n, k, ph, pw, OW, WP):
-    """Where the maximum of pooled output (ph, pw) lies in a flat plane of row length WP: argmax
-    counts in rows of OW and is one of the four positions of the window."""
-    offset = argmax[n, k, ph, pw] - (2 * ph * OW + 2 * pw)  # 0, 1, OW or OW + 1
-    down = 1 if offset >= OW else 0
-    return (2 * ph + down) * WP + 2 * pw + offset - down * OW
+def unpool_plane(tile, plane, dyp, argmax, yp, n, k, mask, OW, WP):
+    """plane (row length WP) = the gradient of the 2x2 max pooling of filter k, sample n: dyp's
+    values at the maxima (0 where yp is not positive, with ``mask``), zeros elsewhere in the
+    first OW columns of each row the windows cover (``unpool_rows``, two rows a call); the other
+    columns and a last odd row are left as they are (zeros, from the caller)."""
+    K, PH, PW = dyp.shape[1], dyp.shape[2], dyp.shape[3]
+    V = lanes(tile, plane)
+    for i in range(PH):
+        at = ((n * K + k) * PH + i) * PW
+        for p0 in range(0, PW, V // 2):
+            j0 = 2 * p0
+            unpool_rows(tile, plane, 2 * i * WP + j0, WP, dyp, at + p0, argmax, 2 * i * OW + j0, OW, yp, mask,
+                        min(V // 2, PW - p0), min(V, OW - j0))
 
 
 @njit(inline="always", cache=True)
-def _scatter(plane, dyp, argmax, yp, n, k, mask, OW, WP):
-    """plane (zeros) += dyp[n, k] at the maxima (0 where yp is not positive, with ``mask``); returns
-    the sum of what was placed, in float64 (the bias gradient's share of this sample)."""
-    PH, PW = dyp.shape[2], dyp.shape[3]
-    zero = dyp.dtype.type(0)
+def pooled_sum(dyp, yp, n, k, mask):
+    """The sum of dyp[n, k] (where yp > 0, with ``mask``) in float64: sample n's share of db[k]."""
     total = 0.0
-    for ph in range(PH):
-        for pw in range(PW):
-            g = dyp[n, k, ph, pw]
-            if mask and not yp[n, k, ph, pw] > 0:
-                g = zero
-            plane[_place(argmax, n, k, ph, pw, OW, WP)] = g
-            total += g
+    for i in range(dyp.shape[2]):
+        for j in range(dyp.shape[3]):
+            if not mask or yp[n, k, i, j] > 0:
+                total += dyp[n, k, i, j]
     return total
 
 
 @njit(inline="always", cache=True)
-def _unscatter(plane, argmax, n, k, OW, WP):
-    """Zero again what ``_scatter`` placed: the plane is all zeros for the next sample."""
-    for ph in range(argmax.shape[2]):
-        for pw in range(argmax.shape[3]):
-            plane[_place(argmax, n, k, ph, pw, OW, WP)] = 0
-
-
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def _few_channels_pool_backward_weight_cpu(dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes):
+def pool_backward_weight_body(tile, dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes):
     """dw (K, C, FH, FW) and db (K,) from dyp (N, K, OH // 2, OW // 2) through argmax, as
     ``gemm._few_channels_backward_weight_cpu`` computes them from the full gradient: the same
-    planes, the same dot products, the same order (dw is the same to the bit)."""
+    planes (``unpool_plane``), the same dot products, the same order (dw is the same to the
+    bit)."""
     N, K = dyp.shape[0], dyp.shape[1]
     C, FH, FW = dw.shape[1], dw.shape[2], dw.shape[3]
     WP = OW + FW - 1
@@ -132,16 +126,28 @@ def _few_channels_pool_backward_weight_cpu(dw, db, dyp, argmax, yp, xp, mask, OH
             dwf[k0 + j, :] = 0
         s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
         for n in range(N):
-            s0 += _scatter(four[0], dyp, argmax, yp, n, ka, mask, OW, WP)
-            s1 += _scatter(four[1], dyp, argmax, yp, n, kb, mask, OW, WP)
-            s2 += _scatter(four[2], dyp, argmax, yp, n, kc, mask, OW, WP)
-            s3 += _scatter(four[3], dyp, argmax, yp, n, kd, mask, OW, WP)
-            add_weight_gradients(dwf, four, xp, n, k0, count, FH, FW, WP, span)
             for j, k in enumerate((ka, kb, kc, kd)):
-                _unscatter(four[j], argmax, n, k, OW, WP)
+                unpool_plane(tile, four[j], dyp, argmax, yp, n, k, mask, OW, WP)
+            add_weight_gradients(dwf, four, xp, n, k0, count, FH, FW, WP, span)
+            s0 += pooled_sum(dyp, yp, n, ka, mask)
+            s1 += pooled_sum(dyp, yp, n, kb, mask)
+            s2 += pooled_sum(dyp, yp, n, kc, mask)
+            s3 += pooled_sum(dyp, yp, n, kd, mask)
         for j, s in enumerate((s0, s1, s2, s3)):
             if j < count:
                 db[k0 + j] = s
+
+
+def _pool_backward_weight_for(tile):
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def backward_weight(dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes):
+        pool_backward_weight_body(tile, dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes)
+
+    return backward_weight
+
+
+# One compiled weight gradient per tile (the tile a constant in each: see kernels/matmul.py)
+_POOL_BACKWARD_WEIGHT = tuple(_pool_backward_weight_for(tile) for tile in range(len(TILE_NAMES)))
 
 
 @njit(inline="always", cache=True)
@@ -275,8 +281,8 @@ def conv2d_maxpool_backward_core_cpu(dw, db, dyp, argmax, yp, x, w, sh, sw, ph, 
     N, C = x.shape[0], x.shape[1]
     _, _, OH, OW = conv_output(x.shape, w.shape, (sh, sw), (ph, pw))
     xp = ws.padded if ph or pw else x  # the forward left ws.padded filled
-    _few_channels_pool_backward_weight_cpu(dw, ws.db if db is None else db, dyp, argmax, yp, xp.reshape(N, C, -1),
-                                           mask, OH, OW, ws.planes)
+    _POOL_BACKWARD_WEIGHT[TILE](dw, ws.db if db is None else db, dyp, argmax, yp, xp.reshape(N, C, -1), mask, OH, OW,
+                                ws.planes)
 
 
 def conv2d_maxpool_workspace_cuda(x_shape, w_shape, stride, padding, dtype):
