@@ -431,6 +431,56 @@ def unpool_rows(typingctx, tile, g, gi, WP, dy, di, argmax, first, OW, keep, mas
 
 
 @intrinsic(prefer_literal=True)
+def pool_rows(typingctx, tile, y, yi, argmax, x, xi, W, first, OW, count):
+    """A 2x2, stride-2 max pooling of two rows at once: for the ``count`` (at most V/2) adjacent
+    windows whose top-left values are x[xi + 2l] (row below: W values on), y[yi + l] = the window's
+    maximum and argmax[yi + l] = where it is, flat in rows of OW from ``first`` (the top-left of
+    window 0). The rule of ``pool2d.max_of_four`` lane by lane: the first of equal values wins,
+    and a NaN wins, the first NaN. The even and odd columns are taken apart by shuffles."""
+    V32 = _literal_tile(tile)[2]
+    sig = types.void(tile, y, yi, argmax, x, xi, W, first, OW, count)
+
+    def codegen(context, builder, signature, args):
+        _, y_, yi_, argmax_, x_, xi_, W_, first_, OW_, count_ = args
+        ty = signature.args
+        i64 = ir.IntType(64)
+        scalar, V = _vector(ty[1], V32)
+        H = V // 2
+        vec = ir.VectorType(scalar, V)
+        ity = context.get_value_type(ty[3].dtype)
+        align = ir.Constant(ir.IntType(32), 4)
+        both = _lanes_below(builder, builder.mul(count_, ir.Constant(i64, 2)), V)
+
+        def row(offset):
+            where = builder.bitcast(_element_pointer(context, builder, ty[4], x_, offset), vec.as_pointer())
+            return builder.call(_masked(builder, "load", vec), [where, align, both, ir.Constant(vec, [0.0] * V)])
+
+        top, bottom = row(xi_), row(builder.add(xi_, W_))
+        wide = ir.VectorType(i64, H)
+        left = builder.add(_splat(builder, wide, first_), ir.Constant(wide, [2 * l for l in range(H)]))
+        below = builder.add(left, _splat(builder, wide, OW_))
+        one = ir.Constant(wide, [1] * H)
+        best, where = _pick(builder, top, 0), left
+        for value, position in ((_pick(builder, top, 1), builder.add(left, one)), (_pick(builder, bottom, 0), below),
+                                (_pick(builder, bottom, 1), builder.add(below, one))):
+            larger = builder.fcmp_ordered(">", value, best)
+            nan_over_number = builder.and_(builder.fcmp_unordered("uno", value, value),
+                                           builder.fcmp_ordered("ord", best, best))
+            take = builder.or_(larger, nan_over_number)
+            best = builder.select(take, value, best)
+            where = builder.select(take, position, where)
+        if ity.width < 64:
+            where = builder.trunc(where, ir.VectorType(ity, H))
+        lanes = _lanes_below(builder, count_, H)
+        for array, index, value in ((y_, 1, best), (argmax_, 3, where)):
+            to = builder.bitcast(_element_pointer(context, builder, ty[index], array, yi_), value.type.as_pointer())
+            builder.call(_masked(builder, "store", value.type), [value, to, align, lanes])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
 def fma_chains(typingctx, tile, reps, out, oi):
     """The FMA peak's loop: MR x NR/V independent chains acc = fma(acc, x, y) over ``reps``
     steps, in the tile's vectors (as many as the tile's accumulators: at least the 8 that two

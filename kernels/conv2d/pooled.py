@@ -24,9 +24,9 @@ import numba
 from numba import njit, prange
 
 from .._index import out_size
-from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_scatter, slivers,
-                      unpool_rows)
-from ..pool2d import (max_of_four, maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
+from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_scatter, pool_rows,
+                      slivers, unpool_rows)
+from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
@@ -46,17 +46,19 @@ def conv_output(x_shape, w_shape, stride, padding):
 # ----------------------------------------------------------------------------- CPU kernels
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def _few_channels_pool_forward_cpu(yp, argmax, xp, w, b, relu, OH, OW, planes):
+@njit(inline="always", cache=True)
+def pool_forward_body(tile, yp, argmax, xp, w, b, relu, OH, OW, planes):
     """yp, argmax (N, K, OH // 2, OW // 2): the 2x2 max pooling of the stride-1 convolution of xp
     (as ``gemm._few_channels_forward_cpu`` takes it) with w plus b, max(., 0) first with ``relu``.
-    One task per sample and block of four filters; the windows are read from the task's planes."""
+    One task per sample and block of four filters; the windows are read from the task's planes,
+    two rows and V/2 windows a call (``pool_rows``)."""
     N, K, PH, PW = yp.shape
     C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
     WP = OW + FW - 1
     span = OH * WP - (FW - 1)
     wf = w.reshape(K, C * FH * FW)
     zero = yp.dtype.type(0)
+    V = lanes(tile, yp)
     blocks = (K + FILTER_BLOCK - 1) // FILTER_BLOCK
     for task in prange(N * blocks):
         n = task // blocks
@@ -66,16 +68,26 @@ def _few_channels_pool_forward_cpu(yp, argmax, xp, w, b, relu, OH, OW, planes):
         convolve_four(four, xp, n, wf, b, ka, kb, kc, kd, FH, FW, WP, span)
         for j in range(min(FILTER_BLOCK, K - k0)):
             plane = four[j]
-            if relu:  # a pass of its own: vectorized, and the pooling below stays branch-free
+            if relu:  # a pass of its own, vectorized
                 for i in range(span):
                     plane[i] = max(plane[i], zero)
             for ph in range(PH):
-                top, bottom = plane[2 * ph * WP:], plane[(2 * ph + 1) * WP:]
-                out, where = yp[n, k0 + j, ph], argmax[n, k0 + j, ph]
-                first = 2 * ph * OW
-                for pw in range(PW):
-                    c = 2 * pw
-                    out[pw], where[pw] = max_of_four(top[c], top[c + 1], bottom[c], bottom[c + 1], first + c, OW)
+                at = ((n * K + k0 + j) * PH + ph) * PW
+                for p0 in range(0, PW, V // 2):
+                    pool_rows(tile, yp, at + p0, argmax, plane, 2 * ph * WP + 2 * p0, WP, 2 * ph * OW + 2 * p0, OW,
+                              min(V // 2, PW - p0))
+
+
+def _pool_forward_for(tile):
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def forward(yp, argmax, xp, w, b, relu, OH, OW, planes):
+        pool_forward_body(tile, yp, argmax, xp, w, b, relu, OH, OW, planes)
+
+    return forward
+
+
+# One compiled forward per tile (the tile a constant in each: see kernels/matmul.py)
+_POOL_FORWARD = tuple(_pool_forward_for(tile) for tile in range(len(TILE_NAMES)))
 
 
 @njit(inline="always", cache=True)
@@ -270,7 +282,7 @@ def conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, b, sh, sw, ph, pw, relu, w
     N, C = x.shape[0], x.shape[1]
     _, _, OH, OW = conv_output(x.shape, w.shape, (sh, sw), (ph, pw))
     xp = _padded(x, ph, pw, ws)
-    _few_channels_pool_forward_cpu(yp, argmax, xp.reshape(N, C, -1), w, b, relu, OH, OW, ws.planes)
+    _POOL_FORWARD[TILE](yp, argmax, xp.reshape(N, C, -1), w, b, relu, OH, OW, ws.planes)
 
 
 def conv2d_maxpool_backward_core_cpu(dw, db, dyp, argmax, yp, x, w, sh, sw, ph, pw, mask, ws):

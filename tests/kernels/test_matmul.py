@@ -236,6 +236,38 @@ POOLED = [(2, 1, 12, 12, 16, 5, 5, 2, 2), (3, 3, 9, 11, 5, 3, 3, 1, 0), (2, 2, 7
 
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_pooling_follows_the_pooling_rule(rng, monkeypatch, tile, dtype):
+    """The fused first layer's pooling (``pool_rows``, windows in vector lanes) picks what the
+    pooling kernel picks: the first of equal values (filters of zeros: every window a tie), and a
+    NaN over any number, the first NaN (a NaN in the input spreads over a 3x3 patch of outputs,
+    across window borders); odd outputs drop a row and a column."""
+    from types import SimpleNamespace
+
+    from nbcnn.kernels.conv2d import pooled
+    from nbcnn.kernels.conv2d.gemm import conv2d_forward_gemm_cpu
+    from nbcnn.kernels.pool2d import maxpool2d_forward_cpu
+
+    monkeypatch.setattr(pooled, "TILE", mm.tile_index(tile))
+    N, C, H, W, K = 2, 1, 9, 11, 5
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    x[0, 0, 4, 4] = x[1, 0, 0, 7] = np.nan
+    b = rng.standard_normal(K).astype(dtype)
+    for w in (rng.standard_normal((K, C, 3, 3)).astype(dtype), np.zeros((K, C, 3, 3), dtype)):
+        # the convolution as the unfused layer computes it (the same sums in the same order)
+        y = conv2d_forward_gemm_cpu(np.empty((N, K, H, W), dtype), x if w.any() else np.nan_to_num(x), w, b, 1, 1, 1, 1)
+        want, want_at = np.empty((N, K, H // 2, W // 2), dtype), np.empty((N, K, H // 2, W // 2), np.int32)
+        maxpool2d_forward_cpu(want, want_at, y, 2, 2)
+        ws = SimpleNamespace(**{name: np.full(shape, np.nan, dtype) for name, shape in
+                                pooled.conv2d_maxpool_workspace_cpu(x.shape, w.shape, (1, 1), (1, 1), dtype).items()})
+        yp, at = np.full(want.shape, -1, dtype), np.full(want.shape, -1, np.int32)
+        pooled.conv2d_maxpool_forward_core_cpu(yp, at, x if w.any() else np.nan_to_num(x), w, b, 1, 1, 1, 1, False, ws)
+        assert np.isnan(want).any() == bool(w.any())
+        np.testing.assert_array_equal(yp, want)
+        np.testing.assert_array_equal(at, want_at)
+
+
+@pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
     """The fused first layer's input gradient from the pooled gradient (conv2d.pooled) is the
     convolution's input gradient of the full-size gradient the pooling's backward would write."""
