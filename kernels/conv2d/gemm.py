@@ -4,8 +4,9 @@ The direct kernels in ``cpu.py`` do one multiply-add per load and run at a few G
 Written as a matrix product, the convolution runs in the product's register tile near the
 machine's peak. Three ways, chosen per shape (``conv2d_workspace_cpu``), the first that applies:
 
-- Few input channels (a first layer, ``few_channels``): the product is too thin to pay for
-  packing; two direct kernels over flat padded planes compute y and dw, four filters a task.
+- Few input channels (a first layer, ``few_channels``): y by the implicit product's forward
+  (``implicit.convolve_body``, any padding); dw by a direct kernel over flat padded planes,
+  four filters a task (the product would be a few taps deep and wide); dx through im2col.
 - Stride 1 with padding under the filter's size (``implicit.implicit_applies``): the implicit
   product of ``implicit.py``, the patches copied tap by tap into the product's panels, no
   matrix of patches written at all. Where the filters are 3x3 and the layer is not thin
@@ -46,8 +47,8 @@ from .._index import in_coord_cpu, valid_out_range_cpu
 from ..activation import relu_backward_core_cpu
 from ..matmul import matmul_core_cpu, matmul_workspace
 from .checks import check_conv2d, check_conv2d_bias, check_stride_padding
-from .implicit import (bias_gradient_cpu, conv2d_backward_implicit_core, conv2d_forward_implicit_core, implicit_applies,
-                       implicit_input_gradient, implicit_workspace)
+from .implicit import (bias_gradient_cpu, conv2d_backward_implicit_core, conv2d_forward_implicit_core, gather_workspace,
+                       implicit_applies, implicit_input_gradient, implicit_workspace)
 from .winograd import (conv2d_forward_winograd_core, winograd_applies, winograd_input_gradient, winograd_weight_gradient,
                        winograd_workspace)
 
@@ -239,32 +240,6 @@ def filter_block(k0, K):
 
 
 @njit(inline="always", cache=True)
-def convolve_four(four, xp, n, wf, b, ka, kb, kc, kd, FH, FW, WP, span):
-    """four[0..3] = the convolution of sample n of xp (N, C, HP*WP) with filters ka, kb, kc, kd of wf
-    (K, C*FH*FW), plus their biases: flat planes of row length WP (inlined into the kernels below,
-    whose fastmath flags it takes)."""
-    taps = wf.shape[1]
-    p0, p1, p2, p3 = four[0], four[1], four[2], four[3]
-    ba, bb, bc, bd = b[ka], b[kb], b[kc], b[kd]
-    for i in range(span):
-        p0[i], p1[i], p2[i], p3[i] = ba, bb, bc, bd
-    for t in range(0, taps, 2):
-        t1 = min(t + 1, taps - 1)
-        c0, s0 = tap(t, FH, FW, WP)
-        c1, s1 = tap(t1, FH, FW, WP)
-        u0, u1 = xp[n, c0, s0:s0 + span], xp[n, c1, s1:s1 + span]
-        second = wf.dtype.type(t1 > t)  # 0 for an odd last tap paired with itself
-        a0, a1, a2, a3 = wf[ka, t], wf[kb, t], wf[kc, t], wf[kd, t]
-        e0, e1, e2, e3 = wf[ka, t1] * second, wf[kb, t1] * second, wf[kc, t1] * second, wf[kd, t1] * second
-        for i in range(span):
-            u, v = u0[i], u1[i]
-            p0[i] += a0 * u + e0 * v
-            p1[i] += a1 * u + e1 * v
-            p2[i] += a2 * u + e2 * v
-            p3[i] += a3 * u + e3 * v
-
-
-@njit(inline="always", cache=True)
 def add_weight_gradients(dwf, four, xp, n, k0, count, FH, FW, WP, span):
     """dwf[k0 + j] (K, C*FH*FW) += the dot products of the gradient plane four[j] (row length WP,
     zeros in the unused columns) with sample n's input shifted by each tap, for j < count."""
@@ -294,38 +269,10 @@ def add_weight_gradients(dwf, four, xp, n, k0, count, FH, FW, WP, span):
                     dwf[k0 + j, t1] += e
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def _few_channels_forward_cpu(y, xp, w, b, relu, planes):
-    """y (N, K, OH, OW) = the stride-1 convolution of xp (N, C, HP*WP), the padded input with each
-    plane flat, with w, plus b, and max(., 0) with ``relu``. One task per sample and block of four
-    filters, summed in its thread's four planes of ``planes`` (started at the bias), then copied out
-    without the unused columns. (``contract``: FMA instructions.)"""
-    N, K, OH, OW = y.shape
-    C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
-    WP = OW + FW - 1
-    span = OH * WP - (FW - 1)  # through the last output used: (OH - 1)*WP + OW
-    wf = w.reshape(K, C * FH * FW)
-    blocks = (K + FILTER_BLOCK - 1) // FILTER_BLOCK
-    for task in prange(N * blocks):
-        n = task // blocks
-        k0 = (task % blocks) * FILTER_BLOCK
-        ka, kb, kc, kd = filter_block(k0, K)
-        four = planes[numba.get_thread_id()]
-        convolve_four(four, xp, n, wf, b, ka, kb, kc, kd, FH, FW, WP, span)
-        for j in range(min(FILTER_BLOCK, K - k0)):
-            for oh in range(OH):
-                row, out = four[j, oh * WP:oh * WP + OW], y[n, k0 + j, oh]
-                if relu:
-                    for ow in range(OW):
-                        out[ow] = max(row[ow], 0)
-                else:
-                    out[:] = row
-
-
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
 def _few_channels_backward_weight_cpu(dw, db, dy, xp, planes):
-    """dw (K, C, FH, FW) and db (K,) from dy (N, K, OH, OW) and xp as ``_few_channels_forward_cpu``
-    takes it. One task per block of four filters, which alone writes their dw and db: for each
+    """dw (K, C, FH, FW) and db (K,) from dy (N, K, OH, OW) and xp (N, C, HP*WP), the zero-padded
+    input with its planes flat. One task per block of four filters, which alone writes their dw and db: for each
     sample, dy of the four is laid out with row length WP in its thread's ``planes`` (zeros in the
     unused columns), and each tap's gradient is the dot product of a plane with the input shifted by
     the tap. ``reassoc`` lets the dot products use every vector lane; the order is fixed at compile
@@ -444,8 +391,9 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     # the three products: kt = w cols, dcols = w^T kt (a chunk of the batch), dw = kt cols^T
     NQ = N * OH * OW
     product = matmul_workspace((K, NQ, rows), (rows, NQ, K), (K, rows, NQ))
-    if direct and few_channels(x_shape, w_shape, stride):  # the direct kernels: no im2col matrix to keep
+    if direct and few_channels(x_shape, w_shape, stride):  # no im2col matrix to keep
         shapes["planes"] = few_channels_planes(OH, OW, FW)
+        shapes.update(gather_workspace(x_shape, w_shape, y_shape, padding))
         if not need_dx:
             del shapes["kt"]
         else:
@@ -583,8 +531,8 @@ def conv2d_forward_core_cpu(y, x, w, b, sh, sw, ph, pw, relu, ws):
     K, _, FH, FW = w.shape
     OH, OW = y.shape[2], y.shape[3]
     if getattr(ws, "planes", None) is not None:  # few input channels (see few_channels)
-        xp = _padded(x, ph, pw, ws)
-        _few_channels_forward_cpu(y, xp.reshape(N, C, -1), w, b, relu, ws.planes)
+        _padded(x, ph, pw, ws)  # for the backward's direct kernels
+        conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws)
         return
     if getattr(ws, "wg_v", None) is not None:  # 3x3, stride 1: Winograd
         conv2d_forward_winograd_core(y, x, w, b, ph, pw, relu, ws)
@@ -607,15 +555,15 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
             winograd_input_gradient(dx, dy, w, x, ph, pw, mask, ws)
         bias_gradient_cpu(ws.db if db is None else db, dy)
         return
-    if getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products
-        conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws)
-        bias_gradient_cpu(ws.db if db is None else db, dy)
-        return
     if getattr(ws, "planes", None) is not None:  # few input channels: the forward left ws.padded filled
         xp = ws.padded if ph or pw else x
         _few_channels_backward_weight_cpu(dw, ws.db if db is None else db, dy, xp.reshape(N, C, -1), ws.planes)
         if dx is not None:
             _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db, dy.reshape(N, K, OH * OW))
+    elif getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products
+        conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws)
+        bias_gradient_cpu(ws.db if db is None else db, dy)
+        return
     else:
         _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db if db is None else db, dy.reshape(N, K, OH * OW))
         # dw (K, C*FH*FW) = kt cols^T

@@ -143,15 +143,33 @@ def tiles_size(rows, cols):
 
 
 @njit(inline="always", cache=True)
+def gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad):
+    """plane (Kpad, Q in whole tiles) = the packed filters (``pack_weights``) @ the patches of the
+    padded sample xp, the patches read in place: for NR adjacent columns of the plane, tap r's row
+    of B is NR adjacent values of xp from the tap's offset (``microkernel_gather``); the last
+    sliver takes a half tile where it is no wider than one."""
+    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
+    ldc = plane.shape[1]
+    for pc in range(0, R, KC):
+        kc = min(KC, R - pc)
+        for q0 in range(0, Q, NR):
+            half = HALF < NR and Q - q0 <= HALF
+            for i in range(0, Kpad, MR):
+                ai = pc * Kpad + i * kc
+                if half:
+                    microkernel_gather(tile, True, kc, a_pack, ai, xp, q0, taps, pc, plane, i * ldc + q0, ldc, pc > 0)
+                else:
+                    microkernel_gather(tile, False, kc, a_pack, ai, xp, q0, taps, pc, plane, i * ldc + q0, ldc, pc > 0)
+
+
+@njit(inline="always", cache=True)
 def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scratch, xpads, planes):
     """y (N, K, OH, OW) = the stride-1 convolution of x (N, C, H, W) with w (K, C, FH, FW), padding
-    (ph, pw), plus b, then ReLU / mask as ``store_sample`` says. The patches are read in place:
-    for NR adjacent columns of the plane, tap r's row of B is NR adjacent values of the padded
-    sample from the tap's offset (``microkernel_gather``); the last sliver takes a half tile where
-    it is no wider than one. Scratch: ``a_pack`` (packed filters), ``taps_scratch`` (the taps'
+    (ph, pw), plus b, then ReLU / mask as ``store_sample`` says: a sample a task, its product by
+    ``gather_product``. Scratch: ``a_pack`` (packed filters), ``taps_scratch`` (the taps'
     offsets), per thread ``xpads`` (a padded sample) and ``planes`` (K, OH*WP in whole tiles,
     flat: ``whole_tiles``)."""
-    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
+    MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     OH = y.shape[2]
@@ -164,20 +182,8 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scr
     for n in prange(N):
         t = numba.get_thread_id()
         xp, plane = xpads[t], whole_tiles(planes[t], K, Q, MR, NR)
-        ldc = plane.shape[1]
         pad_sample(xp, x, n, ph, pw)
-        for pc in range(0, R, KC):
-            kc = min(KC, R - pc)
-            for q0 in range(0, Q, NR):
-                half = HALF < NR and Q - q0 <= HALF
-                for i in range(0, Kpad, MR):
-                    ai = pc * Kpad + i * kc
-                    if half:
-                        microkernel_gather(tile, True, kc, a_pack, ai, xp, q0, taps, pc, plane, i * ldc + q0, ldc,
-                                           pc > 0)
-                    else:
-                        microkernel_gather(tile, False, kc, a_pack, ai, xp, q0, taps, pc, plane, i * ldc + q0, ldc,
-                                           pc > 0)
+        gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad)
         store_sample(tile, y, n, plane, b, relu, mask, masked, WP)
 
 
@@ -381,6 +387,24 @@ def scatter_input_gradient(x_shape, w_shape, padding):
     return scatter < full
 
 
+def gather_workspace(x_shape, w_shape, y_shape, padding, extra=0):
+    """{name: shape} of the forward's scratch (``convolve_body``, and the fused first layer's):
+    the packed filters, the taps' offsets (for the forward or the full convolution of dy, whichever
+    has more), and for each of Numba's threads a padded sample (``extra`` values more) and an
+    output plane in whole tiles."""
+    N, C, H, W = x_shape
+    K, _, FH, FW = w_shape
+    OH = y_shape[2]
+    threads = numba.config.NUMBA_NUM_THREADS
+    HP, WP = H + 2 * padding[0], W + 2 * padding[1]
+    return {
+        "im_a_pack": ((K + MAX_MR) * C * FH * FW,),
+        "im_taps": (2 * (max(C, K) * FH * FW + MAX_MR),),  # int64s (two float32s each)
+        "im_xpads": (threads, C * HP * WP + MAX_NR + FW + extra),  # the last sliver reads past the planes
+        "im_planes": (threads, tiles_size(K, OH * WP)),
+    }
+
+
 def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None):
     """{name: shape} of the scratch the implicit kernels need (any tile): the packed filters, the
     taps' offsets, and for each of Numba's threads a padded sample, an output plane, a sliver of
@@ -393,17 +417,14 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
     OH, OW = y_shape[2], y_shape[3]
     ph, pw = padding
     threads = numba.config.NUMBA_NUM_THREADS
-    HP, WP = H + 2 * ph, W + 2 * pw
+    WP = W + 2 * pw
     R = C * FH * FW
     tail = MAX_NR + FW  # read past the last plane by the last sliver
     if scatter is None:
         scatter = scatter_input_gradient(x_shape, w_shape, padding)
     sink = OH * WP + MAX_NR if need_dx and scatter else 0  # where the scatter adds its rows past the last tap
     shapes = {
-        "im_a_pack": ((K + MAX_MR) * R,),
-        "im_taps": (2 * (max(C, K) * FH * FW + MAX_MR),),  # int64s (two float32s each), forward's or dx's taps
-        "im_xpads": (threads, C * HP * WP + tail + sink),
-        "im_planes": (threads, tiles_size(K, OH * WP)),
+        **gather_workspace(x_shape, w_shape, y_shape, padding, sink),
         "im_b_slivers": (threads, KC * MAX_NR),
         "im_edges": (threads, MAX_MR * MAX_NR),
         "im_parts": (threads, R, K),

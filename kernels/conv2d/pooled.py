@@ -9,15 +9,15 @@ The fused op never writes that output:
     backward  dw, db     = the weight and bias gradients, from dyp through argmax
                            (times yp > 0 with ``mask``, the ReLU's backward)
 
-On the CPU, with few input channels (``gemm.few_channels``), each task's four output planes
-stay in its thread's scratch rows: the forward pools them there, and the backward writes dyp
-into the rows that the weight gradient's dot products read (a quarter of each row, the rest
-zero), instead of a full-size gradient written by the pooling and read back by the
-convolution. The input gradient, when a caller asks for it (a first layer's input is usually
-the data), comes from the pooled gradient too, as a product in nbcnn's register tile
-(``pooled_input_gradient_body``). Other shapes, and CUDA, run the two ops' own cores one after
-the other through a scratch convolution output: the same results (and, asked for the input
-gradient, the layer plan unfuses them).
+On the CPU, with few input channels (``gemm.few_channels``), each sample's output planes stay in
+its thread's scratch: the forward computes them by the implicit product (``implicit.py``) and
+pools them there; the backward writes the pooled gradient densely into the rows that the weight
+gradient's dot products read (a quarter of their values, the rest zero), instead of a full-size
+gradient written by the pooling and read back by the convolution. The input gradient, when a
+caller asks for it (a first layer's input is usually the data), comes from the pooled gradient
+too, as a product in nbcnn's register tile (``pooled_input_gradient_body``). Other shapes, and
+CUDA, run the two ops' own cores one after the other through a scratch convolution output: the
+same results (and, asked for the input gradient, the layer plan unfuses them).
 """
 
 import numba
@@ -30,8 +30,9 @@ from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
-                   conv2d_workspace_cpu, convolve_four, few_channels, filter_block)
-from .implicit import pack_scatter_filters, scatter_taps, unpad_sample
+                   conv2d_workspace_cpu, few_channels, filter_block)
+from .implicit import (gather_product, pack_scatter_filters, pack_weights, pad_sample, scatter_taps, tap_offsets,
+                       unpad_sample, whole_tiles)
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -47,41 +48,48 @@ def conv_output(x_shape, w_shape, stride, padding):
 
 
 @njit(inline="always", cache=True)
-def pool_forward_body(tile, yp, argmax, xp, w, b, relu, OH, OW, planes):
-    """yp, argmax (N, K, OH // 2, OW // 2): the 2x2 max pooling of the stride-1 convolution of xp
-    (as ``gemm._few_channels_forward_cpu`` takes it) with w plus b, max(., 0) first with ``relu``.
-    One task per sample and block of four filters; the windows are read from the task's planes,
-    two rows and V/2 windows a call (``pool_rows``)."""
-    N, K, PH, PW = yp.shape
-    C, FH, FW = w.shape[1], w.shape[2], w.shape[3]
-    WP = OW + FW - 1
-    span = OH * WP - (FW - 1)
-    wf = w.reshape(K, C * FH * FW)
+def pool_forward_body(tile, yp, argmax, x, w, b, ph, pw, relu, a_pack, taps_scratch, xpads, planes):
+    """yp, argmax (N, K, OH // 2, OW // 2): the 2x2 max pooling of the stride-1 convolution of x with
+    w (padding ph, pw) plus b, max(., 0) first with ``relu``. A sample a task: its K output planes
+    by the implicit product's forward (``implicit.gather_product``) in the thread's scratch, then
+    the bias and ReLU in place, and the pooling read from there, two rows and V/2 windows a call
+    (``pool_rows``)."""
+    MR, NR = _MR[tile], _NR[tile]
+    N, C, H, W = x.shape
+    K, _, FH, FW = w.shape
+    PH, PW = yp.shape[2], yp.shape[3]
+    HP, WP = H + 2 * ph, W + 2 * pw
+    OH, OW = HP - FH + 1, WP - FW + 1
+    R = C * FH * FW
+    Q = OH * WP
+    Kpad = slivers(K, MR) * MR
     zero = yp.dtype.type(0)
     V = lanes(tile, yp)
-    blocks = (K + FILTER_BLOCK - 1) // FILTER_BLOCK
-    for task in prange(N * blocks):
-        n = task // blocks
-        k0 = (task % blocks) * FILTER_BLOCK
-        ka, kb, kc, kd = filter_block(k0, K)
-        four = planes[numba.get_thread_id()]
-        convolve_four(four, xp, n, wf, b, ka, kb, kc, kd, FH, FW, WP, span)
-        for j in range(min(FILTER_BLOCK, K - k0)):
-            plane = four[j]
-            if relu:  # a pass of its own, vectorized
-                for i in range(span):
-                    plane[i] = max(plane[i], zero)
-            for ph in range(PH):
-                at = ((n * K + k0 + j) * PH + ph) * PW
+    pack_weights(a_pack, w.reshape(K, R), MR)
+    taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
+    for n in prange(N):
+        t = numba.get_thread_id()
+        xp, plane = xpads[t], whole_tiles(planes[t], K, Q, MR, NR)
+        pad_sample(xp, x, n, ph, pw)
+        gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad)
+        for k in range(K):
+            row, bk = plane[k], b[k]
+            for i in range(2 * PH * WP):  # the rows the windows cover
+                v = row[i] + bk
+                if relu and v < zero:  # a NaN stays, as where the convolution stores its output
+                    v = zero
+                row[i] = v
+            for i in range(PH):
+                at = ((n * K + k) * PH + i) * PW
                 for p0 in range(0, PW, V // 2):
-                    pool_rows(tile, yp, at + p0, argmax, plane, 2 * ph * WP + 2 * p0, WP, 2 * ph * OW + 2 * p0, OW,
+                    pool_rows(tile, yp, at + p0, argmax, row, 2 * i * WP + 2 * p0, WP, 2 * i * OW + 2 * p0, OW,
                               min(V // 2, PW - p0))
 
 
 def _pool_forward_for(tile):
-    @njit(parallel=True, cache=True, fastmath={"contract"})
-    def forward(yp, argmax, xp, w, b, relu, OH, OW, planes):
-        pool_forward_body(tile, yp, argmax, xp, w, b, relu, OH, OW, planes)
+    @njit(parallel=True, cache=True)
+    def forward(yp, argmax, x, w, b, ph, pw, relu, a_pack, taps, xpads, planes):
+        pool_forward_body(tile, yp, argmax, x, w, b, ph, pw, relu, a_pack, taps, xpads, planes)
 
     return forward
 
@@ -279,10 +287,8 @@ def conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, b, sh, sw, ph, pw, relu, w
         conv2d_forward_core_cpu(ws.conv_y, x, w, b, sh, sw, ph, pw, relu, ws)
         maxpool2d_forward_core_cpu(yp, argmax, ws.conv_y, *POOL)
         return
-    N, C = x.shape[0], x.shape[1]
-    _, _, OH, OW = conv_output(x.shape, w.shape, (sh, sw), (ph, pw))
-    xp = _padded(x, ph, pw, ws)
-    _POOL_FORWARD[TILE](yp, argmax, xp.reshape(N, C, -1), w, b, relu, OH, OW, ws.planes)
+    _padded(x, ph, pw, ws)  # for the backward's direct kernel
+    _POOL_FORWARD[TILE](yp, argmax, x, w, b, ph, pw, relu, ws.im_a_pack, ws.im_taps, ws.im_xpads, ws.im_planes)
 
 
 def conv2d_maxpool_backward_core_cpu(dw, db, dyp, argmax, yp, x, w, sh, sw, ph, pw, mask, ws):
