@@ -6,7 +6,8 @@ machine's peak. Three ways, chosen per shape (``conv2d_workspace_cpu``), the fir
 
 - Few input channels (a first layer, ``few_channels``): y by the implicit product's forward
   (``implicit.convolve_body``, any padding); dw by a direct kernel over flat padded planes,
-  four filters a task (the product would be a few taps deep and wide); dx through im2col.
+  four filters a task (the product would be a few taps deep and wide); dx by the implicit
+  product's scatter where it applies, through im2col otherwise.
 - Stride 1 with padding under the filter's size (``implicit.implicit_applies``): the implicit
   product of ``implicit.py``, the patches copied tap by tap into the product's panels, no
   matrix of patches written at all. Where the filters are 3x3 and the layer is not thin
@@ -366,8 +367,10 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     """{name: shape} of the scratch the CPU cores need for these shapes. Three ways, the first that
     applies (unless ``direct`` is False, which always takes the last):
 
-    - few input channels (``few_channels``): ``planes`` for the direct kernels, ``padded`` for the
-      zero-bordered input, ``kt`` for the input gradient's product;
+    - few input channels (``few_channels``): ``planes`` for the weight gradient's direct kernel,
+      ``padded`` for the zero-bordered input, the implicit forward's scratch (``im_*``), and for
+      the input gradient the implicit scatter's where it applies, ``kt`` and the product's
+      otherwise;
     - stride 1 (``implicit.implicit_applies``): Winograd's scratch (``wg_*``) where it applies,
       the implicit product's (``im_*``) otherwise;
     - otherwise im2col: the matrix ``cols`` (kept from forward for backward), ``kt`` (K, N*OH*OW)
@@ -394,6 +397,10 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     if direct and few_channels(x_shape, w_shape, stride):  # no im2col matrix to keep
         shapes["planes"] = few_channels_planes(OH, OW, FW)
         shapes.update(gather_workspace(x_shape, w_shape, y_shape, padding))
+        if need_dx and implicit_applies(w_shape, stride, padding):  # dx by the implicit scatter
+            shapes.update(implicit_workspace(x_shape, w_shape, y_shape, padding, True, scatter=True))
+            del shapes["kt"]
+            return shapes
         if not need_dx:
             del shapes["kt"]
         else:
@@ -480,7 +487,7 @@ def conv2d_backward_input_gemm_cpu(dx, dy, w, stride_h=1, stride_w=1, pad_h=0, p
     stride, padding = check_stride_padding(fn, stride_h, stride_w, pad_h, pad_w)
     N, C, H, W, K, FH, FW, OH, OW = check_conv2d(fn, on_host, ("dx", dx), ("w", w), ("dy", dy), None, stride,
                                                  padding)
-    if implicit_applies(w.shape, stride, padding) and not few_channels(dx.shape, w.shape, stride):
+    if implicit_applies(w.shape, stride, padding):
         ws = SimpleNamespace(**_scratch(dx.shape, w.shape, dy.shape, stride, padding, True, dx.dtype))
         _input_gradient_of_stride_one(dx, dy, w, dx, *padding, False, ws)  # no mask: x is not read
         return dx
@@ -558,6 +565,9 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
     if getattr(ws, "planes", None) is not None:  # few input channels: the forward left ws.padded filled
         xp = ws.padded if ph or pw else x
         _few_channels_backward_weight_cpu(dw, ws.db if db is None else db, dy, xp.reshape(N, C, -1), ws.planes)
+        if dx is not None and getattr(ws, "im_dyq", None) is not None:  # w^T dy added back along the taps
+            implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws)
+            return
         if dx is not None:
             _knp_from_nkp(ws.kt.reshape(K, N, OH * OW), ws.db, dy.reshape(N, K, OH * OW))
     elif getattr(ws, "im_xpads", None) is not None:  # stride 1: the implicit products
