@@ -563,6 +563,8 @@ def conv2d_backward_core_cpu(dx, dw, db, dy, x, w, sh, sw, ph, pw, mask, ws):
         bias_gradient_cpu(ws.db if db is None else db, dy)
         return
     if getattr(ws, "planes", None) is not None:  # few input channels: the forward left ws.padded filled
+        if (ph or pw) and getattr(ws, "kt", None) is not None:  # col2im below uses ws.padded as scratch:
+            _padded(x, ph, pw, ws)  # fill it again, or a second backward after one forward reads a spoiled x
         xp = ws.padded if ph or pw else x
         _few_channels_backward_weight_cpu(dw, ws.db if db is None else db, dy, xp.reshape(N, C, -1), ws.planes)
         if dx is not None and getattr(ws, "im_dyq", None) is not None:  # w^T dy added back along the taps

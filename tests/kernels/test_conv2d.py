@@ -189,6 +189,30 @@ def test_fused_backward_skips_what_it_is_told_to(rng, case):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("C, F, pad", [(1, 3, 1), (2, 3, 3), (5, 3, 0), (8, 3, 1), (5, 3, 3)])
+def test_backward_twice_after_one_forward(rng, C, F, pad):
+    """A planned layer's backward may run again after one forward (the same gradients): no way
+    of computing them spoils what the forward left in the scratch (few channels with the
+    implicit scatter and with im2col, the implicit product, Winograd, im2col)."""
+    from types import SimpleNamespace
+
+    from nbcnn.kernels.conv2d import gemm
+
+    N, H, W, K = 2, 7, 6, 4 if C < 8 else 8
+    x, w, b = rng.standard_normal((N, C, H, W)), rng.standard_normal((K, C, F, F)), rng.standard_normal(K)
+    y = np.empty(ref.conv2d(x, w, b, (1, 1), (pad, pad)).shape)
+    ws = SimpleNamespace(**{name: np.full(shape, np.nan) for name, shape in gemm.conv2d_workspace_cpu(
+        x.shape, w.shape, y.shape, (1, 1), (pad, pad), True, np.float64).items()})
+    gemm.conv2d_forward_core_cpu(y, x, w, b, 1, 1, pad, pad, False, ws)
+    dy = rng.standard_normal(y.shape)
+    want = ref.conv2d_grads(dy, x, w, pad=(pad, pad))
+    for _ in range(2):
+        dx, dw, db = np.full(x.shape, np.nan), np.full(w.shape, np.nan), np.full(K, np.nan)
+        gemm.conv2d_backward_core_cpu(dx, dw, db, dy, x, w, 1, 1, pad, pad, False, ws)
+        for got, expected in zip((dx, dw, db), want):
+            np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("samples", [1, 2])  # a chunk per sample; two a chunk, the last one short
 @pytest.mark.parametrize("stride, pad", [((1, 1), (1, 2)), ((2, 1), (1, 0))])
 def test_input_gradient_in_batch_chunks(rng, monkeypatch, samples, stride, pad):
