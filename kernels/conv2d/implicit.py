@@ -296,6 +296,28 @@ def gradient_plane(tile, dyq, dy, n, WP):
 
 
 @njit(inline="always", cache=True)
+def scatter_product(tile, dxp, g, ldg, a_pack, taps, Q, K, Rpad):
+    """dxp (the padded input gradient) += G = w^T @ g along the taps: g's K rows (``ldg`` apart,
+    the plane's Q columns and zeros past them) are B, read in place; each MR x NR tile of G is
+    added at its rows' offsets ``taps`` (``scatter_taps``) by ``microkernel_scatter``, the last
+    sliver as a half tile where it is no wider than one. A packed by ``pack_scatter_filters``."""
+    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
+    for q0 in range(0, Q, NR):
+        half = HALF < NR and Q - q0 <= HALF
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            for i in range(0, Rpad, MR):
+                rows = (taps[i], taps[i + 1], taps[i + 2], taps[i + 3],
+                        taps[i + 4], taps[i + 5], taps[i + 6], taps[i + 7])  # MAX_MR of them
+                if half:
+                    microkernel_scatter(tile, True, kc, a_pack, pc * Rpad + i * kc, g, pc * ldg + q0, ldg, dxp, q0,
+                                        rows)
+                else:
+                    microkernel_scatter(tile, False, kc, a_pack, pc * Rpad + i * kc, g, pc * ldg + q0, ldg, dxp, q0,
+                                        rows)
+
+
+@njit(inline="always", cache=True)
 def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps_scratch, dxpads, dyqs):
     """dx (N, C, H, W) = the input gradient of the stride-1 convolution as the forward's gather run
     backwards: per sample, G (C*FH*FW, OH*WP) = w^T @ dy[n], each tile of G added straight into
@@ -303,7 +325,7 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
     dy[n] laid out as the forward's plane (``gradient_plane``), read in place. Where the filters
     are large against the image (no padding), this multiplies fewer zeros than the full
     convolution of dy. Times x > 0 with ``masked``."""
-    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
+    MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     OH = dy.shape[2]
@@ -319,19 +341,7 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
         dxp, dyq = dxpads[t], dyqs[t, :K * Qpad].reshape(K, Qpad)
         dxp[:] = 0
         gradient_plane(tile, dyq, dy, n, WP)
-        for q0 in range(0, Q, NR):
-            half = HALF < NR and Q - q0 <= HALF
-            for pc in range(0, K, KC):
-                kc = min(KC, K - pc)
-                for i in range(0, Rpad, MR):
-                    rows = (taps[i], taps[i + 1], taps[i + 2], taps[i + 3],
-                            taps[i + 4], taps[i + 5], taps[i + 6], taps[i + 7])  # MAX_MR of them
-                    if half:
-                        microkernel_scatter(tile, True, kc, a_pack, pc * Rpad + i * kc, dyq, pc * Qpad + q0, Qpad,
-                                            dxp, q0, rows)
-                    else:
-                        microkernel_scatter(tile, False, kc, a_pack, pc * Rpad + i * kc, dyq, pc * Qpad + q0, Qpad,
-                                            dxp, q0, rows)
+        scatter_product(tile, dxp, dyq.reshape(-1), Qpad, a_pack, taps, Q, K, Rpad)
         unpad_sample(tile, dx, n, dxp, ph, pw, x, masked)
 
 

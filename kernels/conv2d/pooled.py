@@ -24,15 +24,14 @@ import numba
 from numba import njit, prange
 
 from .._index import out_size
-from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_scatter, pool_rows,
-                      slivers, unpool_rows)
+from ..matmul import MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, pool_rows, slivers, unpool_rows
 from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, few_channels, filter_block)
-from .implicit import (gather_product, pack_scatter_filters, pack_weights, pad_sample, scatter_taps, tap_offsets,
-                       unpad_sample, whole_tiles)
+from .implicit import (gather_product, pack_scatter_filters, pack_weights, pad_sample, scatter_product, scatter_taps,
+                       tap_offsets, unpad_sample, whole_tiles)
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -177,8 +176,8 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
     sample, the K gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``,
     written two conv rows at a time by ``unpool_rows``) are B, read in place; each tile of G =
     w^T @ B is added into the padded input gradient along its rows' taps
-    (``microkernel_scatter``). One task per sample, in its thread's scratch."""
-    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
+    (``implicit.scatter_product``). One task per sample, in its thread's scratch."""
+    MR = _MR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     WP = OW + FW - 1  # = W + 2 * pw
@@ -204,19 +203,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
                     j0 = 2 * p0
                     unpool_rows(tile, g, k * stride + 2 * i * WP + j0, WP, dyp, at + p0, argmax, 2 * i * OW + j0, OW,
                                 yp, mask, min(V // 2, PW - p0), min(V, OW - j0))
-        for q0 in range(0, Q, NR):
-            half = HALF < NR and Q - q0 <= HALF
-            for pc in range(0, K, KC):
-                kc = min(KC, K - pc)
-                for i in range(0, Rpad, MR):
-                    rows = (taps[i], taps[i + 1], taps[i + 2], taps[i + 3],
-                            taps[i + 4], taps[i + 5], taps[i + 6], taps[i + 7])  # MAX_MR of them
-                    if half:
-                        microkernel_scatter(tile, True, kc, a_pack, pc * Rpad + i * kc, g, pc * stride + q0, stride,
-                                            dxp, q0, rows)
-                    else:
-                        microkernel_scatter(tile, False, kc, a_pack, pc * Rpad + i * kc, g, pc * stride + q0, stride,
-                                            dxp, q0, rows)
+        scatter_product(tile, dxp, g, stride, a_pack, taps, Q, K, Rpad)
         unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
 
 
