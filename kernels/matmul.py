@@ -28,6 +28,13 @@ kept. Blocking from the cache sizes (BLIS's loop order): a KC x NR sliver of B (
 KC = 256, NR = 32) stays in the 48 KB L1 while the micro-kernel runs down a column of A's
 slivers, which come from L2.
 
+Where an operand already lies in memory as rows of unit stride, the micro-kernel reads it in
+place instead: A's rows at arbitrary offsets (``microkernel_rows``: a convolution's weight
+gradient), B's rows at offsets from a table (``microkernel_gather``: a convolution's patches,
+tap by tap, in the padded input), or C's rows at offsets, added into (``microkernel_scatter``:
+the same patches' gradient, added back along the taps). One code generator serves all four
+(``_tile_codegen``, given where A's values and B's and C's rows are).
+
 Plain Numba loops with an accumulator array do not get there (5-7 GFLOP/s measured: the
 accumulators go through memory), so the micro-kernel is written in LLVM IR through
 ``numba.extending.intrinsic``, with LLVM's generic vector type ``<V x float>`` and the
