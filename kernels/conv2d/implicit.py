@@ -241,14 +241,16 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, xpads, b_slivers
 
 
 @njit(inline="always", cache=True)
-def scatter_taps(scratch, C, FH, FW, HP, WP, sink):
+def scatter_taps(scratch, C, FH, FW, HP, WP):
     """The taps' offsets in the scatter's row order r = (fw*FH + fh)*C + c, so that the rows a tile
     adds one after the other do not overlap: channels are planes apart, filter rows a padded row
     (apart from rows shorter than a tile), and only taps fw and fw + 1, C*FH rows apart, share all
     but one value (adding a row that overlaps one just added waits for that store). Then MAX_MR
-    offsets of ``sink`` for the rows past the last tap: int64s, as ``tap_offsets``."""
+    offsets of a sink for the rows past the last tap, beyond what any tap's sliver reaches (room
+    for it: ``scatter_room``): int64s, as ``tap_offsets``."""
     taps = scratch.view(np.int64)
     R = C * FH * FW
+    sink = C * HP * WP + MAX_NR + FW
     for fw in range(FW):
         for fh in range(FH):
             for c in range(C):
@@ -335,13 +337,13 @@ def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps
     Qpad = slivers(Q, NR) * NR
     Rpad = slivers(R, MR) * MR
     pack_scatter_filters(a_pack, w, MR)
-    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP, C * HP * WP + MAX_NR + FW)  # the sink: past what a tap reaches
+    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
     for n in prange(N):
         t = numba.get_thread_id()
         dxp, dyq = dxpads[t], dyqs[t, :K * Qpad].reshape(K, Qpad)
         dxp[:] = 0
         gradient_plane(tile, dyq, dy, n, WP)
-        scatter_product(tile, dxp, dyq.reshape(-1), Qpad, a_pack, taps, Q, K, Rpad)
+        scatter_product(tile, dxp, dyqs[t], Qpad, a_pack, taps, Q, K, Rpad)
         unpad_sample(tile, dx, n, dxp, ph, pw, x, masked)
 
 
@@ -397,6 +399,13 @@ def scatter_input_gradient(x_shape, w_shape, padding):
     return scatter < full
 
 
+def scatter_room(C, HP, WP, FH, FW):
+    """Values of a padded input gradient the scatter adds into (``scatter_product``): the C padded
+    planes, what the last tap's last sliver reaches past them, and the sink where the rows past
+    the last tap go (``scatter_taps``), a plane's OH*WP columns rounded up to a sliver."""
+    return C * HP * WP + MAX_NR + FW + (HP - FH + 1) * WP + MAX_NR
+
+
 def gather_workspace(x_shape, w_shape, y_shape, padding, extra=0):
     """{name: shape} of the forward's scratch (``convolve_body``, and the fused first layer's):
     the packed filters, the taps' offsets (for the forward or the full convolution of dy, whichever
@@ -432,9 +441,10 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
     tail = MAX_NR + FW  # read past the last plane by the last sliver
     if scatter is None:
         scatter = scatter_input_gradient(x_shape, w_shape, padding)
-    sink = OH * WP + MAX_NR if need_dx and scatter else 0  # where the scatter adds its rows past the last tap
+    HP = H + 2 * ph
+    extra = scatter_room(C, HP, WP, FH, FW) - (C * HP * WP + tail) if need_dx and scatter else 0
     shapes = {
-        **gather_workspace(x_shape, w_shape, y_shape, padding, sink),
+        **gather_workspace(x_shape, w_shape, y_shape, padding, extra),
         "im_b_slivers": (threads, KC * MAX_NR),
         "im_edges": (threads, MAX_MR * MAX_NR),
         "im_parts": (threads, R, K),

@@ -30,8 +30,8 @@ from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, few_channels, filter_block)
-from .implicit import (gather_product, pack_scatter_filters, pack_weights, pad_sample, scatter_product, scatter_taps,
-                       tap_offsets, unpad_sample, whole_tiles)
+from .implicit import (gather_product, pack_scatter_filters, pack_weights, pad_sample, scatter_product, scatter_room,
+                       scatter_taps, tap_offsets, unpad_sample, whole_tiles)
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -174,7 +174,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
     """dx (N, C, H, W), the input gradient of the fused op, from dyp through argmax, without a
     full-size gradient, as ``implicit.input_gradient_scatter_body`` computes a convolution's: per
     sample, the K gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``,
-    written two conv rows at a time by ``unpool_rows``) are B, read in place; each tile of G =
+    written by ``unpool_plane``) are B, read in place; each tile of G =
     w^T @ B is added into the padded input gradient along its rows' taps
     (``implicit.scatter_product``). One task per sample, in its thread's scratch."""
     MR = _MR[tile]
@@ -187,9 +187,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
     stride = Q + MAX_NR  # a plane and zeros that the last sliver of the plane reads past its end
     Rpad = slivers(R, MR) * MR
     pack_scatter_filters(a_pack, w, MR)
-    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP, C * HP * WP + MAX_NR + FW)  # the sink past the taps' reach
-    PH, PW = dyp.shape[2], dyp.shape[3]
-    V = lanes(tile, dx)
+    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
     for t in prange(gs.shape[0]):  # what the planes never get: columns past OW, a last odd row, the tail
         gs[t, :K * stride] = 0
     for n in prange(N):
@@ -197,12 +195,7 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
         g, dxp = gs[t], dxpads[t]
         dxp[:] = 0
         for k in range(K):
-            for i in range(PH):
-                at = ((n * K + k) * PH + i) * PW
-                for p0 in range(0, PW, V // 2):
-                    j0 = 2 * p0
-                    unpool_rows(tile, g, k * stride + 2 * i * WP + j0, WP, dyp, at + p0, argmax, 2 * i * OW + j0, OW,
-                                yp, mask, min(V // 2, PW - p0), min(V, OW - j0))
+            unpool_plane(tile, g[k * stride:], dyp, argmax, yp, n, k, mask, OW, WP)
         scatter_product(tile, dxp, g, stride, a_pack, taps, Q, K, Rpad)
         unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
 
@@ -252,8 +245,7 @@ def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, paddin
         "pool_a_pack": ((R + MAX_MR) * K,),
         "pool_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
         "pool_g": (threads, K * ((HP - FH + 1) * WP + MAX_NR)),
-        # the last tap's last sliver ends past the planes, and the rows past the last tap go further on
-        "pool_dx": (threads, C * HP * WP + MAX_NR + FW + (HP - FH + 1) * WP + MAX_NR),
+        "pool_dx": (threads, scatter_room(C, HP, WP, FH, FW)),
     }
 
 
