@@ -237,10 +237,16 @@ def _packed_a(context, builder, a_type, a_, ai_, MR):
 
 
 def _strided(context, builder, ty, array, index, stride):
-    """Row r of a matrix whose rows are ``stride`` values apart, from flat offset ``index``."""
+    """Row r (a Python int or an int64 value) of a matrix whose rows are ``stride`` values apart,
+    from flat offset ``index``."""
     base = _element_pointer(context, builder, ty, array, index)
-    return lambda builder, r: builder.gep(base, [builder.mul(r if not isinstance(r, int) else ir.Constant(
-        ir.IntType(64), r), stride)])
+
+    def row(builder, r):
+        if isinstance(r, int):
+            r = ir.Constant(ir.IntType(64), r)
+        return builder.gep(base, [builder.mul(r, stride)])
+
+    return row
 
 
 @intrinsic(prefer_literal=True)
