@@ -160,6 +160,42 @@ def _masked(builder, what, vec):
     return cgutils.get_or_insert_function(builder.module, fn_type, name)
 
 
+def _store_lanes(builder, value, to, count):
+    """Store the lanes l < count (an int64) of ``value`` at ``to``: a plain vector store where
+    count covers every lane, ``llvm.masked.store`` only for a short run (AVX2's masked store,
+    vmaskmovps, is microcoded on AMD's Zen 1 to 3: a dozen cycles, where a store takes one)."""
+    lanes = value.type.count
+    full = builder.icmp_signed(">=", count, ir.Constant(count.type, lanes))
+    with builder.if_else(full, likely=True) as (whole, part):
+        with whole:
+            builder.store(value, to, align=4)
+        with part:
+            builder.call(_masked(builder, "store", value.type),
+                         [value, to, ir.Constant(ir.IntType(32), 4), _lanes_below(builder, count, lanes)])
+
+
+def _load_lanes(builder, where, count):
+    """The lanes l < count (an int64) of the vector at ``where`` (a pointer to a vector type),
+    zeros past them: a plain load where count covers every lane, ``llvm.masked.load`` (which reads
+    nothing past count) only for a short run."""
+    vtype = where.type.pointee
+    lanes = vtype.count
+    zeros = ir.Constant(vtype, [0] * lanes if isinstance(vtype.element, ir.IntType) else [0.0] * lanes)
+    full = builder.icmp_signed(">=", count, ir.Constant(count.type, lanes))
+    with builder.if_else(full, likely=True) as (whole, part):
+        with whole:
+            plain = builder.load(where, align=4)
+            came_whole = builder.block
+        with part:
+            masked = builder.call(_masked(builder, "load", vtype),
+                                  [where, ir.Constant(ir.IntType(32), 4), _lanes_below(builder, count, lanes), zeros])
+            came_part = builder.block
+    value = builder.phi(vtype)
+    value.add_incoming(plain, came_whole)
+    value.add_incoming(masked, came_part)
+    return value
+
+
 def _lanes_below(builder, count, lanes):
     """The mask of the lanes l < count (an int64)."""
     i64 = ir.IntType(64)
@@ -361,8 +397,8 @@ def microkernel_scatter(typingctx, tile, half, kc, a, ai, b, bi, ldb, c, ci, sta
 def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked):
     """dst[di + l] = src[si + l] + bias for l < count (at most the tile's V lanes), max(., 0) with
     ``relu``, zero where keep[di + l] is not > 0 with ``masked`` (``keep`` laid out as ``dst``; read
-    only then). One masked load and store a run, so a short row (an output row of a small image)
-    is one vector, not a scalar loop."""
+    only then). One vector load and store a run (masked where the run is short), so a short row
+    (an output row of a small image) is one vector, not a scalar loop."""
     V32 = _literal_tile(tile)[2]
     sig = types.void(tile, dst, di, src, si, count, bias, relu, keep, masked)
 
@@ -370,20 +406,17 @@ def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked
         _, dst_, di_, src_, si_, count_, bias_, relu_, keep_, masked_ = args
         scalar, V = _vector(signature.args[1], V32)
         vec = ir.VectorType(scalar, V)
-        align = ir.Constant(ir.IntType(32), 4)
         zeros = ir.Constant(vec, [0.0] * V)
-        load, store = _masked(builder, "load", vec), _masked(builder, "store", vec)
-        lanes = _lanes_below(builder, count_, V)
         frm = _element_pointer(context, builder, signature.args[3], src_, si_)
         to = _element_pointer(context, builder, signature.args[1], dst_, di_)
         gate = _element_pointer(context, builder, signature.args[8], keep_, di_)
-        value = builder.fadd(builder.call(load, [builder.bitcast(frm, vec.as_pointer()), align, lanes, zeros]),
+        value = builder.fadd(_load_lanes(builder, builder.bitcast(frm, vec.as_pointer()), count_),
                              _splat(builder, vec, bias_))
         value = builder.select(relu_, builder.select(builder.fcmp_ordered("<", value, zeros), zeros, value), value)
-        read = builder.and_(lanes, _splat(builder, ir.VectorType(ir.IntType(1), V), masked_))
-        kept = builder.call(load, [builder.bitcast(gate, vec.as_pointer()), align, read, zeros])
+        gated = builder.select(masked_, count_, ir.Constant(count_.type, 0))  # keep is read only with masked
+        kept = _load_lanes(builder, builder.bitcast(gate, vec.as_pointer()), gated)
         value = builder.select(masked_, builder.select(builder.fcmp_ordered(">", kept, zeros), value, zeros), value)
-        builder.call(store, [value, builder.bitcast(to, vec.as_pointer()), align, lanes])
+        _store_lanes(builder, value, builder.bitcast(to, vec.as_pointer()), count_)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -404,40 +437,32 @@ def unpool_rows(typingctx, tile, g, gi, WP, dy, di, argmax, first, OW, keep, mas
     def codegen(context, builder, signature, args):
         _, g_, gi_, WP_, dy_, di_, argmax_, first_, OW_, keep_, masked_, pooled_, count_ = args
         ty = signature.args
-        i64 = ir.IntType(64)
         scalar, V = _vector(ty[1], V32)
         H = V // 2
         vec, half = ir.VectorType(scalar, V), ir.VectorType(scalar, H)
         ity = context.get_value_type(ty[6].dtype)
         ivec = ir.VectorType(ity, H)
-        align = ir.Constant(ir.IntType(32), 4)
-        read = _lanes_below(builder, pooled_, H)
 
-        def load(ty_, array, index, vtype, lanes):
+        def load(ty_, array, index, vtype, count):
             where = builder.bitcast(_element_pointer(context, builder, ty_, array, index), vtype.as_pointer())
-            zeros = ir.Constant(vtype, [0] * vtype.count if isinstance(vtype.element, ir.IntType) else
-                                [0.0] * vtype.count)
-            return builder.call(_masked(builder, "load", vtype), [where, align, lanes, zeros])
+            return _load_lanes(builder, where, count)
 
         spread = ir.Constant(ir.VectorType(ir.IntType(32), V), [j // 2 for j in range(V)])
         twice = lambda v: builder.shuffle_vector(v, v, spread)  # noqa: E731
-        values = twice(load(ty[4], dy_, di_, half, read))
-        where = builder.sext(twice(load(ty[6], argmax_, di_, ivec, read)), ir.VectorType(i64, V)) \
-            if ity.width < 64 else twice(load(ty[6], argmax_, di_, ivec, read))
+        values = twice(load(ty[4], dy_, di_, half, pooled_))
+        where = twice(load(ty[6], argmax_, di_, ivec, pooled_))  # positions compared in argmax's own integers
         zeros = ir.Constant(vec, [0.0] * V)
-        kept = builder.fcmp_ordered(">", twice(load(ty[9], keep_, di_, half,
-                                                     builder.and_(read, _splat(builder, ir.VectorType(ir.IntType(1), H),
-                                                                               masked_)))), zeros)
+        gated = builder.select(masked_, pooled_, ir.Constant(pooled_.type, 0))  # keep is read only with masked
+        kept = builder.fcmp_ordered(">", twice(load(ty[9], keep_, di_, half, gated)), zeros)
         kept = builder.or_(kept, _splat(builder, ir.VectorType(ir.IntType(1), V), builder.not_(masked_)))
-        iota = ir.Constant(ir.VectorType(i64, V), list(range(V)))
-        top = builder.add(_splat(builder, ir.VectorType(i64, V), first_), iota)
-        bottom = builder.add(top, _splat(builder, ir.VectorType(i64, V), OW_))
-        write = _lanes_below(builder, count_, V)
-        store = _masked(builder, "store", vec)
+        iota = ir.Constant(ir.VectorType(ity, V), list(range(V)))
+        narrow = (lambda v: builder.trunc(v, ity)) if ity.width < 64 else (lambda v: v)  # noqa: E731
+        top = builder.add(_splat(builder, ir.VectorType(ity, V), narrow(first_)), iota)
+        bottom = builder.add(top, _splat(builder, ir.VectorType(ity, V), narrow(OW_)))
         for position, offset in ((top, gi_), (bottom, builder.add(gi_, WP_))):
             hit = builder.and_(builder.icmp_signed("==", where, position), kept)
             to = builder.bitcast(_element_pointer(context, builder, ty[1], g_, offset), vec.as_pointer())
-            builder.call(store, [builder.select(hit, values, zeros), to, align, write])
+            _store_lanes(builder, builder.select(hit, values, zeros), to, count_)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -461,17 +486,17 @@ def pool_rows(typingctx, tile, y, yi, argmax, x, xi, W, first, OW, count):
         H = V // 2
         vec = ir.VectorType(scalar, V)
         ity = context.get_value_type(ty[3].dtype)
-        align = ir.Constant(ir.IntType(32), 4)
-        both = _lanes_below(builder, builder.mul(count_, ir.Constant(i64, 2)), V)
+        both = builder.mul(count_, ir.Constant(i64, 2))
 
         def row(offset):
-            where = builder.bitcast(_element_pointer(context, builder, ty[4], x_, offset), vec.as_pointer())
-            return builder.call(_masked(builder, "load", vec), [where, align, both, ir.Constant(vec, [0.0] * V)])
+            return _load_lanes(builder, builder.bitcast(_element_pointer(context, builder, ty[4], x_, offset),
+                                                        vec.as_pointer()), both)
 
         top, bottom = row(xi_), row(builder.add(xi_, W_))
-        wide = ir.VectorType(i64, H)
-        left = builder.add(_splat(builder, wide, first_), ir.Constant(wide, [2 * l for l in range(H)]))
-        below = builder.add(left, _splat(builder, wide, OW_))
+        wide = ir.VectorType(ity, H)  # positions in argmax's own integers
+        narrow = (lambda v: builder.trunc(v, ity)) if ity.width < 64 else (lambda v: v)  # noqa: E731
+        left = builder.add(_splat(builder, wide, narrow(first_)), ir.Constant(wide, [2 * l for l in range(H)]))
+        below = builder.add(left, _splat(builder, wide, narrow(OW_)))
         one = ir.Constant(wide, [1] * H)
         best, where = _pick(builder, top, 0), left
         for value, position in ((_pick(builder, top, 1), builder.add(left, one)), (_pick(builder, bottom, 0), below),
@@ -482,12 +507,9 @@ def pool_rows(typingctx, tile, y, yi, argmax, x, xi, W, first, OW, count):
             take = builder.or_(larger, nan_over_number)
             best = builder.select(take, value, best)
             where = builder.select(take, position, where)
-        if ity.width < 64:
-            where = builder.trunc(where, ir.VectorType(ity, H))
-        lanes = _lanes_below(builder, count_, H)
         for array, index, value in ((y_, 1, best), (argmax_, 3, where)):
             to = builder.bitcast(_element_pointer(context, builder, ty[index], array, yi_), value.type.as_pointer())
-            builder.call(_masked(builder, "store", value.type), [value, to, align, lanes])
+            _store_lanes(builder, value, to, count_)
         return context.get_dummy_value()
 
     return sig, codegen
