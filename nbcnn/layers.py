@@ -393,14 +393,15 @@ class _Conv2DPlan(Plan):
         db = None if L.bias is None else L.bias.grad
         if self.pool is not None:  # dy is the pooling's (its plan passed it on)
             pool = self.pool
-            if need_dx:
+            if need_dx:  # dx, dw and db in one pass where a kernel gives dx from the pooled gradient
                 dx = self._fused_dx_scratch()
-                if self.pdx is None or not self.pdx.run(dx, dy, pool.argmax, pool.y, L.weight.data, *self.settings,
-                                                        self.relu, self.ws):
+                if self.pdx is None or not self.pdx.run(dx, L.weight.grad, db, dy, pool.argmax, pool.y, self.x,
+                                                        L.weight.data, *self.settings, self.relu, self.ws):
                     return self._backward_unfused(dy, db)
+                return dx
             self.pbwd.run(L.weight.grad, db, dy, pool.argmax, pool.y, self.x, L.weight.data, *self.settings,
                           self.relu, self.ws)
-            return dx if need_dx else None
+            return None
         return self._backward(dy, db, need_dx)
 
     def _backward_unfused(self, dyp, db):

@@ -65,9 +65,9 @@ COSTS = {
         2 * 4 * _n(yp) * _taps(w) + 4 * _n(yp), _bytes(yp, am, x, w, b)),
     "conv2d_maxpool_backward": lambda dw, db, dyp, am, yp, x, w, *_: (
         2 * 4 * _n(dyp) * _taps(w) + (0 if db is None else _n(dyp)), _bytes(dw, db, dyp, am, yp, x)),
-    # its input gradient from the pooled gradient (a full convolution of the unpooled gradient)
-    "conv2d_maxpool_backward_input": lambda dx, dyp, am, yp, w, *_: (
-        2 * 4 * _n(dyp) * _taps(w), _bytes(dx, dyp, am, yp, w)),
+    # its backward with the input gradient (a full convolution of the unpooled gradient) in one pass
+    "conv2d_maxpool_backward_input": lambda dx, dw, db, dyp, am, yp, x, w, *_: (
+        2 * 2 * 4 * _n(dyp) * _taps(w) + (0 if db is None else _n(dyp)), _bytes(dx, dw, db, dyp, am, yp, x, w)),
     "maxpool2d_forward": lambda y, am, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, am, x)),
     "maxpool2d_backward": lambda dx, dy, am, *_: (_n(dy), _bytes(dx, dy, am)),
     "avgpool2d_forward": lambda y, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, x)),

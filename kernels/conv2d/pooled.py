@@ -170,13 +170,16 @@ _POOL_BACKWARD_WEIGHT = tuple(_pool_backward_weight_for(tile) for tile in range(
 
 
 @njit(inline="always", cache=True)
-def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs, dxpads):
-    """dx (N, C, H, W), the input gradient of the fused op, from dyp through argmax, without a
-    full-size gradient, as ``implicit.input_gradient_scatter_body`` computes a convolution's: per
-    sample, the K gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``,
-    written by ``unpool_plane``) are B, read in place; each tile of G =
-    w^T @ B is added into the padded input gradient along its rows' taps
-    (``implicit.scatter_product``). One task per sample, in its thread's scratch."""
+def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs,
+                         dxpads, partials):
+    """The fused op's whole backward when its input gradient is asked for: dx (N, C, H, W), dw and
+    db, in one pass over the samples that writes each gradient plane once. Per sample, the K
+    gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``, written by
+    ``unpool_plane``) are B of dx's product, read in place: each tile of G = w^T @ B is added into
+    the padded input gradient along its rows' taps (``implicit.scatter_product``); the same planes
+    then give the sample's dw by the dot products of ``pool_backward_weight_body``. The samples
+    are split into one block per thread, each block's dw summed in its own row of ``partials``,
+    and the rows added in order: the same bits every run with the same thread count."""
     MR = _MR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
@@ -185,31 +188,53 @@ def pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, O
     R = C * FH * FW
     Q = OH * WP  # columns of a gradient plane
     stride = Q + MAX_NR  # a plane and zeros that the last sliver of the plane reads past its end
+    span = Q - (FW - 1)
     Rpad = slivers(R, MR) * MR
+    blocks = partials.shape[0]
     pack_scatter_filters(a_pack, w, MR)
     taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
     for t in prange(gs.shape[0]):  # what the planes never get: columns past OW, a last odd row, the tail
         gs[t, :K * stride] = 0
-    for n in prange(N):
+    for block in prange(blocks):
         t = numba.get_thread_id()
         g, dxp = gs[t], dxpads[t]
-        dxp[:] = 0
-        for k in range(K):
-            unpool_plane(tile, g[k * stride:], dyp, argmax, yp, n, k, mask, OW, WP)
-        scatter_product(tile, dxp, g, stride, a_pack, taps, Q, K, Rpad)
-        unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
+        planes = g[:K * stride].reshape(K, stride)
+        dwf = partials[block, :K * R].reshape(K, R)
+        dwf[:, :] = 0
+        for n in range(block * N // blocks, (block + 1) * N // blocks):
+            dxp[:] = 0
+            for k in range(K):
+                unpool_plane(tile, planes[k], dyp, argmax, yp, n, k, mask, OW, WP)
+            scatter_product(tile, dxp, g, stride, a_pack, taps, Q, K, Rpad)
+            unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
+            for k0 in range(0, K, FILTER_BLOCK):
+                ka, kb, kc, kd = filter_block(k0, K)
+                add_weight_gradients(dwf, (planes[ka], planes[kb], planes[kc], planes[kd]), xp, n, k0,
+                                     min(FILTER_BLOCK, K - k0), FH, FW, WP, span)
+    dwk = dw.reshape(K, R)
+    for k in prange(K):
+        for r in range(R):
+            total = partials[0, k * R + r]
+            for block in range(1, blocks):
+                total += partials[block, k * R + r]
+            dwk[k, r] = total
+        total = 0.0
+        for n in range(N):
+            total += pooled_sum(dyp, yp, n, k, mask)
+        db[k] = total
 
 
-def _input_gradient_for(tile):
-    @njit(parallel=True, cache=True)
-    def input_gradient(dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads):
-        pooled_input_gradient_body(tile, dx, dyp, argmax, yp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads)
+def _backward_for(tile):
+    @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def backward(dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads, partials):
+        pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads,
+                             partials)
 
-    return input_gradient
+    return backward
 
 
-# One compiled input gradient per tile (the tile a constant in each: see kernels/matmul.py)
-_INPUT_GRADIENT = tuple(_input_gradient_for(tile) for tile in range(len(TILE_NAMES)))
+# One compiled backward with the input gradient per tile (the tile a constant in each: see kernels/matmul.py)
+_BACKWARD = tuple(_backward_for(tile) for tile in range(len(TILE_NAMES)))
 
 
 # ------------------------------------------------------------------ unchecked cores, both devices
@@ -231,9 +256,10 @@ def conv2d_maxpool_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
 
 
 def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
-    """{name: shape} for the fused op's input gradient (few input channels; nothing otherwise): the
-    packed filters and the taps' offsets, and for each of Numba's threads the K gradient planes
-    and a padded input gradient."""
+    """{name: shape} for the fused op's backward with the input gradient (few input channels;
+    nothing otherwise): the packed filters and the taps' offsets, for each of Numba's threads the
+    K gradient planes and a padded input gradient, and a weight gradient for each block of
+    samples."""
     if not few_channels(x_shape, w_shape, stride):
         return {}
     N, C, H, W = x_shape
@@ -246,18 +272,23 @@ def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, paddin
         "pool_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
         "pool_g": (threads, K * ((HP - FH + 1) * WP + MAX_NR)),
         "pool_dx": (threads, scatter_room(C, HP, WP, FH, FW)),
+        "pool_dw": (min(threads, N), K * R),
     }
 
 
-def conv2d_maxpool_backward_input_core_cpu(dx, dyp, argmax, yp, w, sh, sw, ph, pw, mask, ws, tile=None):
-    """dx of the fused op, from the pooled gradient (after its backward, or before: it reads only
-    what the forward left). Returns False, computing nothing, where the op runs as two ops (not
-    few input channels): the caller then unfuses them. ``tile``: a tile's index (None: this CPU's)."""
+def conv2d_maxpool_backward_input_core_cpu(dx, dw, db, dyp, argmax, yp, x, w, sh, sw, ph, pw, mask, ws, tile=None):
+    """The fused op's backward with its input gradient: dx, dw and db (None: no bias, computed into
+    scratch) in one pass, from the pooled gradient and what the forward left. Returns False,
+    computing nothing, where the op runs as two ops (not few input channels): the caller then
+    unfuses them. ``tile``: a tile's index (None: this CPU's)."""
     if getattr(ws, "pool_g", None) is None:
         return False
+    N, C = x.shape[0], x.shape[1]
     _, _, COH, COW = conv_output(dx.shape, w.shape, (sh, sw), (ph, pw))
-    _INPUT_GRADIENT[TILE if tile is None else tile](dx, dyp, argmax, yp, w, mask, ph, pw, COH, COW, ws.pool_a_pack,
-                                                    ws.pool_taps, ws.pool_g, ws.pool_dx)
+    xp = ws.padded if ph or pw else x  # the forward left ws.padded filled
+    _BACKWARD[TILE if tile is None else tile](dx, dw, ws.db if db is None else db, dyp, argmax, yp,
+                                              xp.reshape(N, C, -1), w, mask, ph, pw, COH, COW, ws.pool_a_pack,
+                                              ws.pool_taps, ws.pool_g, ws.pool_dx, ws.pool_dw)
     return True
 
 

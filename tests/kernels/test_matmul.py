@@ -269,8 +269,9 @@ def test_fused_pooling_follows_the_pooling_rule(rng, monkeypatch, tile, dtype):
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
-    """The fused first layer's input gradient from the pooled gradient (conv2d.pooled) is the
-    convolution's input gradient of the full-size gradient the pooling's backward would write."""
+    """The fused first layer's backward with its input gradient (conv2d.pooled: dx, dw and db in one
+    pass) is the convolution's backward of the full-size gradient the pooling's backward would
+    write."""
     from types import SimpleNamespace
 
     from nbcnn.kernels.conv2d import pooled
@@ -291,8 +292,12 @@ def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
             dyp = rng.standard_normal(yp.shape).astype(dtype)
             full = np.zeros((N, K, OH * OW), dtype)  # the pooling's backward: dyp at the maxima
             np.put_along_axis(full, argmax.reshape(N, K, -1), (dyp * (yp > 0) if relu else dyp).reshape(N, K, -1), 2)
-            want = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))[0]
-            dx = np.full(x.shape, np.nan, dtype)
-            assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dyp, argmax, yp, w, 1, 1, ph, pw, relu, ws,
-                                                                 mm.tile_index(tile))
-            np.testing.assert_allclose(dx, want, **tol)
+            want_dx, want_dw, want_db = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))
+            dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
+            db = np.full(K, np.nan, dtype) if relu else None  # None: a layer without bias
+            assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dw, db, dyp, argmax, yp, x, w, 1, 1, ph, pw,
+                                                                 relu, ws, mm.tile_index(tile))
+            np.testing.assert_allclose(dx, want_dx, **tol)
+            np.testing.assert_allclose(dw, want_dw, **tol)
+            if db is not None:
+                np.testing.assert_allclose(db, want_db, **tol)
