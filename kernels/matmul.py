@@ -164,14 +164,22 @@ def _store_lanes(builder, value, to, count):
     """Store the lanes l < count (an int64) of ``value`` at ``to``: a plain vector store where
     count covers every lane, ``llvm.masked.store`` only for a short run (AVX2's masked store,
     vmaskmovps, is microcoded on AMD's Zen 1 to 3: a dozen cycles, where a store takes one)."""
-    lanes = value.type.count
-    full = builder.icmp_signed(">=", count, ir.Constant(count.type, lanes))
+    _store_all(builder, [(value, to)], count)
+
+
+def _store_all(builder, stores, count):
+    """``_store_lanes`` for several (value, pointer) pairs of one vector type and the same count,
+    behind one branch."""
+    vtype = stores[0][0].type
+    full = builder.icmp_signed(">=", count, ir.Constant(count.type, vtype.count))
     with builder.if_else(full, likely=True) as (whole, part):
         with whole:
-            builder.store(value, to, align=4)
+            for value, to in stores:
+                builder.store(value, to, align=4)
         with part:
-            builder.call(_masked(builder, "store", value.type),
-                         [value, to, ir.Constant(ir.IntType(32), 4), _lanes_below(builder, count, lanes)])
+            masked, lanes = _masked(builder, "store", vtype), _lanes_below(builder, count, vtype.count)
+            for value, to in stores:
+                builder.call(masked, [value, to, ir.Constant(ir.IntType(32), 4), lanes])
 
 
 def _load_lanes(builder, where, count):
@@ -459,10 +467,12 @@ def unpool_rows(typingctx, tile, g, gi, WP, dy, di, argmax, first, OW, keep, mas
         narrow = (lambda v: builder.trunc(v, ity)) if ity.width < 64 else (lambda v: v)  # noqa: E731
         top = builder.add(_splat(builder, ir.VectorType(ity, V), narrow(first_)), iota)
         bottom = builder.add(top, _splat(builder, ir.VectorType(ity, V), narrow(OW_)))
+        stores = []
         for position, offset in ((top, gi_), (bottom, builder.add(gi_, WP_))):
             hit = builder.and_(builder.icmp_signed("==", where, position), kept)
             to = builder.bitcast(_element_pointer(context, builder, ty[1], g_, offset), vec.as_pointer())
-            _store_lanes(builder, builder.select(hit, values, zeros), to, count_)
+            stores.append((builder.select(hit, values, zeros), to))
+        _store_all(builder, stores, count_)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -49,7 +49,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..matmul import (KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, _element_pointer, _lanes_below, _literal_tile,
-                      _masked, _pick, _splat, _vector, lanes, multiply_rows, multiply_sliver, slivers)
+                      _masked, _pick, _splat, _store_all, _vector, lanes, multiply_rows, multiply_sliver, slivers)
 
 
 # The 16 positions' blocks of U, V and M lie PAD values apart more than their size: blocks a power
@@ -268,14 +268,13 @@ def gradient_tiles(typingctx, tile, dy, di, plane, OW, right, below, dm, mi, mst
         y11 = builder.select(corner, block(builder.select(corner, builder.add(OW_, one), ir.Constant(i64, 0))), zero)
         rows = ((y00, y01), (builder.fadd(y00, y10), builder.fadd(y01, y11)), (builder.fsub(y00, y10), builder.fsub(y01, y11)),
                 (builder.fsub(zero, y10), builder.fsub(zero, y11)))  # A dY
-        store = _masked(builder, "store", vec)
-        mask = _lanes_below(builder, count_, V)
         out = _element_pointer(context, builder, signature.args[7], dm_, mi_)
-        align = ir.Constant(ir.IntType(32), 4)
+        stores = []
         for xi, (a, b) in enumerate(rows):  # (A dY) A^T
             for nu, value in enumerate((a, builder.fadd(a, b), builder.fsub(a, b), builder.fsub(zero, b))):
                 where = builder.gep(out, [builder.mul(mstride_, ir.Constant(i64, xi * 4 + nu))])
-                builder.call(store, [value, builder.bitcast(where, vec.as_pointer()), align, mask])
+                stores.append((value, builder.bitcast(where, vec.as_pointer())))
+        _store_all(builder, stores, count_)
         return context.get_dummy_value()
 
     return sig, codegen
