@@ -402,6 +402,32 @@ def microkernel_scatter(typingctx, tile, half, kc, a, ai, b, bi, ldb, c, ci, sta
 
 
 @intrinsic(prefer_literal=True)
+def microkernel_fold(typingctx, tile, half, kc, a, ai, b, bi, offsets, oi, c, ci, starts):
+    """The micro-kernel with B read in place as ``microkernel_gather`` reads it (row p at
+    ``b[bi + offsets[oi + p]:]``) and its tile added into C's rows in place as
+    ``microkernel_scatter`` adds it (row i at ``c[ci + starts[i]:]``). An input gradient with the
+    filter's columns in the depth: B's rows are the gradient planes shifted by each column, the
+    tile's rows the filter's rows, each added a padded row further down."""
+    MR, NR, V32 = _literal_width(tile, half)
+    sig = types.void(tile, half, kc, a, ai, b, bi, offsets, oi, c, ci, starts)
+
+    def codegen(context, builder, signature, args):
+        _, _, kc_, a_, ai_, b_, bi_, offsets_, oi_, c_, ci_, starts_ = args
+        ty = signature.args
+        base = _element_pointer(context, builder, ty[5], b_, bi_)
+        offs = _element_pointer(context, builder, ty[7], offsets_, oi_)
+        rows = [_element_pointer(context, builder, ty[9], c_, builder.add(ci_, builder.extract_value(starts_, i)))
+                for i in range(MR)]
+        emit = _tile_codegen(MR, NR, V32, ty[3], _packed_a(context, builder, ty[3], a_, ai_, MR),
+                             lambda builder, p: builder.gep(base, [builder.load(builder.gep(offs, [p]))]),
+                             lambda builder, i: rows[i])
+        emit(builder, kc_, ir.Constant(ir.IntType(1), 1))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
 def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked):
     """dst[di + l] = src[si + l] + bias for l < count (at most the tile's V lanes), max(., 0) with
     ``relu``, zero where keep[di + l] is not > 0 with ``masked`` (``keep`` laid out as ``dst``; read

@@ -34,8 +34,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_gather,
-                      microkernel_scatter, multiply_rows, pack_sliver, slivers, store_run)
+from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_fold,
+                      microkernel_gather, microkernel_scatter, multiply_rows, pack_sliver, slivers, store_run)
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -317,6 +317,87 @@ def scatter_product(tile, dxp, g, ldg, a_pack, taps, Q, K, Rpad):
                 else:
                     microkernel_scatter(tile, False, kc, a_pack, pc * Rpad + i * kc, g, pc * ldg + q0, ldg, dxp, q0,
                                         rows)
+
+
+# The input gradient with the filter's columns folded into the depth (``fold_product``): where
+# w^T dy has few rows of depth (a first layer: 25 taps, 6 or 16 filters), each tile's short
+# product is dwarfed by adding it back, and taps fw and fw + 1 of one filter row add overlapping
+# runs one right after the other. Written instead as
+#
+#     dxp[c, fh, :] += sum over (k, fw) of w[k, c, fh, fw] * g_k shifted right by fw
+#
+# the tile's rows are the C*FH filter rows (each added a padded row further down, no two
+# overlapping), the depth is K*FW (the gradient planes read in place at -fw), and each row of
+# the padded gradient gets Q + FW - 1 columns: the same multiply-adds, FW times fewer tiles added.
+
+
+@njit(inline="always", cache=True)
+def fold_taps(scratch, C, K, FH, FW, HP, WP, stride):
+    """(starts, offsets), int64s in ``scratch`` (two float32s each): the tile rows' offsets in the
+    padded input gradient, row r = fh*C + c at (c*HP + fh)*WP, then MAX_MR offsets of a sink for
+    the rows past the last (beyond what any row's sliver reaches: ``fold_room``); and the depth's
+    offsets in the gradient planes, p = k*FW + fw at k*stride - fw."""
+    taps = scratch.view(np.int64)
+    R = C * FH
+    sink = C * HP * WP + MAX_NR + FW
+    for fh in range(FH):
+        for c in range(C):
+            taps[fh * C + c] = (c * HP + fh) * WP
+    for i in range(MAX_MR):
+        taps[R + i] = sink
+    offsets = taps[R + MAX_MR:R + MAX_MR + K * FW]
+    for k in range(K):
+        for fw in range(FW):
+            offsets[k * FW + fw] = k * stride - fw
+    return taps[:R + MAX_MR], offsets
+
+
+@njit(inline="always", cache=True)
+def pack_fold_filters(a_pack, w, MR):
+    """A for ``fold_product``, packed: A[r, p] = w[k, c, fh, fw] for r = fh*C + c, p = k*FW + fw,
+    zero past the last row; the depth block by block (KC), block pc at pc * Rpad, sliver s at
+    s * kc * MR within it."""
+    K, C, FH, FW = w.shape
+    R, D = C * FH, K * FW
+    Rpad = slivers(R, MR) * MR
+    zero = a_pack.dtype.type(0)
+    for s in range(slivers(R, MR)):
+        for pc in range(0, D, KC):
+            kc = min(KC, D - pc)
+            at = pc * Rpad + s * kc * MR
+            for i in range(MR):
+                r = s * MR + i
+                for p in range(kc):
+                    k, fw = (pc + p) // FW, (pc + p) % FW
+                    a_pack[at + p * MR + i] = w[k, r % C, r // C, fw] if r < R else zero
+
+
+@njit(inline="always", cache=True)
+def fold_product(tile, dxp, g, bi, a_pack, starts, offsets, Qf, D, Rpad):
+    """dxp (the padded input gradient) += the product of A (``pack_fold_filters``) and B, whose
+    row p is the gradient planes' run ``g[bi + offsets[p]:]`` (``fold_taps``), over Qf columns
+    (the last sliver a half tile where it is no wider than one); each tile added at its rows'
+    ``starts`` by ``microkernel_fold``."""
+    MR, NR, HALF = _MR[tile], _NR[tile], HALF_NR[tile]
+    for q0 in range(0, Qf, NR):
+        half = HALF < NR and Qf - q0 <= HALF
+        for pc in range(0, D, KC):
+            kc = min(KC, D - pc)
+            for i in range(0, Rpad, MR):
+                rows = (starts[i], starts[i + 1], starts[i + 2], starts[i + 3],
+                        starts[i + 4], starts[i + 5], starts[i + 6], starts[i + 7])  # MAX_MR of them
+                if half:
+                    microkernel_fold(tile, True, kc, a_pack, pc * Rpad + i * kc, g, bi + q0, offsets, pc, dxp, q0,
+                                     rows)
+                else:
+                    microkernel_fold(tile, False, kc, a_pack, pc * Rpad + i * kc, g, bi + q0, offsets, pc, dxp, q0,
+                                     rows)
+
+
+def fold_room(C, HP, WP, FH, FW):
+    """Values of a padded input gradient ``fold_product`` adds into: ``scatter_room``'s, and the
+    FW - 1 columns more that each row gets."""
+    return scatter_room(C, HP, WP, FH, FW) + FW
 
 
 @njit(inline="always", cache=True)

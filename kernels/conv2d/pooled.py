@@ -14,8 +14,9 @@ its thread's scratch: the forward computes them by the implicit product (``impli
 pools them there; the backward writes the pooled gradient densely into the rows that the weight
 gradient's dot products read (a quarter of their values, the rest zero), instead of a full-size
 gradient written by the pooling and read back by the convolution. The input gradient, when a
-caller asks for it (a first layer's input is usually the data), comes from the pooled gradient
-too, as a product in nbcnn's register tile (``pooled_input_gradient_body``). Other shapes, and
+caller asks for it (a first layer's input is usually the data), comes from the same gradient
+planes in the same pass over the samples, as a product in nbcnn's register tile
+(``pooled_backward_body``). Other shapes, and
 CUDA, run the two ops' own cores one after the other through a scratch convolution output: the
 same results (and, asked for the input gradient, the layer plan unfuses them).
 """
@@ -30,8 +31,8 @@ from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, few_channels, filter_block)
-from .implicit import (gather_product, pack_scatter_filters, pack_weights, pad_sample, scatter_product, scatter_room,
-                       scatter_taps, tap_offsets, unpad_sample, whole_tiles)
+from .implicit import (fold_product, fold_room, fold_taps, gather_product, pack_fold_filters, pack_scatter_filters,
+                       pack_weights, pad_sample, scatter_product, scatter_taps, tap_offsets, unpad_sample, whole_tiles)
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -170,16 +171,32 @@ _POOL_BACKWARD_WEIGHT = tuple(_pool_backward_weight_for(tile) for tile in range(
 
 
 @njit(inline="always", cache=True)
+def plane_stride(Q, FW):
+    """Values from one gradient plane of Q to the next in the backward's scratch: room for the
+    last sliver of a row shifted by up to FW - 1 to read zeros past the plane's end."""
+    return Q + MAX_NR + FW
+
+
+@njit(inline="always", cache=True)
+def folds(C, FH, FW, MR):
+    """Whether the fused op's input gradient folds the filter's columns into the depth: where its
+    tile rows (C*FH, rounded up to MR) times FW are no more than the scatter's (C*FH*FW, rounded
+    up); a 5x5 first layer folds, a 3x3 one (3 rows of 6 or 8) does not."""
+    return slivers(C * FH, MR) * FW <= slivers(C * FH * FW, MR)
+
+
+@njit(inline="always", cache=True)
 def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs,
                          dxpads, partials):
     """The fused op's whole backward when its input gradient is asked for: dx (N, C, H, W), dw and
     db, in one pass over the samples that writes each gradient plane once. Per sample, the K
     gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``, written by
-    ``unpool_plane``) are B of dx's product, read in place: each tile of G = w^T @ B is added into
-    the padded input gradient along its rows' taps (``implicit.scatter_product``); the same planes
-    then give the sample's dw by the dot products of ``pool_backward_weight_body``. The samples
-    are split into one block per thread, each block's dw summed in its own row of ``partials``,
-    and the rows added in order: the same bits every run with the same thread count."""
+    ``unpool_plane``) are B of dx's product, read in place: with the filter's columns in its
+    depth (``implicit.fold_product``) where that multiplies no more padding rows than w^T dy,
+    whose depth is only K (``implicit.scatter_product``, otherwise). The same planes then give
+    the sample's dw by the dot products of ``pool_backward_weight_body``. The samples are split
+    into one block per thread, each block's dw summed in its own row of ``partials``, and the
+    rows added in order: the same bits every run with the same thread count."""
     MR = _MR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
@@ -187,25 +204,34 @@ def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw,
     HP = OH + FH - 1
     R = C * FH * FW
     Q = OH * WP  # columns of a gradient plane
-    stride = Q + MAX_NR  # a plane and zeros that the last sliver of the plane reads past its end
+    stride = plane_stride(Q, FW)
     span = Q - (FW - 1)
-    Rpad = slivers(R, MR) * MR
+    fold = folds(C, FH, FW, MR)
+    if fold:
+        Rpad = slivers(C * FH, MR) * MR
+        pack_fold_filters(a_pack, w, MR)
+        starts, offsets = fold_taps(taps_scratch, C, K, FH, FW, HP, WP, stride)
+    else:
+        Rpad = slivers(R, MR) * MR
+        pack_scatter_filters(a_pack, w, MR)
+        starts = offsets = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
     blocks = partials.shape[0]
-    pack_scatter_filters(a_pack, w, MR)
-    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
-    for t in prange(gs.shape[0]):  # what the planes never get: columns past OW, a last odd row, the tail
-        gs[t, :K * stride] = 0
+    for t in prange(gs.shape[0]):  # what the planes never get: columns past OW, a last odd row, the tails
+        gs[t, :FW + K * stride] = 0
     for block in prange(blocks):
         t = numba.get_thread_id()
         g, dxp = gs[t], dxpads[t]
-        planes = g[:K * stride].reshape(K, stride)
+        planes = g[FW:FW + K * stride].reshape(K, stride)  # FW zeros before the first: B's rows start at -fw
         dwf = partials[block, :K * R].reshape(K, R)
         dwf[:, :] = 0
         for n in range(block * N // blocks, (block + 1) * N // blocks):
             dxp[:] = 0
             for k in range(K):
                 unpool_plane(tile, planes[k], dyp, argmax, yp, n, k, mask, OW, WP)
-            scatter_product(tile, dxp, g, stride, a_pack, taps, Q, K, Rpad)
+            if fold:
+                fold_product(tile, dxp, g, FW, a_pack, starts, offsets, Q + FW - 1, K * FW, Rpad)
+            else:
+                scatter_product(tile, dxp, g[FW:], stride, a_pack, starts, Q, K, Rpad)
             unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
             for k0 in range(0, K, FILTER_BLOCK):
                 ka, kb, kc, kd = filter_block(k0, K)
@@ -268,10 +294,10 @@ def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, paddin
     R = C * FH * FW
     threads = numba.config.NUMBA_NUM_THREADS
     return {
-        "pool_a_pack": ((R + MAX_MR) * K,),
-        "pool_taps": (2 * (R + MAX_MR),),  # int64s: two float32s each
-        "pool_g": (threads, K * ((HP - FH + 1) * WP + MAX_NR)),
-        "pool_dx": (threads, scatter_room(C, HP, WP, FH, FW)),
+        "pool_a_pack": (max(C * FH + MAX_MR, R) * K * FW,),  # the fold's or the scatter's A
+        "pool_taps": (2 * (max(C * FH + K * FW, R) + MAX_MR),),  # int64s: two float32s each
+        "pool_g": (threads, FW + K * plane_stride((HP - FH + 1) * WP, FW)),
+        "pool_dx": (threads, fold_room(C, HP, WP, FH, FW)),
         "pool_dw": (min(threads, N), K * R),
     }
 

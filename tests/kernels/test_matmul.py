@@ -231,7 +231,7 @@ def test_winograd_gives_the_same_bits_on_any_thread_count(rng):
 # pooling: tails of MR in C*FH*FW and of NR in the planes, odd outputs (a row and a column the
 # pooling drops), more filters than a depth block (K > KC)
 POOLED = [(2, 1, 12, 12, 16, 5, 5, 2, 2), (3, 3, 9, 11, 5, 3, 3, 1, 0), (2, 2, 7, 6, 33, 3, 2, 0, 1),
-          (1, 1, 6, 6, KC + 4, 3, 3, 1, 1)]
+          (1, 1, 6, 6, KC + 4, 3, 3, 1, 1), (3, 1, 8, 7, KC // 4 + 3, 5, 5, 2, 2)]  # the last: K * FW past KC
 
 
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
@@ -266,7 +266,7 @@ def test_fused_pooling_follows_the_pooling_rule(rng, monkeypatch, tile, dtype):
         np.testing.assert_array_equal(at, want_at)
 
 
-@pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
+@pytest.mark.parametrize("tile", sorted({mm.TILE_NAMES[mm.TILE], "avx2", "portable"}))  # avx2: 5x5 filters fold
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
     """The fused first layer's backward with its input gradient (conv2d.pooled: dx, dw and db in one
@@ -277,6 +277,8 @@ def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
     from nbcnn.kernels.conv2d import pooled
 
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    if tile == "avx2":  # the shapes take both ways to the input gradient (fold_product and scatter_product)
+        assert {pooled.folds(C, FH, FW, mm.TILES[tile][0]) for _, C, _, _, _, FH, FW, _, _ in POOLED} == {True, False}
     for N, C, H, W, K, FH, FW, ph, pw in POOLED:
         x = rng.standard_normal((N, C, H, W)).astype(dtype)
         w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
