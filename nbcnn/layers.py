@@ -117,9 +117,14 @@ class Plan:
                                  f"{p.device.kind}; move the layer with .to({self.device.kind!r})")
 
     def _workspace(self, shapes):
+        """The plan's scratch, ``{name: shape}`` added to what it holds. A buffer asked for again
+        with more room in any dimension is replaced: a first layer planned without its input gradient and asked for
+        it after all needs more room in per-thread scratch that the forward sized for itself (only
+        scratch changes size that way; what a forward leaves for the backward keeps its shape)."""
         ws = getattr(self, "ws", None) or SimpleNamespace()
         for name, shape in shapes.items():
-            if getattr(ws, name, None) is None:
+            have = getattr(ws, name, None)
+            if have is None or have.ndim != len(shape) or any(a < b for a, b in zip(have.shape, shape)):
                 setattr(ws, name, self.device.empty(shape, self.dtype))
         self.ws = ws
         return ws

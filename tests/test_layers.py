@@ -55,6 +55,30 @@ def test_backward_without_input_gradient_gives_the_same_parameter_gradients():
         np.testing.assert_array_equal(p.grad, g)
 
 
+def test_a_first_layer_asked_for_its_input_gradient_after_all_gets_the_room_it_needs():
+    """A model plans its first layer without the input gradient; asked for it after all, every
+    buffer of the layer's scratch is as large as the kernels ask for with it (a per-thread buffer
+    kept at the forward's size let the input gradient write past its thread's row), and dx is the
+    reference's."""
+    from tests import reference as ref
+
+    rng = np.random.default_rng(3)
+    conv = L.Conv2D(3, 4, 3, padding=1)  # few input channels: the implicit scatter's dx
+    model = nbcnn.Sequential([conv, L.Flatten(), L.Dense(4 * 12 * 12, 2)])
+    x = rng.standard_normal((5, 3, 12, 12)).astype(np.float32)
+    dy = rng.standard_normal((5, 2)).astype(np.float32)
+    model.forward(x)
+    dx = model.backward(dy)
+    plan = model._current.plans[0]
+    shape_args = (plan.in_shape, conv.weight.shape, plan.out_shape, conv.stride, conv.padding, True, plan.dtype)
+    for name, shape in {**plan.fwd.workspace(*shape_args), **plan.bwd.workspace(*shape_args)}.items():
+        assert all(a >= b for a, b in zip(getattr(plan.ws, name).shape, shape)), name
+    dconv = (dy @ model.layers[2].weight.data).reshape(5, 4, 12, 12)  # no activation between
+    want = ref.conv2d_grads(dconv.astype(np.float64), x.astype(np.float64), conv.weight.data.astype(np.float64),
+                            (1, 1), (1, 1))[0]
+    np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-4)
+
+
 def test_parameters_in_order_weight_then_bias():
     model = small_net()
     shapes = [p.shape for p in model.parameters()]
