@@ -29,11 +29,13 @@ KC = 256, NR = 32) stays in the 48 KB L1 while the micro-kernel runs down a colu
 slivers, which come from L2.
 
 Where an operand already lies in memory as rows of unit stride, the micro-kernel reads it in
-place instead: A's rows at arbitrary offsets (``microkernel_rows``: a convolution's weight
-gradient), B's rows at offsets from a table (``microkernel_gather``: a convolution's patches,
-tap by tap, in the padded input), or C's rows at offsets, added into (``microkernel_scatter``:
-the same patches' gradient, added back along the taps). One code generator serves all four
-(``_tile_codegen``, given where A's values and B's and C's rows are).
+place instead: A's rows at arbitrary offsets (``microkernel_rows``: Winograd's weight gradient),
+B's rows at offsets from a table (``microkernel_gather``: a convolution's patches, tap by tap,
+in the padded input), A's values through a table of rows and a table of steps
+(``microkernel_indirect``: the same patches with the output pixels as the tile's rows), or C's
+rows at offsets, added into (``microkernel_scatter``, ``microkernel_fold``: the same patches'
+gradient, added back along the taps). One code generator serves them all (``_tile_codegen``,
+given where A's values and B's and C's rows are).
 
 Plain Numba loops with an accumulator array do not get there (5-7 GFLOP/s measured: the
 accumulators go through memory), so the micro-kernel is written in LLVM IR through
@@ -428,6 +430,38 @@ def microkernel_fold(typingctx, tile, half, kc, a, ai, b, bi, offsets, oi, c, ci
 
 
 @intrinsic(prefer_literal=True)
+def microkernel_indirect(typingctx, tile, half, kc, a, starts, offsets, oi, b, bi, c, ci, ldc, accumulate):
+    """The micro-kernel with A read in place through two tables: A[i, p] is
+    ``a[starts[i] + offsets[oi + p]]`` (``starts`` a tuple of at least MR offsets, ``offsets``
+    int64), so neither A nor a copy of it is packed. A convolution's patches with the output
+    pixels as the tile's rows: row i starts at pixel i's window in the padded input and step p
+    moves to tap p of every window at once (the same offset for all rows), so any MR pixels make
+    a tile, however the rows of the image break them up; or, the other way round, the taps as the
+    rows and the pixels as the depth (a weight gradient). B packed as in ``microkernel``, C as
+    there; ``half`` as in ``microkernel_gather``."""
+    MR, NR, V32 = _literal_width(tile, half)
+    sig = types.void(tile, half, kc, a, starts, offsets, oi, b, bi, c, ci, ldc, accumulate)
+
+    def codegen(context, builder, signature, args):
+        _, _, kc_, a_, starts_, offsets_, oi_, b_, bi_, c_, ci_, ldc_, accumulate_ = args
+        ty = signature.args
+        rows = [_element_pointer(context, builder, ty[3], a_, builder.extract_value(starts_, i)) for i in range(MR)]
+        offs = _element_pointer(context, builder, ty[5], offsets_, oi_)
+        NR_full = _literal_tile(tile)[1]
+
+        def a_pointer(builder, i, p):
+            return builder.gep(rows[i], [builder.load(builder.gep(offs, [p]))])
+
+        emit = _tile_codegen(MR, NR, V32, ty[3], a_pointer,
+                             _strided(context, builder, ty[7], b_, bi_, ir.Constant(ir.IntType(64), NR_full)),
+                             _strided(context, builder, ty[9], c_, ci_, ldc_))
+        emit(builder, kc_, accumulate_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
 def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked):
     """dst[di + l] = src[si + l] + bias for l < count (at most the tile's V lanes), max(., 0) with
     ``relu``, zero where keep[di + l] is not > 0 with ``masked`` (``keep`` laid out as ``dst``; read
@@ -457,19 +491,23 @@ def store_run(typingctx, tile, dst, di, src, si, count, bias, relu, keep, masked
 
 
 @intrinsic(prefer_literal=True)
-def unpool_rows(typingctx, tile, g, gi, WP, dy, di, argmax, first, OW, keep, masked, pooled, count):
+def unpool_rows(typingctx, tile, g, gi, WP, dy, di, argmax, first, OW, keep, masked, keep_full, pooled, count):
     """The gradient of a 2x2, stride-2 max pooling, two rows of it at once, dense: for the chunk of
     ``pooled`` (at most V/2) adjacent pooled outputs from dy[di] whose windows start at conv
     column j0 of conv rows 2i and 2i + 1, g[gi + j] (row 2i) and g[gi + WP + j] (row 2i + 1) for
     j < ``count`` (at most V) get dy's value where argmax[di + j // 2] (flat in rows of OW)
     is that position, zero elsewhere; ``first`` is the flat position of (2i, j0). With ``masked``,
-    zero too where keep[di + j // 2] (the pooled output, laid out as dy) is not > 0. Each window's
-    value is read once and spread over two lanes by a shuffle: no scatter, no zeroing pass."""
+    zero too where keep[di + j // 2] (the pooled output, laid out as dy) is not > 0, or with
+    ``keep_full`` (a literal) where keep[gi + j] and keep[gi + WP + j] (the pooling's input, laid
+    out as g) are not. Each window's value is read once and spread over two lanes by a shuffle:
+    no scatter, no zeroing pass."""
     V32 = _literal_tile(tile)[2]
-    sig = types.void(tile, g, gi, WP, dy, di, argmax, first, OW, keep, masked, pooled, count)
+    if not isinstance(keep_full, types.BooleanLiteral):
+        raise errors.RequireLiteralValue("keep_full must be a compile-time constant")
+    sig = types.void(tile, g, gi, WP, dy, di, argmax, first, OW, keep, masked, keep_full, pooled, count)
 
     def codegen(context, builder, signature, args):
-        _, g_, gi_, WP_, dy_, di_, argmax_, first_, OW_, keep_, masked_, pooled_, count_ = args
+        _, g_, gi_, WP_, dy_, di_, argmax_, first_, OW_, keep_, masked_, _, pooled_, count_ = args
         ty = signature.args
         scalar, V = _vector(ty[1], V32)
         H = V // 2
@@ -486,16 +524,22 @@ def unpool_rows(typingctx, tile, g, gi, WP, dy, di, argmax, first, OW, keep, mas
         values = twice(load(ty[4], dy_, di_, half, pooled_))
         where = twice(load(ty[6], argmax_, di_, ivec, pooled_))  # positions compared in argmax's own integers
         zeros = ir.Constant(vec, [0.0] * V)
-        gated = builder.select(masked_, pooled_, ir.Constant(pooled_.type, 0))  # keep is read only with masked
-        kept = builder.fcmp_ordered(">", twice(load(ty[9], keep_, di_, half, gated)), zeros)
-        kept = builder.or_(kept, _splat(builder, ir.VectorType(ir.IntType(1), V), builder.not_(masked_)))
+        unmasked = _splat(builder, ir.VectorType(ir.IntType(1), V), builder.not_(masked_))
+        if keep_full.literal_value:  # the input's own values, lane by lane
+            gated = builder.select(masked_, count_, ir.Constant(count_.type, 0))  # keep is read only with masked
+            kept = [builder.or_(builder.fcmp_ordered(">", load(ty[9], keep_, at, vec, gated), zeros), unmasked)
+                    for at in (gi_, builder.add(gi_, WP_))]
+        else:  # the pooled output, one value for both lanes of a window and both rows
+            gated = builder.select(masked_, pooled_, ir.Constant(pooled_.type, 0))
+            kept = builder.fcmp_ordered(">", twice(load(ty[9], keep_, di_, half, gated)), zeros)
+            kept = [builder.or_(kept, unmasked)] * 2
         iota = ir.Constant(ir.VectorType(ity, V), list(range(V)))
         narrow = (lambda v: builder.trunc(v, ity)) if ity.width < 64 else (lambda v: v)  # noqa: E731
         top = builder.add(_splat(builder, ir.VectorType(ity, V), narrow(first_)), iota)
         bottom = builder.add(top, _splat(builder, ir.VectorType(ity, V), narrow(OW_)))
         stores = []
-        for position, offset in ((top, gi_), (bottom, builder.add(gi_, WP_))):
-            hit = builder.and_(builder.icmp_signed("==", where, position), kept)
+        for position, offset, keep_row in ((top, gi_, kept[0]), (bottom, builder.add(gi_, WP_), kept[1])):
+            hit = builder.and_(builder.icmp_signed("==", where, position), keep_row)
             to = builder.bitcast(_element_pointer(context, builder, ty[1], g_, offset), vec.as_pointer())
             stores.append((builder.select(hit, values, zeros), to))
         _store_all(builder, stores, count_)

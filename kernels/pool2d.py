@@ -30,6 +30,7 @@ from ._checks import check_arrays, check_int, check_ndim, check_shape, on_host, 
 from ._cuda import blocks, gpu_arrays, grid_z, on_gpu, stream
 from ._index import compile_twice, covering_outputs_cpu, covering_outputs_cuda, window_cpu, window_cuda
 from .activation import relu_backward_core_cpu
+from .matmul import TILE, TILE_NAMES, lanes, pool_rows, unpool_rows
 
 # ------------------------------------------------------------------------ argument checks
 
@@ -201,47 +202,82 @@ def max_of_four(a, b, d, e, first, W):
     return best, where
 
 
-@njit(parallel=True, cache=True)
-def _maxpool2d_forward_2x2_cpu(y, argmax, x):
-    """Max pooling with a 2x2 window, stride 2, no padding: same results as ``_maxpool2d_forward_cpu``."""
+@njit(inline="always", cache=True)
+def pool_2x2_body(tile, y, argmax, x):
+    """Max pooling with a 2x2 window, stride 2, no padding: same results as ``_maxpool2d_forward_cpu``,
+    V/2 windows a call of ``pool_rows`` (the rule of ``max_of_four`` lane by lane), a row's last
+    windows one at a time by ``max_of_four``."""
     N, C, H, W = x.shape
     OH, OW = y.shape[2], y.shape[3]
+    V = lanes(tile, x)
+    whole = OW - OW % (V // 2)
     for task in prange(N * C):
-        n = task // C
-        c = task % C
+        n, c = task // C, task % C
         for oh in range(OH):
             ih = 2 * oh
-            for ow in range(OW):
+            at = task * OH * OW + oh * OW  # y's and argmax's flat index of (n, c, oh, 0)
+            for p0 in range(0, whole, V // 2):
+                pool_rows(tile, y, at + p0, argmax, x, (task * H + ih) * W + 2 * p0, W, ih * W + 2 * p0, W, V // 2)
+            for ow in range(whole, OW):
                 iw = 2 * ow
                 y[n, c, oh, ow], argmax[n, c, oh, ow] = max_of_four(
                     x[n, c, ih, iw], x[n, c, ih, iw + 1], x[n, c, ih + 1, iw], x[n, c, ih + 1, iw + 1], ih * W + iw, W)
 
 
-@njit(parallel=True, cache=True)
-def _maxpool2d_backward_2x2_cpu(dx, dy, argmax, x, mask):
+def _pool_2x2_for(tile):
+    @njit(parallel=True, cache=True)
+    def forward(y, argmax, x):
+        pool_2x2_body(tile, y, argmax, x)
+
+    return forward
+
+
+# One compiled 2x2 forward per tile (the tile a constant: see kernels/matmul.py); the host's runs
+_MAXPOOL_FORWARD_2X2 = tuple(_pool_2x2_for(tile) for tile in range(len(TILE_NAMES)))
+
+
+@njit(inline="always", cache=True)
+def unpool_2x2_body(tile, dx, dy, argmax, x, mask):
     """``_maxpool2d_backward_cpu`` for a 2x2 window, stride 2, no padding: the same dx, each element
-    written once. A last row or column no window covers (odd H or W) gets 0."""
+    written once, two rows and V/2 windows a call of ``unpool_rows`` (vector compares of the
+    positions, no branch on the data). A last row or column no window covers (odd H or W) gets 0."""
     N, C, H, W = dx.shape
     OH, OW = dy.shape[2], dy.shape[3]
+    V = lanes(tile, dx)
     zero = dx.dtype.type(0)
     for task in prange(N * C):
-        n = task // C
-        c = task % C
-        plane, xs = dx[n, c], x[n, c]
+        n, c = task // C, task % C
+        plane = dx[n, c]
         for oh in range(OH):
-            ih = 2 * oh
-            top, bottom, x_top, x_bottom = plane[ih], plane[ih + 1], xs[ih], xs[ih + 1]
-            g_row, where_row = dy[n, c, oh], argmax[n, c, oh]
-            first = ih * W  # the flat index of (ih, 0), where argmax counts from
-            for iw in range(2 * OW):
-                where = where_row[iw >> 1] - first
-                g = g_row[iw >> 1]
-                top[iw] = g if (where == iw) & ((not mask) | (x_top[iw] > 0)) else zero
-                bottom[iw] = g if (where == W + iw) & ((not mask) | (x_bottom[iw] > 0)) else zero
+            at = task * OH * OW + oh * OW  # dy's and argmax's flat index of (n, c, oh, 0)
+            first = 2 * oh * W  # dx's (and argmax's) flat position of (2*oh, 0) in the plane
+            whole = OW - OW % (V // 2)
+            for p0 in range(0, whole, V // 2):
+                unpool_rows(tile, dx, task * H * W + first + 2 * p0, W, dy, at + p0, argmax, first + 2 * p0, W, x,
+                            mask, True, V // 2, V)
+            for ow in range(whole, OW):  # the tail one window at a time (AVX2's masked stores are slow on AMD)
+                where, g = argmax.flat[at + ow] - first, dy.flat[at + ow]
+                for i in range(2):
+                    for j in range(2):
+                        ih, iw = 2 * oh + i, 2 * ow + j
+                        hit = (where == i * W + 2 * ow + j) and (not mask or x[n, c, ih, iw] > 0)
+                        plane[ih, iw] = g if hit else zero
             for iw in range(2 * OW, W):
-                top[iw] = bottom[iw] = zero
+                plane[2 * oh, iw] = plane[2 * oh + 1, iw] = zero
         for ih in range(2 * OH, H):
             plane[ih, :] = zero
+
+
+def _unpool_2x2_for(tile):
+    @njit(parallel=True, cache=True)
+    def backward(dx, dy, argmax, x, mask):
+        unpool_2x2_body(tile, dx, dy, argmax, x, mask)
+
+    return backward
+
+
+# One compiled 2x2 backward per tile (the tile a constant: see kernels/matmul.py); the host's runs
+_MAXPOOL_BACKWARD_2X2 = tuple(_unpool_2x2_for(tile) for tile in range(len(TILE_NAMES)))
 
 
 @njit(parallel=True, cache=True)
@@ -288,7 +324,7 @@ def maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, stride_h=None, strid
     check_pool2d("maxpool2d_forward_cpu", on_host, ("x", x), ("y", y), (kernel_h, kernel_w), stride,
                  (pad_h, pad_w), ("argmax", argmax))
     if (kernel_h, kernel_w, *stride, pad_h, pad_w) == (2, 2, 2, 2, 0, 0):
-        _maxpool2d_forward_2x2_cpu(y, argmax, x)
+        _MAXPOOL_FORWARD_2X2[TILE](y, argmax, x)
     else:
         _maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, *stride, pad_h, pad_w)
     return y
@@ -333,14 +369,14 @@ def avgpool2d_backward_cpu(dx, dy, kernel_h, kernel_w, stride_h=None, stride_w=N
 
 def maxpool2d_forward_core_cpu(y, argmax, x, fh, fw, sh, sw, ph, pw):
     if fh == 2 and fw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0:
-        _maxpool2d_forward_2x2_cpu(y, argmax, x)
+        _MAXPOOL_FORWARD_2X2[TILE](y, argmax, x)
     else:
         _maxpool2d_forward_cpu(y, argmax, x, fh, fw, sh, sw, ph, pw)
 
 
 def maxpool2d_backward_core_cpu(dx, dy, argmax, x, fh, fw, sh, sw, ph, pw, mask):
     if fh == 2 and fw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0:
-        _maxpool2d_backward_2x2_cpu(dx, dy, argmax, x, mask)
+        _MAXPOOL_BACKWARD_2X2[TILE](dx, dy, argmax, x, mask)
     else:
         _maxpool2d_backward_cpu(dx, dy, argmax, x, mask)
 

@@ -11,9 +11,14 @@ patches matrix of im2col is the flat input shifted by the tap's offset:
 
 so NR adjacent columns of it are NR adjacent input values for each tap: the micro-kernel takes
 B's row r straight from xpad at offset(r) (``microkernel_gather``), the padded sample staying in
-L1 or L2. The three products, per sample n:
+L1 or L2. Or the other way round, each output pixel q = (oh, ow) a row of the tile, its window at
+pix(q) = oh*WP + ow: patches[r, q] = xpad[pix(q) + offset(r)], MR pixels read through both
+tables (``microkernel_indirect``), no padding column computed and the filters as B's columns
+(``pixel_product``; ``pixel_rows`` picks the way round that keeps more of the tiles' work). The
+three products, per sample n:
 
     forward          y[n]  (K, OH*WP)   = w (K, C*FH*FW) @ patches          (+ bias, ReLU when stored)
+                     or y[n]^T (OH*OW, K) = patches^T @ w^T, by pixels
     backward input   dx[n]              = patches^T of (w^T (C*FH*FW, K) @ dy[n] (K, OH*WP)): each
                                           tile of the product added back along its rows' taps into
                                           the padded gradient (``microkernel_scatter``); or, where
@@ -21,8 +26,8 @@ L1 or L2. The three products, per sample n:
                                           convolution of dy padded by F - 1 - P with the filters
                                           flipped, w'[c, k, fh, fw] = w[k, c, FH-1-fh, FW-1-fw], as the
                                           forward; times x > 0 with ``mask``
-    backward weight  dw    (K, C*FH*FW) += dy[n] (K, OH*WP) @ patches^T     (dy with zeros in the unused
-                                          columns; summed over the samples)
+    backward weight  dw^T  (C*FH*FW, K) += patches (C*FH*FW, OH*OW) @ dy[n]^T, the depth over the
+                                          pixels through pix(q) (summed over the samples)
 
 Threads take whole samples: each pads its sample into its own buffer, multiplies, and stores
 its sample's output (forward, input gradient) or adds into its own copy of dw, summed in a
@@ -35,7 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_fold,
-                      microkernel_gather, microkernel_scatter, multiply_rows, pack_sliver, slivers, store_run)
+                      microkernel_gather, microkernel_indirect, microkernel_scatter, pack_sliver, slivers, store_run)
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -162,81 +167,223 @@ def gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad):
                     microkernel_gather(tile, False, kc, a_pack, ai, xp, q0, taps, pc, plane, i * ldc + q0, ldc, pc > 0)
 
 
+# The same product with the output pixels as the tile's rows. The gather above gives the tile's
+# rows to the filters and its columns to NR adjacent values of a padded output row: a 10 x 10
+# output from a 14-wide padded input keeps 100 of every 140 columns it computes, and 32 filters
+# fill 32 of 36 rows of a 6-row tile (62% of the work kept). Turned round,
+#
+#     plane (OH*OW, K) = patches^T (OH*OW, C*FH*FW) @ w^T (C*FH*FW, K)
+#
+# row i of a tile is any output pixel q, its window starting at pix[q] = oh*WP + ow in the padded
+# sample, and step p adds tap p, at taps[p] from every window's start: A[i, p] = xp[pix[q0 + i] +
+# taps[p]], read in place through the two tables (``microkernel_indirect``). The MR pixels need
+# not share an image row, so only the last tile of a sample has rows to spare; the filters, as
+# B's packed columns, fill whole vectors wherever K is a multiple of one. The plane comes out
+# transposed (pixel-major) and is stored back filter by filter.
+
+
 @njit(inline="always", cache=True)
-def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scratch, xpads, planes):
+def pixel_offsets(scratch, OH, OW, WP):
+    """pix[q] = oh*WP + ow, where output pixel q = oh*OW + ow's window starts in the padded sample,
+    then MAX_MR zeros (a last tile's rows past the last pixel read the sample's first window;
+    their results are dropped): int64s in a scratch array of the layer's dtype, viewed as int64."""
+    pix = scratch.view(np.int64)
+    q = 0
+    for oh in range(OH):
+        for ow in range(OW):
+            pix[q] = oh * WP + ow
+            q += 1
+    for i in range(MAX_MR):
+        pix[q + i] = 0
+    return pix
+
+
+@njit(inline="always", cache=True)
+def pack_filter_columns(b_pack, wf, NR):
+    """The filters wf (K, R) as B's slivers for ``pixel_product``: sliver s (filters s*NR ..) at
+    s * R * NR, b_pack[s*R*NR + p*NR + j] = wf[s*NR + j, p], zero for filters past the last."""
+    K, R = wf.shape
+    zero = b_pack.dtype.type(0)
+    for s in range(slivers(K, NR)):
+        for p in range(R):
+            at = (s * R + p) * NR
+            for j in range(NR):
+                k = s * NR + j
+                b_pack[at + j] = wf[k, p] if k < K else zero
+
+
+@njit(inline="always", cache=True)
+def last_half(tile, n):
+    """Whether the last of the NR-wide slivers over n columns fits the tile's half (``HALF_NR``)."""
+    NR, HALF = _NR[tile], HALF_NR[tile]
+    return HALF < NR and slivers(n, NR) * NR - n >= NR - HALF
+
+
+@njit(inline="always", cache=True)
+def pixel_product(tile, plane, ldc, xp, b_pack, pix, taps, R, P, K):
+    """plane (P pixels in whole tiles, rows ``ldc`` apart) = the patches of the padded sample xp,
+    pixel by pixel, @ the filters packed by ``pack_filter_columns``: MR pixels x NR filters a tile
+    (``microkernel_indirect``), the last sliver of filters as a half tile where it fits one."""
+    MR, NR = _MR[tile], _NR[tile]
+    columns = slivers(K, NR)
+    half = last_half(tile, K)
+    for pc in range(0, R, KC):
+        kc = min(KC, R - pc)
+        for s in range(columns):
+            bi = (s * R + pc) * NR
+            for q0 in range(0, P, MR):
+                rows = (pix[q0], pix[q0 + 1], pix[q0 + 2], pix[q0 + 3],
+                        pix[q0 + 4], pix[q0 + 5], pix[q0 + 6], pix[q0 + 7])  # MAX_MR of them
+                if half and s == columns - 1:
+                    microkernel_indirect(tile, True, kc, xp, rows, taps, pc, b_pack, bi, plane, q0 * ldc + s * NR, ldc,
+                                         pc > 0)
+                else:
+                    microkernel_indirect(tile, False, kc, xp, rows, taps, pc, b_pack, bi, plane, q0 * ldc + s * NR, ldc,
+                                         pc > 0)
+
+
+@njit(inline="always", cache=True)
+def store_pixels(y, n, plane, ldc, b, relu, mask, masked):
+    """y[n, k, oh, ow] = plane[q, k] + b[k] for pixel q = oh*OW + ow, then ReLU and the mask as
+    ``store_run`` applies them (a NaN stays through the ReLU): the pixel-major plane turned back
+    into the layer's filter planes."""
+    N, K = y.shape[0], y.shape[1]
+    P = y.shape[2] * y.shape[3]
+    out, keep = y.reshape(N, K, P), mask.reshape(N, K, P)
+    zero = y.dtype.type(0)
+    for k in range(K):
+        bk = b[k]
+        for q in range(P):
+            v = plane[q * ldc + k] + bk
+            if relu and v < zero:
+                v = zero
+            if masked and not keep[n, k, q] > zero:
+                v = zero
+            out[n, k, q] = v
+
+
+def pixel_rows(K, OH, OW, WP, tile=None):
+    """Whether the forward's product takes the output pixels as its tile's rows
+    (``pixel_product``) rather than the filters (``gather_product``): where more of the work its
+    tiles do is kept. The gather computes K rows rounded up to MR by OH*WP columns rounded up
+    to NR (or half of one); the pixels, OH*OW rows rounded up to MR by K columns rounded up
+    likewise."""
+    t = TILE if tile is None else tile
+    MR, NR, HALF = int(_MR[t]), int(_NR[t]), int(HALF_NR[t])
+
+    def rows(n):
+        return -(-n // MR) * MR
+
+    def columns(n):
+        whole = -(-n // NR) * NR
+        return whole - (NR - HALF) if HALF < NR and whole - n >= NR - HALF else whole
+
+    gather = rows(K) * columns(OH * WP)
+    pixels = rows(OH * OW) * columns(K)
+    return pixels < gather
+
+
+@njit(inline="always", cache=True)
+def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scratch, pix_scratch, xpads, planes,
+                  by_pixels):
     """y (N, K, OH, OW) = the stride-1 convolution of x (N, C, H, W) with w (K, C, FH, FW), padding
     (ph, pw), plus b, then ReLU / mask as ``store_sample`` says: a sample a task, its product by
-    ``gather_product``. Scratch: ``a_pack`` (packed filters), ``taps_scratch`` (the taps'
-    offsets), per thread ``xpads`` (a padded sample) and ``planes`` (K, OH*WP in whole tiles,
-    flat: ``whole_tiles``)."""
+    ``gather_product``, or with ``by_pixels`` by ``pixel_product`` (``pixel_rows`` says which
+    keeps more of its work). Scratch: ``a_pack`` (the packed filters), ``taps_scratch`` and
+    ``pix_scratch`` (the taps' and pixels' offsets), per thread ``xpads`` (a padded sample) and
+    ``planes`` (the product's output in whole tiles, flat: ``whole_tiles``)."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
-    OH = y.shape[2]
+    OH, OW = y.shape[2], y.shape[3]
     HP, WP = H + 2 * ph, W + 2 * pw
     R = C * FH * FW
     Q = OH * WP
     Kpad = slivers(K, MR) * MR
-    pack_weights(a_pack, w.reshape(K, R), MR)
+    ldc = slivers(K, NR) * NR  # the pixel-major plane's row
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
+    pix = pixel_offsets(pix_scratch, OH, OW, WP)
+    if by_pixels:
+        pack_filter_columns(a_pack, w.reshape(K, R), NR)
+    else:
+        pack_weights(a_pack, w.reshape(K, R), MR)
     for n in prange(N):
         t = numba.get_thread_id()
-        xp, plane = xpads[t], whole_tiles(planes[t], K, Q, MR, NR)
+        xp = xpads[t]
         pad_sample(xp, x, n, ph, pw)
-        gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad)
-        store_sample(tile, y, n, plane, b, relu, mask, masked, WP)
+        if by_pixels:
+            pixel_product(tile, planes[t], ldc, xp, a_pack, pix, taps, R, OH * OW, K)
+            store_pixels(y, n, planes[t], ldc, b, relu, mask, masked)
+        else:
+            plane = whole_tiles(planes[t], K, Q, MR, NR)
+            gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad)
+            store_sample(tile, y, n, plane, b, relu, mask, masked, WP)
 
 
 @njit(inline="always", cache=True)
-def pack_gradient(dst, dy, n, k0, q0, kc, width, WP):
-    """dst[p*width + i] = dy[n, k0 + i] at q = q0 + p of a plane of row length WP: zero in the
-    unused columns (ow >= OW) and for filters past the last."""
-    K, OW = dy.shape[1], dy.shape[3]
+def pack_gradient(sliver, dy, n, k0, p0, kc, NR):
+    """sliver[p*NR + j] = dy[n, k0 + j] at pixel p0 + p (flat over OH*OW), for p < kc: B's sliver of
+    NR filters for the weight gradient, zero for filters past the last."""
+    N, K = dy.shape[0], dy.shape[1]
+    flat = dy.reshape(N, K, dy.shape[2] * dy.shape[3])
     zero = dy.dtype.type(0)
-    for i in range(width):
-        k = k0 + i
-        oh, ow = q0 // WP, q0 % WP
-        for p in range(kc):
-            dst[p * width + i] = dy[n, k, oh, ow] if (k < K and ow < OW) else zero
-            ow += 1
-            if ow == WP:
-                ow = 0
-                oh += 1
+    for j in range(NR):
+        k = k0 + j
+        if k < K:
+            g = flat[n, k]
+            for p in range(kc):
+                sliver[p * NR + j] = g[p0 + p]
+        else:
+            for p in range(kc):
+                sliver[p * NR + j] = zero
 
 
 @njit(inline="always", cache=True)
-def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, xpads, b_slivers, edges, parts):
+def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpads, b_slivers, parts):
     """dw (K, C, FH, FW) = the weight gradient of the stride-1 convolution, computed transposed:
-    dw^T (C*FH*FW, K) += patches (C*FH*FW, OH*WP) @ dy[n]^T, whose A rows are the padded sample
-    itself at each tap's offset (``multiply_rows``: nothing gathered) and whose B slivers are dy's
-    values for NR filters. Each thread adds its samples into its ``parts[t]`` (C*FH*FW, K); the
-    parts are summed in thread order."""
-    NR = _NR[tile]
+    dw^T (C*FH*FW, K) += patches (C*FH*FW, OH*OW) @ dy[n]^T, the depth running over the output
+    pixels, only those that exist: A[r, p] = xp[taps[r] + pix[p]], the padded sample read in place
+    through the taps' and the pixels' offsets (``microkernel_indirect``), and B's slivers dy's
+    values for NR filters (``pack_gradient``). Each thread adds its samples into its ``parts[t]``
+    (C*FH*FW in whole tiles, rows of K in whole slivers); the parts are summed in thread order."""
+    MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = dw.shape
-    OH = dy.shape[2]
+    OH, OW = dy.shape[2], dy.shape[3]
     HP, WP = H + 2 * ph, W + 2 * pw
     R = C * FH * FW
-    Q = OH * WP
+    P = OH * OW
+    ldc = slivers(K, NR) * NR
+    columns = slivers(K, NR)
+    half = last_half(tile, K)
     threads = parts.shape[0]
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
+    pix = pixel_offsets(pix_scratch, OH, OW, WP)
     for t in prange(threads):
         parts[t] = 0
     for n in prange(N):
         t = numba.get_thread_id()
         xp, sliver, part = xpads[t], b_slivers[t], parts[t]
         pad_sample(xp, x, n, ph, pw)
-        for pc in range(0, Q, KC):
-            kc = min(KC, Q - pc)
-            for col in range(slivers(K, NR)):
-                pack_gradient(sliver, dy, n, col * NR, pc, kc, NR, WP)
-                multiply_rows(tile, xp, pc, taps, sliver, part, col * NR, kc, True, edges[t])
+        for pc in range(0, P, KC):
+            kc = min(KC, P - pc)
+            for s in range(columns):
+                pack_gradient(sliver, dy, n, s * NR, pc, kc, NR)
+                for r0 in range(0, R, MR):
+                    rows = (taps[r0], taps[r0 + 1], taps[r0 + 2], taps[r0 + 3],
+                            taps[r0 + 4], taps[r0 + 5], taps[r0 + 6], taps[r0 + 7])  # MAX_MR of them
+                    if half and s == columns - 1:
+                        microkernel_indirect(tile, True, kc, xp, rows, pix, pc, sliver, 0, part, r0 * ldc + s * NR,
+                                             ldc, True)
+                    else:
+                        microkernel_indirect(tile, False, kc, xp, rows, pix, pc, sliver, 0, part, r0 * ldc + s * NR,
+                                             ldc, True)
     dwf = dw.reshape(K, R)
     for k in prange(K):
         for r in range(R):
-            total = parts[0, r, k]
+            total = parts[0, r * ldc + k]
             for t in range(1, threads):
-                total += parts[t, r, k]
+                total += parts[t, r * ldc + k]
             dwf[k, r] = total
 
 
@@ -442,23 +589,23 @@ def flip_filters(wt, w):
 
 def _compiled_for(tile):
     @njit(parallel=True, cache=True)
-    def forward(y, x, w, b, ph, pw, relu, a_pack, taps, xpads, planes):
-        convolve_body(tile, y, x, w, b, ph, pw, relu, y, False, a_pack, taps, xpads, planes)
+    def forward(y, x, w, b, ph, pw, relu, a_pack, taps, pix, xpads, planes, by_pixels):
+        convolve_body(tile, y, x, w, b, ph, pw, relu, y, False, a_pack, taps, pix, xpads, planes, by_pixels)
 
     @njit(parallel=True, cache=True)
-    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, a_pack, taps, xpads, planes):
+    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, a_pack, taps, pix, xpads, planes, by_pixels):
         flip_filters(wt, w)
         FH, FW = w.shape[2], w.shape[3]
-        convolve_body(tile, dx, dy, wt, zeros, FH - 1 - ph, FW - 1 - pw, False, x, masked, a_pack, taps, xpads,
-                      planes)
+        convolve_body(tile, dx, dy, wt, zeros, FH - 1 - ph, FW - 1 - pw, False, x, masked, a_pack, taps, pix, xpads,
+                      planes, by_pixels)
 
     @njit(parallel=True, cache=True)
     def backward_input_scatter(dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs):
         input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs)
 
     @njit(parallel=True, cache=True)
-    def backward_weight(dw, dy, x, ph, pw, taps, xpads, b_slivers, edges, parts):
-        weight_gradient_body(tile, dw, dy, x, ph, pw, taps, xpads, b_slivers, edges, parts)
+    def backward_weight(dw, dy, x, ph, pw, taps, pix, xpads, b_slivers, parts):
+        weight_gradient_body(tile, dw, dy, x, ph, pw, taps, pix, xpads, b_slivers, parts)
 
     return forward, backward_input, backward_input_scatter, backward_weight
 
@@ -489,26 +636,27 @@ def scatter_room(C, HP, WP, FH, FW):
 
 def gather_workspace(x_shape, w_shape, y_shape, padding, extra=0):
     """{name: shape} of the forward's scratch (``convolve_body``, and the fused first layer's):
-    the packed filters, the taps' offsets (for the forward or the full convolution of dy, whichever
-    has more), and for each of Numba's threads a padded sample (``extra`` values more) and an
-    output plane in whole tiles."""
+    the packed filters (either way round), the taps' and the pixels' offsets (for the forward or
+    the full convolution of dy, whichever has more), and for each of Numba's threads a padded
+    sample (``extra`` values more) and an output plane in whole tiles (either way round)."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
-    OH = y_shape[2]
+    OH, OW = y_shape[2], y_shape[3]
     threads = numba.config.NUMBA_NUM_THREADS
     HP, WP = H + 2 * padding[0], W + 2 * padding[1]
     return {
-        "im_a_pack": ((K + MAX_MR) * C * FH * FW,),
+        "im_a_pack": ((K + MAX_NR) * C * FH * FW,),
         "im_taps": (2 * (max(C, K) * FH * FW + MAX_MR),),  # int64s (two float32s each)
+        "im_pixels": (2 * (max(OH * OW, H * W) + MAX_MR),),
         "im_xpads": (threads, C * HP * WP + MAX_NR + FW + extra),  # the last sliver reads past the planes
-        "im_planes": (threads, tiles_size(K, OH * WP)),
+        "im_planes": (threads, max(tiles_size(K, OH * WP), tiles_size(OH * OW, K))),
     }
 
 
 def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None):
     """{name: shape} of the scratch the implicit kernels need (any tile): the packed filters, the
-    taps' offsets, and for each of Numba's threads a padded sample, an output plane, a sliver of
-    B, an edge tile and its own weight gradient; with ``need_dx``, what the input gradient's
+    taps' and pixels' offsets, and for each of Numba's threads a padded sample, an output plane, a
+    sliver of B and its own weight gradient (in whole tiles); with ``need_dx``, what the input gradient's
     product needs (the flipped filters and the padded gradient and planes of the full
     convolution, or for the scatter dy's plane and room past the padded sample for the rows
     past the last tap; ``scatter`` None: as ``scatter_input_gradient`` says)."""
@@ -527,8 +675,7 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
     shapes = {
         **gather_workspace(x_shape, w_shape, y_shape, padding, extra),
         "im_b_slivers": (threads, KC * MAX_NR),
-        "im_edges": (threads, MAX_MR * MAX_NR),
-        "im_parts": (threads, R, K),
+        "im_parts": (threads, tiles_size(R, K)),
     }
     if need_dx and scatter:
         shapes.update({
@@ -540,43 +687,52 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
         shapes.update({
             "im_flipped": (C, K, FH, FW),
             "im_zeros": (C,),
-            "im_dx_pack": ((C + MAX_MR) * K * FH * FW,),
+            "im_dx_pack": ((C + MAX_NR) * K * FH * FW,),
             "im_dy_pads": (threads, K * dHP * dWP + tail),
-            "im_dx_planes": (threads, tiles_size(C, H * dWP)),
+            "im_dx_planes": (threads, max(tiles_size(C, H * dWP), tiles_size(H * W, C))),
         })
     return shapes
 
 
-def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None):
+def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None, by_pixels=None):
     """y = conv(x, w) + b (stride 1, padding ph, pw), max(., 0) with ``relu``; ``ws`` from
-    ``implicit_workspace``, ``tile`` a tile's index (None: this CPU's)."""
-    forward = _KERNELS[TILE if tile is None else tile][0]
-    forward(y, x, w, b, ph, pw, relu, ws.im_a_pack, ws.im_taps, ws.im_xpads, ws.im_planes)
+    ``implicit_workspace``, ``tile`` a tile's index (None: this CPU's), ``by_pixels`` the way round
+    of the product (None: as ``pixel_rows`` says)."""
+    t = TILE if tile is None else tile
+    K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    if by_pixels is None:
+        by_pixels = pixel_rows(K, OH, OW, x.shape[3] + 2 * pw, t)
+    _KERNELS[t][0](y, x, w, b, ph, pw, relu, ws.im_a_pack, ws.im_taps, ws.im_pixels, ws.im_xpads, ws.im_planes,
+                   bool(by_pixels))
 
 
-def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None):
+def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None, by_pixels=None):
     """dw, and dx when it is not None (times x > 0 with ``mask``); the bias gradient is the caller's."""
     implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile)
     if dx is not None:
-        implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile)
+        implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile, by_pixels)
 
 
 def implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile=None):
     """dw alone (``weight_gradient_body``)."""
     backward_weight = _KERNELS[TILE if tile is None else tile][3]
-    backward_weight(dw, dy, x, ph, pw, ws.im_taps, ws.im_xpads, ws.im_b_slivers, ws.im_edges, ws.im_parts)
+    backward_weight(dw, dy, x, ph, pw, ws.im_taps, ws.im_pixels, ws.im_xpads, ws.im_b_slivers, ws.im_parts)
 
 
-def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None):
+def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None, by_pixels=None):
     """dx alone, times x > 0 with ``mask`` (``x`` is read only then): the scatter or the full
-    convolution of dy, whichever ``ws`` was made for."""
-    _, full, scatter, _ = _KERNELS[TILE if tile is None else tile]
+    convolution of dy, whichever ``ws`` was made for; ``by_pixels`` as for the forward."""
+    t = TILE if tile is None else tile
+    _, full, scatter, _ = _KERNELS[t]
     if hasattr(ws, "im_dyq"):
         scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_dyq)
     else:
+        C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
+        if by_pixels is None:
+            by_pixels = pixel_rows(C, H, W, dy.shape[3] + 2 * (w.shape[3] - 1 - pw), t)
         ws.im_zeros[:] = 0
-        full(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_dy_pads,
-             ws.im_dx_planes)
+        full(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_pixels,
+             ws.im_dy_pads, ws.im_dx_planes, bool(by_pixels))
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})

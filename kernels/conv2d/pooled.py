@@ -102,16 +102,18 @@ _POOL_FORWARD = tuple(_pool_forward_for(tile) for tile in range(len(TILE_NAMES))
 def unpool_plane(tile, plane, dyp, argmax, yp, n, k, mask, OW, WP):
     """plane (row length WP) = the gradient of the 2x2 max pooling of filter k, sample n: dyp's
     values at the maxima (0 where yp is not positive, with ``mask``), zeros elsewhere in the
-    first OW columns of each row the windows cover (``unpool_rows``, two rows a call); the other
-    columns and a last odd row are left as they are (zeros, from the caller)."""
+    first OW columns of each row the windows cover (``unpool_rows``, two rows a call), and in as
+    many of the columns past them as make a row's last call whole vectors (AVX2's masked stores
+    are slow on AMD); the other columns and a last odd row are left as they are (zeros, from the
+    caller)."""
     K, PH, PW = dyp.shape[1], dyp.shape[2], dyp.shape[3]
     V = lanes(tile, plane)
     for i in range(PH):
         at = ((n * K + k) * PH + i) * PW
         for p0 in range(0, PW, V // 2):
             j0 = 2 * p0
-            unpool_rows(tile, plane, 2 * i * WP + j0, WP, dyp, at + p0, argmax, 2 * i * OW + j0, OW, yp, mask,
-                        min(V // 2, PW - p0), min(V, OW - j0))
+            unpool_rows(tile, plane, 2 * i * WP + j0, WP, dyp, at + p0, argmax, 2 * i * OW + j0, OW, yp, mask, False,
+                        min(V // 2, PW - p0), min(V, WP - j0))
 
 
 @njit(inline="always", cache=True)

@@ -2,6 +2,8 @@
 NumPy and the reference convolution: every tile forced on this machine, 1 and 2 threads, shapes
 that cross every blocking boundary."""
 
+import itertools
+
 import numba
 import numpy as np
 import pytest
@@ -133,9 +135,11 @@ def test_host_tile_follows_the_cpu_and_the_environment(monkeypatch):
 # ------------------------------------------------------------------ the implicit convolution
 
 # (N, C, H, W, K, FH, FW, ph, pw): tails of MR in K and C, rows shorter and longer than NR,
-# several depth blocks (C*FH*FW > KC), padding on one axis, a 1x1 filter, one value
+# several depth blocks (C*FH*FW > KC), padding on one axis, a 1x1 filter, one value, more
+# output pixels than a depth block (the weight gradient's depth)
 CONVS = [(2, 4, 7, 9, 5, 3, 3, 1, 1), (3, 6, 12, 12, 16, 5, 5, 0, 0), (2, 17, 13, 13, 33, 3, 3, 1, 0),
-         (1, 1, 1, 1, 1, 1, 1, 0, 0), (2, 70, 8, 8, 9, 3, 3, 2, 2), (2, 5, 6, 40, 3, 1, 1, 0, 0)]
+         (1, 1, 1, 1, 1, 1, 1, 0, 0), (2, 70, 8, 8, 9, 3, 3, 2, 2), (2, 5, 6, 40, 3, 1, 1, 0, 0),
+         (1, 2, 19, 21, 3, 3, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
@@ -153,17 +157,18 @@ def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
         # the input gradient both ways: the full convolution of dy and the scatter of w^T dy
         other = implicit.implicit_scratch(x.shape, w.shape, y.shape, (ph, pw), True, dtype,
                                           not hasattr(ws, "im_dyq"))
-        for relu in (False, True):
-            implicit.conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, index)
+        # the product both ways round: the filters as the tile's rows, or the output pixels
+        for relu, by_pixels in itertools.product((False, True), (False, True)):
+            y[:] = np.nan
+            implicit.conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, index, by_pixels)
             np.testing.assert_allclose(y, np.maximum(want, 0) if relu else want, **tol)
         dy = rng.standard_normal(want.shape).astype(dtype)
         want_dx, want_dw, want_db = ref.conv2d_grads(dy, x, w, pad=(ph, pw))
-        for mask in (False, True):
-            for scratch in (ws, other):
-                dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
-                implicit.conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, scratch, index)
-                np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
-                np.testing.assert_allclose(dw, want_dw, **tol)
+        for mask, scratch, by_pixels in itertools.product((False, True), (ws, other), (False, True)):
+            dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
+            implicit.conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, scratch, index, by_pixels)
+            np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
+            np.testing.assert_allclose(dw, want_dw, **tol)
         db = np.full(K, np.nan, dtype)
         implicit.bias_gradient_cpu(db, dy)
         np.testing.assert_allclose(db, want_db, **tol)

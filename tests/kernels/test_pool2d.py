@@ -139,20 +139,41 @@ def test_backward_ignores_an_argmax_outside_the_plane():
 def test_fast_paths_equal_the_general_kernels(rng, dtype):
     """The 2x2 forward gives exactly what the general loops give, on data
     made of ties (the zeros ReLU leaves), NaNs at every window position, and infinities."""
-    x = rng.standard_normal((3, 4, 9, 10)).astype(dtype)
+    x = rng.standard_normal((3, 4, 9, 22)).astype(dtype)  # rows of vectors of windows and a tail
     x[0] = np.maximum(x[0], 0)  # half zeros: ties
     x[1, :2] = 0.0
     for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         x[2, k, 2 * k + i, 2 * k + j] = np.nan  # one NaN at each position of a window
     x[2, 0, 6:8, 6:8] = [[1.0, np.nan], [np.nan, 2.0]]  # two NaNs: the first one wins
     x[2, 1, 0, :4] = [-np.inf, -np.inf, np.inf, 1.0]
-    shape = (3, 4, 4, 5)
+    x[2, 3, 4:6, 18:20] = [[2.0, np.nan], [np.nan, 1.0]]  # in a row's last windows too
+    shape = (3, 4, 4, 11)
     y, argmax = run_max(x, (2, 2), (2, 2), (0, 0), shape)
     y_ref, argmax_ref = np.full(shape, np.nan, dtype), np.full(shape, -7, np.int32)
     pool2d._maxpool2d_forward_cpu(y_ref, argmax_ref, x, 2, 2, 2, 2, 0, 0)
     np.testing.assert_array_equal(y, y_ref)  # NaNs in the same places count as equal
     np.testing.assert_array_equal(argmax, argmax_ref)
-    assert argmax[2, 0, 3, 3] == 6 * 10 + 7 and np.isnan(y[2, 0, 3, 3])
+    assert argmax[2, 0, 3, 3] == 6 * 22 + 7 and np.isnan(y[2, 0, 3, 3])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("W", [9, 40])  # a row shorter than a vector, and one of several vectors and a tail
+def test_fast_backward_equals_the_general_kernel(rng, dtype, W):
+    """The 2x2 backward (vector compares of the positions) gives exactly what the general loops give:
+    every window position the maximum, ties (zeros), NaN and infinite gradients, masked by the
+    input or not, a row and a column no window covers."""
+    x = rng.standard_normal((3, 5, 9, W)).astype(dtype)
+    x[0] = np.maximum(x[0], 0)  # ties, and zeros the mask drops
+    y, argmax = run_max(x, (2, 2), (2, 2), (0, 0), (3, 5, 4, W // 2))
+    assert set(np.unique(argmax % 2)) == {0, 1}  # maxima in both columns of a window (and both rows below)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dy[1, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    for mask in (False, True):
+        dx = np.full(x.shape, np.nan, dtype)
+        pool2d.maxpool2d_backward_core_cpu(dx, dy, argmax, x, 2, 2, 2, 2, 0, 0, mask)
+        want = np.full(x.shape, -7.0, dtype)
+        pool2d._maxpool2d_backward_cpu(want, dy, argmax, x, mask)
+        np.testing.assert_array_equal(dx, want)
 
 
 @st.composite
