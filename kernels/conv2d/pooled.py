@@ -82,8 +82,11 @@ def pool_forward_body(tile, yp, argmax, x, w, b, ph, pw, relu, a_pack, taps_scra
             for i in range(PH):
                 at = ((n * K + k) * PH + i) * PW
                 for p0 in range(0, PW, V // 2):
+                    # a row's last call stores whole vectors where the values past the row land in
+                    # the sample's next row, written after it (AVX2's masked stores are slow on AMD)
+                    room = V // 2 if at + p0 + V // 2 <= (n + 1) * K * PH * PW else PW - p0
                     pool_rows(tile, yp, at + p0, argmax, row, 2 * i * WP + 2 * p0, WP, 2 * i * OW + 2 * p0, OW,
-                              min(V // 2, PW - p0))
+                              min(V // 2, room))
 
 
 def _pool_forward_for(tile):
