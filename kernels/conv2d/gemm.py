@@ -11,8 +11,9 @@ machine's peak. Three ways, chosen per shape (``conv2d_workspace_cpu``), the fir
 - Stride 1 with padding under the filter's size (``implicit.implicit_applies``): the implicit
   product of ``implicit.py``, the patches copied tap by tap into the product's panels, no
   matrix of patches written at all. Where the filters are 3x3 and the layer is not thin
-  (``winograd.winograd_applies``), all three passes run Winograd's F(2x2, 3x3) of
-  ``winograd.py`` instead: 16 multiplies for each 2x2 block of outputs where the product does 36.
+  (``winograd.winograd_applies``, which asks more of a layer on an AVX2 machine), all three
+  passes run Winograd's F(2x2, 3x3) of ``winograd.py`` instead: 16 multiplies for each 2x2
+  block of outputs where the product does 36.
 - Anything else: im2col, then one product a pass, with
 
     cols[(c*FH + fh)*FW + fw, n*OH*OW + oh*OW + ow] = x[n, c, oh*S - P + fh, ow*S - P + fw]
@@ -385,7 +386,7 @@ def conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dt
     rows = C * FH * FW
     shapes = {"db": (K,)}
     if direct and implicit_applies(w_shape, stride, padding) and not few_channels(x_shape, w_shape, stride):
-        if winograd_applies(w_shape, stride, padding):
+        if winograd_applies(x_shape, w_shape, stride, padding):
             return {**shapes, **winograd_workspace(x_shape, w_shape, need_dx)}
         return {**shapes, **implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx)}
     shapes["kt"] = (K, N * OH * OW)

@@ -64,13 +64,22 @@ def apart(size):
     return size + PAD
 
 
-def winograd_applies(w_shape, stride, padding):
+def winograd_applies(x_shape, w_shape, stride, padding, tile=None):
     """Whether F(2x2, 3x3) runs this convolution: 3x3 filters, stride 1, padding at most 2 (the
     input gradient pads by 2 - P), and at least 8 input channels and filters (below that the
     products are too thin for the transforms to pay). Small images too: the tiles of several
-    samples share a chunk, where the implicit product computes a sliver of 32 columns a sample."""
+    samples share a chunk. With the ``avx2`` tile (``tile`` None: this CPU's) only for 64
+    channels or more and outputs of 16 x 16 or more: with 8 lanes (and AMD's slow masked stores
+    before Zen 4) the transforms cost more than they save, and the implicit product by pixels
+    measured 1.15-1.46x faster on every other layer of ``benchmarks/winograd_vs_implicit.py``
+    (Zen 3; 64->64 32x32: Winograd 0.94x of it)."""
     K, C, FH, FW = w_shape
-    return (FH, FW) == (3, 3) and tuple(stride) == (1, 1) and max(padding) <= 2 and min(C, K) >= 8
+    if not ((FH, FW) == (3, 3) and tuple(stride) == (1, 1) and max(padding) <= 2 and min(C, K) >= 8):
+        return False
+    if TILE_NAMES[TILE if tile is None else tile] != "avx2":
+        return True
+    OH, OW = x_shape[2] + 2 * padding[0] - 2, x_shape[3] + 2 * padding[1] - 2
+    return C >= 64 and OH * OW >= 16 * 16
 
 
 def chunk_room(CK):

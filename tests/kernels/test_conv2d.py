@@ -241,11 +241,11 @@ def test_input_gradient_in_batch_chunks(rng, monkeypatch, samples, stride, pad):
 
 @pytest.mark.parametrize("C, stride, pad, path", [
     (2, (1, 1), (1, 1), "few channels"), (2, (1, 1), (3, 3), "few channels"), (5, (1, 1), (1, 1), "implicit"),
-    (8, (1, 1), (1, 1), "winograd"), (5, (1, 1), (3, 3), "im2col"), (5, (2, 2), (1, 1), "im2col")])
+    (64, (1, 1), (1, 1), "winograd"), (5, (1, 1), (3, 3), "im2col"), (5, (2, 2), (1, 1), "im2col")])
 def test_public_entry_points_run_what_a_layer_runs(rng, monkeypatch, C, stride, pad, path):
     """Without ``cols`` the public entry points take the planned step's way for the shape (the
     implicit product's forward for few input channels at stride 1, any padding; Winograd for 3x3
-    filters at stride 1; the implicit product at stride 1 with padding under the filter's size;
+    filters at stride 1 (64 channels on 16 x 16: Winograd on any CPU); the implicit product at stride 1 with padding under the filter's size;
     im2col otherwise); with it, im2col."""
     from nbcnn.kernels.conv2d import gemm
 
@@ -255,7 +255,8 @@ def test_public_entry_points_run_what_a_layer_runs(rng, monkeypatch, C, stride, 
     for name in set(names.values()):
         monkeypatch.setattr(gemm, name, lambda *a, fn=getattr(gemm, name), name=name: (seen.append(name), fn(*a))[1])
     K = 8 if path == "winograd" else 3
-    x, w = rng.standard_normal((2, C, 6, 7)), rng.standard_normal((K, C, 3, 3))
+    H, W = (16, 16) if path == "winograd" else (6, 7)  # outputs Winograd takes on every tile
+    x, w = rng.standard_normal((2, C, H, W)), rng.standard_normal((K, C, 3, 3))
     y = np.empty(ref.conv2d(x, w, np.zeros(K), stride, pad).shape)
     conv2d_forward_gemm_cpu(y, x, w, None, *stride, *pad)
     np.testing.assert_allclose(y, ref.conv2d(x, w, np.zeros(K), stride, pad), rtol=1e-12, atol=1e-12)
