@@ -213,6 +213,13 @@ def pack_filter_columns(b_pack, wf, NR):
 
 
 @njit(inline="always", cache=True)
+def even_blocks(depth):
+    """The depth of each block when ``depth`` is cut into as few blocks of at most KC as it takes,
+    all about equal: 288 as 144 + 144, not 256 + 32 (each block stores its tiles once more)."""
+    return slivers(depth, slivers(depth, KC))
+
+
+@njit(inline="always", cache=True)
 def last_half(tile, n):
     """Whether the last of the NR-wide slivers over n columns fits the tile's half (``HALF_NR``)."""
     NR, HALF = _NR[tile], HALF_NR[tile]
@@ -227,8 +234,9 @@ def pixel_product(tile, plane, ldc, xp, b_pack, pix, taps, R, P, K):
     MR, NR = _MR[tile], _NR[tile]
     columns = slivers(K, NR)
     half = last_half(tile, K)
-    for pc in range(0, R, KC):
-        kc = min(KC, R - pc)
+    block = even_blocks(R)
+    for pc in range(0, R, block):
+        kc = min(block, R - pc)
         for s in range(columns):
             bi = (s * R + pc) * NR
             for q0 in range(0, P, MR):
@@ -365,8 +373,9 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpa
         t = numba.get_thread_id()
         xp, sliver, part = xpads[t], b_slivers[t], parts[t]
         pad_sample(xp, x, n, ph, pw)
-        for pc in range(0, P, KC):
-            kc = min(KC, P - pc)
+        block = even_blocks(P)
+        for pc in range(0, P, block):
+            kc = min(block, P - pc)
             for s in range(columns):
                 pack_gradient(sliver, dy, n, s * NR, pc, kc, NR)
                 for r0 in range(0, R, MR):
