@@ -449,7 +449,7 @@ class Conv2D(Layer):
     ``OH = (H + 2*P - FH) // S + 1`` and likewise OW. Each filter has C*FH*FW + 1
     parameters with its bias (the lecture's 5*5*3 + 1 = 76). ``algorithm`` picks the
     kernels: "gemm" (the default on both devices: register-blocked matrix products, implicit
-    or through im2col, on the CPU and on a GPU; on the CPU, Winograd's F(2x2, 3x3) for 3x3
+    or through im2col, on the CPU and on a GPU; on the CPU, Winograd's F(2x2, 3x3) for most 3x3
     filters at stride 1), "direct" (CPU: the loops of the definition) or
     "tiled" (GPU: the simpler shared-memory kernels).
     """
