@@ -333,14 +333,15 @@ def maxpool2d_forward_cpu(y, argmax, x, kernel_h, kernel_w, stride_h=None, strid
 def maxpool2d_backward_cpu(dx, dy, argmax, kernel_h, kernel_w, stride_h=None, stride_w=None, pad_h=0, pad_w=0):
     """Gradient of max pooling: ``dx`` (N, C, H, W) from ``dy`` and ``argmax`` (N, C, OH, OW). Returns ``dx``.
 
-    The window settings are those of the forward call; they check the shapes (the CPU
-    kernel scatters through ``argmax`` alone, the CUDA kernel needs them to gather).
+    The window settings are those of the forward call; they check the shapes (the CPU's
+    general kernel scatters through ``argmax`` alone, its 2x2 one compares ``argmax`` with each
+    window's positions, the CUDA kernel needs them to gather).
     """
     fn = "maxpool2d_backward_cpu"
     stride = default_stride(kernel_h, kernel_w, stride_h, stride_w)
     check_maxpool2d_backward(fn, on_host, dx, dy, argmax)
     check_pool2d(fn, on_host, ("dx", dx), ("dy", dy), (kernel_h, kernel_w), stride, (pad_h, pad_w))
-    _maxpool2d_backward_cpu(dx, dy, argmax, dx, False)
+    maxpool2d_backward_core_cpu(dx, dy, argmax, dx, kernel_h, kernel_w, *stride, pad_h, pad_w, False)  # dx is not read
     return dx
 
 
