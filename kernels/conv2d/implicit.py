@@ -203,13 +203,8 @@ def pack_filter_columns(b_pack, wf, NR):
     """The filters wf (K, R) as B's slivers for ``pixel_product``: sliver s (filters s*NR ..) at
     s * R * NR, b_pack[s*R*NR + p*NR + j] = wf[s*NR + j, p], zero for filters past the last."""
     K, R = wf.shape
-    zero = b_pack.dtype.type(0)
     for s in range(slivers(K, NR)):
-        for p in range(R):
-            at = (s * R + p) * NR
-            for j in range(NR):
-                k = s * NR + j
-                b_pack[at + j] = wf[k, p] if k < K else zero
+        pack_sliver(b_pack, s * R * NR, wf, s * NR, K, 0, R, NR, False)
 
 
 @njit(inline="always", cache=True)
@@ -329,30 +324,12 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scr
 
 
 @njit(inline="always", cache=True)
-def pack_gradient(sliver, dy, n, k0, p0, kc, NR):
-    """sliver[p*NR + j] = dy[n, k0 + j] at pixel p0 + p (flat over OH*OW), for p < kc: B's sliver of
-    NR filters for the weight gradient, zero for filters past the last."""
-    N, K = dy.shape[0], dy.shape[1]
-    flat = dy.reshape(N, K, dy.shape[2] * dy.shape[3])
-    zero = dy.dtype.type(0)
-    for j in range(NR):
-        k = k0 + j
-        if k < K:
-            g = flat[n, k]
-            for p in range(kc):
-                sliver[p * NR + j] = g[p0 + p]
-        else:
-            for p in range(kc):
-                sliver[p * NR + j] = zero
-
-
-@njit(inline="always", cache=True)
 def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpads, b_slivers, parts):
     """dw (K, C, FH, FW) = the weight gradient of the stride-1 convolution, computed transposed:
     dw^T (C*FH*FW, K) += patches (C*FH*FW, OH*OW) @ dy[n]^T, the depth running over the output
     pixels, only those that exist: A[r, p] = xp[taps[r] + pix[p]], the padded sample read in place
     through the taps' and the pixels' offsets (``microkernel_indirect``), and B's slivers dy's
-    values for NR filters (``pack_gradient``). Each thread adds its samples into its ``parts[t]``
+    values for NR filters (``pack_sliver``). Each thread adds its samples into its ``parts[t]``
     (C*FH*FW in whole tiles, rows of K in whole slivers); the parts are summed in thread order."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
@@ -367,6 +344,7 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpa
     threads = parts.shape[0]
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
     pix = pixel_offsets(pix_scratch, OH, OW, WP)
+    dyf = dy.reshape(N, K, P)
     for t in prange(threads):
         parts[t] = 0
     for n in prange(N):
@@ -377,7 +355,7 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpa
         for pc in range(0, P, block):
             kc = min(block, P - pc)
             for s in range(columns):
-                pack_gradient(sliver, dy, n, s * NR, pc, kc, NR)
+                pack_sliver(sliver, 0, dyf[n], s * NR, K, pc, kc, NR, False)  # dy's values for NR filters
                 for r0 in range(0, R, MR):
                     rows = (taps[r0], taps[r0 + 1], taps[r0 + 2], taps[r0 + 3],
                             taps[r0 + 4], taps[r0 + 5], taps[r0 + 6], taps[r0 + 7])  # MAX_MR of them
