@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..matmul import (HALF_NR, KC, MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, microkernel_fold,
-                      microkernel_gather, microkernel_indirect, microkernel_scatter, pack_sliver, slivers, store_run)
+                      microkernel_gather, microkernel_indirect, microkernel_scatter, pack_a, pack_b, slivers, store_run)
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -77,6 +77,18 @@ def pad_sample(xp, x, n, ph, pw):
 
 
 @njit(inline="always", cache=True)
+def sample_for_pixels(xpads, t, x, n, ph, pw):
+    """Sample n of x as the products by pixels read it (``microkernel_indirect``: every window
+    inside the padded sample, nothing read past it): x[n] itself, flat, where there is no
+    padding, with no copy; else padded into the thread's xpads[t] (``pad_sample``)."""
+    if ph == 0 and pw == 0:
+        return x[n].reshape(x.shape[1] * x.shape[2] * x.shape[3])
+    xp = xpads[t]
+    pad_sample(xp, x, n, ph, pw)
+    return xp
+
+
+@njit(inline="always", cache=True)
 def tap_offsets(scratch, C, FH, FW, HP, WP):
     """offset(r) = (c*HP + fh)*WP + fw of every tap r = (c, fh, fw), then MAX_MR zeros (rows past
     the last tap read the sample's first values; their results are dropped): int64s in a scratch
@@ -94,15 +106,16 @@ def tap_offsets(scratch, C, FH, FW, HP, WP):
 
 
 @njit(inline="always", cache=True)
-def pack_weights(a_pack, wf, MR):
+def pack_weights(tile, a_pack, wf):
     """The filters wf (K, R) as A's slivers, depth block by depth block: block pc starts at
     pc * Kpad (Kpad = K rounded up to MR)."""
+    MR = _MR[tile]
     K, R = wf.shape
     Kpad = slivers(K, MR) * MR
     for s in prange(slivers(K, MR)):
         for pc in range(0, R, KC):
             kc = min(KC, R - pc)
-            pack_sliver(a_pack, pc * Kpad + s * kc * MR, wf, s * MR, K, pc, kc, MR, False)
+            pack_a(tile, a_pack, pc * Kpad + s * kc * _MR[tile], wf, s * _MR[tile], K, pc, kc, False)
 
 
 @njit(inline="always", cache=True)
@@ -199,12 +212,13 @@ def pixel_offsets(scratch, OH, OW, WP):
 
 
 @njit(inline="always", cache=True)
-def pack_filter_columns(b_pack, wf, NR):
+def pack_filter_columns(tile, b_pack, wf):
     """The filters wf (K, R) as B's slivers for ``pixel_product``: sliver s (filters s*NR ..) at
     s * R * NR, b_pack[s*R*NR + p*NR + j] = wf[s*NR + j, p], zero for filters past the last."""
+    NR = _NR[tile]
     K, R = wf.shape
     for s in range(slivers(K, NR)):
-        pack_sliver(b_pack, s * R * NR, wf, s * NR, K, 0, R, NR, False)
+        pack_b(tile, b_pack, s * R * NR, wf, s * NR, K, 0, R, False)
 
 
 @njit(inline="always", cache=True)
@@ -307,17 +321,18 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scr
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
     pix = pixel_offsets(pix_scratch, OH, OW, WP)
     if by_pixels:
-        pack_filter_columns(a_pack, w.reshape(K, R), NR)
+        pack_filter_columns(tile, a_pack, w.reshape(K, R))
     else:
-        pack_weights(a_pack, w.reshape(K, R), MR)
+        pack_weights(tile, a_pack, w.reshape(K, R))
     for n in prange(N):
         t = numba.get_thread_id()
-        xp = xpads[t]
-        pad_sample(xp, x, n, ph, pw)
         if by_pixels:
+            xp = sample_for_pixels(xpads, t, x, n, ph, pw)
             pixel_product(tile, planes[t], ldc, xp, a_pack, pix, taps, R, OH * OW, K)
             store_pixels(y, n, planes[t], ldc, b, relu, mask, masked)
         else:
+            xp = xpads[t]
+            pad_sample(xp, x, n, ph, pw)
             plane = whole_tiles(planes[t], K, Q, MR, NR)
             gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad)
             store_sample(tile, y, n, plane, b, relu, mask, masked, WP)
@@ -329,7 +344,7 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpa
     dw^T (C*FH*FW, K) += patches (C*FH*FW, OH*OW) @ dy[n]^T, the depth running over the output
     pixels, only those that exist: A[r, p] = xp[taps[r] + pix[p]], the padded sample read in place
     through the taps' and the pixels' offsets (``microkernel_indirect``), and B's slivers dy's
-    values for NR filters (``pack_sliver``). Each thread adds its samples into its ``parts[t]``
+    values for NR filters (``pack_b``). Each thread adds its samples into its ``parts[t]``
     (C*FH*FW in whole tiles, rows of K in whole slivers); the parts are summed in thread order."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
@@ -349,13 +364,13 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpa
         parts[t] = 0
     for n in prange(N):
         t = numba.get_thread_id()
-        xp, sliver, part = xpads[t], b_slivers[t], parts[t]
-        pad_sample(xp, x, n, ph, pw)
+        sliver, part = b_slivers[t], parts[t]
+        xp = sample_for_pixels(xpads, t, x, n, ph, pw)
         block = even_blocks(P)
         for pc in range(0, P, block):
             kc = min(block, P - pc)
             for s in range(columns):
-                pack_sliver(sliver, 0, dyf[n], s * NR, K, pc, kc, NR, False)  # dy's values for NR filters
+                pack_b(tile, sliver, 0, dyf[n], s * _NR[tile], K, pc, kc, False)  # dy's values for NR filters
                 for r0 in range(0, R, MR):
                     rows = (taps[r0], taps[r0 + 1], taps[r0 + 2], taps[r0 + 3],
                             taps[r0 + 4], taps[r0 + 5], taps[r0 + 6], taps[r0 + 7])  # MAX_MR of them

@@ -65,7 +65,7 @@ def pool_forward_body(tile, yp, argmax, x, w, b, ph, pw, relu, a_pack, taps_scra
     Kpad = slivers(K, MR) * MR
     zero = yp.dtype.type(0)
     V = lanes(tile, yp)
-    pack_weights(a_pack, w.reshape(K, R), MR)
+    pack_weights(tile, a_pack, w.reshape(K, R))
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
     for n in prange(N):
         t = numba.get_thread_id()
