@@ -115,7 +115,7 @@ def pack_weights(tile, a_pack, wf):
     for s in prange(slivers(K, MR)):
         for pc in range(0, R, KC):
             kc = min(KC, R - pc)
-            pack_a(tile, a_pack, pc * Kpad + s * kc * _MR[tile], wf, s * _MR[tile], K, pc, kc, False)
+            pack_a(tile, a_pack, pc * Kpad + s * kc * MR, wf, s * MR, K, pc, kc, False)
 
 
 @njit(inline="always", cache=True)
@@ -370,7 +370,7 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpa
         for pc in range(0, P, block):
             kc = min(block, P - pc)
             for s in range(columns):
-                pack_b(tile, sliver, 0, dyf[n], s * _NR[tile], K, pc, kc, False)  # dy's values for NR filters
+                pack_b(tile, sliver, 0, dyf[n], s * NR, K, pc, kc, False)  # dy's values for NR filters
                 for r0 in range(0, R, MR):
                     rows = (taps[r0], taps[r0 + 1], taps[r0 + 2], taps[r0 + 3],
                             taps[r0 + 4], taps[r0 + 5], taps[r0 + 6], taps[r0 + 7])  # MAX_MR of them
