@@ -681,36 +681,28 @@ def lanes(tile, a):
 def pack_sliver(dst, d0, src, r0, rows, p0, kc, width, transposed):
     """dst[d0 + p*width + i] = S[r0 + i, p0 + p] for i < width, p < kc, where S is ``src`` (2-D)
     or its transpose with ``transposed``; rows from ``rows`` on are zero (a sliver's padding).
-    A whole sliver's loops run ``width`` times, a constant where the caller's width is one
-    (``pack_a``, ``pack_b``): unrolled into a few vector moves rather than a loop that checks
-    its count."""
+    A whole sliver's runs are ``width`` long, a constant where the caller's width is one
+    (``pack_a``, ``pack_b``): a few vector moves rather than a loop that checks its count."""
     n = min(width, rows - r0)
     out = dst[d0:d0 + kc * width]
-    if n == width:
-        if transposed:
-            for p in range(kc):
-                row = src[p0 + p]
-                for i in range(width):
-                    out[p * width + i] = row[r0 + i]
-        else:
-            for i in range(width):
-                row = src[r0 + i, p0:p0 + kc]
-                for p in range(kc):
-                    out[p * width + i] = row[p]
-        return
     if transposed:  # S's row r0 + i is src's column: each p copies a run of src's row p0 + p
         for p in range(kc):
             row = src[p0 + p]
-            for i in range(n):
-                out[p * width + i] = row[r0 + i]
+            if n == width:  # a whole sliver: a run of constant length where the width is one
+                for i in range(width):
+                    out[p * width + i] = row[r0 + i]
+            else:
+                for i in range(n):
+                    out[p * width + i] = row[r0 + i]
     else:  # S = src: each of the sliver's rows is a run of src's row, stored width apart
         for i in range(n):
             row = src[r0 + i, p0:p0 + kc]
             for p in range(kc):
                 out[p * width + i] = row[p]
-    for p in range(kc):
-        for i in range(n, width):
-            out[p * width + i] = 0
+    if n < width:
+        for p in range(kc):
+            for i in range(n, width):
+                out[p * width + i] = 0
 
 
 # The width of a sliver comes from the tile inside these calls. Numba runs a parallel loop's body
