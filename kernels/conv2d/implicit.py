@@ -21,7 +21,9 @@ three products, per sample n:
                      or y[n]^T (OH*OW, K) = patches^T @ w^T, by pixels
     backward input   dx[n]              = patches^T of (w^T (C*FH*FW, K) @ dy[n] (K, OH*WP)): each
                                           tile of the product added back along its rows' taps into
-                                          the padded gradient (``microkernel_scatter``); or, where
+                                          the padded gradient (``microkernel_scatter``; with few
+                                          filters, the filter's columns folded into the depth:
+                                          ``fold_product``); or, where
                                           the padding is at least half the filter, the full
                                           convolution of dy padded by F - 1 - P with the filters
                                           flipped, w'[c, k, fh, fw] = w[k, c, FH-1-fh, FW-1-fw], as the
@@ -479,6 +481,15 @@ def scatter_product(tile, dxp, g, ldg, a_pack, taps, Q, K, Rpad):
 # overlapping), the depth is K*FW (the gradient planes read in place at -fw), and each row of
 # the padded gradient gets Q + FW - 1 columns: the same multiply-adds, FW times fewer tiles added.
 
+#
+# What each way costs, measured on an AVX2 machine (the input gradient alone, one process, both
+# ways alternating): a tile added back costs about as much as 2.5 steps of its depth, and the
+# fold's steps about 8% more than the scatter's (B's rows start at any column, not at a whole
+# sliver). Folded / scattered: 6->16 5x5 0.89, 8->8 3x3 0.86, 32->16 5x5 0.91, 16->16 5x5 0.98,
+# 16->32 5x5 1.00, 32->64 3x3 1.04-1.11.
+TILE_COST = 2.5
+FOLD_COST = 1.08
+
 
 @njit(inline="always", cache=True)
 def fold_taps(scratch, C, K, FH, FW, HP, WP, stride):
@@ -550,30 +561,60 @@ def fold_room(C, HP, WP, FH, FW):
 
 
 @njit(inline="always", cache=True)
-def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps_scratch, dxpads, dyqs):
+def plane_stride(Q, FW):
+    """Values from one gradient plane of Q to the next where ``fold_product`` reads them: room for
+    the last sliver of a row shifted by up to FW - 1 to read zeros past the plane's end."""
+    return Q + MAX_NR + FW
+
+
+@njit(inline="always", cache=True)
+def folds(C, K, FH, FW, MR):
+    """Whether an input gradient by the scatter folds the filter's columns into its depth: where
+    that takes fewer steps of the micro-kernel, counting TILE_COST steps for adding a tile back
+    and FOLD_COST for B's rows read from any column. Few filters fold (their tiles are shallow:
+    6->16 5x5, 8->8 3x3, 32->16 5x5, and a 5x5 first layer), 32 or more do not."""
+    fold = slivers(C * FH, MR) * (K * FW + TILE_COST) * FOLD_COST
+    scatter = slivers(C * FH * FW, MR) * (K + TILE_COST)
+    return FW > 1 and fold < scatter
+
+
+@njit(inline="always", cache=True)
+def input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps_scratch, dxpads, dyqs, fold):
     """dx (N, C, H, W) = the input gradient of the stride-1 convolution as the forward's gather run
     backwards: per sample, G (C*FH*FW, OH*WP) = w^T @ dy[n], each tile of G added straight into
-    the padded input gradient along its rows' taps (``microkernel_scatter``), no G stored. B is
-    dy[n] laid out as the forward's plane (``gradient_plane``), read in place. Where the filters
-    are large against the image (no padding), this multiplies fewer zeros than the full
-    convolution of dy. Times x > 0 with ``masked``."""
+    the padded input gradient along its rows' taps (``microkernel_scatter``), no G stored; or with
+    ``fold``, the filter's columns in the depth (``fold_product``): FW times fewer tiles added,
+    each FW times deeper. B is dy[n] laid out as the forward's plane (``gradient_plane``), read in
+    place. Where the filters are large against the image (no padding), this multiplies fewer
+    zeros than the full convolution of dy. Times x > 0 with ``masked``."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
     OH = dy.shape[2]
     HP, WP = H + 2 * ph, W + 2 * pw
-    R = C * FH * FW
     Q = OH * WP
-    Qpad = slivers(Q, NR) * NR
-    Rpad = slivers(R, MR) * MR
-    pack_scatter_filters(a_pack, w, MR)
-    taps = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
+    if fold:  # FW zeros before the first plane, each plane stride apart: B's rows start at -fw
+        stride = plane_stride(Q, FW)
+        Rpad = slivers(C * FH, MR) * MR
+        pack_fold_filters(a_pack, w, MR)
+        starts, offsets = fold_taps(taps_scratch, C, K, FH, FW, HP, WP, stride)
+        first = FW
+    else:
+        stride = slivers(Q, NR) * NR
+        Rpad = slivers(C * FH * FW, MR) * MR
+        pack_scatter_filters(a_pack, w, MR)
+        starts = offsets = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
+        first = 0
     for n in prange(N):
         t = numba.get_thread_id()
-        dxp, dyq = dxpads[t], dyqs[t, :K * Qpad].reshape(K, Qpad)
+        g, dxp = dyqs[t], dxpads[t]
         dxp[:] = 0
-        gradient_plane(tile, dyq, dy, n, WP)
-        scatter_product(tile, dxp, dyqs[t], Qpad, a_pack, taps, Q, K, Rpad)
+        g[:first] = 0
+        gradient_plane(tile, g[first:first + K * stride].reshape(K, stride), dy, n, WP)
+        if fold:
+            fold_product(tile, dxp, g, first, a_pack, starts, offsets, Q + FW - 1, K * FW, Rpad)
+        else:
+            scatter_product(tile, dxp, g, stride, a_pack, starts, Q, K, Rpad)
         unpad_sample(tile, dx, n, dxp, ph, pw, x, masked)
 
 
@@ -602,8 +643,8 @@ def _compiled_for(tile):
                       planes, by_pixels)
 
     @njit(parallel=True, cache=True)
-    def backward_input_scatter(dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs):
-        input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs)
+    def backward_input_scatter(dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs, fold):
+        input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs, fold)
 
     @njit(parallel=True, cache=True)
     def backward_weight(dw, dy, x, ph, pw, taps, pix, xpads, b_slivers, parts):
@@ -648,7 +689,7 @@ def gather_workspace(x_shape, w_shape, y_shape, padding, extra=0):
     HP, WP = H + 2 * padding[0], W + 2 * padding[1]
     return {
         "im_a_pack": ((K + MAX_NR) * C * FH * FW,),
-        "im_taps": (2 * (max(C, K) * FH * FW + MAX_MR),),  # int64s (two float32s each)
+        "im_taps": (2 * (max(max(C, K) * FH * FW, C * FH + K * FW) + MAX_MR),),  # int64s (two float32s each)
         "im_pixels": (2 * (max(OH * OW, H * W) + MAX_MR),),
         "im_xpads": (threads, C * HP * WP + MAX_NR + FW + extra),  # the last sliver reads past the planes
         "im_planes": (threads, max(tiles_size(K, OH * WP), tiles_size(OH * OW, K))),
@@ -673,16 +714,16 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
     if scatter is None:
         scatter = scatter_input_gradient(x_shape, w_shape, padding)
     HP = H + 2 * ph
-    extra = scatter_room(C, HP, WP, FH, FW) - (C * HP * WP + tail) if need_dx and scatter else 0
+    extra = fold_room(C, HP, WP, FH, FW) - (C * HP * WP + tail) if need_dx and scatter else 0
     shapes = {
         **gather_workspace(x_shape, w_shape, y_shape, padding, extra),
         "im_b_slivers": (threads, KC * MAX_NR),
         "im_parts": (threads, tiles_size(R, K)),
     }
-    if need_dx and scatter:
+    if need_dx and scatter:  # room for the scatter's product and the fold's (``input_gradient_scatter_body``)
         shapes.update({
-            "im_dx_pack": ((R + MAX_MR) * K,),
-            "im_dyq": (threads, K * (OH * WP + MAX_NR)),
+            "im_dx_pack": (max(R + MAX_MR, (C * FH + MAX_MR) * FW) * K,),
+            "im_dyq": (threads, FW + K * (OH * WP + MAX_NR + FW)),
         })
     elif need_dx:  # the full convolution of dy: padding F - 1 - P, planes of row length OW + 2*(FW - 1 - pw)
         dHP, dWP = OH + 2 * (FH - 1 - ph), OW + 2 * (FW - 1 - pw)
@@ -708,11 +749,11 @@ def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None, by_pix
                    bool(by_pixels))
 
 
-def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None, by_pixels=None):
+def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None, by_pixels=None, fold=None):
     """dw, and dx when it is not None (times x > 0 with ``mask``); the bias gradient is the caller's."""
     implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile)
     if dx is not None:
-        implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile, by_pixels)
+        implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile, by_pixels, fold)
 
 
 def implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile=None):
@@ -721,13 +762,17 @@ def implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile=None):
     backward_weight(dw, dy, x, ph, pw, ws.im_taps, ws.im_pixels, ws.im_xpads, ws.im_b_slivers, ws.im_parts)
 
 
-def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None, by_pixels=None):
+def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None, by_pixels=None, fold=None):
     """dx alone, times x > 0 with ``mask`` (``x`` is read only then): the scatter or the full
-    convolution of dy, whichever ``ws`` was made for; ``by_pixels`` as for the forward."""
+    convolution of dy, whichever ``ws`` was made for; ``by_pixels`` as for the forward, ``fold``
+    the scatter's form (None: as ``folds`` says)."""
     t = TILE if tile is None else tile
     _, full, scatter, _ = _KERNELS[t]
     if hasattr(ws, "im_dyq"):
-        scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_dyq)
+        if fold is None:
+            K, C, FH, FW = w.shape
+            fold = folds(C, K, FH, FW, _MR[t])
+        scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_dyq, bool(fold))
     else:
         C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
         if by_pixels is None:

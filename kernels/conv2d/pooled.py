@@ -31,8 +31,9 @@ from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
 from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
                    conv2d_workspace_cpu, few_channels, filter_block)
-from .implicit import (fold_product, fold_room, fold_taps, gather_product, pack_fold_filters, pack_scatter_filters,
-                       pack_weights, pad_sample, scatter_product, scatter_taps, tap_offsets, unpad_sample, whole_tiles)
+from .implicit import (fold_product, fold_room, fold_taps, folds, gather_product, pack_fold_filters,
+                       pack_scatter_filters, pack_weights, pad_sample, plane_stride, scatter_product, scatter_taps,
+                       tap_offsets, unpad_sample, whole_tiles)
 
 POOL = (2, 2, 2, 2, 0, 0)  # the pooling this op fuses: window, stride, padding
 
@@ -176,21 +177,6 @@ _POOL_BACKWARD_WEIGHT = tuple(_pool_backward_weight_for(tile) for tile in range(
 
 
 @njit(inline="always", cache=True)
-def plane_stride(Q, FW):
-    """Values from one gradient plane of Q to the next in the backward's scratch: room for the
-    last sliver of a row shifted by up to FW - 1 to read zeros past the plane's end."""
-    return Q + MAX_NR + FW
-
-
-@njit(inline="always", cache=True)
-def folds(C, FH, FW, MR):
-    """Whether the fused op's input gradient folds the filter's columns into the depth: where its
-    tile rows (C*FH, rounded up to MR) times FW are no more than the scatter's (C*FH*FW, rounded
-    up); a 5x5 first layer folds, a 3x3 one (3 rows of 6 or 8) does not."""
-    return slivers(C * FH, MR) * FW <= slivers(C * FH * FW, MR)
-
-
-@njit(inline="always", cache=True)
 def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs,
                          dxpads, partials):
     """The fused op's whole backward when its input gradient is asked for: dx (N, C, H, W), dw and
@@ -211,7 +197,7 @@ def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw,
     Q = OH * WP  # columns of a gradient plane
     stride = plane_stride(Q, FW)
     span = Q - (FW - 1)
-    fold = folds(C, FH, FW, MR)
+    fold = folds(C, K, FH, FW, MR)
     if fold:
         Rpad = slivers(C * FH, MR) * MR
         pack_fold_filters(a_pack, w, MR)

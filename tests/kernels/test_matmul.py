@@ -136,10 +136,11 @@ def test_host_tile_follows_the_cpu_and_the_environment(monkeypatch):
 
 # (N, C, H, W, K, FH, FW, ph, pw): tails of MR in K and C, rows shorter and longer than NR,
 # several depth blocks (C*FH*FW > KC), padding on one axis, a 1x1 filter, one value, more
-# output pixels than a depth block (the weight gradient's depth)
+# output pixels than a depth block (the weight gradient's depth), the folded input gradient's depth
+# (K*FW) past a depth block
 CONVS = [(2, 4, 7, 9, 5, 3, 3, 1, 1), (3, 6, 12, 12, 16, 5, 5, 0, 0), (2, 17, 13, 13, 33, 3, 3, 1, 0),
          (1, 1, 1, 1, 1, 1, 1, 0, 0), (2, 70, 8, 8, 9, 3, 3, 2, 2), (2, 5, 6, 40, 3, 1, 1, 0, 0),
-         (1, 2, 19, 21, 3, 3, 3, 1, 1)]
+         (1, 2, 19, 21, 3, 3, 3, 1, 1), (2, 3, 9, 11, 7, 3, 5, 0, 1), (1, 2, 8, 9, 60, 3, 5, 0, 0)]
 
 
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
@@ -164,9 +165,10 @@ def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
             np.testing.assert_allclose(y, np.maximum(want, 0) if relu else want, **tol)
         dy = rng.standard_normal(want.shape).astype(dtype)
         want_dx, want_dw, want_db = ref.conv2d_grads(dy, x, w, pad=(ph, pw))
-        for mask, scratch, by_pixels in itertools.product((False, True), (ws, other), (False, True)):
+        # the full convolution's product by pixels or not; the scatter with the filter's columns folded or not
+        for mask, scratch, other_way in itertools.product((False, True), (ws, other), (False, True)):
             dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
-            implicit.conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, scratch, index, by_pixels)
+            implicit.conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, scratch, index, other_way, other_way)
             np.testing.assert_allclose(dx, want_dx * (x > 0) if mask else want_dx, **tol)
             np.testing.assert_allclose(dw, want_dw, **tol)
         db = np.full(K, np.nan, dtype)
@@ -236,7 +238,7 @@ def test_winograd_gives_the_same_bits_on_any_thread_count(rng):
 # pooling: tails of MR in C*FH*FW and of NR in the planes, odd outputs (a row and a column the
 # pooling drops), more filters than a depth block (K > KC)
 POOLED = [(2, 1, 12, 12, 16, 5, 5, 2, 2), (3, 3, 9, 11, 5, 3, 3, 1, 0), (2, 2, 7, 6, 33, 3, 2, 0, 1),
-          (1, 1, 6, 6, KC + 4, 3, 3, 1, 1), (3, 1, 8, 7, KC // 4 + 3, 5, 5, 2, 2)]  # the last: K * FW past KC
+          (1, 1, 6, 6, KC + 4, 3, 3, 1, 1), (3, 1, 8, 7, KC // 4 + 3, 5, 5, 2, 2)]
 
 
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
@@ -283,7 +285,7 @@ def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
 
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
     if tile == "avx2":  # the shapes take both ways to the input gradient (fold_product and scatter_product)
-        assert {pooled.folds(C, FH, FW, mm.TILES[tile][0]) for _, C, _, _, _, FH, FW, _, _ in POOLED} == {True, False}
+        assert {pooled.folds(C, K, FH, FW, mm.TILES[tile][0]) for _, C, _, _, K, FH, FW, _, _ in POOLED} == {True, False}
     for N, C, H, W, K, FH, FW, ph, pw in POOLED:
         x = rng.standard_normal((N, C, H, W)).astype(dtype)
         w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
