@@ -25,7 +25,7 @@ import numba
 from numba import njit, prange
 
 from .._index import out_size
-from ..matmul import MAX_MR, MAX_NR, TILE, TILE_NAMES, _MR, _NR, lanes, pool_rows, slivers, unpool_rows
+from ..matmul import MAX_MR, TILE, TILE_NAMES, _MR, _NR, lanes, pool_rows, slivers, unpool_rows
 from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
