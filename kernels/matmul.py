@@ -233,6 +233,10 @@ def _tile_codegen(MR, NR, V32, a_type, a_pointer, b_pointer, c_pointer):
         NJ = NR // V
         fma = _fma(builder, vec)
         zero = ir.Constant(vec, [0.0] * V)
+        # C's rows asked for now, so that storing the tile at the end finds them in L1 rather
+        # than holding up the next tile's steps while they come from memory
+        c_rows = [c_pointer(builder, i) for i in range(MR)]
+        _prefetch_rows(builder, c_rows, NR)
         entry = builder.block
         loop = builder.append_basic_block("tile.k")
         done = builder.append_basic_block("tile.store")
@@ -263,15 +267,29 @@ def _tile_codegen(MR, NR, V32, a_type, a_pointer, b_pointer, c_pointer):
         for total, n in zip(totals, new):
             total.add_incoming(zero, entry)
             total.add_incoming(n, loop)
-        for i in range(MR):
-            c_row = c_pointer(builder, i)
-            for j in range(NJ):
-                total = totals[i * NJ + j]
-                where = builder.bitcast(builder.gep(c_row, [const(j * V)]), vptr)
-                old = builder.load(where, align=4)
-                builder.store(builder.select(accumulate_, builder.fadd(old, total), total), where, align=4)
+        where = [builder.bitcast(builder.gep(c_rows[i], [const(j * V)]), vptr) for i in range(MR) for j in range(NJ)]
+        with builder.if_else(accumulate_) as (add, overwrite):  # C read only when added to
+            with add:
+                for to, total in zip(where, totals):
+                    builder.store(builder.fadd(builder.load(to, align=4), total), to, align=4)
+            with overwrite:
+                for to, total in zip(where, totals):
+                    builder.store(total, to, align=4)
 
     return emit
+
+
+def _prefetch_rows(builder, rows, NR):
+    """``llvm.prefetch`` (for writing, into L1) of the NR values from each pointer in ``rows``: the
+    first value's cache line and the last's."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    name = "llvm.prefetch.p0" if _OPAQUE else "llvm.prefetch.p0i8"
+    prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                              name)
+    for row in rows:
+        for at in (0, NR - 1):
+            where = builder.bitcast(builder.gep(row, [ir.Constant(ir.IntType(64), at)]), i8p)
+            builder.call(prefetch, [where, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
 
 def _packed_a(context, builder, a_type, a_, ai_, MR):
