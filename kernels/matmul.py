@@ -236,7 +236,7 @@ def _tile_codegen(MR, NR, V32, a_type, a_pointer, b_pointer, c_pointer):
         # C's rows asked for now, so that storing the tile at the end finds them in L1 rather
         # than holding up the next tile's steps while they come from memory
         c_rows = [c_pointer(builder, i) for i in range(MR)]
-        _prefetch_rows(builder, c_rows, NR)
+        _prefetch_rows(builder, c_rows, NR, 4 if isinstance(scalar, ir.FloatType) else 8)
         entry = builder.block
         loop = builder.append_basic_block("tile.k")
         done = builder.append_basic_block("tile.store")
@@ -279,15 +279,15 @@ def _tile_codegen(MR, NR, V32, a_type, a_pointer, b_pointer, c_pointer):
     return emit
 
 
-def _prefetch_rows(builder, rows, NR):
-    """``llvm.prefetch`` (for writing, into L1) of the NR values from each pointer in ``rows``: the
-    first value's cache line and the last's."""
+def _prefetch_rows(builder, rows, NR, itemsize):
+    """``llvm.prefetch`` (for writing, into L1) of the NR values from each pointer in ``rows``: a
+    value every 64 bytes and the last, so every cache line the row touches, however it lies."""
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
     name = "llvm.prefetch.p0" if _OPAQUE else "llvm.prefetch.p0i8"
     prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                               name)
     for row in rows:
-        for at in (0, NR - 1):
+        for at in sorted(set(range(0, NR, 64 // itemsize)) | {NR - 1}):
             where = builder.bitcast(builder.gep(row, [ir.Constant(ir.IntType(64), at)]), i8p)
             builder.call(prefetch, [where, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 

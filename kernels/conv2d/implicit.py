@@ -480,7 +480,6 @@ def scatter_product(tile, dxp, g, ldg, a_pack, taps, Q, K, Rpad):
 # the tile's rows are the C*FH filter rows (each added a padded row further down, no two
 # overlapping), the depth is K*FW (the gradient planes read in place at -fw), and each row of
 # the padded gradient gets Q + FW - 1 columns: the same multiply-adds, FW times fewer tiles added.
-
 #
 # What each way costs, measured on an AVX2 machine (the input gradient alone, one process, both
 # ways alternating): a tile added back costs about as much as 2.5 steps of its depth, and the
