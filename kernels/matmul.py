@@ -571,7 +571,7 @@ def pool_rows(typingctx, tile, y, yi, argmax, x, xi, W, first, OW, count):
     """A 2x2, stride-2 max pooling of two rows at once: for the ``count`` (at most V/2) adjacent
     windows whose top-left values are x[xi + 2l] (row below: W values on), y[yi + l] = the window's
     maximum and argmax[yi + l] = where it is, flat in rows of OW from ``first`` (the top-left of
-    window 0). The rule of ``pool2d.max_of_four`` lane by lane: the first of equal values wins,
+    window 0). The rule of ``pool2d._maxpool2d_forward_cpu`` lane by lane: the first of equal values wins,
     and a NaN wins, the first NaN. The even and odd columns are taken apart by shuffles."""
     V32 = _literal_tile(tile)[2]
     sig = types.void(tile, y, yi, argmax, x, xi, W, first, OW, count)

@@ -157,7 +157,9 @@ def test_fast_paths_equal_the_general_kernels(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("W", [9, 40])  # a row shorter than a vector, and one of several vectors and a tail
+# rows of fewer windows than a vector's half (one at a time), of one vector's, of one and an
+# overlapping call for the last windows, and of several
+@pytest.mark.parametrize("W", [7, 9, 14, 40])
 def test_fast_backward_equals_the_general_kernel(rng, dtype, W):
     """The 2x2 backward (vector compares of the positions) gives exactly what the general loops give:
     every window position the maximum, ties (zeros), NaN and infinite gradients, masked by the
