@@ -34,7 +34,10 @@ three products, per sample n:
 Threads take whole samples: each pads its sample into its own buffer, multiplies, and stores
 its sample's output (forward, input gradient) or adds into its own copy of dw, summed in a
 fixed order at the end (weight gradient): no two threads write one element, and the same thread
-count gives the same bits. Every buffer comes from the caller (``implicit_workspace``).
+count gives the same bits. The products by pixels take small samples a group at a time
+(``sample_group``): the group's pixels are one product's rows (or depth), so the filters are
+read once for the group, not once for each few pixels. Every buffer comes from the caller
+(``implicit_workspace``).
 """
 
 import numba
@@ -79,14 +82,18 @@ def pad_sample(xp, x, n, ph, pw):
 
 
 @njit(inline="always", cache=True)
-def sample_for_pixels(xpads, t, x, n, ph, pw):
-    """Sample n of x as the products by pixels read it (``microkernel_indirect``: every window
-    inside the padded sample, nothing read past it): x[n] itself, flat, where there is no
-    padding, with no copy; else padded into the thread's xpads[t] (``pad_sample``)."""
+def samples_for_pixels(xpads, t, x, n0, count, ph, pw):
+    """Samples n0 .. n0 + count - 1 of x as the products by pixels read them
+    (``microkernel_indirect``: every window inside its padded sample, nothing read past the
+    last): x's own values, flat, where there is no padding, with no copy; else padded one after
+    the other into the thread's xpads[t] (``pad_sample``), a padded sample's values apart."""
+    N, C, H, W = x.shape
     if ph == 0 and pw == 0:
-        return x[n].reshape(x.shape[1] * x.shape[2] * x.shape[3])
+        return x.reshape(N * C * H * W)[n0 * C * H * W:(n0 + count) * C * H * W]
     xp = xpads[t]
-    pad_sample(xp, x, n, ph, pw)
+    S = C * (H + 2 * ph) * (W + 2 * pw)
+    for g in range(count):
+        pad_sample(xp[g * S:(g + 1) * S], x, n0 + g, ph, pw)
     return xp
 
 
@@ -198,19 +205,26 @@ def gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad):
 
 
 @njit(inline="always", cache=True)
-def pixel_offsets(scratch, OH, OW, WP):
-    """pix[q] = oh*WP + ow, where output pixel q = oh*OW + ow's window starts in the padded sample,
-    then MAX_MR zeros (a last tile's rows past the last pixel read the sample's first window;
-    their results are dropped): int64s in a scratch array of the layer's dtype, viewed as int64."""
+def pixel_offsets(scratch, OH, OW, WP, group, S):
+    """pix[g*OH*OW + q] = g*S + oh*WP + ow, where output pixel q = oh*OW + ow of the g-th of
+    ``group`` samples has its window in the padded samples laid S values apart
+    (``samples_for_pixels``): int64s in a scratch array of the layer's dtype, viewed as int64."""
     pix = scratch.view(np.int64)
     q = 0
-    for oh in range(OH):
-        for ow in range(OW):
-            pix[q] = oh * WP + ow
-            q += 1
-    for i in range(MAX_MR):
-        pix[q + i] = 0
+    for g in range(group):
+        for oh in range(OH):
+            for ow in range(OW):
+                pix[q] = g * S + oh * WP + ow
+                q += 1
     return pix
+
+
+@njit(inline="always", cache=True)
+def window_starts(pix, q0, last):
+    """The tile rows' windows for pixels q0 .. q0 + MAX_MR - 1: pix's entries, those past ``last``
+    (a last tile's spare rows, whose results are dropped) reading the last pixel's window."""
+    return (pix[min(q0, last)], pix[min(q0 + 1, last)], pix[min(q0 + 2, last)], pix[min(q0 + 3, last)],
+            pix[min(q0 + 4, last)], pix[min(q0 + 5, last)], pix[min(q0 + 6, last)], pix[min(q0 + 7, last)])
 
 
 @njit(inline="always", cache=True)
@@ -239,8 +253,8 @@ def last_half(tile, n):
 
 @njit(inline="always", cache=True)
 def pixel_product(tile, plane, ldc, xp, b_pack, pix, taps, R, P, K):
-    """plane (P pixels in whole tiles, rows ``ldc`` apart) = the patches of the padded sample xp,
-    pixel by pixel, @ the filters packed by ``pack_filter_columns``: MR pixels x NR filters a tile
+    """plane (P pixels in whole tiles, rows ``ldc`` apart) = the patches of the padded samples xp
+    (``pix``: where each pixel's window starts), pixel by pixel, @ the filters packed by ``pack_filter_columns``: MR pixels x NR filters a tile
     (``microkernel_indirect``), the last sliver of filters as a half tile where it fits one."""
     MR, NR = _MR[tile], _NR[tile]
     columns = slivers(K, NR)
@@ -251,8 +265,7 @@ def pixel_product(tile, plane, ldc, xp, b_pack, pix, taps, R, P, K):
         for s in range(columns):
             bi = (s * R + pc) * NR
             for q0 in range(0, P, MR):
-                rows = (pix[q0], pix[q0 + 1], pix[q0 + 2], pix[q0 + 3],
-                        pix[q0 + 4], pix[q0 + 5], pix[q0 + 6], pix[q0 + 7])  # MAX_MR of them
+                rows = window_starts(pix, q0, P - 1)
                 if half and s == columns - 1:
                     microkernel_indirect(tile, True, kc, xp, rows, taps, pc, b_pack, bi, plane, q0 * ldc + s * NR, ldc,
                                          pc > 0)
@@ -281,12 +294,35 @@ def store_pixels(y, n, plane, ldc, b, relu, mask, masked):
             out[n, k, q] = v
 
 
-def pixel_rows(K, OH, OW, WP, tile=None):
+# A sample's pixels are few in the last layers of a network (a 3x3 output: 9 pixels, two tiles of
+# six rows), and a task of one sample then reads all the filters (128 x 128 x 9 values: 590 KB,
+# more than L2) for those two tiles, and the weight gradient adds a depth of 9 pixels into the
+# whole of its copy of dw. A task takes ``sample_group`` samples instead: their pixels, in one
+# table, are the rows of one product (the forward) or its depth (the weight gradient), and the
+# filters and dw are read once for the group.
+GROUP_PIXELS = 192  # a task's pixels at least, where its samples have fewer
+GROUP_VALUES = 1 << 16  # and at most this many values of padded samples (256 KB of float32)
+
+
+def sample_group(N, pixels, sample, threads=None):
+    """Samples a task of the products by pixels takes: enough for GROUP_PIXELS output pixels
+    (``pixels`` a sample) within GROUP_VALUES values of padded samples (``sample`` a sample), as
+    many tasks on each of Numba's threads, and the samples spread evenly over them (64 samples of
+    9 pixels on 2 threads: 6 tasks of 11, the last of 9)."""
+    threads = numba.config.NUMBA_NUM_THREADS if threads is None else threads
+    if pixels >= GROUP_PIXELS or N <= threads:
+        return 1
+    group = min(-(-GROUP_PIXELS // pixels), max(1, GROUP_VALUES // sample), -(-N // threads))
+    tasks = threads * -(-N // (threads * group))
+    return -(-N // tasks)
+
+
+def pixel_rows(K, OH, OW, WP, tile=None, group=1):
     """Whether the forward's product takes the output pixels as its tile's rows
     (``pixel_product``) rather than the filters (``gather_product``): where more of the work its
-    tiles do is kept. The gather computes K rows rounded up to MR by OH*WP columns rounded up
-    to NR (or half of one); the pixels, OH*OW rows rounded up to MR by K columns rounded up
-    likewise."""
+    tiles do is kept. The gather computes, a sample, K rows rounded up to MR by OH*WP columns
+    rounded up to NR (or half of one); the pixels, the OH*OW rows of ``group`` samples rounded
+    up to MR, by K columns rounded up likewise, over the group."""
     t = TILE if tile is None else tile
     MR, NR, HALF = int(_MR[t]), int(_NR[t]), int(HALF_NR[t])
 
@@ -297,19 +333,20 @@ def pixel_rows(K, OH, OW, WP, tile=None):
         whole = -(-n // NR) * NR
         return whole - (NR - HALF) if HALF < NR and whole - n >= NR - HALF else whole
 
-    gather = rows(K) * columns(OH * WP)
-    pixels = rows(OH * OW) * columns(K)
+    gather = rows(K) * columns(OH * WP) * group
+    pixels = rows(OH * OW * group) * columns(K)
     return pixels < gather
 
 
 @njit(inline="always", cache=True)
 def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scratch, pix_scratch, xpads, planes,
-                  by_pixels):
+                  by_pixels, group):
     """y (N, K, OH, OW) = the stride-1 convolution of x (N, C, H, W) with w (K, C, FH, FW), padding
     (ph, pw), plus b, then ReLU / mask as ``store_sample`` says: a sample a task, its product by
-    ``gather_product``, or with ``by_pixels`` by ``pixel_product`` (``pixel_rows`` says which
-    keeps more of its work). Scratch: ``a_pack`` (the packed filters), ``taps_scratch`` and
-    ``pix_scratch`` (the taps' and pixels' offsets), per thread ``xpads`` (a padded sample) and
+    ``gather_product``, or with ``by_pixels`` ``group`` samples a task (``sample_group``), their
+    pixels the rows of one ``pixel_product`` (``pixel_rows`` says which way keeps more of the
+    work). Scratch: ``a_pack`` (the packed filters), ``taps_scratch`` and ``pix_scratch`` (the
+    taps' and pixels' offsets), per thread ``xpads`` (a padded sample, or a group's) and
     ``planes`` (the product's output in whole tiles, flat: ``whole_tiles``)."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
@@ -320,20 +357,24 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scr
     Q = OH * WP
     Kpad = slivers(K, MR) * MR
     ldc = slivers(K, NR) * NR  # the pixel-major plane's row
+    P = OH * OW
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
-    pix = pixel_offsets(pix_scratch, OH, OW, WP)
     if by_pixels:
+        pix = pixel_offsets(pix_scratch, OH, OW, WP, group, C * HP * WP)
         pack_filter_columns(tile, a_pack, w.reshape(K, R))
+        for task in prange(slivers(N, group)):
+            t = numba.get_thread_id()
+            n0 = task * group
+            count = min(group, N - n0)
+            xp = samples_for_pixels(xpads, t, x, n0, count, ph, pw)
+            pixel_product(tile, planes[t], ldc, xp, a_pack, pix, taps, R, count * P, K)
+            for g in range(count):
+                store_pixels(y, n0 + g, planes[t][g * P * ldc:], ldc, b, relu, mask, masked)
     else:
         pack_weights(tile, a_pack, w.reshape(K, R))
-    for n in prange(N):
-        t = numba.get_thread_id()
-        if by_pixels:
-            xp = sample_for_pixels(xpads, t, x, n, ph, pw)
-            pixel_product(tile, planes[t], ldc, xp, a_pack, pix, taps, R, OH * OW, K)
-            store_pixels(y, n, planes[t], ldc, b, relu, mask, masked)
-        else:
-            xp = xpads[t]
+        for n in prange(N):
+            t = numba.get_thread_id()
+            xp = xpads[t][:C * HP * WP + MAX_NR + FW]  # a sample (the buffer may hold a group's)
             pad_sample(xp, x, n, ph, pw)
             plane = whole_tiles(planes[t], K, Q, MR, NR)
             gather_product(tile, plane, xp, a_pack, taps, R, Q, Kpad)
@@ -341,13 +382,14 @@ def convolve_body(tile, y, x, w, b, ph, pw, relu, mask, masked, a_pack, taps_scr
 
 
 @njit(inline="always", cache=True)
-def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpads, b_slivers, parts):
+def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpads, b_slivers, parts, group):
     """dw (K, C, FH, FW) = the weight gradient of the stride-1 convolution, computed transposed:
     dw^T (C*FH*FW, K) += patches (C*FH*FW, OH*OW) @ dy[n]^T, the depth running over the output
-    pixels, only those that exist: A[r, p] = xp[taps[r] + pix[p]], the padded sample read in place
-    through the taps' and the pixels' offsets (``microkernel_indirect``), and B's slivers dy's
-    values for NR filters (``pack_b``). Each thread adds its samples into its ``parts[t]``
-    (C*FH*FW in whole tiles, rows of K in whole slivers); the parts are summed in thread order."""
+    pixels, only those that exist, of ``group`` samples a task (``sample_group``): A[r, p] =
+    xp[taps[r] + pix[p]], the padded samples read in place through the taps' and the pixels'
+    offsets (``microkernel_indirect``), and B's slivers dy's values for NR filters (``pack_b``,
+    sample by sample). Each thread adds its samples into its ``parts[t]`` (C*FH*FW in whole
+    tiles, rows of K in whole slivers); the parts are summed in thread order."""
     MR, NR = _MR[tile], _NR[tile]
     N, C, H, W = x.shape
     K, _, FH, FW = dw.shape
@@ -360,19 +402,24 @@ def weight_gradient_body(tile, dw, dy, x, ph, pw, taps_scratch, pix_scratch, xpa
     half = last_half(tile, K)
     threads = parts.shape[0]
     taps = tap_offsets(taps_scratch, C, FH, FW, HP, WP)
-    pix = pixel_offsets(pix_scratch, OH, OW, WP)
+    pix = pixel_offsets(pix_scratch, OH, OW, WP, group, C * HP * WP)
     dyf = dy.reshape(N, K, P)
     for t in prange(threads):
         parts[t] = 0
-    for n in prange(N):
+    for task in prange(slivers(N, group)):
         t = numba.get_thread_id()
         sliver, part = b_slivers[t], parts[t]
-        xp = sample_for_pixels(xpads, t, x, n, ph, pw)
-        block = even_blocks(P)
-        for pc in range(0, P, block):
-            kc = min(block, P - pc)
+        n0 = task * group
+        count = min(group, N - n0)
+        xp = samples_for_pixels(xpads, t, x, n0, count, ph, pw)
+        depth = count * P
+        block = even_blocks(depth)
+        for pc in range(0, depth, block):
+            kc = min(block, depth - pc)
             for s in range(columns):
-                pack_b(tile, sliver, 0, dyf[n], s * NR, K, pc, kc, False)  # dy's values for NR filters
+                for g in range(pc // P, (pc + kc - 1) // P + 1):  # dy's values for NR filters, sample by sample
+                    lo, hi = max(pc, g * P), min(pc + kc, (g + 1) * P)
+                    pack_b(tile, sliver, (lo - pc) * NR, dyf[n0 + g], s * NR, K, lo - g * P, hi - lo, False)
                 for r0 in range(0, R, MR):
                     rows = (taps[r0], taps[r0 + 1], taps[r0 + 2], taps[r0 + 3],
                             taps[r0 + 4], taps[r0 + 5], taps[r0 + 6], taps[r0 + 7])  # MAX_MR of them
@@ -631,23 +678,23 @@ def flip_filters(wt, w):
 
 def _compiled_for(tile):
     @njit(parallel=True, cache=True)
-    def forward(y, x, w, b, ph, pw, relu, a_pack, taps, pix, xpads, planes, by_pixels):
-        convolve_body(tile, y, x, w, b, ph, pw, relu, y, False, a_pack, taps, pix, xpads, planes, by_pixels)
+    def forward(y, x, w, b, ph, pw, relu, a_pack, taps, pix, xpads, planes, by_pixels, group):
+        convolve_body(tile, y, x, w, b, ph, pw, relu, y, False, a_pack, taps, pix, xpads, planes, by_pixels, group)
 
     @njit(parallel=True, cache=True)
-    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, a_pack, taps, pix, xpads, planes, by_pixels):
+    def backward_input(dx, dy, w, wt, zeros, ph, pw, x, masked, a_pack, taps, pix, xpads, planes, by_pixels, group):
         flip_filters(wt, w)
         FH, FW = w.shape[2], w.shape[3]
         convolve_body(tile, dx, dy, wt, zeros, FH - 1 - ph, FW - 1 - pw, False, x, masked, a_pack, taps, pix, xpads,
-                      planes, by_pixels)
+                      planes, by_pixels, group)
 
     @njit(parallel=True, cache=True)
     def backward_input_scatter(dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs, fold):
         input_gradient_scatter_body(tile, dx, dy, w, ph, pw, x, masked, a_pack, taps, dxpads, dyqs, fold)
 
     @njit(parallel=True, cache=True)
-    def backward_weight(dw, dy, x, ph, pw, taps, pix, xpads, b_slivers, parts):
-        weight_gradient_body(tile, dw, dy, x, ph, pw, taps, pix, xpads, b_slivers, parts)
+    def backward_weight(dw, dy, x, ph, pw, taps, pix, xpads, b_slivers, parts, group):
+        weight_gradient_body(tile, dw, dy, x, ph, pw, taps, pix, xpads, b_slivers, parts, group)
 
     return forward, backward_input, backward_input_scatter, backward_weight
 
@@ -676,22 +723,38 @@ def scatter_room(C, HP, WP, FH, FW):
     return C * HP * WP + MAX_NR + FW + (HP - FH + 1) * WP + MAX_NR
 
 
+def forward_group(x_shape, y_shape, padding):
+    """``sample_group`` of the forward and the weight gradient."""
+    N, C, H, W = x_shape
+    return sample_group(N, y_shape[2] * y_shape[3], C * (H + 2 * padding[0]) * (W + 2 * padding[1]))
+
+
+def full_group(x_shape, w_shape, y_shape, padding):
+    """``sample_group`` of the input gradient's full convolution (dy padded by F - 1 - P)."""
+    N, _, H, W = x_shape
+    K, _, FH, FW = w_shape
+    dHP, dWP = y_shape[2] + 2 * (FH - 1 - padding[0]), y_shape[3] + 2 * (FW - 1 - padding[1])
+    return sample_group(N, H * W, K * dHP * dWP)
+
+
 def gather_workspace(x_shape, w_shape, y_shape, padding, extra=0):
     """{name: shape} of the forward's scratch (``convolve_body``, and the fused first layer's):
     the packed filters (either way round), the taps' and the pixels' offsets (for the forward or
-    the full convolution of dy, whichever has more), and for each of Numba's threads a padded
-    sample (``extra`` values more) and an output plane in whole tiles (either way round)."""
+    the full convolution of dy, whichever has more, a group of samples' pixels), and for each of
+    Numba's threads a padded sample or a group of them (``extra`` values more) and an output plane
+    in whole tiles (either way round)."""
     N, C, H, W = x_shape
     K, _, FH, FW = w_shape
     OH, OW = y_shape[2], y_shape[3]
     threads = numba.config.NUMBA_NUM_THREADS
     HP, WP = H + 2 * padding[0], W + 2 * padding[1]
+    group, full = forward_group(x_shape, y_shape, padding), full_group(x_shape, w_shape, y_shape, padding)
     return {
         "im_a_pack": ((K + MAX_NR) * C * FH * FW,),
         "im_taps": (2 * (max(max(C, K) * FH * FW, C * FH + K * FW) + MAX_MR),),  # int64s (two float32s each)
-        "im_pixels": (2 * (max(OH * OW, H * W) + MAX_MR),),
-        "im_xpads": (threads, C * HP * WP + MAX_NR + FW + extra),  # the last sliver reads past the planes
-        "im_planes": (threads, max(tiles_size(K, OH * WP), tiles_size(OH * OW, K))),
+        "im_pixels": (2 * (max(group * OH * OW, full * H * W) + MAX_MR),),
+        "im_xpads": (threads, group * C * HP * WP + MAX_NR + FW + extra),  # the last sliver reads past the planes
+        "im_planes": (threads, max(tiles_size(K, OH * WP), tiles_size(group * OH * OW, K))),
     }
 
 
@@ -730,8 +793,9 @@ def implicit_workspace(x_shape, w_shape, y_shape, padding, need_dx, scatter=None
             "im_flipped": (C, K, FH, FW),
             "im_zeros": (C,),
             "im_dx_pack": ((C + MAX_NR) * K * FH * FW,),
-            "im_dy_pads": (threads, K * dHP * dWP + tail),
-            "im_dx_planes": (threads, max(tiles_size(C, H * dWP), tiles_size(H * W, C))),
+            "im_dy_pads": (threads, full_group(x_shape, w_shape, y_shape, padding) * K * dHP * dWP + tail),
+            "im_dx_planes": (threads, max(tiles_size(C, H * dWP),
+                                          tiles_size(full_group(x_shape, w_shape, y_shape, padding) * H * W, C))),
         })
     return shapes
 
@@ -742,10 +806,11 @@ def conv2d_forward_implicit_core(y, x, w, b, ph, pw, relu, ws, tile=None, by_pix
     of the product (None: as ``pixel_rows`` says)."""
     t = TILE if tile is None else tile
     K, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    group = forward_group(x.shape, y.shape, (ph, pw))
     if by_pixels is None:
-        by_pixels = pixel_rows(K, OH, OW, x.shape[3] + 2 * pw, t)
+        by_pixels = pixel_rows(K, OH, OW, x.shape[3] + 2 * pw, t, group)
     _KERNELS[t][0](y, x, w, b, ph, pw, relu, ws.im_a_pack, ws.im_taps, ws.im_pixels, ws.im_xpads, ws.im_planes,
-                   bool(by_pixels))
+                   bool(by_pixels), group if by_pixels else 1)
 
 
 def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None, by_pixels=None, fold=None):
@@ -758,7 +823,8 @@ def conv2d_backward_implicit_core(dx, dw, dy, x, w, ph, pw, mask, ws, tile=None,
 def implicit_weight_gradient(dw, dy, x, ph, pw, ws, tile=None):
     """dw alone (``weight_gradient_body``)."""
     backward_weight = _KERNELS[TILE if tile is None else tile][3]
-    backward_weight(dw, dy, x, ph, pw, ws.im_taps, ws.im_pixels, ws.im_xpads, ws.im_b_slivers, ws.im_parts)
+    backward_weight(dw, dy, x, ph, pw, ws.im_taps, ws.im_pixels, ws.im_xpads, ws.im_b_slivers, ws.im_parts,
+                    forward_group(x.shape, dy.shape, (ph, pw)))
 
 
 def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None, by_pixels=None, fold=None):
@@ -774,11 +840,12 @@ def implicit_input_gradient(dx, dy, w, x, ph, pw, mask, ws, tile=None, by_pixels
         scatter(dx, dy, w, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_xpads, ws.im_dyq, bool(fold))
     else:
         C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
+        group = full_group(x.shape, w.shape, dy.shape, (ph, pw))
         if by_pixels is None:
-            by_pixels = pixel_rows(C, H, W, dy.shape[3] + 2 * (w.shape[3] - 1 - pw), t)
+            by_pixels = pixel_rows(C, H, W, dy.shape[3] + 2 * (w.shape[3] - 1 - pw), t, group)
         ws.im_zeros[:] = 0
         full(dx, dy, w, ws.im_flipped, ws.im_zeros, ph, pw, x, bool(mask), ws.im_dx_pack, ws.im_taps, ws.im_pixels,
-             ws.im_dy_pads, ws.im_dx_planes, bool(by_pixels))
+             ws.im_dy_pads, ws.im_dx_planes, bool(by_pixels), group if by_pixels else 1)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})

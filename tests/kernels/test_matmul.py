@@ -137,10 +137,12 @@ def test_host_tile_follows_the_cpu_and_the_environment(monkeypatch):
 # (N, C, H, W, K, FH, FW, ph, pw): tails of MR in K and C, rows shorter and longer than NR,
 # several depth blocks (C*FH*FW > KC), padding on one axis, a 1x1 filter, one value, more
 # output pixels than a depth block (the weight gradient's depth), the folded input gradient's depth
-# (K*FW) past a depth block
+# (K*FW) past a depth block, small samples taken a group a task (``sample_group``), padded or read
+# in place, the last group short
 CONVS = [(2, 4, 7, 9, 5, 3, 3, 1, 1), (3, 6, 12, 12, 16, 5, 5, 0, 0), (2, 17, 13, 13, 33, 3, 3, 1, 0),
          (1, 1, 1, 1, 1, 1, 1, 0, 0), (2, 70, 8, 8, 9, 3, 3, 2, 2), (2, 5, 6, 40, 3, 1, 1, 0, 0),
-         (1, 2, 19, 21, 3, 3, 3, 1, 1), (2, 3, 9, 11, 7, 3, 5, 0, 1), (1, 2, 8, 9, 60, 3, 5, 0, 0)]
+         (1, 2, 19, 21, 3, 3, 3, 1, 1), (2, 3, 9, 11, 7, 3, 5, 0, 1), (1, 2, 8, 9, 60, 3, 5, 0, 0),
+         (5, 8, 3, 3, 12, 3, 3, 1, 1), (7, 4, 4, 5, 6, 3, 3, 0, 0)]
 
 
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
@@ -174,6 +176,21 @@ def test_implicit_convolution_against_the_reference(rng, tile, dtype, threads):
         db = np.full(K, np.nan, dtype)
         implicit.bias_gradient_cpu(db, dy)
         np.testing.assert_allclose(db, want_db, **tol)
+
+
+def test_small_samples_are_grouped_evenly():
+    """A task of the products by pixels takes enough small samples for GROUP_PIXELS pixels, as
+    many tasks a thread, the samples spread evenly; large samples, or a batch no larger than the
+    threads, a sample a task; never more padded values than GROUP_VALUES."""
+    group = implicit.sample_group
+    assert group(64, 9, 128 * 25, 2) == 16  # 64 samples of 3x3 on 2 threads: 4 tasks of 16
+    assert group(64, 49, 64 * 81, 2) == 4  # 7x7: 16 tasks of 4
+    assert group(64, implicit.GROUP_PIXELS, 10, 2) == 1 and group(2, 9, 10, 2) == 1
+    assert group(64, 9, implicit.GROUP_VALUES // 3, 2) == 3
+    for N in range(3, 70):
+        g = group(N, 20, 100, 2)
+        tasks = -(-N // g)
+        assert g * 20 <= implicit.GROUP_PIXELS + 20 and (tasks % 2 == 0 or g == 1), (N, g)
 
 
 # (N, C, H, W, K, ph, pw) of 3x3 convolutions by Winograd: odd outputs (a tile's last row and
