@@ -254,8 +254,9 @@ def last_half(tile, n):
 @njit(inline="always", cache=True)
 def pixel_product(tile, plane, ldc, xp, b_pack, pix, taps, R, P, K):
     """plane (P pixels in whole tiles, rows ``ldc`` apart) = the patches of the padded samples xp
-    (``pix``: where each pixel's window starts), pixel by pixel, @ the filters packed by ``pack_filter_columns``: MR pixels x NR filters a tile
-    (``microkernel_indirect``), the last sliver of filters as a half tile where it fits one."""
+    (``pix``: where each pixel's window starts), pixel by pixel, @ the filters packed by
+    ``pack_filter_columns``: MR pixels x NR filters a tile (``microkernel_indirect``), the last
+    sliver of filters as a half tile where it fits one."""
     MR, NR = _MR[tile], _NR[tile]
     columns = slivers(K, NR)
     half = last_half(tile, K)
@@ -308,7 +309,7 @@ def sample_group(N, pixels, sample, threads=None):
     """Samples a task of the products by pixels takes: enough for GROUP_PIXELS output pixels
     (``pixels`` a sample) within GROUP_VALUES values of padded samples (``sample`` a sample), as
     many tasks on each of Numba's threads, and the samples spread evenly over them (64 samples of
-    9 pixels on 2 threads: 6 tasks of 11, the last of 9)."""
+    9 pixels on 2 threads: 4 tasks of 16; 100 samples: 6 tasks of 17, the last of 15)."""
     threads = numba.config.NUMBA_NUM_THREADS if threads is None else threads
     if pixels >= GROUP_PIXELS or N <= threads:
         return 1
