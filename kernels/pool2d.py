@@ -178,6 +178,15 @@ def _maxpool2d_backward_cpu(dx, dy, argmax, x, mask):
 
 
 @njit(inline="always", cache=True)
+def row_chunk(p0, OW, step):
+    """(first window, windows) of the call for windows p0.. of a row of OW: ``step`` of them,
+    the last call moved back to overlap the one before it; a row shorter than a call, whole."""
+    if OW < step:
+        return 0, OW
+    return min(p0, OW - step), step
+
+
+@njit(inline="always", cache=True)
 def pool_2x2_body(tile, y, argmax, x):
     """Max pooling with a 2x2 window, stride 2, no padding: same results as ``_maxpool2d_forward_cpu``
     (the first of equal values wins; a NaN wins, the first NaN), V/2 windows a call of ``pool_rows``,
@@ -189,13 +198,9 @@ def pool_2x2_body(tile, y, argmax, x):
         for oh in range(OH):
             ih = 2 * oh
             at = task * OH * OW + oh * OW  # y's and argmax's flat index of (n, c, oh, 0)
-            if OW < V // 2:
-                pool_rows(tile, y, at, argmax, x, (task * H + ih) * W, W, ih * W, W, OW)
-            for p0 in range(0, OW - V // 2 + 1, V // 2):
-                pool_rows(tile, y, at + p0, argmax, x, (task * H + ih) * W + 2 * p0, W, ih * W + 2 * p0, W, V // 2)
-            if OW >= V // 2 and OW % (V // 2):
-                p0 = OW - V // 2
-                pool_rows(tile, y, at + p0, argmax, x, (task * H + ih) * W + 2 * p0, W, ih * W + 2 * p0, W, V // 2)
+            for p0 in range(0, OW, V // 2):
+                p0, count = row_chunk(p0, OW, V // 2)
+                pool_rows(tile, y, at + p0, argmax, x, (task * H + ih) * W + 2 * p0, W, ih * W + 2 * p0, W, count)
 
 
 def _pool_2x2_for(tile):
@@ -226,15 +231,10 @@ def unpool_2x2_body(tile, dx, dy, argmax, x, mask):
         for oh in range(OH):
             at = task * OH * OW + oh * OW  # dy's and argmax's flat index of (n, c, oh, 0)
             first = 2 * oh * W  # dx's (and argmax's) flat position of (2*oh, 0) in the plane
-            if OW < V // 2:
-                unpool_rows(tile, dx, task * H * W + first, W, dy, at, argmax, first, W, x, mask, True, OW, 2 * OW)
-            for p0 in range(0, OW - V // 2 + 1, V // 2):
+            for p0 in range(0, OW, V // 2):
+                p0, count = row_chunk(p0, OW, V // 2)
                 unpool_rows(tile, dx, task * H * W + first + 2 * p0, W, dy, at + p0, argmax, first + 2 * p0, W, x,
-                            mask, True, V // 2, V)
-            if OW >= V // 2 and OW % (V // 2):
-                p0 = OW - V // 2
-                unpool_rows(tile, dx, task * H * W + first + 2 * p0, W, dy, at + p0, argmax, first + 2 * p0, W, x,
-                            mask, True, V // 2, V)
+                            mask, True, count, 2 * count)
             for iw in range(2 * OW, W):
                 plane[2 * oh, iw] = plane[2 * oh + 1, iw] = zero
         for ih in range(2 * OH, H):
