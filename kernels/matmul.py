@@ -72,7 +72,7 @@ TILE_NAMES = tuple(TILES)
 _MR = np.array([TILES[t][0] for t in TILE_NAMES], np.int64)
 _NR = np.array([TILES[t][1] for t in TILE_NAMES], np.int64)
 _V = np.array([TILES[t][2] for t in TILE_NAMES], np.int64)
-MAX_MR, MAX_NR = int(_MR.max()), int(_NR.max())
+MAX_MR, MAX_NR, MAX_V = int(_MR.max()), int(_NR.max()), int(_V.max())
 # the width of a half tile (``microkernel_gather``'s ``half``): NR/2 where that is whole vectors, NR otherwise
 HALF_NR = np.array([nr // 2 if (nr // 2) % v == 0 else nr for _, nr, v in TILES.values()], np.int64)
 assert MAX_MR == 8  # multiply_rows passes eight row offsets to the micro-kernel
@@ -608,6 +608,110 @@ def pool_rows(typingctx, tile, y, yi, argmax, x, xi, W, first, OW, count):
         for array, index, value in ((y_, 1, best), (argmax_, 3, where)):
             to = builder.bitcast(_element_pointer(context, builder, ty[index], array, yi_), value.type.as_pointer())
             _store_lanes(builder, value, to, count_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+MAX_WINDOW_ROWS = 6  # rows of a window one ``window_gradients`` call takes: 12 accumulators for its two filters
+
+
+@intrinsic(prefer_literal=True)
+def window_gradients(typingctx, tile, PH, PW, dy, di, dstep, argmax, keep, masked, x, xi, OW, WP, rows, ri, count,
+                     acc, ai, astep):
+    """The weight gradient of a convolution followed by a 2x2, stride-2 max pooling, straight from
+    the pooled gradient: only a window's maximum passed a gradient back, so filter k's gradient
+    is the sum over the pooled outputs p of dy[p] times the input patch under that maximum,
+
+        acc[r] += dy[p] * x[xi + corner(p) + rows[ri + r] : + V]       for each row r of the patch
+
+    a quarter of the multiply-adds of dot products with the dense gradient plane, three quarters
+    of whose values are zeros. Two filters a call, their PH x PW pooled gradients at dy[di] and
+    dy[di + dstep] (argmax, flat in conv rows of OW, and ``keep``, the pooled output, laid out
+    the same; with ``masked`` a gradient counts only where keep > 0), their sums at acc[ai] and
+    acc[ai + astep]: ``count`` (1 to MAX_WINDOW_ROWS) rows of V lanes each, held in registers
+    through the loop over p (2 x count accumulators: enough independent FMAs for both pipes). Row
+    r of the patch starts rows[ri + r] values after the window's corner in x (padded planes of
+    row length WP, the sample's from xi). A row reads V values whatever the filter's width: the
+    lanes past it add up values nobody reads, and x must have V - 1 values of room past the last
+    row (AVX2's masked loads, which would not need it, are microcoded on AMD: a third of the
+    speed). With dstep and astep 0 the one filter is computed twice, the same sums stored twice."""
+    V32 = _literal_tile(tile)[2]
+    sig = types.void(tile, PH, PW, dy, di, dstep, argmax, keep, masked, x, xi, OW, WP, rows, ri, count, acc, ai, astep)
+
+    def codegen(context, builder, signature, args):
+        (_, PH_, PW_, dy_, di_, dstep_, argmax_, keep_, masked_, x_, xi_, OW_, WP_, rows_, ri_, count_, acc_, ai_,
+         astep_) = args
+        ty = signature.args
+        i64 = ir.IntType(64)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        scalar, V = _vector(ty[3], V32)
+        vec = ir.VectorType(scalar, V)
+        fma, zero = _fma(builder, vec), ir.Constant(scalar, 0.0)
+        element = lambda t, array, index: _element_pointer(context, builder, ty[t], array, index)  # noqa: E731
+        widen = lambda v: builder.sext(v, i64) if v.type.width < 64 else v  # noqa: E731
+        firsts = (di_, builder.add(di_, dstep_))
+        to = [element(16, acc_, builder.add(ai_, a)) for a in (const(0), astep_)]
+        row_of = lambda f, r: builder.bitcast(builder.gep(to[f], [const(r * V)]), vec.as_pointer())  # noqa: E731
+        total = builder.mul(PH_, PW_)
+        row_skip = builder.sub(OW_, PW_)  # conv columns from past a pooled row's last window to the next row's first
+        x_skip = builder.sub(WP_, PW_)
+        done = builder.append_basic_block("window.done")
+        switch = builder.switch(count_, done)
+        for n_rows in range(1, MAX_WINDOW_ROWS + 1):
+            block = builder.append_basic_block(f"window.rows{n_rows}")
+            switch.add_case(ir.Constant(count_.type, n_rows), block)
+            builder.position_at_end(block)
+            offsets = [builder.load(element(13, rows_, builder.add(ri_, const(r)))) for r in range(n_rows)]
+            initial = [builder.load(row_of(f, r), align=4) for f in range(2) for r in range(n_rows)]
+            entry = builder.block
+            loop = builder.append_basic_block(f"window.p{n_rows}")
+            after = builder.append_basic_block(f"window.store{n_rows}")
+            builder.cbranch(builder.icmp_signed(">", total, const(0)), loop, after)
+
+            builder.position_at_end(loop)
+            p, j = builder.phi(i64), builder.phi(i64)  # pooled output p, its column j
+            corner, x_corner = builder.phi(i64), builder.phi(i64)  # its window's top-left: flat conv, flat in x
+            for phi in (p, j, corner, x_corner):
+                phi.add_incoming(const(0), entry)
+            sums = [builder.phi(vec) for _ in range(2 * n_rows)]
+            for s, v in zip(sums, initial):
+                s.add_incoming(v, entry)
+            new = []
+            for f in range(2):
+                at = builder.add(firsts[f], p)
+                g = builder.load(element(3, dy_, at))
+                kept = builder.or_(builder.not_(masked_), builder.fcmp_ordered(">", builder.load(element(7, keep_, at)),
+                                                                               zero))
+                g = _splat(builder, vec, builder.select(kept, g, zero))
+                off = builder.sub(widen(builder.load(element(6, argmax_, at))), corner)  # 0, 1, OW or OW + 1
+                lower = builder.icmp_signed(">=", off, OW_)
+                off = builder.add(off, builder.select(lower, builder.sub(WP_, OW_), const(0)))
+                base = builder.add(builder.add(xi_, x_corner), off)
+                for r in range(n_rows):
+                    where = builder.bitcast(element(9, x_, builder.add(base, offsets[r])), vec.as_pointer())
+                    new.append(builder.call(fma, [g, builder.load(where, align=4), sums[f * n_rows + r]]))
+            p_next, j_next = builder.add(p, const(1)), builder.add(j, const(1))
+            wrap = builder.icmp_signed(">=", j_next, PW_)
+            step = lambda skip: builder.add(const(2), builder.select(wrap, builder.add(skip, skip), const(0)))  # noqa
+            corner.add_incoming(builder.add(corner, step(row_skip)), loop)
+            x_corner.add_incoming(builder.add(x_corner, step(x_skip)), loop)
+            j.add_incoming(builder.select(wrap, const(0), j_next), loop)
+            p.add_incoming(p_next, loop)
+            for s, v in zip(sums, new):
+                s.add_incoming(v, loop)
+            builder.cbranch(builder.icmp_signed("<", p_next, total), loop, after)
+
+            builder.position_at_end(after)
+            finals = [builder.phi(vec) for _ in range(2 * n_rows)]
+            for final, v, n in zip(finals, initial, new):
+                final.add_incoming(v, entry)
+                final.add_incoming(n, loop)
+            for f in range(2):
+                for r in range(n_rows):
+                    builder.store(finals[f * n_rows + r], row_of(f, r), align=4)
+            builder.branch(done)
+        builder.position_at_end(done)
         return context.get_dummy_value()
 
     return sig, codegen

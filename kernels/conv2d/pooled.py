@@ -11,26 +11,28 @@ The fused op never writes that output:
 
 On the CPU, with few input channels (``gemm.few_channels``), each sample's output planes stay in
 its thread's scratch: the forward computes them by the implicit product (``implicit.py``) and
-pools them there; the backward writes the pooled gradient densely into the rows that the weight
-gradient's dot products read (a quarter of their values, the rest zero), instead of a full-size
-gradient written by the pooling and read back by the convolution. The input gradient, when a
-caller asks for it (a first layer's input is usually the data), comes from the same gradient
-planes in the same pass over the samples, as a product in nbcnn's register tile
-(``pooled_backward_body``). Other shapes, and
+pools them there. The backward never writes the full-size gradient either: a window passed its
+gradient to its maximum alone, so each filter's weight gradient is the sum, over the pooled
+outputs, of the gradient times the input patch under the maximum (``matmul.window_gradients``:
+a quarter of the multiply-adds of the dense gradient's, three quarters of whose values are
+zeros). The input gradient, when a caller asks for it (a first layer's input is usually the
+data), comes from the gradient planes (zeros but at the maxima), as a product in nbcnn's
+register tile in the same pass over the samples (``pooled_backward_body``). Other shapes, and
 CUDA, run the two ops' own cores one after the other through a scratch convolution output: the
 same results (and, asked for the input gradient, the layer plan unfuses them).
 """
 
 import numba
+import numpy as np
 from numba import njit, prange
 
 from .._index import out_size
-from ..matmul import MAX_MR, TILE, TILE_NAMES, _MR, _NR, lanes, pool_rows, slivers, unpool_rows
+from ..matmul import (MAX_MR, MAX_V, MAX_WINDOW_ROWS, TILE, TILE_NAMES, _MR, _NR, lanes, pool_rows, slivers,
+                      unpool_rows, window_gradients)
 from ..pool2d import (maxpool2d_backward_core_cpu, maxpool2d_backward_core_cuda,
                       maxpool2d_forward_core_cpu, maxpool2d_forward_core_cuda)
 from .cuda import conv2d_backward_core_cuda, conv2d_forward_core_cuda, conv2d_workspace_cuda
-from .gemm import (FILTER_BLOCK, _padded, add_weight_gradients, conv2d_backward_core_cpu, conv2d_forward_core_cpu,
-                   conv2d_workspace_cpu, few_channels, filter_block)
+from .gemm import _padded, conv2d_backward_core_cpu, conv2d_forward_core_cpu, conv2d_workspace_cpu, few_channels
 from .implicit import (fold_product, fold_room, fold_taps, folds, gather_product, pack_fold_filters,
                        pack_scatter_filters, pack_weights, pad_sample, plane_stride, scatter_product, scatter_taps,
                        tap_offsets, unpad_sample, whole_tiles)
@@ -132,42 +134,102 @@ def pooled_sum(dyp, yp, n, k, mask):
 
 
 @njit(inline="always", cache=True)
-def pool_backward_weight_body(tile, dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes):
-    """dw (K, C, FH, FW) and db (K,) from dyp (N, K, OH // 2, OW // 2) through argmax, as
-    ``gemm._few_channels_backward_weight_cpu`` computes them from the full gradient: the same
-    planes (``unpool_plane``), the same dot products, the same order (dw is the same to the
-    bit)."""
+def window_rows(scratch, C, FH, FW, HP, WP, V):
+    """The rows of a filter's patch as ``window_gradients`` reads them from a padded sample: for
+    each (c, fh) and each V columns from fw0, the offset (c*HP + fh)*WP + fw0 from the patch's
+    corner, int64s in a scratch array of the layer's dtype (viewed as int64). Returns the table
+    and its rows."""
+    table = scratch.view(np.int64)
+    r = 0
+    for c in range(C):
+        for fh in range(FH):
+            for fw0 in range(0, FW, V):
+                table[r] = (c * HP + fh) * WP + fw0
+                r += 1
+    return table, r
+
+
+def window_values(C, FH, FW):
+    """Values of one filter's sums in ``add_window_gradients``'s layout, for any tile and dtype
+    (V lanes a row of the patch, V at most MAX_V)."""
+    return C * FH * (FW + MAX_V - 1)
+
+
+@njit(inline="always", cache=True)
+def add_window_gradients(tile, part, dyp, argmax, yp, mask, xp, n, table, count, OW, WP, tail):
+    """part[(k*count + r)*V + l] += sample n's share of the weight gradient of filter k, row r of
+    its patch (``window_rows``: ``count`` rows), lane l, for every filter k: ``window_gradients``
+    on two filters and up to MAX_WINDOW_ROWS rows a call (the rows split evenly over the calls).
+    xp (N, C, HP*WP); a sample too near its end for the V - 1 values a row reads past itself is
+    read from a copy in ``tail`` (at least MAX_V values longer than a sample)."""
+    K, PH, PW = dyp.shape[1], dyp.shape[2], dyp.shape[3]
+    V = lanes(tile, part)
+    plane = PH * PW
+    S = xp.shape[1] * xp.shape[2]
+    calls = -(-count // MAX_WINDOW_ROWS)
+    x, xi = xp.reshape(xp.size), n * S
+    if (xp.shape[0] - n) * S < S + MAX_V:
+        for i in range(S):
+            tail[i] = x[xi + i]
+        x, xi = tail, 0
+    for k in range(0, K, 2):
+        two = k + 1 < K  # else the last filter alone, twice over the same sums
+        for c in range(calls):
+            r0, r1 = c * count // calls, (c + 1) * count // calls
+            window_gradients(tile, PH, PW, dyp, (n * K + k) * plane, plane if two else 0, argmax, yp, mask, x, xi,
+                             OW, WP, table, r0, r1 - r0, part, (k * count + r0) * V, count * V if two else 0)
+
+
+@njit(inline="always", cache=True)
+def sum_window_gradients(tile, dw, db, parts, dyp, yp, mask, count):
+    """dw (K, C, FH, FW) = the blocks' sums in ``parts`` added in order (``add_window_gradients``'s
+    layout), and db (K,) = the sum of dyp (where yp > 0, with ``mask``), in float64."""
+    K, C, FH, FW = dw.shape
+    V = lanes(tile, parts)
+    blocks = parts.shape[0]
+    for k in prange(K):
+        r = 0
+        for c in range(C):
+            for fh in range(FH):
+                for fw0 in range(0, FW, V):
+                    for lane in range(min(V, FW - fw0)):
+                        at = (k * count + r) * V + lane
+                        total = parts[0, at]
+                        for block in range(1, blocks):
+                            total += parts[block, at]
+                        dw[k, c, fh, fw0 + lane] = total
+                    r += 1
+        total = 0.0
+        for n in range(dyp.shape[0]):
+            total += pooled_sum(dyp, yp, n, k, mask)
+        db[k] = total
+
+
+@njit(inline="always", cache=True)
+def pool_backward_weight_body(tile, dw, db, dyp, argmax, yp, xp, mask, OH, OW, table_scratch, parts, tails):
+    """dw (K, C, FH, FW) and db (K,) from dyp (N, K, OH // 2, OW // 2) through argmax, xp the padded
+    input (N, C, HP*WP): each filter's gradient from the patches under its maxima alone
+    (``add_window_gradients``), the samples split into one block per row of ``parts``, each
+    block's sums in its own row and the rows added in order: the same bits every run with the same
+    thread count, and the same as ``pooled_backward_body``'s."""
     N, K = dyp.shape[0], dyp.shape[1]
     C, FH, FW = dw.shape[1], dw.shape[2], dw.shape[3]
-    WP = OW + FW - 1
-    span = OH * WP - (FW - 1)
-    dwf = dw.reshape(K, C * FH * FW)
-    for block in prange((K + FILTER_BLOCK - 1) // FILTER_BLOCK):
-        k0 = block * FILTER_BLOCK
-        ka, kb, kc, kd = filter_block(k0, K)
-        count = min(FILTER_BLOCK, K - k0)
-        four = planes[numba.get_thread_id()]
-        four[:, :] = 0
-        for j in range(count):
-            dwf[k0 + j, :] = 0
-        s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
-        for n in range(N):
-            for j, k in enumerate((ka, kb, kc, kd)):
-                unpool_plane(tile, four[j], dyp, argmax, yp, n, k, mask, OW, WP)
-            add_weight_gradients(dwf, four, xp, n, k0, count, FH, FW, WP, span)
-            s0 += pooled_sum(dyp, yp, n, ka, mask)
-            s1 += pooled_sum(dyp, yp, n, kb, mask)
-            s2 += pooled_sum(dyp, yp, n, kc, mask)
-            s3 += pooled_sum(dyp, yp, n, kd, mask)
-        for j, s in enumerate((s0, s1, s2, s3)):
-            if j < count:
-                db[k0 + j] = s
+    WP, HP = OW + FW - 1, OH + FH - 1
+    table, count = window_rows(table_scratch, C, FH, FW, HP, WP, lanes(tile, parts))
+    blocks = parts.shape[0]
+    for block in prange(blocks):
+        part = parts[block, :K * count * lanes(tile, parts)]
+        part[:] = 0
+        for n in range(block * N // blocks, (block + 1) * N // blocks):
+            add_window_gradients(tile, part, dyp, argmax, yp, mask, xp, n, table, count, OW, WP,
+                                 tails[numba.get_thread_id()])
+    sum_window_gradients(tile, dw, db, parts, dyp, yp, mask, count)
 
 
 def _pool_backward_weight_for(tile):
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def backward_weight(dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes):
-        pool_backward_weight_body(tile, dw, db, dyp, argmax, yp, xp, mask, OH, OW, planes)
+    def backward_weight(dw, db, dyp, argmax, yp, xp, mask, OH, OW, table, parts, tails):
+        pool_backward_weight_body(tile, dw, db, dyp, argmax, yp, xp, mask, OH, OW, table, parts, tails)
 
     return backward_weight
 
@@ -178,16 +240,15 @@ _POOL_BACKWARD_WEIGHT = tuple(_pool_backward_weight_for(tile) for tile in range(
 
 @njit(inline="always", cache=True)
 def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps_scratch, gs,
-                         dxpads, partials):
+                         dxpads, table_scratch, parts, tails):
     """The fused op's whole backward when its input gradient is asked for: dx (N, C, H, W), dw and
     db, in one pass over the samples that writes each gradient plane once. Per sample, the K
     gradient planes (zeros but at the maxima, row length WP, in the thread's ``gs``, written by
     ``unpool_plane``) are B of dx's product, read in place: with the filter's columns in its
     depth (``implicit.fold_product``) where that multiplies no more padding rows than w^T dy,
-    whose depth is only K (``implicit.scatter_product``, otherwise). The same planes then give
-    the sample's dw by the dot products of ``pool_backward_weight_body``. The samples are split
-    into one block per thread, each block's dw summed in its own row of ``partials``, and the
-    rows added in order: the same bits every run with the same thread count."""
+    whose depth is only K (``implicit.scatter_product``, otherwise). dw and db as
+    ``pool_backward_weight_body`` computes them, the same blocks of samples in the same rows of
+    ``parts``: the same bits as without the input gradient."""
     MR = _MR[tile]
     N, C, H, W = dx.shape
     K, _, FH, FW = w.shape
@@ -196,7 +257,6 @@ def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw,
     R = C * FH * FW
     Q = OH * WP  # columns of a gradient plane
     stride = plane_stride(Q, FW)
-    span = Q - (FW - 1)
     fold = folds(C, K, FH, FW, MR)
     if fold:
         Rpad = slivers(C * FH, MR) * MR
@@ -206,15 +266,17 @@ def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw,
         Rpad = slivers(R, MR) * MR
         pack_scatter_filters(a_pack, w, MR)
         starts = offsets = scatter_taps(taps_scratch, C, FH, FW, HP, WP)
-    blocks = partials.shape[0]
+    V = lanes(tile, parts)
+    table, count = window_rows(table_scratch, C, FH, FW, HP, WP, V)
+    blocks = parts.shape[0]
     for t in prange(gs.shape[0]):  # what the planes never get: columns past OW, a last odd row, the tails
         gs[t, :FW + K * stride] = 0
     for block in prange(blocks):
         t = numba.get_thread_id()
         g, dxp = gs[t], dxpads[t]
         planes = g[FW:FW + K * stride].reshape(K, stride)  # FW zeros before the first: B's rows start at -fw
-        dwf = partials[block, :K * R].reshape(K, R)
-        dwf[:, :] = 0
+        part = parts[block, :K * count * V]
+        part[:] = 0
         for n in range(block * N // blocks, (block + 1) * N // blocks):
             dxp[:] = 0
             for k in range(K):
@@ -224,28 +286,16 @@ def pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw,
             else:
                 scatter_product(tile, dxp, g[FW:], stride, a_pack, starts, Q, K, Rpad)
             unpad_sample(tile, dx, n, dxp, ph, pw, dx, False)  # no mask: the input is the data
-            for k0 in range(0, K, FILTER_BLOCK):
-                ka, kb, kc, kd = filter_block(k0, K)
-                add_weight_gradients(dwf, (planes[ka], planes[kb], planes[kc], planes[kd]), xp, n, k0,
-                                     min(FILTER_BLOCK, K - k0), FH, FW, WP, span)
-    dwk = dw.reshape(K, R)
-    for k in prange(K):
-        for r in range(R):
-            total = partials[0, k * R + r]
-            for block in range(1, blocks):
-                total += partials[block, k * R + r]
-            dwk[k, r] = total
-        total = 0.0
-        for n in range(N):
-            total += pooled_sum(dyp, yp, n, k, mask)
-        db[k] = total
+            add_window_gradients(tile, part, dyp, argmax, yp, mask, xp, n, table, count, OW, WP, tails[t])
+    sum_window_gradients(tile, dw, db, parts, dyp, yp, mask, count)
 
 
 def _backward_for(tile):
     @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-    def backward(dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads, partials):
+    def backward(dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads, table, parts,
+                 tails):
         pooled_backward_body(tile, dx, dw, db, dyp, argmax, yp, xp, w, mask, ph, pw, OH, OW, a_pack, taps, gs, dxpads,
-                             partials)
+                             table, parts, tails)
 
     return backward
 
@@ -267,7 +317,15 @@ def conv2d_maxpool_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
     output and gradient for the two ops one after the other."""
     y_shape = conv_output(x_shape, w_shape, stride, padding)
     if few_channels(x_shape, w_shape, stride):
-        return conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype)
+        N, C, H, W = x_shape
+        K, _, FH, FW = w_shape
+        threads = numba.config.NUMBA_NUM_THREADS
+        return {**conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype),
+                # the weight gradient's (``pool_backward_weight_body``): the patch's rows (int64s, two float32s
+                # each), each block's sums, and each thread's copy of a last sample with room past it
+                "pool_rows": (2 * C * FH * FW,),
+                "pool_parts": (min(threads, N), K * window_values(C, FH, FW)),
+                "pool_tail": (threads, C * (H + 2 * padding[0]) * (W + 2 * padding[1]) + MAX_V)}
     shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype)
     return {**shapes, "conv_y": y_shape, "conv_dy": y_shape}
 
@@ -289,7 +347,6 @@ def conv2d_maxpool_backward_input_workspace_cpu(x_shape, w_shape, stride, paddin
         "pool_taps": (2 * (max(C * FH + K * FW, R) + MAX_MR),),  # int64s: two float32s each
         "pool_g": (threads, FW + K * plane_stride((HP - FH + 1) * WP, FW)),
         "pool_dx": (threads, fold_room(C, HP, WP, FH, FW)),
-        "pool_dw": (min(threads, N), K * R),
     }
 
 
@@ -305,7 +362,8 @@ def conv2d_maxpool_backward_input_core_cpu(dx, dw, db, dyp, argmax, yp, x, w, sh
     xp = ws.padded if ph or pw else x  # the forward left ws.padded filled
     _BACKWARD[TILE if tile is None else tile](dx, dw, ws.db if db is None else db, dyp, argmax, yp,
                                               xp.reshape(N, C, -1), w, mask, ph, pw, COH, COW, ws.pool_a_pack,
-                                              ws.pool_taps, ws.pool_g, ws.pool_dx, ws.pool_dw)
+                                              ws.pool_taps, ws.pool_g, ws.pool_dx, ws.pool_rows, ws.pool_parts,
+                                              ws.pool_tail)
     return True
 
 
@@ -323,11 +381,18 @@ def conv2d_maxpool_backward_core_cpu(dw, db, dyp, argmax, yp, x, w, sh, sw, ph, 
         maxpool2d_backward_core_cpu(ws.conv_dy, dyp, argmax, ws.conv_y, *POOL, mask)
         conv2d_backward_core_cpu(None, dw, db, ws.conv_dy, x, w, sh, sw, ph, pw, False, ws)
         return
+    pooled_weight_gradient(dw, db, dyp, argmax, yp, x, w, ph, pw, mask, ws)
+
+
+def pooled_weight_gradient(dw, db, dyp, argmax, yp, x, w, ph, pw, mask, ws, tile=None):
+    """The few-channel backward without the input gradient (``pool_backward_weight_body``): dw and
+    db (None: no bias, computed into scratch); ``tile`` a tile's index (None: this CPU's)."""
     N, C = x.shape[0], x.shape[1]
-    _, _, OH, OW = conv_output(x.shape, w.shape, (sh, sw), (ph, pw))
+    _, _, OH, OW = conv_output(x.shape, w.shape, (1, 1), (ph, pw))
     xp = ws.padded if ph or pw else x  # the forward left ws.padded filled
-    _POOL_BACKWARD_WEIGHT[TILE](dw, ws.db if db is None else db, dyp, argmax, yp, xp.reshape(N, C, -1), mask, OH, OW,
-                                ws.planes)
+    _POOL_BACKWARD_WEIGHT[TILE if tile is None else tile](dw, ws.db if db is None else db, dyp, argmax, yp,
+                                                          xp.reshape(N, C, -1), mask, OH, OW, ws.pool_rows,
+                                                          ws.pool_parts, ws.pool_tail)
 
 
 def conv2d_maxpool_workspace_cuda(x_shape, w_shape, stride, padding, dtype):

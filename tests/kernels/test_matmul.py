@@ -327,3 +327,44 @@ def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
             np.testing.assert_allclose(dw, want_dw, **tol)
             if db is not None:
                 np.testing.assert_allclose(db, want_db, **tol)
+
+
+@pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pooled_weight_gradient_from_the_maxima(rng, tile, dtype, threads):
+    """The fused first layer's weight gradient without the input gradient (``window_gradients``:
+    the patches under the maxima alone) is the convolution's weight gradient of the full-size
+    gradient the pooling's backward would write, and the same bits as the backward that also
+    gives dx; on every shape of POOLED (two filters a call and an odd last one, patches of more
+    rows than a call takes, rows wider than the vectors in float64, the last sample read from
+    its copy with room past it)."""
+    from types import SimpleNamespace
+
+    from nbcnn.kernels.conv2d import pooled
+
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    t = mm.tile_index(tile)
+    for N, C, H, W, K, FH, FW, ph, pw in POOLED:
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+        shapes = {**pooled.conv2d_maxpool_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype),
+                  **pooled.conv2d_maxpool_backward_input_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype)}
+        ws = SimpleNamespace(**{name: np.full(shape, np.nan, dtype) for name, shape in shapes.items()})
+        OH, OW = H + 2 * ph - FH + 1, W + 2 * pw - FW + 1
+        yp = np.empty((N, K, OH // 2, OW // 2), dtype)
+        argmax = np.empty(yp.shape, np.int32)
+        for relu in (False, True):
+            pooled.conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, np.zeros(K, dtype), 1, 1, ph, pw, relu, ws)
+            dyp = rng.standard_normal(yp.shape).astype(dtype)
+            full = np.zeros((N, K, OH * OW), dtype)
+            np.put_along_axis(full, argmax.reshape(N, K, -1), (dyp * (yp > 0) if relu else dyp).reshape(N, K, -1), 2)
+            _, want_dw, want_db = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))
+            dw, db = np.full(w.shape, np.nan, dtype), np.full(K, np.nan, dtype)
+            pooled.pooled_weight_gradient(dw, db, dyp, argmax, yp, x, w, ph, pw, relu, ws, t)
+            np.testing.assert_allclose(dw, want_dw, **tol)
+            np.testing.assert_allclose(db, want_db, **tol)
+            dx, dw2, db2 = np.empty(x.shape, dtype), np.empty(w.shape, dtype), np.empty(K, dtype)
+            assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dw2, db2, dyp, argmax, yp, x, w, 1, 1, ph, pw,
+                                                                 relu, ws, t)
+            np.testing.assert_array_equal(dw2, dw)
+            np.testing.assert_array_equal(db2, db)
