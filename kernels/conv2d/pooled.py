@@ -215,10 +215,11 @@ def pool_backward_weight_body(tile, dw, db, dyp, argmax, yp, xp, mask, OH, OW, t
     N, K = dyp.shape[0], dyp.shape[1]
     C, FH, FW = dw.shape[1], dw.shape[2], dw.shape[3]
     WP, HP = OW + FW - 1, OH + FH - 1
-    table, count = window_rows(table_scratch, C, FH, FW, HP, WP, lanes(tile, parts))
+    V = lanes(tile, parts)
+    table, count = window_rows(table_scratch, C, FH, FW, HP, WP, V)
     blocks = parts.shape[0]
     for block in prange(blocks):
-        part = parts[block, :K * count * lanes(tile, parts)]
+        part = parts[block, :K * count * V]
         part[:] = 0
         for n in range(block * N // blocks, (block + 1) * N // blocks):
             add_window_gradients(tile, part, dyp, argmax, yp, mask, xp, n, table, count, OW, WP,
@@ -320,7 +321,9 @@ def conv2d_maxpool_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
         N, C, H, W = x_shape
         K, _, FH, FW = w_shape
         threads = numba.config.NUMBA_NUM_THREADS
-        return {**conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype),
+        shapes = conv2d_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, False, dtype)
+        del shapes["planes"]  # the unfused weight gradient's, which the fused op does not run
+        return {**shapes,
                 # the weight gradient's (``pool_backward_weight_body``): the patch's rows (int64s, two float32s
                 # each), each block's sums, and each thread's copy of a last sample with room past it
                 "pool_rows": (2 * C * FH * FW,),
@@ -368,7 +371,7 @@ def conv2d_maxpool_backward_input_core_cpu(dx, dw, db, dyp, argmax, yp, x, w, sh
 
 
 def conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, b, sh, sw, ph, pw, relu, ws):
-    if getattr(ws, "planes", None) is None:
+    if getattr(ws, "pool_parts", None) is None:  # not few input channels: the two ops in turn
         conv2d_forward_core_cpu(ws.conv_y, x, w, b, sh, sw, ph, pw, relu, ws)
         maxpool2d_forward_core_cpu(yp, argmax, ws.conv_y, *POOL)
         return
@@ -377,7 +380,7 @@ def conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, b, sh, sw, ph, pw, relu, w
 
 
 def conv2d_maxpool_backward_core_cpu(dw, db, dyp, argmax, yp, x, w, sh, sw, ph, pw, mask, ws):
-    if getattr(ws, "planes", None) is None:
+    if getattr(ws, "pool_parts", None) is None:  # not few input channels: the two ops in turn
         maxpool2d_backward_core_cpu(ws.conv_dy, dyp, argmax, ws.conv_y, *POOL, mask)
         conv2d_backward_core_cpu(None, dw, db, ws.conv_dy, x, w, sh, sw, ph, pw, False, ws)
         return

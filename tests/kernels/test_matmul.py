@@ -290,25 +290,20 @@ def test_fused_pooling_follows_the_pooling_rule(rng, monkeypatch, tile, dtype):
         np.testing.assert_array_equal(at, want_at)
 
 
-@pytest.mark.parametrize("tile", sorted({mm.TILE_NAMES[mm.TILE], "avx2", "portable"}))  # avx2: 5x5 filters fold
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
-    """The fused first layer's backward with its input gradient (conv2d.pooled: dx, dw and db in one
-    pass) is the convolution's backward of the full-size gradient the pooling's backward would
-    write."""
+def _pooled_cases(rng, dtype):
+    """For every shape of POOLED and the ReLU off and on: the fused first layer's forward run on
+    random x and w (scratch full of NaN, as a planned step may leave it: nothing relies on zeros),
+    a random pooled gradient, and the reference's gradients of the full-size gradient the
+    pooling's backward would write. Yields (x, w, ph, pw, relu, ws, yp, argmax, dyp, (dx, dw, db))."""
     from types import SimpleNamespace
 
     from nbcnn.kernels.conv2d import pooled
 
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
-    if tile == "avx2":  # the shapes take both ways to the input gradient (fold_product and scatter_product)
-        assert {pooled.folds(C, K, FH, FW, mm.TILES[tile][0]) for _, C, _, _, K, FH, FW, _, _ in POOLED} == {True, False}
     for N, C, H, W, K, FH, FW, ph, pw in POOLED:
         x = rng.standard_normal((N, C, H, W)).astype(dtype)
         w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
         shapes = {**pooled.conv2d_maxpool_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype),
                   **pooled.conv2d_maxpool_backward_input_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype)}
-        # scratch as a planned step leaves it: whatever was there (NaN here, so nothing relies on zeros)
         ws = SimpleNamespace(**{name: np.full(shape, np.nan, dtype) for name, shape in shapes.items()})
         OH, OW = H + 2 * ph - FH + 1, W + 2 * pw - FW + 1
         yp = np.empty((N, K, OH // 2, OW // 2), dtype)
@@ -318,15 +313,30 @@ def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
             dyp = rng.standard_normal(yp.shape).astype(dtype)
             full = np.zeros((N, K, OH * OW), dtype)  # the pooling's backward: dyp at the maxima
             np.put_along_axis(full, argmax.reshape(N, K, -1), (dyp * (yp > 0) if relu else dyp).reshape(N, K, -1), 2)
-            want_dx, want_dw, want_db = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))
-            dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
-            db = np.full(K, np.nan, dtype) if relu else None  # None: a layer without bias
-            assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dw, db, dyp, argmax, yp, x, w, 1, 1, ph, pw,
-                                                                 relu, ws, mm.tile_index(tile))
-            np.testing.assert_allclose(dx, want_dx, **tol)
-            np.testing.assert_allclose(dw, want_dw, **tol)
-            if db is not None:
-                np.testing.assert_allclose(db, want_db, **tol)
+            want = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))
+            yield x, w, ph, pw, relu, ws, yp, argmax, dyp, want
+
+
+@pytest.mark.parametrize("tile", sorted({mm.TILE_NAMES[mm.TILE], "avx2", "portable"}))  # avx2: 5x5 filters fold
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pooled_input_gradient_against_the_reference(rng, tile, dtype, threads):
+    """The fused first layer's backward with its input gradient (conv2d.pooled: dx, dw and db in one
+    pass) is the convolution's backward of the full-size gradient the pooling's backward would
+    write."""
+    from nbcnn.kernels.conv2d import pooled
+
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    if tile == "avx2":  # the shapes take both ways to the input gradient (fold_product and scatter_product)
+        assert {pooled.folds(C, K, FH, FW, mm.TILES[tile][0]) for _, C, _, _, K, FH, FW, _, _ in POOLED} == {True, False}
+    for x, w, ph, pw, relu, ws, yp, argmax, dyp, (want_dx, want_dw, want_db) in _pooled_cases(rng, dtype):
+        dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
+        db = np.full(w.shape[0], np.nan, dtype) if relu else None  # None: a layer without bias
+        assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dw, db, dyp, argmax, yp, x, w, 1, 1, ph, pw,
+                                                             relu, ws, mm.tile_index(tile))
+        np.testing.assert_allclose(dx, want_dx, **tol)
+        np.testing.assert_allclose(dw, want_dw, **tol)
+        if db is not None:
+            np.testing.assert_allclose(db, want_db, **tol)
 
 
 @pytest.mark.parametrize("tile", [mm.TILE_NAMES[mm.TILE], "portable"])
@@ -338,33 +348,18 @@ def test_pooled_weight_gradient_from_the_maxima(rng, tile, dtype, threads):
     gives dx; on every shape of POOLED (two filters a call and an odd last one, patches of more
     rows than a call takes, rows wider than the vectors in float64, the last sample read from
     its copy with room past it)."""
-    from types import SimpleNamespace
-
     from nbcnn.kernels.conv2d import pooled
 
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
     t = mm.tile_index(tile)
-    for N, C, H, W, K, FH, FW, ph, pw in POOLED:
-        x = rng.standard_normal((N, C, H, W)).astype(dtype)
-        w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
-        shapes = {**pooled.conv2d_maxpool_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype),
-                  **pooled.conv2d_maxpool_backward_input_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype)}
-        ws = SimpleNamespace(**{name: np.full(shape, np.nan, dtype) for name, shape in shapes.items()})
-        OH, OW = H + 2 * ph - FH + 1, W + 2 * pw - FW + 1
-        yp = np.empty((N, K, OH // 2, OW // 2), dtype)
-        argmax = np.empty(yp.shape, np.int32)
-        for relu in (False, True):
-            pooled.conv2d_maxpool_forward_core_cpu(yp, argmax, x, w, np.zeros(K, dtype), 1, 1, ph, pw, relu, ws)
-            dyp = rng.standard_normal(yp.shape).astype(dtype)
-            full = np.zeros((N, K, OH * OW), dtype)
-            np.put_along_axis(full, argmax.reshape(N, K, -1), (dyp * (yp > 0) if relu else dyp).reshape(N, K, -1), 2)
-            _, want_dw, want_db = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))
-            dw, db = np.full(w.shape, np.nan, dtype), np.full(K, np.nan, dtype)
-            pooled.pooled_weight_gradient(dw, db, dyp, argmax, yp, x, w, ph, pw, relu, ws, t)
-            np.testing.assert_allclose(dw, want_dw, **tol)
-            np.testing.assert_allclose(db, want_db, **tol)
-            dx, dw2, db2 = np.empty(x.shape, dtype), np.empty(w.shape, dtype), np.empty(K, dtype)
-            assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dw2, db2, dyp, argmax, yp, x, w, 1, 1, ph, pw,
-                                                                 relu, ws, t)
-            np.testing.assert_array_equal(dw2, dw)
-            np.testing.assert_array_equal(db2, db)
+    for x, w, ph, pw, relu, ws, yp, argmax, dyp, (_, want_dw, want_db) in _pooled_cases(rng, dtype):
+        K = w.shape[0]
+        dw, db = np.full(w.shape, np.nan, dtype), np.full(K, np.nan, dtype)
+        pooled.pooled_weight_gradient(dw, db, dyp, argmax, yp, x, w, ph, pw, relu, ws, t)
+        np.testing.assert_allclose(dw, want_dw, **tol)
+        np.testing.assert_allclose(db, want_db, **tol)
+        dx, dw2, db2 = np.empty(x.shape, dtype), np.empty(w.shape, dtype), np.empty(K, dtype)
+        assert pooled.conv2d_maxpool_backward_input_core_cpu(dx, dw2, db2, dyp, argmax, yp, x, w, 1, 1, ph, pw,
+                                                             relu, ws, t)
+        np.testing.assert_array_equal(dw2, dw)
+        np.testing.assert_array_equal(db2, db)
