@@ -717,6 +717,138 @@ def window_gradients(typingctx, tile, PH, PW, dy, di, dstep, argmax, keep, maske
     return sig, codegen
 
 
+# vectors of a patch one ``maxima_gradients`` or ``maxima_scatter`` call holds in registers, by
+# tile: its accumulators (or the filter's vectors) and the broadcast gradient fit the registers
+PATCH_VECTORS = np.array([{"avx512": 28, "avx2": 12, "neon": 28, "portable": 12}[t] for t in TILE_NAMES], np.int64)
+MAX_PATCH_VECTORS = int(PATCH_VECTORS.max())
+
+
+def _maxima_codegen(scatter):
+    """The loop of ``maxima_gradients`` (``scatter`` False) and ``maxima_scatter`` (True): both
+    walk the pooled outputs of one filter, find each window's maximum in a channels-last sample
+    and take ``count`` vectors of the patch there."""
+
+    def codegen(context, builder, signature, args):
+        (tile, PH_, PW_, dy_, di_, argmax_, keep_, masked_, x_, xi_, OW_, XW_, CS_, offsets_, oi_, count_, v_,
+         vi_) = args
+        ty = signature.args
+        V32 = TILES[TILE_NAMES[ty[0].literal_value]][2]
+        i64 = ir.IntType(64)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        scalar, V = _vector(ty[3], V32)
+        vec = ir.VectorType(scalar, V)
+        fma, zero = _fma(builder, vec), ir.Constant(scalar, 0.0)
+        element = lambda t, array, index: _element_pointer(context, builder, ty[t], array, index)  # noqa: E731
+        widen = lambda v: builder.sext(v, i64) if v.type.width < 64 else v  # noqa: E731
+        vector_at = lambda t, array, index: builder.bitcast(element(t, array, index), vec.as_pointer())  # noqa
+        total = builder.mul(PH_, PW_)
+        row_skip = builder.sub(OW_, PW_)  # conv columns from past a pooled row's last window to the next row's first
+        x_skip = builder.sub(XW_, builder.mul(PW_, CS_))  # the same in x, whose rows are XW values long
+        done = builder.append_basic_block("maxima.done")
+        switch = builder.switch(count_, done)
+        for n_vec in range(1, PATCH_VECTORS[ty[0].literal_value] + 1):
+            block = builder.append_basic_block(f"maxima.vectors{n_vec}")
+            switch.add_case(ir.Constant(count_.type, n_vec), block)
+            builder.position_at_end(block)
+            offsets = [builder.load(element(13, offsets_, builder.add(oi_, const(r)))) for r in range(n_vec)]
+            held = [vector_at(16, v_, builder.add(vi_, const(r * V))) for r in range(n_vec)]
+            initial = [builder.load(at, align=4) for at in held]
+            entry = builder.block
+            loop = builder.append_basic_block(f"maxima.p{n_vec}")
+            after = builder.append_basic_block(f"maxima.end{n_vec}")
+            builder.cbranch(builder.icmp_signed(">", total, const(0)), loop, after)
+
+            builder.position_at_end(loop)
+            p, j = builder.phi(i64), builder.phi(i64)  # pooled output p, its column j
+            corner, x_corner = builder.phi(i64), builder.phi(i64)  # its window's top-left: flat conv, in x
+            for phi in (p, j, corner, x_corner):
+                phi.add_incoming(const(0), entry)
+            sums = [] if scatter else [builder.phi(vec) for _ in range(n_vec)]
+            for s, v in zip(sums, initial):
+                s.add_incoming(v, entry)
+            at = builder.add(di_, p)
+            g = builder.load(element(3, dy_, at))
+            kept = builder.or_(builder.not_(masked_), builder.fcmp_ordered(">", builder.load(element(6, keep_, at)),
+                                                                           zero))
+            g = _splat(builder, vec, builder.select(kept, g, zero))
+            off = builder.sub(widen(builder.load(element(5, argmax_, at))), corner)  # 0, 1, OW or OW + 1
+            lower = builder.icmp_signed(">=", off, OW_)
+            # the maximum's pixel: 0 or 1 column right of the corner (CS values a pixel), then a row below
+            column = builder.mul(builder.select(lower, builder.sub(off, OW_), off), CS_)
+            base = builder.add(builder.add(xi_, x_corner), builder.add(column, builder.select(lower, XW_, const(0))))
+            new = []
+            for r in range(n_vec):
+                where = vector_at(8, x_, builder.add(base, offsets[r]))
+                if scatter:  # one vector at a time: a patch row's last vector may reach the next row's first
+                    builder.store(builder.call(fma, [g, initial[r], builder.load(where, align=4)]), where, align=4)
+                else:
+                    new.append(builder.call(fma, [g, builder.load(where, align=4), sums[r]]))
+            p_next, j_next = builder.add(p, const(1)), builder.add(j, const(1))
+            wrap = builder.icmp_signed(">=", j_next, PW_)
+            corner.add_incoming(builder.add(corner, builder.add(const(2), builder.select(
+                wrap, builder.add(row_skip, row_skip), const(0)))), loop)
+            x_corner.add_incoming(builder.add(x_corner, builder.add(builder.add(CS_, CS_), builder.select(
+                wrap, builder.add(x_skip, x_skip), const(0)))), loop)
+            j.add_incoming(builder.select(wrap, const(0), j_next), loop)
+            p.add_incoming(p_next, loop)
+            for s, v in zip(sums, new):
+                s.add_incoming(v, loop)
+            builder.cbranch(builder.icmp_signed("<", p_next, total), loop, after)
+
+            builder.position_at_end(after)
+            if not scatter:
+                finals = [builder.phi(vec) for _ in range(n_vec)]
+                for final, v, n in zip(finals, initial, new):
+                    final.add_incoming(v, entry)
+                    final.add_incoming(n, loop)
+                for final, at_ in zip(finals, held):
+                    builder.store(final, at_, align=4)
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic(prefer_literal=True)
+def maxima_gradients(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, x, xi, OW, XW, CS, offsets, oi, count,
+                     acc, ai):
+    """The weight gradient of one filter of a convolution followed by a 2x2, stride-2 max pooling,
+    from the pooled gradient: a window passed its gradient to its maximum alone, so the filter's
+    gradient is the sum over the pooled outputs p of dy[p] times the input patch under the maximum,
+
+        acc[ai + r*V : + V] += dy[di + p] * x[xi + pixel(p) + offsets[oi + r] : + V]     r < count
+
+    x a sample stored channels last (rows of XW values, CS values a pixel: a patch row's values are
+    contiguous, FW*CS of them, read as vectors), pixel(p) the flat offset of the maximum's pixel,
+    ``count`` (1 to PATCH_VECTORS) vectors of the patch from the table ``offsets``, held in
+    registers through the loop over p. argmax: the maximum's position, flat in the convolution's
+    rows of OW; ``keep`` (laid out as dy): with ``masked`` a gradient counts only where keep > 0.
+    The dense gradient plane it replaces is three quarters zeros: this does a quarter of its
+    multiply-adds. A vector past a patch row's end adds up values of the next pixels, which the
+    caller does not read; x must have V - 1 values of room past its last pixel."""
+    sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, x, xi, OW, XW, CS, offsets, oi, count, acc, ai)
+    _literal_tile(tile)
+    return sig, _maxima_codegen(scatter=False)
+
+
+@intrinsic(prefer_literal=True)
+def maxima_scatter(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, dx, xi, OW, XW, CS, offsets, oi, count,
+                   w, wi):
+    """The input gradient's share of one filter, by the same walk as ``maxima_gradients``: the
+    filter's vectors (w[wi + r*V : + V], r < count, in registers) times each pooled gradient,
+    added into the patch under the window's maximum,
+
+        dx[xi + pixel(p) + offsets[oi + r] : + V] += dy[di + p] * w[wi + r*V : + V]
+
+    one vector after the other (a vector past a patch row's end reaches into the next pixels,
+    possibly the next row's first vector: w's lanes there must be zeros). dx as ``maxima_gradients``
+    reads x, with V - 1 values of room past its last pixel."""
+    sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, dx, xi, OW, XW, CS, offsets, oi, count, w, wi)
+    _literal_tile(tile)
+    return sig, _maxima_codegen(scatter=True)
+
+
 @intrinsic(prefer_literal=True)
 def fma_chains(typingctx, tile, reps, out, oi):
     """The FMA peak's loop: MR x NR/V independent chains acc = fma(acc, x, y) over ``reps``

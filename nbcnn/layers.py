@@ -96,6 +96,10 @@ class Plan:
         """Whether this plan's own kernels can compute ``pooling_plan``'s pooling as well."""
         return False
 
+    def can_take_backward(self, pooling_plan):
+        """Whether this plan's backward can do ``pooling_plan``'s backward as well."""
+        return False
+
     def allocate(self, need_dx):
         if need_dx:
             self._dx()
@@ -164,6 +168,9 @@ def fuse(plans):
     - A model that starts Conv2D -> [ReLU] -> MaxPool2D(2) computes the pooling in the convolution's
       kernels (``can_compute``): its output, four times the pooled one, is never stored. Only for
       the first layer, whose input gradient the step seldom needs.
+    - A later Conv2D -> [ReLU] -> MaxPool2D(2) runs the two ops' backward as one where the
+      convolution's kernels can (``can_take_backward``): from the pooled gradient and the maxima
+      alone, never writing the convolution's output gradient, three quarters zeros.
     """
     for i, plan in enumerate(plans):
         before = plans[i - 1] if i > 0 else None
@@ -175,14 +182,21 @@ def fuse(plans):
             if after is not None and after.masks:
                 after.take_mask()
                 plan.masked_by_next()
-        elif plan.pooling is not None and _follows_the_first_layer(plans, i) and plans[0].can_compute(plan):
-            plans[0].fuse_pool(plan)
+        elif plan.pooling is not None:
+            source = _source(plans, i)
+            if source == 0 and plans[0].can_compute(plan):
+                plans[0].fuse_pool(plan)
+            elif source is not None and plans[source].can_take_backward(plan):
+                plans[source].take_backward(plan)
 
 
-def _follows_the_first_layer(plans, i):
-    """Whether plans[i] comes right after the first layer, or after a ReLU that layer and plans[i] took
-    over entirely."""
-    return i == 1 or (i == 2 and plans[1].is_relu and plans[1].in_previous and plans[1].in_next)
+def _source(plans, i):
+    """The index of the plan whose output plans[i] reads: the one before it, or the one before a ReLU
+    that both took over entirely (None for the first plan)."""
+    before = plans[i - 1] if i > 0 else None
+    if before is not None and before.is_relu and before.in_previous and before.in_next:
+        return i - 2
+    return i - 1 if i > 0 else None
 
 
 class Layer:
@@ -325,6 +339,7 @@ class _Conv2DPlan(Plan):
         self.bwd = kernels.get("conv2d_backward", device, layer.algorithm)
         self.settings = (*layer.stride, *layer.padding)
         self.pool = None  # the max pooling plan this one computes too (fuse_pool)
+        self.pool_backward = None  # the max pooling plan whose backward this one does (take_backward)
         self.y = self.dy = None  # the output, and its full-size gradient (only when fused and dx is asked for)
 
     def can_compute(self, pooling_plan):
@@ -332,6 +347,26 @@ class _Conv2DPlan(Plan):
         default algorithm (a named one, "direct" or "tiled", keeps its own kernels)."""
         return (self.layer.algorithm is None and pooling_plan.pooling == FUSED_POOLING
                 and pooling_plan.mask == self.relu)
+
+    def can_take_backward(self, pooling_plan):
+        """The 2x2 max pooling after this convolution (or after the ReLU it applies), at stride 1,
+        with the default algorithm, where the device has the kernel (the CPU)."""
+        if not (self.layer.algorithm is None and pooling_plan.pooling == FUSED_POOLING
+                and pooling_plan.mask == self.relu and self.layer.stride == (1, 1)):
+            return False
+        try:
+            self.kernels.get("conv2d_maxima_backward", self.device)
+        except (KeyError, ValueError):  # no such kernel on this device
+            return False
+        return True
+
+    def take_backward(self, pool):
+        """Do ``pool``'s backward in this layer's: the weight and input gradients straight from the
+        pooled gradient and the maxima (nbcnn.kernels.conv2d.maxima), a quarter of the dense
+        backward's work. The forward stays the two ops'."""
+        self.pool_backward = pool
+        pool.hand_over_backward()
+        self.bwd = self.kernels.get("conv2d_maxima_backward", self.device)
 
     def fuse_pool(self, pool):
         """Compute ``pool``'s 2x2 max pooling in this layer's own kernels (a model's first layer: see
@@ -350,6 +385,10 @@ class _Conv2DPlan(Plan):
     def _scratch(self, need_dx):
         L = self.layer
         shape_args = (self.in_shape, L.weight.shape, self.out_shape, L.stride, L.padding, need_dx, self.dtype)
+        if self.pool_backward is not None:
+            return self._workspace({**self.fwd.workspace(*shape_args),
+                                    **self.bwd.workspace(self.in_shape, L.weight.shape, L.stride, L.padding,
+                                                         self.dtype)})
         return self._workspace({**self.fwd.workspace(*shape_args), **self.bwd.workspace(*shape_args)})
 
     def allocate(self, need_dx):
@@ -424,6 +463,11 @@ class _Conv2DPlan(Plan):
                 self._dx()
                 self._scratch(True)
             dx = self.dx
+        pool = self.pool_backward
+        if pool is not None:  # dy is the pooling's gradient (its plan passed it on)
+            self.bwd.run(dx, L.weight.grad, db, dy, pool.argmax, pool.y, self.x, L.weight.data, *self.settings,
+                         self.relu, self.mask, self.ws)
+            return dx
         self.bwd.run(dx, L.weight.grad, db, dy, self.x, L.weight.data, *self.settings, self.mask, self.ws)
         return dx
 
@@ -500,6 +544,12 @@ class _MaxPool2DPlan(Plan):
         self.pooling = Pooling.of("max", layer)
         self.settings = self.pooling.settings
         self.in_previous = False  # the convolution before computes this pooling (hand_over)
+        self.backward_in_previous = False  # the convolution before does this pooling's backward
+
+    def hand_over_backward(self):
+        """The convolution before does this pooling's backward, reading ``y`` and ``argmax``: this
+        plan's backward passes the gradient on as it is."""
+        self.backward_in_previous = True
 
     def hand_over(self):
         """The convolution before computes this pooling, into this plan's ``y`` and ``argmax``."""
@@ -510,7 +560,7 @@ class _MaxPool2DPlan(Plan):
         self.in_previous = False
 
     def allocate(self, need_dx):
-        super().allocate(need_dx)
+        super().allocate(need_dx and not self.backward_in_previous)  # no full-size gradient to write then
         self.y = self.device.empty(self.out_shape, self.dtype)
         self.argmax = self.device.empty(self.out_shape, np.int32)
 
@@ -521,7 +571,7 @@ class _MaxPool2DPlan(Plan):
         return self.y  # with in_previous, the convolution before filled y and argmax
 
     def backward(self, dy, need_dx):
-        if self.in_previous:
+        if self.in_previous or self.backward_in_previous:
             return dy  # the convolution before reads it through argmax
         if not need_dx:
             return None

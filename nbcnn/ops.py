@@ -29,6 +29,7 @@ from nbcnn.kernels.activation import KINDS as ACTIVATION_KINDS  # the activation
 from nbcnn.kernels.conv2d import cpu as conv_cpu
 from nbcnn.kernels.conv2d import cuda as conv_cuda
 from nbcnn.kernels.conv2d import gemm as conv_gemm
+from nbcnn.kernels.conv2d import maxima as conv_maxima
 from nbcnn.kernels.conv2d import pooled as conv_pooled
 
 
@@ -68,6 +69,11 @@ COSTS = {
     # its backward with the input gradient (a full convolution of the unpooled gradient) in one pass
     "conv2d_maxpool_backward_input": lambda dx, dw, db, dyp, am, yp, x, w, *_: (
         2 * 2 * 4 * _n(dyp) * _taps(w) + (0 if db is None else _n(dyp)), _bytes(dx, dw, db, dyp, am, yp, x, w)),
+    # a later convolution's backward from the gradient of the 2x2 max pooling after it: counted
+    # as the dense backward it replaces (the work done for the layer), which it does a quarter of
+    "conv2d_maxima_backward": lambda dx, dw, db, dyp, am, yp, x, w, *_: (
+        2 * 4 * _n(dyp) * _taps(w) * (1 if dx is None else 2) + (0 if db is None else _n(dyp)),
+        _bytes(dx, dw, db, dyp, am, yp, x, w)),
     "maxpool2d_forward": lambda y, am, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, am, x)),
     "maxpool2d_backward": lambda dx, dy, am, *_: (_n(dy), _bytes(dx, dy, am)),
     "avgpool2d_forward": lambda y, x, fh, fw, *_: (_n(y) * fh * fw, _bytes(y, x)),
@@ -216,6 +222,11 @@ for _device in ("cpu", "cuda"):
 ONE_DEVICE = {"conv2d_maxpool_backward_input": "cpu"}
 _add("conv2d_maxpool_backward_input", "cpu", "gemm", conv_pooled.conv2d_maxpool_backward_input_core_cpu,
      conv_pooled.conv2d_maxpool_backward_input_workspace_cpu)
+# A later convolution's backward through the 2x2 max pooling after it, from the pooled gradient
+# and the maxima (stride 1, on the CPU): nbcnn.layers.fuse gives it the pooling's backward.
+ONE_DEVICE["conv2d_maxima_backward"] = "cpu"
+_add("conv2d_maxima_backward", "cpu", "gemm", conv_maxima.conv2d_maxima_backward_core_cpu,
+     conv_maxima.conv2d_maxima_backward_workspace_cpu)
 
 for _device in ("cpu", "cuda"):
     _algorithm = "loops" if _device == "cpu" else "threads"

@@ -362,6 +362,36 @@ def test_a_first_convolution_computes_the_pooling_after_it(channels, relu):
     assert fused._current.pooled == pool.in_previous == (channels <= 3)
 
 
+@pytest.mark.parametrize("relu, before", [(True, True), (False, False), (True, False)])
+def test_a_later_convolution_does_the_pooling_backward(relu, before):
+    """A later Conv2D -> [ReLU] -> MaxPool2D(2) runs the two ops' backward as one, from the pooled
+    gradient and the maxima (nbcnn.kernels.conv2d.maxima): the same gradients as the two layers' own
+    kernels (a Conv2D with its algorithm named keeps them), the pooling's full-size gradient never
+    allocated; with a ReLU before the convolution (its mask in dx) or not; dx asked for or not."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 2, 12, 11)).astype(np.float32)
+    models = []
+    for algorithm in (None, "gemm"):
+        L.set_seed(0)
+        models.append(nbcnn.Sequential(
+            [L.Conv2D(2, 6, 3, padding=1)] + ([L.ReLU()] if before else [])
+            + [L.Conv2D(6, 5, 3, algorithm=algorithm)] + ([L.ReLU()] if relu else [])
+            + [L.MaxPool2D(2), L.Flatten(), L.Dense(5 * 5 * 4, 4)]))
+    fused, plain = models
+    np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
+    plans = fused._current.plans
+    conv, pool = plans[2 if before else 1], plans[-3]
+    assert conv.pool_backward is pool and pool.backward_in_previous and pool.dx is None
+    assert all(p.pool_backward is None for p in plain._current.plans if hasattr(p, "pool_backward"))
+    dy = rng.standard_normal((3, 4)).astype(np.float32)
+    for need_dx in (True, False):
+        dx, want_dx = fused.backward(dy, need_dx=need_dx), plain.backward(dy, need_dx=need_dx)
+        for p, q in zip(fused.parameters(), plain.parameters()):
+            np.testing.assert_allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+        if need_dx:
+            np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+
+
 def test_only_a_first_convolution_and_a_2x2_pooling_fuse():
     def pooled(layers):
         model = nbcnn.Sequential(layers)

@@ -4,7 +4,8 @@ Direct CPU kernels in ``cpu.py`` (the loops of the definition, the tested refere
 the same convolution as matrix products in nbcnn's own register tiles in ``gemm.py`` (fast
 on the CPU: Winograd's F(2x2, 3x3) of ``winograd.py`` for 3x3 filters at stride 1, the
 implicit product of ``implicit.py`` for other stride-1 filters, im2col otherwise, direct
-kernels for a few input channels; the first layer fused with its pooling in ``pooled.py``),
+kernels for a few input channels; the first layer fused with its pooling in ``pooled.py``, a
+later layer's backward through the 2x2 max pooling after it from the maxima in ``maxima.py``),
 CUDA kernels and their launchers in ``cuda.py``, the shape checks all of them use in
 ``checks.py``. Import the public entry points from here::
 

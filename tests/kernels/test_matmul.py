@@ -363,3 +363,62 @@ def test_pooled_weight_gradient_from_the_maxima(rng, tile, dtype, threads):
                                                              relu, ws, t)
         np.testing.assert_array_equal(dw2, dw)
         np.testing.assert_array_equal(db2, db)
+
+
+# (N, C, H, W, K, FH, FW, ph, pw) for a later convolution's backward from the maxima: the default
+# model's second layer (a patch of 25 vectors in one AVX-512 call, split over calls in AVX2 and
+# float64), LeNet-5's (rows of 30 values: a vector past each row's end), an odd output and
+# padding, rows wider than a call takes, a 1x1 filter, and rows so short that a patch row's last
+# vector reaches the next row's first (the scatter one vector at a time)
+MAXIMA = [(3, 16, 14, 14, 32, 5, 5, 0, 0), (2, 6, 14, 14, 16, 5, 5, 0, 0), (2, 3, 9, 11, 5, 3, 3, 1, 1),
+          (1, 40, 7, 8, 3, 3, 2, 0, 1), (2, 1, 6, 6, 2, 1, 1, 0, 0), (3, 3, 6, 4, 2, 3, 3, 0, 0)]
+
+
+@pytest.mark.parametrize("tile", sorted({mm.TILE_NAMES[mm.TILE], "avx2", "portable"}))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_from_the_maxima_against_the_reference(rng, tile, dtype, threads):
+    """A later convolution's backward through the 2x2 max pooling after it (conv2d.maxima: dx, dw
+    and db from the pooled gradient and the maxima alone) is the reference's gradients of the
+    full-size gradient the pooling's backward would write; with a ReLU between the two (only where
+    the maximum was positive) and one before the convolution (dx where x > 0); without dx the same
+    dw; the same bits twice. Scratch full of NaN, as a planned step may leave it."""
+    from types import SimpleNamespace
+
+    from nbcnn.kernels.conv2d import maxima
+    from nbcnn.kernels.pool2d import maxpool2d_forward_core_cpu
+
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    t = mm.tile_index(tile)
+    for N, C, H, W, K, FH, FW, ph, pw in MAXIMA:
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+        shapes = maxima.conv2d_maxima_backward_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype)
+        ws = SimpleNamespace(**{name: np.full(shape, np.nan, dtype) for name, shape in shapes.items()})
+        for relu in (False, True):
+            y = ref.conv2d(x, w, np.zeros(K), pad=(ph, pw)).astype(dtype)
+            y = np.maximum(y, 0) if relu else y
+            OH, OW = y.shape[2:]
+            yp, argmax = np.empty((N, K, OH // 2, OW // 2), dtype), np.empty((N, K, OH // 2, OW // 2), np.int32)
+            maxpool2d_forward_core_cpu(yp, argmax, y, *maxima.POOL)
+            dyp = rng.standard_normal(yp.shape).astype(dtype)
+            full = np.zeros((N, K, OH * OW), dtype)  # the pooling's backward: dyp at the maxima
+            np.put_along_axis(full, argmax.reshape(N, K, -1), (dyp * (yp > 0) if relu else dyp).reshape(N, K, -1), 2)
+            want_dx, want_dw, want_db = ref.conv2d_grads(full.reshape(N, K, OH, OW), x, w, pad=(ph, pw))
+            mask = relu  # a ReLU before the convolution too
+            want_dx = want_dx * (x > 0) if mask else want_dx
+            dx, dw = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
+            db = np.full(K, np.nan, dtype) if relu else None  # None: a layer without bias
+            maxima.conv2d_maxima_backward_core_cpu(dx, dw, db, dyp, argmax, yp, x, w, 1, 1, ph, pw, relu, mask, ws, t)
+            np.testing.assert_allclose(dx, want_dx, **tol)
+            np.testing.assert_allclose(dw, want_dw, **tol)
+            if db is not None:
+                np.testing.assert_allclose(db, want_db, **tol)
+            dw2 = np.full(w.shape, np.nan, dtype)
+            maxima.conv2d_maxima_backward_core_cpu(None, dw2, db, dyp, argmax, yp, x, w, 1, 1, ph, pw, relu, mask, ws,
+                                                   t)
+            np.testing.assert_array_equal(dw2, dw)
+            dx2 = np.full(x.shape, np.nan, dtype)
+            maxima.conv2d_maxima_backward_core_cpu(dx2, dw2, db, dyp, argmax, yp, x, w, 1, 1, ph, pw, relu, mask, ws,
+                                                   t)
+            np.testing.assert_array_equal(dx2, dx)
+            np.testing.assert_array_equal(dw2, dw)
