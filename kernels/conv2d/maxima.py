@@ -183,11 +183,6 @@ _BACKWARD = tuple(_backward_for(tile) for tile in range(len(TILE_NAMES)))
 # ------------------------------------------------------------------ unchecked core, the CPU's
 
 
-def fits(stride):
-    """Whether this backward serves a convolution of this stride followed by the 2x2 max pooling."""
-    return tuple(stride) == (1, 1)
-
-
 def conv2d_maxima_backward_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
     """{name: shape}: the patch's offsets (int64s, two float32s each), the filters' vectors, for
     each of Numba's threads a channels-last sample and its gradient (with V values of room past
