@@ -20,7 +20,8 @@ positive, nothing passed back. The forward is the two ops' own: only their backw
 
 This is what a planned step runs for a convolution at stride 1 followed by [ReLU ->]
 MaxPool2D(2) that is not the model's first layer (the first has ``pooled.py``, which never
-writes the convolution's output at all); the two ops' own backward gives the same values.
+writes the convolution's output at all); the two ops' own backward gives the same values, up to
+the order of the sums.
 """
 
 import numba
@@ -31,7 +32,7 @@ from ..matmul import MAX_V, PATCH_VECTORS, TILE, TILE_NAMES, lanes, maxima_gradi
 from .pooled import POOL, pooled_sum
 
 
-LINE = 16  # float32s in a cache line (64 bytes)
+LINE = 16  # values of the scratch's rows are counted in: a 64-byte line of float32s, two of float64s
 
 
 @njit(inline="always", cache=True)
