@@ -35,7 +35,10 @@ in the padded input), A's values through a table of rows and a table of steps
 (``microkernel_indirect``: the same patches with the output pixels as the tile's rows), or C's
 rows at offsets, added into (``microkernel_scatter``, ``microkernel_fold``: the same patches'
 gradient, added back along the taps). One code generator serves them all (``_tile_codegen``,
-given where A's values and B's and C's rows are).
+given where A's values and B's and C's rows are). Beside the tile, the same vectors walk a max
+pooling's maxima (``window_gradients``, ``maxima_gradients``, ``maxima_scatter``): a
+convolution's gradients from the pooled gradient alone, where the dense one is three quarters
+zeros.
 
 Plain Numba loops with an accumulator array do not get there (5-7 GFLOP/s measured: the
 accumulators go through memory), so the micro-kernel is written in LLVM IR through
@@ -720,7 +723,6 @@ def window_gradients(typingctx, tile, PH, PW, dy, di, dstep, argmax, keep, maske
 # vectors of a patch one ``maxima_gradients`` or ``maxima_scatter`` call holds in registers, by
 # tile: its accumulators (or the filter's vectors) and the broadcast gradient fit the registers
 PATCH_VECTORS = np.array([{"avx512": 28, "avx2": 12, "neon": 28, "portable": 12}[t] for t in TILE_NAMES], np.int64)
-MAX_PATCH_VECTORS = int(PATCH_VECTORS.max())
 
 
 def _maxima_codegen(scatter):
