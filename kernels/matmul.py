@@ -616,6 +616,67 @@ def pool_rows(typingctx, tile, y, yi, argmax, x, xi, W, first, OW, count):
     return sig, codegen
 
 
+def _passed(builder, g, keep, masked):
+    """The gradient g a pooled output passed back: 0 where, with ``masked`` (an i1), keep (the
+    pooled output, the ReLU before the pooling) is not > 0."""
+    zero = ir.Constant(g.type, 0.0)
+    return builder.select(builder.or_(builder.not_(masked), builder.fcmp_ordered(">", keep, zero)), g, zero)
+
+
+def _walk_maxima(builder, total, PW, OW, XW, CS, carried, body, name):
+    """Emit, from the builder's block, the loop over the pooled outputs p < ``total`` (rows of PW)
+    of a 2x2, stride-2 max pooling whose windows lie in conv rows of OW, with the values
+    ``carried`` (vectors in registers) through it. ``body(p, pixel, values)`` emits one output's
+    work and returns the new values; ``pixel(a)``, for a maximum's position a (an i64 flat in the
+    conv's rows of OW), gives the flat offset of its pixel in an input of rows XW values long, CS
+    values a pixel (the window's corner, 0 or 1 column right, then a row below). Returns the
+    values after the loop, the builder at its end."""
+    i64 = ir.IntType(64)
+    const = lambda v: ir.Constant(i64, v)  # noqa: E731
+    row_skip = builder.sub(OW, PW)  # conv columns from past a pooled row's last window to the next row's first
+    x_skip = builder.sub(XW, builder.mul(PW, CS))  # the same in the input
+    entry = builder.block
+    loop = builder.append_basic_block(f"{name}.p")
+    after = builder.append_basic_block(f"{name}.end")
+    builder.cbranch(builder.icmp_signed(">", total, const(0)), loop, after)
+
+    builder.position_at_end(loop)
+    p, j = builder.phi(i64), builder.phi(i64)  # pooled output p, its column j
+    corner, x_corner = builder.phi(i64), builder.phi(i64)  # its window's top-left: flat conv, in the input
+    for phi in (p, j, corner, x_corner):
+        phi.add_incoming(const(0), entry)
+    values = [builder.phi(v.type) for v in carried]
+    for phi, v in zip(values, carried):
+        phi.add_incoming(v, entry)
+
+    def pixel(a):
+        off = builder.sub(a, corner)  # 0, 1, OW or OW + 1
+        lower = builder.icmp_signed(">=", off, OW)
+        column = builder.mul(builder.select(lower, builder.sub(off, OW), off), CS)
+        return builder.add(x_corner, builder.add(column, builder.select(lower, XW, const(0))))
+
+    new = body(p, pixel, values)
+    latch = builder.block
+    p_next, j_next = builder.add(p, const(1)), builder.add(j, const(1))
+    wrap = builder.icmp_signed(">=", j_next, PW)
+    step = lambda one, skip: builder.add(builder.add(one, one), builder.select(  # noqa: E731
+        wrap, builder.add(skip, skip), const(0)))
+    corner.add_incoming(builder.add(corner, step(const(1), row_skip)), latch)
+    x_corner.add_incoming(builder.add(x_corner, step(CS, x_skip)), latch)
+    j.add_incoming(builder.select(wrap, const(0), j_next), latch)
+    p.add_incoming(p_next, latch)
+    for phi, v in zip(values, new):
+        phi.add_incoming(v, latch)
+    builder.cbranch(builder.icmp_signed("<", p_next, total), loop, after)
+
+    builder.position_at_end(after)
+    finals = [builder.phi(v.type) for v in carried]
+    for final, v, n in zip(finals, carried, new):
+        final.add_incoming(v, entry)
+        final.add_incoming(n, latch)
+    return finals
+
+
 MAX_WINDOW_ROWS = 6  # rows of a window one ``window_gradients`` call takes: 12 accumulators for its two filters
 
 
@@ -650,15 +711,13 @@ def window_gradients(typingctx, tile, PH, PW, dy, di, dstep, argmax, keep, maske
         const = lambda v: ir.Constant(i64, v)  # noqa: E731
         scalar, V = _vector(ty[3], V32)
         vec = ir.VectorType(scalar, V)
-        fma, zero = _fma(builder, vec), ir.Constant(scalar, 0.0)
+        fma = _fma(builder, vec)
         element = lambda t, array, index: _element_pointer(context, builder, ty[t], array, index)  # noqa: E731
         widen = lambda v: builder.sext(v, i64) if v.type.width < 64 else v  # noqa: E731
         firsts = (di_, builder.add(di_, dstep_))
         to = [element(16, acc_, builder.add(ai_, a)) for a in (const(0), astep_)]
         row_of = lambda f, r: builder.bitcast(builder.gep(to[f], [const(r * V)]), vec.as_pointer())  # noqa: E731
         total = builder.mul(PH_, PW_)
-        row_skip = builder.sub(OW_, PW_)  # conv columns from past a pooled row's last window to the next row's first
-        x_skip = builder.sub(WP_, PW_)
         done = builder.append_basic_block("window.done")
         switch = builder.switch(count_, done)
         for n_rows in range(1, MAX_WINDOW_ROWS + 1):
@@ -667,49 +726,21 @@ def window_gradients(typingctx, tile, PH, PW, dy, di, dstep, argmax, keep, maske
             builder.position_at_end(block)
             offsets = [builder.load(element(13, rows_, builder.add(ri_, const(r)))) for r in range(n_rows)]
             initial = [builder.load(row_of(f, r), align=4) for f in range(2) for r in range(n_rows)]
-            entry = builder.block
-            loop = builder.append_basic_block(f"window.p{n_rows}")
-            after = builder.append_basic_block(f"window.store{n_rows}")
-            builder.cbranch(builder.icmp_signed(">", total, const(0)), loop, after)
 
-            builder.position_at_end(loop)
-            p, j = builder.phi(i64), builder.phi(i64)  # pooled output p, its column j
-            corner, x_corner = builder.phi(i64), builder.phi(i64)  # its window's top-left: flat conv, flat in x
-            for phi in (p, j, corner, x_corner):
-                phi.add_incoming(const(0), entry)
-            sums = [builder.phi(vec) for _ in range(2 * n_rows)]
-            for s, v in zip(sums, initial):
-                s.add_incoming(v, entry)
-            new = []
-            for f in range(2):
-                at = builder.add(firsts[f], p)
-                g = builder.load(element(3, dy_, at))
-                kept = builder.or_(builder.not_(masked_), builder.fcmp_ordered(">", builder.load(element(7, keep_, at)),
-                                                                               zero))
-                g = _splat(builder, vec, builder.select(kept, g, zero))
-                off = builder.sub(widen(builder.load(element(6, argmax_, at))), corner)  # 0, 1, OW or OW + 1
-                lower = builder.icmp_signed(">=", off, OW_)
-                off = builder.add(off, builder.select(lower, builder.sub(WP_, OW_), const(0)))
-                base = builder.add(builder.add(xi_, x_corner), off)
-                for r in range(n_rows):
-                    where = builder.bitcast(element(9, x_, builder.add(base, offsets[r])), vec.as_pointer())
-                    new.append(builder.call(fma, [g, builder.load(where, align=4), sums[f * n_rows + r]]))
-            p_next, j_next = builder.add(p, const(1)), builder.add(j, const(1))
-            wrap = builder.icmp_signed(">=", j_next, PW_)
-            step = lambda skip: builder.add(const(2), builder.select(wrap, builder.add(skip, skip), const(0)))  # noqa
-            corner.add_incoming(builder.add(corner, step(row_skip)), loop)
-            x_corner.add_incoming(builder.add(x_corner, step(x_skip)), loop)
-            j.add_incoming(builder.select(wrap, const(0), j_next), loop)
-            p.add_incoming(p_next, loop)
-            for s, v in zip(sums, new):
-                s.add_incoming(v, loop)
-            builder.cbranch(builder.icmp_signed("<", p_next, total), loop, after)
+            def body(p, pixel, sums, n_rows=n_rows, offsets=offsets):
+                new = []
+                for f in range(2):
+                    at = builder.add(firsts[f], p)
+                    g = _passed(builder, builder.load(element(3, dy_, at)), builder.load(element(7, keep_, at)),
+                                masked_)
+                    g = _splat(builder, vec, g)
+                    base = builder.add(xi_, pixel(widen(builder.load(element(6, argmax_, at)))))
+                    for r in range(n_rows):
+                        where = builder.bitcast(element(9, x_, builder.add(base, offsets[r])), vec.as_pointer())
+                        new.append(builder.call(fma, [g, builder.load(where, align=4), sums[f * n_rows + r]]))
+                return new
 
-            builder.position_at_end(after)
-            finals = [builder.phi(vec) for _ in range(2 * n_rows)]
-            for final, v, n in zip(finals, initial, new):
-                final.add_incoming(v, entry)
-                final.add_incoming(n, loop)
+            finals = _walk_maxima(builder, total, PW_, OW_, WP_, const(1), initial, body, f"window{n_rows}")
             for f in range(2):
                 for r in range(n_rows):
                     builder.store(finals[f * n_rows + r], row_of(f, r), align=4)
@@ -739,13 +770,11 @@ def _maxima_codegen(scatter):
         const = lambda v: ir.Constant(i64, v)  # noqa: E731
         scalar, V = _vector(ty[3], V32)
         vec = ir.VectorType(scalar, V)
-        fma, zero = _fma(builder, vec), ir.Constant(scalar, 0.0)
+        fma = _fma(builder, vec)
         element = lambda t, array, index: _element_pointer(context, builder, ty[t], array, index)  # noqa: E731
         widen = lambda v: builder.sext(v, i64) if v.type.width < 64 else v  # noqa: E731
         vector_at = lambda t, array, index: builder.bitcast(element(t, array, index), vec.as_pointer())  # noqa
         total = builder.mul(PH_, PW_)
-        row_skip = builder.sub(OW_, PW_)  # conv columns from past a pooled row's last window to the next row's first
-        x_skip = builder.sub(XW_, builder.mul(PW_, CS_))  # the same in x, whose rows are XW values long
         done = builder.append_basic_block("maxima.done")
         switch = builder.switch(count_, done)
         for n_vec in range(1, PATCH_VECTORS[ty[0].literal_value] + 1):
@@ -755,56 +784,26 @@ def _maxima_codegen(scatter):
             offsets = [builder.load(element(13, offsets_, builder.add(oi_, const(r)))) for r in range(n_vec)]
             held = [vector_at(16, v_, builder.add(vi_, const(r * V))) for r in range(n_vec)]
             initial = [builder.load(at, align=4) for at in held]
-            entry = builder.block
-            loop = builder.append_basic_block(f"maxima.p{n_vec}")
-            after = builder.append_basic_block(f"maxima.end{n_vec}")
-            builder.cbranch(builder.icmp_signed(">", total, const(0)), loop, after)
 
-            builder.position_at_end(loop)
-            p, j = builder.phi(i64), builder.phi(i64)  # pooled output p, its column j
-            corner, x_corner = builder.phi(i64), builder.phi(i64)  # its window's top-left: flat conv, in x
-            for phi in (p, j, corner, x_corner):
-                phi.add_incoming(const(0), entry)
-            sums = [] if scatter else [builder.phi(vec) for _ in range(n_vec)]
-            for s, v in zip(sums, initial):
-                s.add_incoming(v, entry)
-            at = builder.add(di_, p)
-            g = builder.load(element(3, dy_, at))
-            kept = builder.or_(builder.not_(masked_), builder.fcmp_ordered(">", builder.load(element(6, keep_, at)),
-                                                                           zero))
-            g = _splat(builder, vec, builder.select(kept, g, zero))
-            off = builder.sub(widen(builder.load(element(5, argmax_, at))), corner)  # 0, 1, OW or OW + 1
-            lower = builder.icmp_signed(">=", off, OW_)
-            # the maximum's pixel: 0 or 1 column right of the corner (CS values a pixel), then a row below
-            column = builder.mul(builder.select(lower, builder.sub(off, OW_), off), CS_)
-            base = builder.add(builder.add(xi_, x_corner), builder.add(column, builder.select(lower, XW_, const(0))))
-            new = []
-            for r in range(n_vec):
-                where = vector_at(8, x_, builder.add(base, offsets[r]))
-                if scatter:  # one vector at a time: a patch row's last vector may reach the next row's first
-                    builder.store(builder.call(fma, [g, initial[r], builder.load(where, align=4)]), where, align=4)
-                else:
-                    new.append(builder.call(fma, [g, builder.load(where, align=4), sums[r]]))
-            p_next, j_next = builder.add(p, const(1)), builder.add(j, const(1))
-            wrap = builder.icmp_signed(">=", j_next, PW_)
-            corner.add_incoming(builder.add(corner, builder.add(const(2), builder.select(
-                wrap, builder.add(row_skip, row_skip), const(0)))), loop)
-            x_corner.add_incoming(builder.add(x_corner, builder.add(builder.add(CS_, CS_), builder.select(
-                wrap, builder.add(x_skip, x_skip), const(0)))), loop)
-            j.add_incoming(builder.select(wrap, const(0), j_next), loop)
-            p.add_incoming(p_next, loop)
-            for s, v in zip(sums, new):
-                s.add_incoming(v, loop)
-            builder.cbranch(builder.icmp_signed("<", p_next, total), loop, after)
+            def body(p, pixel, sums, initial=initial, offsets=offsets):
+                at = builder.add(di_, p)
+                g = _passed(builder, builder.load(element(3, dy_, at)), builder.load(element(6, keep_, at)), masked_)
+                g = _splat(builder, vec, g)
+                base = builder.add(xi_, pixel(widen(builder.load(element(5, argmax_, at)))))
+                new = []
+                for r, offset in enumerate(offsets):
+                    where = vector_at(8, x_, builder.add(base, offset))
+                    if scatter:  # one vector at a time: a patch row's last vector may reach the next row's first
+                        builder.store(builder.call(fma, [g, initial[r], builder.load(where, align=4)]), where,
+                                      align=4)
+                    else:
+                        new.append(builder.call(fma, [g, builder.load(where, align=4), sums[r]]))
+                return new
 
-            builder.position_at_end(after)
-            if not scatter:
-                finals = [builder.phi(vec) for _ in range(n_vec)]
-                for final, v, n in zip(finals, initial, new):
-                    final.add_incoming(v, entry)
-                    final.add_incoming(n, loop)
-                for final, at_ in zip(finals, held):
-                    builder.store(final, at_, align=4)
+            finals = _walk_maxima(builder, total, PW_, OW_, XW_, CS_, [] if scatter else initial, body,
+                                  f"maxima{n_vec}")
+            for final, at_ in zip(finals, held):
+                builder.store(final, at_, align=4)
             builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()

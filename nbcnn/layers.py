@@ -385,10 +385,6 @@ class _Conv2DPlan(Plan):
     def _scratch(self, need_dx):
         L = self.layer
         shape_args = (self.in_shape, L.weight.shape, self.out_shape, L.stride, L.padding, need_dx, self.dtype)
-        if self.pool_backward is not None:
-            return self._workspace({**self.fwd.workspace(*shape_args),
-                                    **self.bwd.workspace(self.in_shape, L.weight.shape, L.stride, L.padding,
-                                                         self.dtype)})
         return self._workspace({**self.fwd.workspace(*shape_args), **self.bwd.workspace(*shape_args)})
 
     def allocate(self, need_dx):

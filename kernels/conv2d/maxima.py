@@ -184,8 +184,9 @@ _BACKWARD = tuple(_backward_for(tile) for tile in range(len(TILE_NAMES)))
 # ------------------------------------------------------------------ unchecked core, the CPU's
 
 
-def conv2d_maxima_backward_workspace_cpu(x_shape, w_shape, stride, padding, dtype):
-    """{name: shape}: the patch's offsets (int64s, two float32s each), the filters' vectors, for
+def conv2d_maxima_backward_workspace_cpu(x_shape, w_shape, y_shape, stride, padding, need_dx, dtype):
+    """{name: shape}, from the convolution's backward's arguments (the scratch is the same with or
+    without dx): the patch's offsets (int64s, two float32s each), the filters' vectors, for
     each of Numba's threads a channels-last sample and its gradient (with V values of room past
     them), a weight gradient for each block of samples, and the bias gradient of a layer without
     a bias."""

@@ -392,7 +392,8 @@ def test_backward_from_the_maxima_against_the_reference(rng, tile, dtype, thread
     for N, C, H, W, K, FH, FW, ph, pw in MAXIMA:
         x = rng.standard_normal((N, C, H, W)).astype(dtype)
         w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
-        shapes = maxima.conv2d_maxima_backward_workspace_cpu(x.shape, w.shape, (1, 1), (ph, pw), dtype)
+        y_shape = (N, K, H + 2 * ph - FH + 1, W + 2 * pw - FW + 1)
+        shapes = maxima.conv2d_maxima_backward_workspace_cpu(x.shape, w.shape, y_shape, (1, 1), (ph, pw), True, dtype)
         ws = SimpleNamespace(**{name: np.full(shape, np.nan, dtype) for name, shape in shapes.items()})
         for relu in (False, True):
             y = ref.conv2d(x, w, np.zeros(K), pad=(ph, pw)).astype(dtype)
