@@ -623,9 +623,10 @@ def _passed(builder, g, keep, masked):
     return builder.select(builder.or_(builder.not_(masked), builder.fcmp_ordered(">", keep, zero)), g, zero)
 
 
-def _walk_maxima(builder, total, PW, OW, XW, CS, carried, body, name):
+def _walk_maxima(builder, total, PW, OW, XW, CS, carried, body, name, start=None):
     """Emit, from the builder's block, the loop over the pooled outputs p < ``total`` (rows of PW)
-    of a 2x2, stride-2 max pooling whose windows lie in conv rows of OW, with the values
+    of a 2x2, stride-2 max pooling whose windows lie in conv rows of OW, the first window's corner
+    at flat conv position ``start`` (an i64; None: 0, the plane's first row), with the values
     ``carried`` (vectors in registers) through it. ``body(p, pixel, values)`` emits one output's
     work and returns the new values; ``pixel(a)``, for a maximum's position a (an i64 flat in the
     conv's rows of OW), gives the flat offset of its pixel in an input of rows XW values long, CS
@@ -643,8 +644,9 @@ def _walk_maxima(builder, total, PW, OW, XW, CS, carried, body, name):
     builder.position_at_end(loop)
     p, j = builder.phi(i64), builder.phi(i64)  # pooled output p, its column j
     corner, x_corner = builder.phi(i64), builder.phi(i64)  # its window's top-left: flat conv, in the input
-    for phi in (p, j, corner, x_corner):
+    for phi in (p, j, x_corner):
         phi.add_incoming(const(0), entry)
+    corner.add_incoming(const(0) if start is None else start, entry)
     values = [builder.phi(v.type) for v in carried]
     for phi, v in zip(values, carried):
         phi.add_incoming(v, entry)
@@ -763,7 +765,7 @@ def _maxima_codegen(scatter):
 
     def codegen(context, builder, signature, args):
         (tile, PH_, PW_, dy_, di_, argmax_, keep_, masked_, x_, xi_, OW_, XW_, CS_, offsets_, oi_, count_, v_,
-         vi_) = args
+         vi_, start_) = args
         ty = signature.args
         V32 = TILES[TILE_NAMES[ty[0].literal_value]][2]
         i64 = ir.IntType(64)
@@ -801,7 +803,7 @@ def _maxima_codegen(scatter):
                 return new
 
             finals = _walk_maxima(builder, total, PW_, OW_, XW_, CS_, [] if scatter else initial, body,
-                                  f"maxima{n_vec}")
+                                  f"maxima{n_vec}", widen(start_))
             for final, at_ in zip(finals, held):
                 builder.store(final, at_, align=4)
             builder.branch(done)
@@ -813,29 +815,32 @@ def _maxima_codegen(scatter):
 
 @intrinsic(prefer_literal=True)
 def maxima_gradients(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, x, xi, OW, XW, CS, offsets, oi, count,
-                     acc, ai):
+                     acc, ai, start):
     """The weight gradient of one filter of a convolution followed by a 2x2, stride-2 max pooling,
     from the pooled gradient: a window passed its gradient to its maximum alone, so the filter's
     gradient is the sum over the pooled outputs p of dy[p] times the input patch under the maximum,
 
         acc[ai + r*V : + V] += dy[di + p] * x[xi + pixel(p) + offsets[oi + r] : + V]     r < count
 
-    x a sample stored channels last (rows of XW values, CS values a pixel: a patch row's values are
-    contiguous, FW*CS of them, read as vectors), pixel(p) the flat offset of the maximum's pixel,
+    over the PH x PW pooled outputs from dy[di] (a band of rows of the plane: ``start`` is the
+    flat conv position of its first window's corner, whose pixel is x[xi]), x a sample stored
+    channels last (rows of XW values, CS values a pixel: a patch row's values are contiguous,
+    FW*CS of them, read as vectors), pixel(p) the flat offset of the maximum's pixel from xi,
     ``count`` (1 to PATCH_VECTORS) vectors of the patch from the table ``offsets``, held in
     registers through the loop over p. argmax: the maximum's position, flat in the convolution's
     rows of OW; ``keep`` (laid out as dy): with ``masked`` a gradient counts only where keep > 0.
     The dense gradient plane it replaces is three quarters zeros: this does a quarter of its
     multiply-adds. A vector past a patch row's end adds up values of the next pixels, which the
     caller does not read; x must have V - 1 values of room past its last pixel."""
-    sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, x, xi, OW, XW, CS, offsets, oi, count, acc, ai)
+    sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, x, xi, OW, XW, CS, offsets, oi, count, acc, ai,
+                     start)
     _literal_tile(tile)
     return sig, _maxima_codegen(scatter=False)
 
 
 @intrinsic(prefer_literal=True)
 def maxima_scatter(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, dx, xi, OW, XW, CS, offsets, oi, count,
-                   w, wi):
+                   w, wi, start):
     """The input gradient's share of one filter, by the same walk as ``maxima_gradients``: the
     filter's vectors (w[wi + r*V : + V], r < count, in registers) times each pooled gradient,
     added into the patch under the window's maximum,
@@ -845,7 +850,8 @@ def maxima_scatter(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, dx, xi
     one vector after the other (a vector past a patch row's end reaches into the next pixels,
     possibly the next row's first vector: w's lanes there must be zeros). dx as ``maxima_gradients``
     reads x, with V - 1 values of room past its last pixel."""
-    sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, dx, xi, OW, XW, CS, offsets, oi, count, w, wi)
+    sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, dx, xi, OW, XW, CS, offsets, oi, count, w, wi,
+                     start)
     _literal_tile(tile)
     return sig, _maxima_codegen(scatter=True)
 

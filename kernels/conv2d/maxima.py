@@ -33,6 +33,16 @@ from .pooled import POOL, pooled_sum
 
 
 LINE = 16  # values of the scratch's rows are counted in: a 64-byte line of float32s, two of float64s
+BAND_BYTES = 16 << 10  # the input rows of one band of pooled rows, and as much of their gradient: both in L1
+
+
+@njit(inline="always", cache=True)
+def band_rows(PH, FH, XW, itemsize):
+    """Pooled rows a band takes: its 2*rows + FH - 1 input rows (XW values each) within
+    ``BAND_BYTES``, at least one. Every filter walks a band before the next: the sample's rows under
+    it stay in L1 (a whole sample, 86 KB for 32 channels of 26 x 26, does not)."""
+    rows_in = BAND_BYTES // (XW * itemsize)
+    return min(PH, max(1, (rows_in - FH + 1) // 2))
 
 
 @njit(inline="always", cache=True)
@@ -84,11 +94,11 @@ def channels_last(xt, x, n, ph, pw):
     WP = W + 2 * pw
     if ph or pw:
         xt[:(H + 2 * ph) * WP * C] = 0
-    for c in range(C):
-        for h in range(H):
-            at = ((h + ph) * WP + pw) * C + c
-            for w in range(W):
-                xt[at + w * C] = x[n, c, h, w]
+    for h in range(H):  # written in order, read C strided streams: 4.8x faster than the other way round
+        for w in range(W):
+            at = ((h + ph) * WP + w + pw) * C
+            for c in range(C):
+                xt[at + c] = x[n, c, h, w]
 
 
 @njit(inline="always", cache=True)
@@ -98,11 +108,11 @@ def channels_first(dx, n, dxt, ph, pw, x, mask):
     C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
     WP = W + 2 * pw
     zero = dx.dtype.type(0)
-    for c in range(C):
-        for h in range(H):
-            at = ((h + ph) * WP + pw) * C + c
-            for w in range(W):
-                v = dxt[at + w * C]
+    for h in range(H):  # read in order (1.4x faster than in dx's order)
+        for w in range(W):
+            at = ((h + ph) * WP + w + pw) * C
+            for c in range(C):
+                v = dxt[at + c]
                 if mask and not x[n, c, h, w] > 0:
                     v = zero
                 dx[n, c, h, w] = v
@@ -116,8 +126,10 @@ def maxima_backward_body(tile, dx, dw, db, dyp, argmax, yp, x, w, relu, mask, ph
     nothing passed back, with ``relu``). The samples split into one block per row of ``parts``,
     a block's weight gradient summed in its own row and the rows added in order: the same bits
     every run with the same thread count. Per sample: its channels-last copy in the thread's
-    ``xts`` row, then for each filter its weight gradient's share and its input gradient's,
-    PATCH_VECTORS vectors of the patch a call (the patch split evenly over the calls)."""
+    ``xts`` row, then band by band of pooled rows (``band_rows``: the band's input rows and their
+    gradient stay in L1 while every filter walks it), for each filter its weight gradient's share
+    and its input gradient's, PATCH_VECTORS vectors of the patch a call (the patch split evenly
+    over the calls)."""
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     PH, PW = dyp.shape[2], dyp.shape[3]
@@ -131,6 +143,7 @@ def maxima_backward_body(tile, dx, dw, db, dyp, argmax, yp, x, w, relu, mask, ph
     most = PATCH_VECTORS[tile]
     calls = -(-count // most)
     plane = PH * PW
+    band = band_rows(PH, FH, XW, x.itemsize)
     blocks = parts.shape[0]
     for block in prange(blocks):
         t = numba.get_thread_id()
@@ -141,15 +154,17 @@ def maxima_backward_body(tile, dx, dw, db, dyp, argmax, yp, x, w, relu, mask, ph
             channels_last(xt, x, n, ph, pw)
             if need_dx:
                 dxt[:] = 0
-            for k in range(K):
-                di = (n * K + k) * plane
-                for c in range(calls):
-                    r0, r1 = c * count // calls, (c + 1) * count // calls
-                    maxima_gradients(tile, PH, PW, dyp, di, argmax, yp, relu, xt, 0, OW, XW, C, table, r0, r1 - r0,
-                                     part, (k * count + r0) * V)
-                    if need_dx:
-                        maxima_scatter(tile, PH, PW, dyp, di, argmax, yp, relu, dxt, 0, OW, XW, C, table, r0, r1 - r0,
-                                       w_table, (k * count + r0) * V)
+            for i0 in range(0, PH, band):
+                rows = min(band, PH - i0)
+                for k in range(K):
+                    di = (n * K + k) * plane + i0 * PW
+                    for c in range(calls):
+                        r0, r1 = c * count // calls, (c + 1) * count // calls
+                        maxima_gradients(tile, rows, PW, dyp, di, argmax, yp, relu, xt, 2 * i0 * XW, OW, XW, C, table,
+                                         r0, r1 - r0, part, (k * count + r0) * V, 2 * i0 * OW)
+                        if need_dx:
+                            maxima_scatter(tile, rows, PW, dyp, di, argmax, yp, relu, dxt, 2 * i0 * XW, OW, XW, C,
+                                           table, r0, r1 - r0, w_table, (k * count + r0) * V, 2 * i0 * OW)
             if need_dx:
                 channels_first(dx, n, dxt, ph, pw, x, mask)
     for k in range(K):  # one thread: a second parallel loop would cost more than it saves

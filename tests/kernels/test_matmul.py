@@ -369,9 +369,12 @@ def test_pooled_weight_gradient_from_the_maxima(rng, tile, dtype, threads):
 # model's second layer (a patch of 25 vectors in one AVX-512 call, split over calls in AVX2 and
 # float64), LeNet-5's (rows of 30 values: a vector past each row's end), an odd output and
 # padding, rows wider than a call takes, a 1x1 filter, and rows so short that a patch row's last
-# vector reaches the next row's first (the scatter one vector at a time)
+# vector reaches the next row's first (the scatter one vector at a time), and samples whose rows
+# are walked in bands (``maxima.band_rows``): of 3 pooled rows and a last of 1 (float32; float64
+# bands of 1), of 1 row each with padding
 MAXIMA = [(3, 16, 14, 14, 32, 5, 5, 0, 0), (2, 6, 14, 14, 16, 5, 5, 0, 0), (2, 3, 9, 11, 5, 3, 3, 1, 1),
-          (1, 40, 7, 8, 3, 3, 2, 0, 1), (2, 1, 6, 6, 2, 1, 1, 0, 0), (3, 3, 6, 4, 2, 3, 3, 0, 0)]
+          (1, 40, 7, 8, 3, 3, 2, 0, 1), (2, 1, 6, 6, 2, 1, 1, 0, 0), (3, 3, 6, 4, 2, 3, 3, 0, 0),
+          (2, 24, 16, 20, 3, 3, 3, 0, 0), (1, 48, 13, 26, 2, 3, 3, 1, 0)]
 
 
 @pytest.mark.parametrize("tile", sorted({mm.TILE_NAMES[mm.TILE], "avx2", "portable"}))
