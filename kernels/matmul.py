@@ -759,13 +759,14 @@ PATCH_VECTORS = np.array([{"avx512": 28, "avx2": 12, "neon": 28, "portable": 12}
 
 
 def _maxima_codegen(scatter):
-    """The loop of ``maxima_gradients`` (``scatter`` False) and ``maxima_scatter`` (True): both
-    walk the pooled outputs of one filter, find each window's maximum in a channels-last sample
-    and take ``count`` vectors of the patch there."""
+    """The loop of ``maxima_gradients`` (``scatter`` False) and ``maxima_scatter`` (True): for
+    each of ``filters`` filters, both walk its pooled outputs, find each window's maximum in a
+    channels-last sample and take ``count`` vectors of the patch there. The patch's addresses
+    are set up once for all the filters."""
 
     def codegen(context, builder, signature, args):
         (tile, PH_, PW_, dy_, di_, argmax_, keep_, masked_, x_, xi_, OW_, XW_, CS_, offsets_, oi_, count_, v_,
-         vi_, start_) = args
+         vi_, start_, filters_, dstep_, vstep_) = args
         ty = signature.args
         V32 = TILES[TILE_NAMES[ty[0].literal_value]][2]
         i64 = ir.IntType(64)
@@ -777,6 +778,7 @@ def _maxima_codegen(scatter):
         widen = lambda v: builder.sext(v, i64) if v.type.width < 64 else v  # noqa: E731
         vector_at = lambda t, array, index: builder.bitcast(element(t, array, index), vec.as_pointer())  # noqa
         total = builder.mul(PH_, PW_)
+        filters, dstep, vstep = widen(filters_), widen(dstep_), widen(vstep_)
         done = builder.append_basic_block("maxima.done")
         switch = builder.switch(count_, done)
         for n_vec in range(1, PATCH_VECTORS[ty[0].literal_value] + 1):
@@ -784,11 +786,19 @@ def _maxima_codegen(scatter):
             switch.add_case(ir.Constant(count_.type, n_vec), block)
             builder.position_at_end(block)
             offsets = [builder.load(element(13, offsets_, builder.add(oi_, const(r)))) for r in range(n_vec)]
-            held = [vector_at(16, v_, builder.add(vi_, const(r * V))) for r in range(n_vec)]
+            entry = builder.block
+            k_loop = builder.append_basic_block(f"maxima{n_vec}.k")
+            builder.cbranch(builder.icmp_signed(">", filters, const(0)), k_loop, done)
+            builder.position_at_end(k_loop)
+            k = builder.phi(i64)
+            k.add_incoming(const(0), entry)
+            d0 = builder.add(di_, builder.mul(k, dstep))
+            v0 = builder.add(vi_, builder.mul(k, vstep))
+            held = [vector_at(16, v_, builder.add(v0, const(r * V))) for r in range(n_vec)]
             initial = [builder.load(at, align=4) for at in held]
 
-            def body(p, pixel, sums, initial=initial, offsets=offsets):
-                at = builder.add(di_, p)
+            def body(p, pixel, sums, initial=initial, offsets=offsets, d0=d0):
+                at = builder.add(d0, p)
                 g = _passed(builder, builder.load(element(3, dy_, at)), builder.load(element(6, keep_, at)), masked_)
                 g = _splat(builder, vec, g)
                 base = builder.add(xi_, pixel(widen(builder.load(element(5, argmax_, at)))))
@@ -806,7 +816,9 @@ def _maxima_codegen(scatter):
                                   f"maxima{n_vec}", widen(start_))
             for final, at_ in zip(finals, held):
                 builder.store(final, at_, align=4)
-            builder.branch(done)
+            k_next = builder.add(k, const(1))
+            k.add_incoming(k_next, builder.block)
+            builder.cbranch(builder.icmp_signed("<", k_next, filters), k_loop, done)
         builder.position_at_end(done)
         return context.get_dummy_value()
 
@@ -815,43 +827,45 @@ def _maxima_codegen(scatter):
 
 @intrinsic(prefer_literal=True)
 def maxima_gradients(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, x, xi, OW, XW, CS, offsets, oi, count,
-                     acc, ai, start):
-    """The weight gradient of one filter of a convolution followed by a 2x2, stride-2 max pooling,
-    from the pooled gradient: a window passed its gradient to its maximum alone, so the filter's
-    gradient is the sum over the pooled outputs p of dy[p] times the input patch under the maximum,
+                     acc, ai, start, filters, dstep, astep):
+    """The weight gradients of ``filters`` filters of a convolution followed by a 2x2, stride-2 max
+    pooling, from the pooled gradient: a window passed its gradient to its maximum alone, so filter
+    f's gradient is the sum over the pooled outputs p of dy[p] times the input patch under the
+    maximum (d = di + f*dstep, a = ai + f*astep),
 
-        acc[ai + r*V : + V] += dy[di + p] * x[xi + pixel(p) + offsets[oi + r] : + V]     r < count
+        acc[a + r*V : + V] += dy[d + p] * x[xi + pixel(p) + offsets[oi + r] : + V]     r < count
 
-    over the PH x PW pooled outputs from dy[di] (a band of rows of the plane: ``start`` is the
+    over the PH x PW pooled outputs from dy[d] (a band of rows of the plane: ``start`` is the
     flat conv position of its first window's corner, whose pixel is x[xi]), x a sample stored
     channels last (rows of XW values, CS values a pixel: a patch row's values are contiguous,
     FW*CS of them, read as vectors), pixel(p) the flat offset of the maximum's pixel from xi,
     ``count`` (1 to PATCH_VECTORS) vectors of the patch from the table ``offsets``, held in
-    registers through the loop over p. argmax: the maximum's position, flat in the convolution's
+    registers through the loop over p (the patch's addresses set up once for all the filters).
+    argmax: the maximum's position, flat in the convolution's
     rows of OW; ``keep`` (laid out as dy): with ``masked`` a gradient counts only where keep > 0.
     The dense gradient plane it replaces is three quarters zeros: this does a quarter of its
     multiply-adds. A vector past a patch row's end adds up values of the next pixels, which the
     caller does not read; x must have V - 1 values of room past its last pixel."""
     sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, x, xi, OW, XW, CS, offsets, oi, count, acc, ai,
-                     start)
+                     start, filters, dstep, astep)
     _literal_tile(tile)
     return sig, _maxima_codegen(scatter=False)
 
 
 @intrinsic(prefer_literal=True)
 def maxima_scatter(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, dx, xi, OW, XW, CS, offsets, oi, count,
-                   w, wi, start):
-    """The input gradient's share of one filter, by the same walk as ``maxima_gradients``: the
-    filter's vectors (w[wi + r*V : + V], r < count, in registers) times each pooled gradient,
-    added into the patch under the window's maximum,
+                   w, wi, start, filters, dstep, wstep):
+    """The input gradient's share of ``filters`` filters, by the same walk as ``maxima_gradients``:
+    filter f's vectors (w[wi + f*wstep + r*V : + V], r < count, in registers) times each of its
+    pooled gradients (from dy[di + f*dstep]), added into the patch under the window's maximum,
 
-        dx[xi + pixel(p) + offsets[oi + r] : + V] += dy[di + p] * w[wi + r*V : + V]
+        dx[xi + pixel(p) + offsets[oi + r] : + V] += dy[di + f*dstep + p] * w[wi + f*wstep + r*V : + V]
 
     one vector after the other (a vector past a patch row's end reaches into the next pixels,
     possibly the next row's first vector: w's lanes there must be zeros). dx as ``maxima_gradients``
     reads x, with V - 1 values of room past its last pixel."""
     sig = types.void(tile, PH, PW, dy, di, argmax, keep, masked, dx, xi, OW, XW, CS, offsets, oi, count, w, wi,
-                     start)
+                     start, filters, dstep, wstep)
     _literal_tile(tile)
     return sig, _maxima_codegen(scatter=True)
 

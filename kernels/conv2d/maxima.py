@@ -127,9 +127,9 @@ def maxima_backward_body(tile, dx, dw, db, dyp, argmax, yp, x, w, relu, mask, ph
     a block's weight gradient summed in its own row and the rows added in order: the same bits
     every run with the same thread count. Per sample: its channels-last copy in the thread's
     ``xts`` row, then band by band of pooled rows (``band_rows``: the band's input rows and their
-    gradient stay in L1 while every filter walks it), for each filter its weight gradient's share
-    and its input gradient's, PATCH_VECTORS vectors of the patch a call (the patch split evenly
-    over the calls)."""
+    gradient stay in L1 while every filter walks it), every filter's weight gradient share and
+    its input gradient's, PATCH_VECTORS vectors of the patch a call (the patch split evenly over
+    the calls)."""
     N, C, H, W = x.shape
     K, _, FH, FW = w.shape
     PH, PW = dyp.shape[2], dyp.shape[3]
@@ -156,15 +156,14 @@ def maxima_backward_body(tile, dx, dw, db, dyp, argmax, yp, x, w, relu, mask, ph
                 dxt[:] = 0
             for i0 in range(0, PH, band):
                 rows = min(band, PH - i0)
-                for k in range(K):
-                    di = (n * K + k) * plane + i0 * PW
-                    for c in range(calls):
-                        r0, r1 = c * count // calls, (c + 1) * count // calls
-                        maxima_gradients(tile, rows, PW, dyp, di, argmax, yp, relu, xt, 2 * i0 * XW, OW, XW, C, table,
-                                         r0, r1 - r0, part, (k * count + r0) * V, 2 * i0 * OW)
-                        if need_dx:
-                            maxima_scatter(tile, rows, PW, dyp, di, argmax, yp, relu, dxt, 2 * i0 * XW, OW, XW, C,
-                                           table, r0, r1 - r0, w_table, (k * count + r0) * V, 2 * i0 * OW)
+                di = n * K * plane + i0 * PW
+                for c in range(calls):  # every filter in one call: the patch's addresses set up once
+                    r0, r1 = c * count // calls, (c + 1) * count // calls
+                    maxima_gradients(tile, rows, PW, dyp, di, argmax, yp, relu, xt, 2 * i0 * XW, OW, XW, C, table,
+                                     r0, r1 - r0, part, r0 * V, 2 * i0 * OW, K, plane, count * V)
+                    if need_dx:
+                        maxima_scatter(tile, rows, PW, dyp, di, argmax, yp, relu, dxt, 2 * i0 * XW, OW, XW, C, table,
+                                       r0, r1 - r0, w_table, r0 * V, 2 * i0 * OW, K, plane, count * V)
             if need_dx:
                 channels_first(dx, n, dxt, ph, pw, x, mask)
     for k in range(K):  # one thread: a second parallel loop would cost more than it saves
