@@ -841,8 +841,8 @@ def maxima_gradients(typingctx, tile, PH, PW, dy, di, argmax, keep, masked, x, x
     FW*CS of them, read as vectors), pixel(p) the flat offset of the maximum's pixel from xi,
     ``count`` (1 to PATCH_VECTORS) vectors of the patch from the table ``offsets``, held in
     registers through the loop over p (the patch's addresses set up once for all the filters).
-    argmax: the maximum's position, flat in the convolution's
-    rows of OW; ``keep`` (laid out as dy): with ``masked`` a gradient counts only where keep > 0.
+    argmax: the maximum's position, flat in the convolution's rows of OW; ``keep`` (laid out as
+    dy): with ``masked`` a gradient counts only where keep > 0.
     The dense gradient plane it replaces is three quarters zeros: this does a quarter of its
     multiply-adds. A vector past a patch row's end adds up values of the next pixels, which the
     caller does not read; x must have V - 1 values of room past its last pixel."""

@@ -67,24 +67,28 @@ def apart(size):
 def winograd_applies(x_shape, w_shape, stride, padding, tile=None):
     """Whether F(2x2, 3x3) runs this convolution: 3x3 filters, stride 1, padding at most 2 (the
     input gradient pads by 2 - P), and at least 8 input channels and filters (below that the
-    products are too thin for the transforms to pay). With a tile of 16 lanes (``tile`` None:
-    this CPU's), outputs of at least 7 x 7, and without padding, of at least 20 x 20: the input
-    gradient of an unpadded layer is a full convolution (padding 2), whose plane has more tiles
-    than the output (49 against 36 on 13x13 inputs), and the implicit product by pixels runs
-    the layer's backward faster below that size (``benchmarks/winograd_vs_implicit.py`` on an
-    Intel Xeon with AVX-512: 32->64 13x13 1.20-1.24x faster, 32->32 16x16 1.15x, 128->128 on 3x3
-    outputs 1.16x; Winograd 0.88x on 26x26, 0.92x on 14x14 with padding 1, 0.93x on 7x7 with
-    padding 1). With the ``avx2`` tile only for 64 channels or more and outputs of 16 x 16 or
-    more: with 8 lanes (and AMD's slow masked stores before Zen 4) the transforms cost more than
-    they save, and the implicit product measured 1.15-1.46x faster on every other layer of the
-    same benchmark (Zen 3; 64->64 32x32: Winograd 0.94x of it)."""
+    products are too thin for the transforms to pay); then by the tile (``tile`` None: this
+    CPU's). ``avx512``: outputs of at least 7 x 7, and without padding of at least 20 x 20. The
+    input gradient of an unpadded layer is a full convolution (padding 2), whose plane has more
+    tiles than the output (49 against 36 on 13x13 inputs), and the implicit product by pixels
+    runs the layer's backward faster below that size (``benchmarks/winograd_vs_implicit.py`` on
+    an Intel Xeon: 32->64 13x13 1.20-1.24x faster, 32->32 16x16 1.15x, 128->128 on 3x3 outputs
+    1.16x; Winograd 0.88x on 26x26, 0.92x on 14x14 with padding 1, 0.93x on 7x7 with padding 1).
+    ``avx2``: 64 channels or more and outputs of 16 x 16 or more: with 8 lanes (and AMD's slow
+    masked stores before Zen 4) the transforms cost more than they save, and the implicit
+    product measured 1.15-1.46x faster on every other layer of the same benchmark (Zen 3;
+    64->64 32x32: Winograd 0.94x of it). The other tiles: always (not measured against the
+    implicit product)."""
     K, C, FH, FW = w_shape
     if not ((FH, FW) == (3, 3) and tuple(stride) == (1, 1) and max(padding) <= 2 and min(C, K) >= 8):
         return False
     OH, OW = x_shape[2] + 2 * padding[0] - 2, x_shape[3] + 2 * padding[1] - 2
-    if TILE_NAMES[TILE if tile is None else tile] != "avx2":
+    name = TILE_NAMES[TILE if tile is None else tile]
+    if name == "avx512":
         return OH * OW >= 7 * 7 and (max(padding) >= 1 or OH * OW >= 20 * 20)
-    return C >= 64 and OH * OW >= 16 * 16
+    if name == "avx2":
+        return C >= 64 and OH * OW >= 16 * 16
+    return True
 
 
 def chunk_room(CK):
